@@ -1,0 +1,5 @@
+import sys
+
+from fluxdemo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,226 @@
+"""python -m fluxdemo generate | compare | inspect-lora | download | tiny
+
+Every verb is a thin shell over a library call; errors a user can fix print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from fluxdemo.config import DEFAULT_PRESET, ENV_OVERRIDES, PRESETS, get_preset
+from fluxdemo.errors import FluxdemoError, LoraError, OptionsError
+
+logger = logging.getLogger("fluxdemo")
+
+EPILOG = """\
+Where the model comes from:
+  --model dev-q8 (default) downloads FLUX.1-dev's Q8_0 GGUF transformer (12.7 GB, city96/FLUX.1-dev-gguf), a Q8_0
+  T5-XXL encoder (5.1 GB) and CLIP-L + VAE from black-forest-labs/FLUX.1-dev, a gated repo: accept its licence on
+  the Hub and set HF_TOKEN. --model tiny uses random weights built locally: no network, milliseconds per image.
+  Override any file with a local path: --transformer, --t5, --clip, --vae (or FLUXDEMO_TRANSFORMER, ...).
+"""
+
+COMPARE_FILES = ("baseline.png", "lora.png", "side_by_side.png", "report.json")
+_OVERRIDE_FLAGS = {"transformer": "transformer", "t5": "text_encoder_2", "clip": "text_encoder", "vae": "vae"}
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="model preset (default: %(default)s)"
+    )
+    for flag, component in _OVERRIDE_FLAGS.items():
+        env = next(v for v, c in ENV_OVERRIDES.items() if c == component)
+        g.add_argument(f"--{flag}", type=Path, metavar="PATH", help=f"local file for the {component} (or {env})")
+    g.add_argument("--device", default=None, help="execution device: cuda, cuda:1, mps, cpu (default: best found)")
+    g.add_argument("--strategy", default="auto", help="memory strategy: auto, resident, model-offload, ...")
+    g.add_argument("--lora-dir", type=Path, default=None, help="LoRA folder (default: loras/, or the tiny kit's)")
+
+
+def _add_image_flags(p: argparse.ArgumentParser, *, lora_required: bool) -> None:
+    g = p.add_argument_group("image")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--lora", required=lora_required, help="a .safetensors file, or a name in the LoRA folder")
+    g.add_argument("--strength", type=float, default=1.0, help="LoRA strength (adapter weight), default 1.0")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=28)
+    g.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev's distilled guidance (default 3.5)")
+    g.add_argument("--width", type=int, default=1024)
+    g.add_argument("--height", type=int, default=1024)
+    g.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fluxdemo",
+        description="FLUX.1-dev on an ordinary GPU with quantized components, and what a LoRA does to an image.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every move and library detail")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("generate", help="one image (with or without a LoRA) -> a PNG carrying its parameters")
+    _add_model_flags(p)
+    _add_image_flags(p, lora_required=False)
+    p.add_argument("--out", type=Path, required=True, help="the PNG to write")
+
+    outputs = ", ".join(COMPARE_FILES)
+    p = verbs.add_parser("compare", help=f"base model vs LoRA from one seed -> {outputs}")
+    _add_model_flags(p)
+    _add_image_flags(p, lora_required=True)
+    p.add_argument("--out", type=Path, required=True, help="the folder to write into")
+
+    p = verbs.add_parser("inspect-lora", help="what a LoRA file is, what it adapts, and whether it fits FLUX.1-dev")
+    p.add_argument("file", type=Path)
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    p = verbs.add_parser("download", help="fetch and verify every file of a preset into the Hugging Face cache")
+    p.add_argument("--model", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+
+    p = verbs.add_parser("tiny", help="build a tiny random-weight model kit in the real file formats")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--kind", default="tiny", choices=("tiny", "tiny-wide"))
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _manager(args):
+    import torch
+
+    from fluxdemo.manager import ModelManager, default_device
+
+    overrides = {c: getattr(args, f) for f, c in _OVERRIDE_FLAGS.items()}
+    preset = get_preset(args.model, overrides)
+    lora_dir, lora = _lora_location(args, preset)
+    device = torch.device(args.device) if args.device else default_device()
+    return ModelManager(preset, device=device, strategy=args.strategy, lora_dir=lora_dir), lora
+
+
+def _lora_location(args, preset) -> tuple[Path, str | None]:
+    """The LoRA folder and the name in it: a file given on the command line is read from its own folder."""
+    if args.lora and Path(args.lora).is_file():
+        path = Path(args.lora).resolve()
+        return path.parent, path.name
+    if args.lora_dir is not None:
+        folder = args.lora_dir
+    elif preset.transformer.kit and preset.transformer.local is None:
+        from fluxdemo.tiny import ensure_kit
+
+        folder = ensure_kit(preset.transformer.kit) / "loras"
+    else:
+        folder = Path("loras")
+    name = args.lora
+    if name and not name.endswith(".safetensors") and not (folder / name).exists():
+        name += ".safetensors"
+    return folder, name
+
+
+def _options(args):
+    from fluxdemo.pipeline import GenerateOptions
+
+    return GenerateOptions(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, width=args.width,
+                           height=args.height)  # fmt: skip
+
+
+def _params(manager, result, role: str, strength: float):
+    from fluxdemo.images import ImageParams
+
+    o, lora = result.report["options"], result.report["lora"]
+    with_lora = role != "baseline" and lora is not None
+    return ImageParams(
+        prompt=o["prompt"], seed=o["seed"], steps=o["steps"], guidance=o["guidance"], width=o["width"],
+        height=o["height"], model=manager.preset.name, quant=manager.preset.transformer_quant,
+        lora_name=lora["name"] if with_lora else None, lora_sha256=lora["sha256"] if with_lora else None,
+        strength=strength if with_lora else None, role=role,
+    )  # fmt: skip
+
+
+def cmd_generate(args) -> int:
+    from fluxdemo.images import save_png
+    from fluxdemo.pipeline import generate
+
+    manager, lora = _manager(args)
+    if args.out.exists() and not args.overwrite:
+        raise OptionsError(f"{args.out} exists; choose another --out or pass --overwrite.")
+    result = generate(manager, _options(args), lora, args.strength)
+    (role, image), = result.images.items()  # fmt: skip
+    path = save_png(image, _params(manager, result, role, args.strength), args.out, overwrite=args.overwrite)
+    print(path)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from fluxdemo.images import save_png, side_by_side
+    from fluxdemo.pipeline import compare
+
+    manager, lora = _manager(args)
+    existing = [f for f in COMPARE_FILES if (args.out / f).exists()]
+    if existing and not args.overwrite:
+        raise OptionsError(
+            f"{args.out} already holds {', '.join(existing)}; choose another --out or pass --overwrite."
+        )
+    result = compare(manager, _options(args), lora, args.strength)
+    args.out.mkdir(parents=True, exist_ok=True)
+    base, adapted = result.images["baseline"], result.images["lora"]
+    for role, image in (("baseline", base), ("lora", adapted), ("side_by_side", side_by_side(base, adapted))):
+        save_png(image, _params(manager, result, role, args.strength), args.out / f"{role}.png", overwrite=True)
+    _write_json(args.out / "report.json", result.report)
+    print(args.out)
+    return 0
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def cmd_inspect_lora(args) -> int:
+    from fluxdemo.lora import format_report, inspect_lora
+
+    try:
+        report = inspect_lora(args.file)
+    except LoraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    return 0 if report.compatible else 2
+
+
+def cmd_download(args) -> int:
+    from fluxdemo.hub import download_preset
+
+    report = download_preset(get_preset(args.model))
+    print(report.describe())
+    return 0
+
+
+def cmd_tiny(args) -> int:
+    from fluxdemo.tiny import build_kit
+
+    print(build_kit(args.out, kind=args.kind, seed=args.seed))
+    return 0
+
+
+VERBS = {"generate": cmd_generate, "compare": cmd_compare, "inspect-lora": cmd_inspect_lora,
+         "download": cmd_download, "tiny": cmd_tiny}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(relativeCreated)7.0f ms  %(message)s"
+    )
+    if not args.verbose:
+        for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return VERBS[args.verb](args)
+    except FluxdemoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,240 @@
+"""Output images: PNGs that carry what made them, written safely, and the comparison pictures.
+
+Every PNG holds two text chunks: "parameters", the AUTOMATIC1111/Forge infotext that image sites and prompt readers
+understand, and "fluxdemo", a JSON copy of every ImageParams field that read_params() turns back into the exact
+dataclass. Files are written to a temporary name in the target folder and renamed into place, so a crash or a full
+disk never leaves a half-written PNG, and an existing file is only replaced when asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageChops, ImageDraw, ImageFont, PngImagePlugin
+
+from fluxdemo.errors import FluxdemoError, OptionsError
+
+ROLES = ("baseline", "lora", "side_by_side")
+PARAMS_CHUNK = "fluxdemo"
+SCHEMA = 1  # of the "fluxdemo" chunk; bump when a field changes meaning
+
+LABEL_BAND = 24  # pixels under the images of side_by_side() for their labels
+LABEL_FONT_SIZE = 14
+MAX_DIFFERENCE_GAIN = 32.0  # difference() never stretches by more than this
+
+
+@dataclass(frozen=True)
+class ImageParams:
+    """What one image was made with; `extra` holds any further JSON scalars as sorted (key, value) pairs."""
+
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    model: str
+    quant: str
+    lora_name: str | None = None
+    lora_sha256: str | None = None
+    strength: float | None = None
+    role: str = "baseline"  # baseline | lora | side_by_side
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise OptionsError(f"`role` must be one of {', '.join(ROLES)} but is {self.role!r}")
+        pairs = self.extra.items() if isinstance(self.extra, dict) else self.extra
+        # A frozen dataclass must stay hashable, and the JSON chunk must give back exactly what went in: so extra
+        # becomes sorted pairs of JSON scalars (a dict is accepted for convenience).
+        extra = tuple(sorted((str(k), v) for k, v in pairs))
+        bad = [k for k, v in extra if not isinstance(v, (str, int, float, bool, type(None)))]
+        if bad:
+            raise OptionsError(f"`extra` values must be str, int, float, bool or None; {', '.join(bad)} are not")
+        object.__setattr__(self, "extra", extra)
+
+
+def a1111_parameters(params: ImageParams) -> str:
+    """The AUTOMATIC1111/Forge infotext: the prompt (with <lora:name:strength>), then one "Key: value, ..." line.
+
+    FLUX.1-dev has no negative prompt and no real CFG: "CFG scale: 1" and Forge's "Distilled CFG Scale" carry the
+    distilled guidance. LoRA hashes are the first 10 hex digits of the file's sha256 (civitai's AutoV2).
+    """
+    prompt = params.prompt
+    if params.lora_name is not None:
+        prompt += f" <lora:{params.lora_name}:{_num(1.0 if params.strength is None else params.strength)}>"
+    items: list[tuple[str, Any]] = [
+        ("Steps", params.steps),
+        ("Sampler", "Euler"),
+        ("Schedule type", "Flow matching"),
+        ("CFG scale", 1),
+        ("Distilled CFG Scale", params.guidance),
+        ("Seed", params.seed),
+        ("Size", f"{params.width}x{params.height}"),
+        ("Model", params.model),
+        ("Quant", params.quant),
+    ]
+    if params.lora_name is not None:
+        if params.lora_sha256:
+            items.append(("Lora hashes", f"{params.lora_name}: {params.lora_sha256[:10]}"))
+        if params.strength is not None:
+            items.append(("Lora strength", params.strength))
+    items.extend(params.extra)
+    return prompt + "\n" + ", ".join(f"{k}: {_quote(_num(v))}" for k, v in items)
+
+
+def png_bytes(image: Image.Image, params: ImageParams) -> bytes:
+    """The image as PNG with the A1111 "parameters" chunk and the "fluxdemo" JSON chunk."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", a1111_parameters(params))  # tEXt, or iTXt when the prompt is not Latin-1
+    payload = {"schema": SCHEMA, **dataclasses.asdict(params)}
+    info.add_itxt(PARAMS_CHUNK, json.dumps(payload, ensure_ascii=False, sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def read_params(source: str | Path | bytes) -> ImageParams:
+    """The ImageParams a fluxdemo PNG was made with (a path or the PNG's bytes)."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        text = getattr(image, "text", {}).get(PARAMS_CHUNK)
+    if text is None:
+        what = "these PNG bytes" if isinstance(source, bytes) else str(source)
+        raise FluxdemoError(
+            f"{what} carries no fluxdemo parameters (no {PARAMS_CHUNK!r} PNG text chunk): it was not made by "
+            "fluxdemo, or its metadata was stripped on the way."
+        )
+    data = json.loads(text)
+    names = {f.name for f in dataclasses.fields(ImageParams)}
+    data["extra"] = tuple(tuple(pair) for pair in data.get("extra", ()))  # JSON gave lists back
+    return ImageParams(**{k: v for k, v in data.items() if k in names})
+
+
+def save_png(image: Image.Image, params: ImageParams, path: Path, *, overwrite: bool = False) -> Path:
+    """Write the PNG atomically; refuse an existing path unless `overwrite`. Returns the path written."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OptionsError(f"{path} exists; choose another --out or remove it.")
+    data = png_bytes(image, params)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp: Path | None = None
+    try:
+        # Same folder, so the final rename stays on one filesystem and is atomic.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(tmp_name)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)  # before measuring, so the free space reported is true
+            raise FluxdemoError(
+                f"Disk full while writing {path} ({len(data):,} bytes; {shutil.disk_usage(path.parent).free:,} "
+                "free there). Nothing was written and earlier outputs are intact: free some space or choose "
+                "another --out on a disk with room."
+            ) from e
+        raise
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)  # after a successful rename or link this is a no-op or drops the extra name
+    return path
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """Give `tmp` the name `path` only if nothing has taken that name since we looked (no silent overwrite)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OptionsError(f"{path} exists; choose another --out or remove it.") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
+            raise
+        # a filesystem without hard links (FAT, some network mounts): a plain rename after the check above
+        os.replace(tmp, path)
+
+
+def unique_path(folder: Path, stem: str, suffix: str = ".png") -> Path:
+    """folder/stem.png, or the first free of stem-1.png, stem-2.png, ...: never an existing file."""
+    folder = Path(folder)
+    candidate = folder / f"{stem}{suffix}"
+    n = 0
+    while candidate.exists():
+        n += 1
+        candidate = folder / f"{stem}-{n}{suffix}"
+    return candidate
+
+
+def side_by_side(
+    left: Image.Image,
+    right: Image.Image,
+    labels: tuple[str, str] | None = ("baseline", "LoRA"),
+    gap: int = 8,
+) -> Image.Image:
+    """Both images in one, `gap` pixels apart, each labelled in a band of LABEL_BAND pixels beneath it.
+
+    Size: (left.width + gap + right.width, max(heights) + LABEL_BAND), or without the band when labels is None.
+    """
+    band = LABEL_BAND if labels is not None else 0
+    height = max(left.height, right.height)
+    canvas = Image.new("RGB", (left.width + gap + right.width, height + band), (24, 24, 24))
+    canvas.paste(left.convert("RGB"), (0, 0))
+    canvas.paste(right.convert("RGB"), (left.width + gap, 0))
+    if labels is not None:
+        draw = ImageDraw.Draw(canvas)
+        font = ImageFont.load_default(size=LABEL_FONT_SIZE)  # Pillow's built-in font: no font file to ship
+        for text, x0, w in ((labels[0], 0, left.width), (labels[1], left.width + gap, right.width)):
+            draw.text((x0 + w / 2, height + band / 2), text, fill=(235, 235, 235), font=font, anchor="mm")
+    return canvas
+
+
+def difference(left: Image.Image, right: Image.Image) -> Image.Image:
+    """Per-pixel |left - right| (RGB), stretched so that small changes are visible; identical images give all zero.
+
+    The stretch maps the 99th percentile of the changed values to white (a few saturated pixels must not hide the
+    broad, faint changes a LoRA makes), and is capped at MAX_DIFFERENCE_GAIN so rounding noise stays dark.
+    """
+    if left.size != right.size:
+        raise OptionsError(f"difference() needs images of one size, got {left.size} and {right.size}")
+    diff = ImageChops.difference(left.convert("RGB"), right.convert("RGB"))
+    bands = diff.histogram()  # 256 counts per band
+    counts = [bands[v] + bands[256 + v] + bands[512 + v] for v in range(256)]
+    changed = sum(counts[1:])
+    if changed == 0:
+        return diff
+    seen, level = 0, 1
+    for level in range(1, 256):
+        seen += counts[level]
+        if seen >= 0.99 * changed:
+            break
+    gain = min(255 / level, MAX_DIFFERENCE_GAIN)
+    return diff.point(lambda v: min(255, round(v * gain)))
+
+
+def _num(value: Any) -> Any:
+    """1.0 -> 1 and 3.5 -> 3.5, as A1111 writes numbers; anything else unchanged."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _quote(value: Any) -> str:
+    """A1111's infotext quoting: a value holding a separator is written as a JSON string."""
+    text = str(value)
+    if any(c in text for c in ",:\n"):
+        return json.dumps(text, ensure_ascii=False)
+    return text

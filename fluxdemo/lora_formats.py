@@ -1,0 +1,405 @@
+"""LoRA key formats for FLUX.1: which module each tensor adapts, in which role, and the exact delta each kind encodes.
+
+Our own parser, because diffusers' converters (loaders/lora_conversion_utils.py) hard-code FLUX.1-dev's width (3072)
+and block counts (19/38), drop T5 and `diff` keys with only a log line, and accept wrong shapes until inference.
+Names are parsed width-agnostically against the tables of fluxdemo.flux_names, so every key of a file ends up
+matched to a module of the model in hand (shapes checked by the caller) or unmatched with a reason.
+
+Naming families (found per key from its prefix): diffusers/PEFT (`transformer.<diffusers module>.lora_A.weight`),
+kohya (`lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`, `lora_te1_` CLIP-L, `lora_te3_` T5), ComfyUI
+(`diffusion_model.<BFL module>`), bare BFL names (BFL control LoRAs), fal/Kontext (`base_model.model.<BFL>`), XLabs
+(`double_blocks.0.processor.qkv_lora1.down.weight`), and LyCORIS/kohya with diffusers names (`lycoris_`,
+`lora_transformer_`). Adapter kinds: LoRA, LyCORIS LoKr and LoHa (converted exactly), full deltas and DoRA (refused).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from fluxdemo.flux_names import SWAPPED_HALVES, FluxDims, bfl_linear_shapes, fused_map, linear_map
+
+# Key suffix -> role. The longest matching suffix wins (".lora_B.weight" before ".weight"-less roles).
+ROLE_SUFFIXES: dict[str, str] = {
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".lora.down.weight": "down",  # diffusers' pre-PEFT attention-processor LoRAs
+    ".lora.up.weight": "up",
+    ".alpha": "alpha",
+    **{f".lokr_{w}": f"lokr_{w}" for w in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")},
+    **{f".hada_{w}": f"hada_{w}" for w in ("w1_a", "w1_b", "w2_a", "w2_b")},
+    ".diff": "diff",
+    ".diff_b": "diff_b",
+    ".dora_scale": "dora",
+    ".lora_magnitude_vector": "dora",
+    ".lora_magnitude_vector.weight": "dora",
+    ".lora_B.bias": "lora_bias",
+    ".lora_mid.weight": "tucker",  # LoCon / LyCORIS Tucker cores: convolution-only, FLUX has no convolutions
+    ".lokr_t2": "tucker",
+    ".hada_t1": "tucker",
+    ".hada_t2": "tucker",
+}
+_SUFFIXES_LONGEST_FIRST = sorted(ROLE_SUFFIXES, key=len, reverse=True)
+
+KIND_OF_ROLE = {"down": "lora", "up": "lora", "diff": "full", "diff_b": "full", "dora": "dora"}
+KIND_OF_ROLE |= {r: "lokr" for r in ROLE_SUFFIXES.values() if r.startswith("lokr_")}
+KIND_OF_ROLE |= {r: "loha" for r in ROLE_SUFFIXES.values() if r.startswith("hada_")}
+KIND_OF_ROLE |= {"lora_bias": "unsupported", "tucker": "unsupported"}
+
+# Why a kind cannot be applied as a LoRA adapter (the caller turns these into problems).
+REFUSED_KINDS = {
+    "full": "full weight deltas (.diff/.diff_b) replace weights directly and cannot be applied as a LoRA adapter",
+    "dora": "DoRA needs the base weight norm; not supported yet",
+    "unsupported": "LoRA biases and Tucker/convolution cores (lora_B.bias, lora_mid, lokr_t2, hada_t*) "
+    "are not supported for FLUX",
+}
+
+# SD1.x/SD2/SDXL UNet blocks (diffusers and original LDM spellings) and SD3's MMDiT: another model entirely.
+_SD_UNET = re.compile(r"(?:^|[._])(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)[._]\d")
+_SD3 = re.compile(r"(?:^|[._])joint_blocks[._]\d")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A module of the model a LoRA adapts: the diffusers modules it becomes, in row order, and its shape."""
+
+    component: str  # "transformer" | "text_encoder" (CLIP-L) | "t5"
+    name: str  # canonical name in the file's namespace (BFL, diffusers, or Hugging Face CLIP/T5)
+    parts: tuple[tuple[str, int], ...]  # (diffusers module, output rows); one part = a plain linear
+    shape: tuple[int, int] | None  # (out, in) the delta must have; None where the model is not ours to check (T5)
+    group: str  # double_blocks | single_blocks | embedders | final_layer | clip | t5
+    swap_halves: bool = False  # BFL (shift, scale) rows vs diffusers (scale, shift): flux_names.SWAPPED_HALVES
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What one key's module name resolves to."""
+
+    naming: str  # peft | kohya | comfyui | bfl | fal-kontext | xlabs | kohya-diffusers | lycoris-diffusers
+    family: str  # flux | clip | t5 | sd | sdxl-te2 | sd3 | unknown
+    target: Target | None
+    note: str = ""  # why a FLUX/CLIP name has no target here (e.g. a block this model does not have)
+
+
+@dataclass
+class Adapter:
+    """The keys of one adapted module in a file, grouped by role."""
+
+    module: str  # the key prefix as spelled in the file
+    resolved: Resolved
+    keys: dict[str, str] = field(default_factory=dict)  # role -> key
+
+    @property
+    def kind(self) -> str:
+        kinds = {KIND_OF_ROLE[r] for r in self.keys if r != "alpha"}
+        for refused in ("unsupported", "dora", "full"):  # the hardest part decides
+            if refused in kinds:
+                return refused
+        return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "alpha-only"
+
+
+def _group(name: str) -> str:
+    if name.startswith(("double_blocks.", "transformer_blocks.")):
+        return "double_blocks"
+    if name.startswith(("single_blocks.", "single_transformer_blocks.")):
+        return "single_blocks"
+    return "final_layer" if name.startswith(("final_layer.", "proj_out", "norm_out.")) else "embedders"
+
+
+# Dims that list every module name once (one block of each kind, guidance present) for the width-free name tables.
+_TEMPLATE = FluxDims(1, 4, 1, 1, 1, 1, 1, True)
+
+
+@dataclass(frozen=True)
+class _Namespace:
+    """Module names of one spelling (BFL or diffusers): top-level names and per-block suffixes."""
+
+    blocks: tuple[str, str]  # (double-kind prefix, single-kind prefix)
+    top: frozenset[str]
+    suffixes: dict[str, frozenset[str]]  # block prefix -> names inside a block
+
+    @classmethod
+    def of(cls, names: list[str], blocks: tuple[str, str]) -> _Namespace:
+        suffixes = {b: frozenset(n.removeprefix(f"{b}.0.") for n in names if n.startswith(f"{b}.0.")) for b in blocks}
+        return cls(blocks, frozenset(n for n in names if not n.startswith(tuple(f"{b}." for b in blocks))), suffixes)
+
+    def parse(self, module: str, underscored: bool) -> str | None:
+        """The dotted name if `module` spells one of ours (any block index), else None."""
+        sep = "_" if underscored else r"\."
+        for block in sorted(self.blocks, key=len, reverse=True):
+            m = re.fullmatch(rf"{block}{sep}(\d+){sep}(.+)", module)
+            if m:
+                rest = {s.replace(".", "_") if underscored else s: s for s in self.suffixes[block]}.get(m[2])
+                return f"{block}.{m[1]}.{rest}" if rest else None
+        return {n.replace(".", "_") if underscored else n: n for n in self.top}.get(module)
+
+
+_BFL = _Namespace.of(list(bfl_linear_shapes(_TEMPLATE)), ("double_blocks", "single_blocks"))
+_DIFFUSERS = _Namespace.of(
+    list(linear_map(_TEMPLATE).values()) + [p for f in fused_map(_TEMPLATE).values() for p, _ in f.parts],
+    ("transformer_blocks", "single_transformer_blocks"),
+)
+_CLIP = re.compile(r"text_model[._]encoder[._]layers[._](\d+)[._](self_attn[._][qkv]_proj|self_attn[._]out_proj|mlp[._]fc[12])")
+_T5 = re.compile(
+    r"encoder[._]block[._](\d+)[._]layer[._](\d+)[._](SelfAttention[._][qkvo]|DenseReluDense[._](?:wi_0|wi_1|wi|wo))"
+)
+_XLABS = re.compile(
+    r"(?:diffusion_model\.)?(double_blocks|single_blocks)\.(\d+)\.processor\.(qkv|proj)_lora([12]?)\.(down|up)\.weight"
+)
+
+
+def _dotted_clip(m: re.Match) -> str:
+    sub = m[2].replace("self_attn_", "self_attn.").replace("mlp_", "mlp.")
+    return f"text_model.encoder.layers.{m[1]}.{sub}"
+
+
+def _dotted_t5(m: re.Match) -> str:
+    sub = m[3].replace("SelfAttention_", "SelfAttention.").replace("DenseReluDense_", "DenseReluDense.")
+    return f"encoder.block.{m[1]}.layer.{m[2]}.{sub}"
+
+
+class ModelTables:
+    """Every module of one model (transformer dims + CLIP-L config) a LoRA may target, in each spelling."""
+
+    def __init__(self, dims: FluxDims, clip_config: Mapping) -> None:
+        self.dims = dims
+        shapes = bfl_linear_shapes(dims)
+        self.bfl: dict[str, Target] = {}
+        self.diffusers: dict[str, Target] = {}
+        for bfl, diff in linear_map(dims).items():
+            group = _group(bfl)
+            self.bfl[bfl] = Target("transformer", bfl, ((diff, shapes[bfl][0]),), shapes[bfl], group,
+                                   bfl in SWAPPED_HALVES)  # fmt: skip
+            self.diffusers[diff] = Target("transformer", diff, ((diff, shapes[bfl][0]),), shapes[bfl], group)
+        for bfl, fused in fused_map(dims).items():
+            group = _group(bfl)
+            self.bfl[bfl] = Target("transformer", bfl, fused.parts, shapes[bfl], group)
+            for part, rows in fused.parts:
+                self.diffusers[part] = Target("transformer", part, ((part, rows),), (rows, shapes[bfl][1]), group)
+        hidden, inter = clip_config["hidden_size"], clip_config["intermediate_size"]
+        self.clip: dict[str, Target] = {}
+        for i in range(clip_config["num_hidden_layers"]):
+            p = f"text_model.encoder.layers.{i}"
+            for sub, shape in [(f"self_attn.{x}_proj", (hidden, hidden)) for x in ("q", "k", "v", "out")] + [
+                ("mlp.fc1", (inter, hidden)),
+                ("mlp.fc2", (hidden, inter)),
+            ]:
+                self.clip[f"{p}.{sub}"] = Target("text_encoder", f"{p}.{sub}", ((f"{p}.{sub}", shape[0]),), shape, "clip")
+
+    def flux(self, dotted: str, table: dict[str, Target], naming: str) -> Resolved:
+        target = table.get(dotted)
+        note = "" if target else f"{dotted}: this model has no such module ({self._size()})"
+        return Resolved(naming, "flux", target, note)
+
+    def _size(self) -> str:
+        d = self.dims
+        return f"{d.num_double} double + {d.num_single} single blocks" + ("" if d.guidance else ", no guidance_in")
+
+    def xlabs(self, m: re.Match) -> Resolved:
+        """XLabs processors: lora1 = image stream, lora2 = text stream; single blocks adapt linear1's q,k,v rows only."""
+        kind, i, what, stream = m[1], m[2], m[3], m[4]
+        if kind == "double_blocks":
+            side = "txt" if stream == "2" else "img"
+            return self.flux(f"double_blocks.{i}.{side}_attn.{what}", self.bfl, "xlabs")
+        if what == "proj":
+            return self.flux(f"single_blocks.{i}.linear2", self.bfl, "xlabs")
+        linear1 = self.bfl.get(f"single_blocks.{i}.linear1")
+        if linear1 is None:
+            return self.flux(f"single_blocks.{i}.linear1", self.bfl, "xlabs")
+        qkv = linear1.parts[:3]  # XLabs' qkv_lora adds to the first 3*inner rows of linear1, never to the MLP rows
+        name = f"single_blocks.{i}.linear1[qkv]"
+        return Resolved("xlabs", "flux", Target("transformer", name, qkv, (3 * self.dims.inner, self.dims.inner),
+                                                "single_blocks"))  # fmt: skip
+
+    def clip_module(self, m: re.Match, naming: str) -> Resolved:
+        dotted = _dotted_clip(m)
+        target = self.clip.get(dotted)
+        return Resolved(naming, "clip", target, "" if target else f"{dotted}: CLIP-L has no such layer")
+
+    def resolve(self, module: str) -> Resolved:
+        """The module a key prefix (the key without its role suffix) names, in whatever spelling the file uses."""
+        for prefix, naming, spaces in _PREFIXES:
+            if module.startswith(prefix):
+                rest = module.removeprefix(prefix)
+                for space in spaces:
+                    found = _SPACES[space](self, rest, naming)
+                    if found is not None:
+                        return found
+                break
+        if _SD3.search(module):
+            return Resolved("unknown", "sd3", None)
+        return Resolved("unknown", "sd" if _SD_UNET.search(module) else "unknown", None)
+
+
+def _in_bfl(t: ModelTables, rest: str, naming: str, underscored: bool = False) -> Resolved | None:
+    dotted = _BFL.parse(rest, underscored)
+    return None if dotted is None else t.flux(dotted, t.bfl, "bfl" if naming in ("peft", "bare") else naming)
+
+
+def _in_diffusers(t: ModelTables, rest: str, naming: str, underscored: bool = False) -> Resolved | None:
+    dotted = _DIFFUSERS.parse(rest, underscored)
+    return None if dotted is None else t.flux(dotted, t.diffusers, "peft" if naming == "bare" else naming)
+
+
+def _in_clip(t: ModelTables, rest: str, naming: str) -> Resolved | None:
+    m = _CLIP.fullmatch(rest)
+    return None if m is None else t.clip_module(m, "peft" if naming == "bare" else naming)
+
+
+def _in_t5(t: ModelTables, rest: str, naming: str) -> Resolved | None:
+    m = _T5.fullmatch(rest)
+    name = _dotted_t5(m) if m else ""
+    return None if m is None else Resolved(naming, "t5", Target("t5", name, ((name, 0),), None, "t5"))
+
+
+def _in_te2(t: ModelTables, rest: str, naming: str) -> Resolved | None:
+    """kohya `lora_te2_`: T5 in early sd-scripts FLUX files, CLIP-G (SDXL's second text encoder) otherwise."""
+    return _in_t5(t, rest, naming) or (Resolved(naming, "sdxl-te2", None) if _CLIP.fullmatch(rest) else None)
+
+
+_SPACES = {
+    "bfl": _in_bfl,
+    "bfl_": lambda t, r, n: _in_bfl(t, r, n, underscored=True),
+    "diffusers": _in_diffusers,
+    "diffusers_": lambda t, r, n: _in_diffusers(t, r, n, underscored=True),
+    "clip": _in_clip,
+    "t5": _in_t5,
+    "te2": _in_te2,
+}
+
+# (prefix, naming, namespaces to try): the first prefix that matches decides; "" (bare names) comes last.
+_PREFIXES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("base_model.model.", "fal-kontext", ("bfl", "diffusers")),
+    ("model.diffusion_model.", "comfyui", ("bfl",)),
+    ("diffusion_model.", "comfyui", ("bfl",)),
+    ("text_encoders.clip_l.transformer.", "comfyui", ("clip",)),
+    ("text_encoders.t5xxl.transformer.", "comfyui", ("t5",)),
+    ("lora_unet_", "kohya", ("bfl_",)),
+    ("lora_te1_", "kohya", ("clip",)),
+    ("lora_te_", "kohya", ("clip",)),
+    ("lora_te2_", "kohya", ("te2",)),
+    ("lora_te3_", "kohya", ("t5",)),
+    ("lora_transformer_", "kohya-diffusers", ("diffusers_",)),
+    ("lycoris_", "lycoris-diffusers", ("diffusers_", "bfl_")),
+    ("transformer.", "peft", ("diffusers", "bfl")),
+    ("text_encoder_2.", "peft", ("t5", "te2")),
+    ("text_encoder.", "peft", ("clip",)),
+    ("", "bare", ("diffusers", "bfl", "clip", "t5")),
+)
+
+
+def split_role(key: str) -> tuple[str, str] | None:
+    """(module, role) for an adapter key, or None for a key that is no adapter tensor (a full weight, a norm)."""
+    for suffix in _SUFFIXES_LONGEST_FIRST:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], ROLE_SUFFIXES[suffix]
+    return None
+
+
+def group_keys(keys: list[str], tables: ModelTables) -> tuple[list[Adapter], list[str]]:
+    """Adapters (keys grouped by module, each resolved) and the keys that are no adapter tensor at all."""
+    adapters: dict[str, Adapter] = {}
+    loose: list[str] = []
+    for key in keys:
+        xlabs = _XLABS.fullmatch(key)
+        if xlabs:
+            module, role, resolved = key.rsplit(".", 2)[0], xlabs[5], tables.xlabs(xlabs)
+        else:
+            split = split_role(key)
+            if split is None:
+                loose.append(key)
+                continue
+            (module, role), resolved = split, None
+        if module not in adapters:
+            adapters[module] = Adapter(module, resolved or tables.resolve(module))
+        adapters[module].keys[role] = key
+    return list(adapters.values()), loose
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shapes and exact factors. A delta is always returned as (B, A) with delta = B @ A, B (out, k), A (k, in).
+
+
+def lokr_factor(w: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None) -> tuple:
+    """(P, Q) with P @ Q = the LoKr factor: its stored low-rank pair, or the full matrix against an identity."""
+    if w is None:
+        return a, b
+    rows, cols = w.shape
+    return (w, torch.eye(cols, dtype=w.dtype)) if cols <= rows else (torch.eye(rows, dtype=w.dtype), w)
+
+
+def _lokr_dims(keys: dict[str, str], shapes: Mapping[str, tuple[int, ...]], i: str) -> tuple[int, int, int] | None:
+    """(rows, cols, inner rank) of LoKr factor w1 or w2 from the header alone, or None if its keys are incomplete."""
+    if f"lokr_w{i}" in keys:
+        rows, cols = shapes[keys[f"lokr_w{i}"]]
+        return rows, cols, min(rows, cols)
+    if f"lokr_w{i}_a" in keys and f"lokr_w{i}_b" in keys:
+        (rows, r), (_, cols) = shapes[keys[f"lokr_w{i}_a"]], shapes[keys[f"lokr_w{i}_b"]]
+        return rows, cols, r
+    return None
+
+
+def delta_shape(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]]) -> tuple[tuple[int, int], int, int]:
+    """((out, in), trained rank, rank of our exact (B, A) form) from header shapes; raises ValueError if malformed."""
+    k, kind = adapter.keys, adapter.kind
+    if kind == "lora":
+        if "down" not in k or "up" not in k:
+            raise ValueError("has only one half of the lora_A/lora_B (down/up) pair")
+        down, up = shapes[k["down"]], shapes[k["up"]]
+        if len(down) != 2 or len(up) != 2 or up[1] != down[0]:
+            raise ValueError(f"down {list(down)} and up {list(up)} do not form a rank-r pair")
+        return (up[0], down[1]), down[0], down[0]
+    if kind == "loha":
+        need = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+        if any(r not in k for r in need):
+            raise ValueError("is a LoHa missing one of hada_w1_a/w1_b/w2_a/w2_b")
+        (o1, r1), (_, i1), (o2, r2), (_, i2) = (shapes[k[r]] for r in need)
+        if o1 != o2 or i1 != i2 or shapes[k["hada_w1_b"]][0] != r1 or shapes[k["hada_w2_b"]][0] != r2:
+            raise ValueError("has LoHa factors whose shapes do not agree")
+        return (o1, i1), r1, min(r1 * r2, i1)
+    if kind == "lokr":
+        w1, w2 = _lokr_dims(k, shapes, "1"), _lokr_dims(k, shapes, "2")
+        if w1 is None or w2 is None:
+            raise ValueError("is a LoKr missing lokr_w1 or lokr_w2 (or their _a/_b halves)")
+        rank = shapes[k["lokr_w2_b" if "lokr_w2_b" in k else "lokr_w1_b"]][0] if {"lokr_w1_b", "lokr_w2_b"} & set(k) else 0
+        out, inp = w1[0] * w2[0], w1[1] * w2[1]
+        return (out, inp), rank, min(w1[2] * w2[2], inp)
+    raise ValueError(f"is a {kind} adapter")
+
+
+def factors(adapter: Adapter, t: Mapping[str, torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact (B, A) with B @ A = scale * the module's delta, computed in float32 (float64 stays float64).
+
+    LoKr is kron(W1, W2) = kron(P1, P2) @ kron(Q1, Q2) for Wi = Pi @ Qi; LoHa is (a1 @ b1) * (a2 @ b2) =
+    (a1 (x)row a2) @ (b1 (x)col b2) (face-splitting product). Both are exact; where that rank would exceed in_features
+    the dense delta against an identity is smaller, and is what we return.
+    """
+    k = adapter.keys
+    f = {role: t[key].to(torch.promote_types(t[key].dtype, torch.float32)) for role, key in k.items() if role != "alpha"}
+    if adapter.kind == "lora":
+        return f["up"] * scale, f["down"]
+    if adapter.kind == "loha":
+        a1, b1, a2, b2 = f["hada_w1_a"], f["hada_w1_b"], f["hada_w2_a"], f["hada_w2_b"]
+        up = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)
+        down = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
+    else:
+        p1, q1 = lokr_factor(f.get("lokr_w1"), f.get("lokr_w1_a"), f.get("lokr_w1_b"))
+        p2, q2 = lokr_factor(f.get("lokr_w2"), f.get("lokr_w2_a"), f.get("lokr_w2_b"))
+        up, down = torch.kron(p1, p2), torch.kron(q1, q2)
+    if up.shape[1] > down.shape[1]:
+        up, down = up @ down, torch.eye(down.shape[1], dtype=down.dtype)
+    return up * scale, down
+
+
+def split_parts(target: Target, up: torch.Tensor, down: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """diffusers module -> (B rows, A): a fused BFL linear splits by output rows and shares A (delta = B @ A)."""
+    if target.swap_halves:
+        half = up.shape[0] // 2
+        up = torch.cat([up[half:], up[:half]])
+    rows = [r for _, r in target.parts]
+    return {name: (b.contiguous(), down) for (name, _), b in zip(target.parts, torch.split(up, rows), strict=True)}

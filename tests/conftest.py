@@ -1,0 +1,43 @@
+"""Shared fixtures: one tiny model kit per test session, built under pytest's temp dir (never in ~/.cache)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes more than 20 s (e.g. builds the real-width tiny-wide kit)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fluxdemo_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """FLUXDEMO_CACHE for the session, so code that builds kits or caches files on its own stays out of ~."""
+    cache = tmp_path_factory.mktemp("fluxdemo-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLUXDEMO_CACHE", str(cache))
+        yield cache
+
+
+@pytest.fixture(scope="session")
+def tiny_kit(fluxdemo_cache: Path) -> Path:
+    from fluxdemo.tiny import ensure_kit
+
+    return ensure_kit("tiny", cache_dir=fluxdemo_cache / "kits")
+
+
+@pytest.fixture(scope="session")
+def manager(tiny_kit: Path):
+    """One ModelManager over the tiny preset, on the CPU, shared like the app shares its one manager."""
+    from fluxdemo.config import get_preset
+    from fluxdemo.manager import ModelManager
+
+    return ModelManager(get_preset("tiny", use_env=False), device="cpu", lora_dir=tiny_kit / "loras")
+
+
+@pytest.fixture(scope="session")
+def kit_lora() -> str:
+    """A sample LoRA of the kit, by its name in the LoRA library."""
+    return "peft.safetensors"

@@ -99,7 +99,10 @@ class Adapters:
         for component, weights in (("transformer", converted.transformer), ("text_encoder", converted.text_encoder)):
             module = self.manager.get(component)
             targets = {k.removeprefix(f"{component}.").rsplit(".lora_", 1)[0] for k in weights}
-            absent = [t for t in targets if adapter not in getattr(module.get_submodule(t), "lora_A", {})]
+            # transformers 5's CLIPTextModel has no text_model wrapper; the LoRA keys (diffusers' naming) still do
+            prefix = "" if hasattr(module, "text_model") else "text_model."
+            layers = {t: module.get_submodule(t.removeprefix(prefix)) for t in targets}
+            absent = [t for t, layer in layers.items() if adapter not in getattr(layer, "lora_A", {})]
             if absent:
                 raise LoraError(
                     f"The LoRA did not attach to {len(absent)} of {len(targets)} {component} modules "
@@ -129,6 +132,29 @@ class Adapters:
         view.enable_lora()
         view.set_adapters([loaded.adapter], adapter_weights=[strength])
         self._active = (loaded, strength)
+
+    def reattach(self) -> None:
+        """Attach every loaded LoRA again to a transformer read back from its file (the disk strategy drops it after
+        its stage; the text encoder keeps its adapters). A file gone or changed since is let go. None is active after.
+        """
+        from fluxdemo.lora import to_diffusers
+
+        transformer = self.manager.get("transformer")
+        dims, clip = FluxDims.from_config(dict(transformer.config)), self.manager.get("text_encoder")
+        with self.manager.timeline.stage("reattach LoRAs", f"{len(self._loaded)} adapters"):
+            for sha256, loaded in list(self._loaded.items()):
+                try:
+                    converted = to_diffusers(self.library.get(loaded.name).path, dims, dict(clip.config.to_dict()))
+                except LoraError:
+                    converted = None
+                if converted is None or converted.report.sha256 != sha256:
+                    logger.warning("LoRA %s changed on disk since it was loaded; it is unloaded.", loaded.name)
+                    del self._loaded[sha256]
+                    self._detach(loaded.adapter)
+                    continue
+                transformer.load_lora_adapter(converted.transformer, prefix="transformer", adapter_name=loaded.adapter)
+        self._active = None
+        self.activate(None, 0.0)
 
     def text_encoder_state(self) -> tuple[str, float] | None:
         """What the text encoder's output depends on besides the prompt (a key for the embedding cache)."""

@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from fluxdemo.config import DEFAULT_PRESET, ENV_OVERRIDES, PRESETS, get_preset
+from fluxdemo.config import CLI_FLAGS, DEFAULT_PRESET, ENV_OVERRIDES, PRESETS, get_preset, model_dims
 from fluxdemo.errors import FluxdemoError, LoraError, OptionsError
 
 logger = logging.getLogger("fluxdemo")
@@ -25,7 +26,6 @@ Where the model comes from:
 """
 
 COMPARE_FILES = ("baseline.png", "lora.png", "side_by_side.png", "report.json")
-_OVERRIDE_FLAGS = {"transformer": "transformer", "t5": "text_encoder_2", "clip": "text_encoder", "vae": "vae"}
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -33,24 +33,27 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="model preset (default: %(default)s)"
     )
-    for flag, component in _OVERRIDE_FLAGS.items():
+    for component, flag in CLI_FLAGS.items():
         env = next(v for v, c in ENV_OVERRIDES.items() if c == component)
-        g.add_argument(f"--{flag}", type=Path, metavar="PATH", help=f"local file for the {component} (or {env})")
+        help_text = f"local file for the {component} (or {env})"
+        g.add_argument(flag, type=Path, metavar="PATH", dest=component, help=help_text)
     g.add_argument("--device", default=None, help="execution device: cuda, cuda:1, mps, cpu (default: best found)")
-    g.add_argument("--strategy", default="auto", help="memory strategy: auto, resident, model-offload, ...")
+    g.add_argument("--strategy", default="auto",
+                   help="where components wait between stages: auto (planned from free VRAM), resident, "
+                        "model-offload, group-offload, disk")  # fmt: skip
     g.add_argument("--lora-dir", type=Path, default=None, help="LoRA folder (default: loras/, or the tiny kit's)")
 
 
 def _add_image_flags(p: argparse.ArgumentParser, *, lora_required: bool) -> None:
     g = p.add_argument_group("image")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, help="what to draw; T5 reads up to 512 tokens, CLIP the first 77")
     g.add_argument("--lora", required=lora_required, help="a .safetensors file, or a name in the LoRA folder")
     g.add_argument("--strength", type=float, default=1.0, help="LoRA strength (adapter weight), default 1.0")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=28)
+    g.add_argument("--seed", type=int, default=0, help="same seed + same settings = the same pixels, on any run")
+    g.add_argument("--steps", type=int, default=28, help="denoising steps (FLUX.1-dev is tuned for 28)")
     g.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev's distilled guidance (default 3.5)")
-    g.add_argument("--width", type=int, default=1024)
-    g.add_argument("--height", type=int, default=1024)
+    g.add_argument("--width", type=int, default=1024, help="a multiple of 16 (VAE x8, then 2x2 latent patches)")
+    g.add_argument("--height", type=int, default=1024, help="a multiple of 16")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
@@ -77,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("inspect-lora", help="what a LoRA file is, what it adapts, and whether it fits FLUX.1-dev")
     p.add_argument("file", type=Path)
+    p.add_argument("--model", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="judge it against this preset")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     p = verbs.add_parser("download", help="fetch and verify every file of a preset into the Hugging Face cache")
@@ -94,7 +98,7 @@ def _manager(args):
 
     from fluxdemo.manager import ModelManager, default_device
 
-    overrides = {c: getattr(args, f) for f, c in _OVERRIDE_FLAGS.items()}
+    overrides = {c: getattr(args, c) for c in CLI_FLAGS}
     preset = get_preset(args.model, overrides)
     lora_dir, lora = _lora_location(args, preset)
     device = torch.device(args.device) if args.device else default_device()
@@ -184,7 +188,8 @@ def cmd_inspect_lora(args) -> int:
     from fluxdemo.lora import format_report, inspect_lora
 
     try:
-        report = inspect_lora(args.file)
+        dims, clip_config = model_dims(get_preset(args.model))
+        report = inspect_lora(args.file, dims, clip_config=clip_config)
     except LoraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -217,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(relativeCreated)7.0f ms  %(message)s"
     )
     if not args.verbose:
+        # transformers logs through its own handler, configured from the environment at import.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

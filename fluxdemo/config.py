@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fluxdemo.errors import OptionsError
+from fluxdemo.flux_names import FluxDims
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs" / "flux1-dev"
 
@@ -139,6 +140,8 @@ DEFAULT_PRESET = "dev-q8"
 
 # FLUXDEMO_TRANSFORMER=/path/to/flux1-dev-Q8_0.gguf etc.: every file of a preset can come from this machine.
 ENV_OVERRIDES = {f"FLUXDEMO_{c.upper()}": c for c in SOURCES}
+# The CLI's flags for the files users most often have locally (the messages of fluxdemo.hub name them too).
+CLI_FLAGS = {"transformer": "--transformer", "text_encoder_2": "--t5", "text_encoder": "--clip", "vae": "--vae"}
 
 
 def get_preset(name: str, overrides: dict[str, str | Path] | None = None, *, use_env: bool = True) -> Preset:
@@ -153,3 +156,13 @@ def get_preset(name: str, overrides: dict[str, str | Path] | None = None, *, use
     for component, path in merged.items():
         preset = preset.with_local(component, path)
     return preset
+
+
+def model_dims(preset: Preset) -> tuple[FluxDims, dict]:
+    """The transformer's dimensions and the CLIP config of a preset, from its configs alone (no weights): what a
+    LoRA for it must fit."""
+    from fluxdemo.hub import resolve
+    from fluxdemo.loading import read_config
+
+    config_dir = resolve(preset.config_dir, component="config_dir", preset=preset.name)
+    return FluxDims.from_config(read_config(config_dir, "transformer")), read_config(config_dir, "text_encoder")

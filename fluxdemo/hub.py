@@ -30,7 +30,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from fluxdemo.config import COMPONENTS, Preset, Source
+from fluxdemo.config import CLI_FLAGS, COMPONENTS, Preset, Source
 from fluxdemo.errors import HubError, ModelFileError, OptionsError
 
 logger = logging.getLogger(__name__)
@@ -43,9 +43,6 @@ FOLDER_CONTENTS: dict[str, tuple[tuple[str, ...], ...]] = {
     "tokenizer_2": (("tokenizer.json",), ("spiece.model",)),  # T5: fast or sentencepiece tokenizer
     "config_dir": (("transformer/config.json",),),
 }
-
-# The CLI's override flags (fluxdemo.cli), named here for the messages only: hub must not import the CLI.
-_CLI_FLAGS = {"transformer": "--transformer", "text_encoder_2": "--t5", "text_encoder": "--clip", "vae": "--vae"}
 
 # A safetensors header beyond this is a corrupt length field, not a real header (real ones are a few MB at most).
 _MAX_SAFETENSORS_HEADER = 100_000_000
@@ -420,7 +417,7 @@ def _override(component: str) -> str:
     if component not in COMPONENTS:
         return "a local path"
     env = f"FLUXDEMO_{component.upper()}"
-    return f"{env} (or {_CLI_FLAGS[component]})" if component in _CLI_FLAGS else env
+    return f"{env} (or {CLI_FLAGS[component]})" if component in CLI_FLAGS else env
 
 
 def _human(n: int) -> str:

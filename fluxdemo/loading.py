@@ -68,9 +68,13 @@ def read_config(config_dir: Path, component: str) -> dict:
 
 def gguf_tensors(path: Path) -> dict[str, GGUFTensor]:
     """Names, shapes and types of a GGUF file's tensors, read from its header (memory-mapped, nothing copied)."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelFileError(f"{path.name} is not a GGUF file (it starts with {magic!r}). Download it again.")
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, KeyError, IndexError) as e:
+        reader = gguf.GGUFReader(path)  # memory-maps the file: a lying header fails here without allocating
+    except Exception as e:  # gguf-py surfaces numpy's IndexError/ValueError/struct errors on damaged headers
         raise ModelFileError(f"{path.name} is not a readable GGUF file ({e}). Download it again.") from e
     return {t.name: GGUFTensor(tuple(int(n) for n in reversed(t.shape)), t.tensor_type.name) for t in reader.tensors}
 
@@ -181,14 +185,17 @@ def load_transformer(path: Path, config_dir: Path, compute_dtype: torch.dtype) -
     config = read_config(config_dir, "transformer")
     tensors = gguf_tensors(path)
     validate_transformer_keys(tensors, config, path.name)
-    state_dict = bfl_to_diffusers(load_gguf_checkpoint(path), FluxDims.from_config(config))
-    model = FluxTransformer2DModel.from_single_file(
-        state_dict,
-        config=str(config_dir),
-        subfolder="transformer",
-        quantization_config=GGUFQuantizationConfig(compute_dtype=compute_dtype),
-        torch_dtype=compute_dtype,
-    )
+    try:  # the key check passed, but a tensor can still have a shape the config does not expect (a lying header)
+        state_dict = bfl_to_diffusers(load_gguf_checkpoint(path), FluxDims.from_config(config))
+        model = FluxTransformer2DModel.from_single_file(
+            state_dict,
+            config=str(config_dir),
+            subfolder="transformer",
+            quantization_config=GGUFQuantizationConfig(compute_dtype=compute_dtype),
+            torch_dtype=compute_dtype,
+        )
+    except (ValueError, RuntimeError) as e:  # diffusers' shape check, torch.split of a fused weight
+        raise ModelFileError(f"{path.name} does not fit the transformer config ({e}). Download it again.") from e
     model.eval().requires_grad_(False)
     summary = LoadSummary(
         "transformer", path.name, _quant_summary(tensors), _param_count(model, tensors), module_bytes(model),

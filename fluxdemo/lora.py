@@ -20,9 +20,10 @@ import os
 import re
 import tempfile
 import threading
-from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
@@ -31,19 +32,19 @@ import torch
 from fluxdemo.config import PACKAGE_CONFIGS
 from fluxdemo.errors import LoraError
 from fluxdemo.flux_names import FluxDims
-from fluxdemo.lora_formats import REFUSED_KINDS, Adapter, ModelTables, delta_shape, factors, group_keys, split_parts
+from fluxdemo.lora_formats import ModelTables, analyse_keys, factors, split_parts
 
 logger = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit; a LoRA header is a few hundred KB
 MAX_UPLOAD_BYTES = 2 * 2**30  # a rank-128 LoRA on every FLUX.1 linear is about 1.2 GB in bf16
-# LoKr/LoHa become an exact (B, A) pair whose rank can reach in_features (a full-rank LoKr is a dense delta); above
-# this many float32 bytes in all we refuse rather than hold several GB of factors per adapter.
-LYCORIS_MAX_BYTES = 2**30
 REFUSED_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
-               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
-FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+DTYPE_BYTES = (
+    dict.fromkeys(("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0"), 1)
+    | dict.fromkeys(("I16", "U16", "F16", "BF16"), 2)
+    | dict.fromkeys(("I32", "U32", "F32"), 4)
+    | dict.fromkeys(("I64", "U64", "F64"), 8)
+)
 _TORCH_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
 _PICKLE = (
     "a pickle/PyTorch checkpoint, not safetensors; it was not opened, because unpickling can run code. Get the "
@@ -57,13 +58,12 @@ _FOREIGN_MAGIC = (  # first bytes -> what the file really is
     (b"version https://git-lfs", "a Git LFS pointer, not the file itself; fetch it with `git lfs pull`"),
     (b"<", "an HTML/XML page (a failed or login-gated download?), not safetensors; download the file again"),
 )
-_CONTROL_INPUTS = {128: "a FLUX.1 Canny/Depth control LoRA", 384: "a FLUX.1 Fill LoRA"}
-_SD_CONTEXT = {2048: "SDXL", 1024: "SD2.x", 768: "SD1.5"}  # cross-attention to_k input width -> base model
-_META_KEYS = ("modelspec.architecture", "modelspec.title", "modelspec.trigger_phrase", "modelspec.resolution",
-              "ss_base_model_version", "ss_sd_model_name", "ss_network_module", "ss_network_dim", "ss_network_alpha",
-              "ss_network_args", "ss_resolution", "ss_max_train_steps", "ss_steps", "ss_epoch",
-              "ss_num_train_images", "ss_output_name", "ss_training_comment")  # fmt: skip
-PEFT_DEFAULT_ALPHA = 8  # LoraConfig's default: what diffusers uses when lora_adapter_metadata omits lora_alpha
+# What the report shows of a file's metadata (kohya's ss_* keys, the modelspec standard).
+_META_KEYS = tuple(
+    "modelspec.architecture modelspec.title modelspec.trigger_phrase modelspec.resolution ss_base_model_version "  # noqa: SIM905
+    "ss_sd_model_name ss_network_module ss_network_dim ss_network_alpha ss_network_args ss_resolution "
+    "ss_max_train_steps ss_steps ss_epoch ss_num_train_images ss_output_name ss_training_comment".split()
+)
 
 
 # --- reading ----------------------------------------------------------------------------------------------------
@@ -94,10 +94,11 @@ def read_safetensors_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES
             raise _bad(path, "it does not start with a safetensors header")
         if n > max_header_bytes:
             raise _bad(path, f"its header is {n} bytes, over the {max_header_bytes}-byte limit")
+        f.seek(8)
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: a crafted nesting bomb
         raise _bad(path, f"its header is not valid UTF-8 JSON ({e})") from None
     if not isinstance(header, dict):
         raise _bad(path, "its header is not a JSON object")
@@ -112,19 +113,29 @@ def _check_layout(path: Path, tensors: dict, data_len: int) -> None:
     spans = []
     for name, info in tensors.items():
         if not isinstance(info, dict) or info.get("dtype") not in DTYPE_BYTES:
-            raise _bad(path, f"tensor {name!r} has an unknown dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
+            raise _bad(
+                path, f"tensor {name!r} has an unknown dtype {info.get('dtype') if isinstance(info, dict) else info!r}"
+            )
         shape, offsets = info.get("shape"), info.get("data_offsets")
         ok = isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)
-        if not ok or not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        if not ok or not (
+            isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+        ):
             raise _bad(path, f"tensor {name!r} has a malformed shape or data_offsets")
         begin, end = offsets
         want = math.prod(shape) * DTYPE_BYTES[info["dtype"]]
         if not 0 <= begin <= end or end - begin != want:
-            raise _bad(path, f"its header lies about sizes: {name!r} is {info['dtype']} {shape} = {want} bytes, but its "
-                       f"data_offsets {offsets} span {end - begin}")  # fmt: skip
+            raise _bad(
+                path,
+                f"its header lies about sizes: {name!r} is {info['dtype']} {shape} = {want} bytes, but its "
+                f"data_offsets {offsets} span {end - begin}",
+            )
         if end > data_len:
-            raise _bad(path, f"tensor {name!r} ends at byte {end} of a {data_len}-byte data section (truncated file); "
-                       "download it again")  # fmt: skip
+            raise _bad(
+                path,
+                f"tensor {name!r} ends at byte {end} of a {data_len}-byte data section (truncated file); "
+                "download it again",
+            )
         spans.append((begin, end, name))
     position, previous = 0, None
     for begin, end, name in sorted(spans):
@@ -190,11 +201,16 @@ class LoraReport:
 def format_report(r: LoraReport) -> str:
     """The report as a few lines for a terminal."""
     verdict = "compatible" if r.compatible else "NOT compatible"
-    lines = [f"{r.name}: {r.format} ({r.naming} naming), {verdict}", f"  rank {r.rank}, alpha {r.alpha}, scale {r.scale}"]
+    lines = [
+        f"{r.name}: {r.format} ({r.naming} naming), {verdict}",
+        f"  rank {r.rank}, alpha {r.alpha}, scale {r.scale}",
+    ]
     lines.append(f"  adapts {r.targets} modules: " + ", ".join(f"{k} {v}" for k, v in r.modules.items()))
     lines.append(f"  base model: {r.base_model_hint or 'unknown'}; trigger words: {', '.join(r.trigger_words) or '-'}")
-    lines.append(f"  keys: {len(r.matched)} matched, {len(r.unmatched)} unmatched" + (
-        f" (e.g. {', '.join(r.unmatched[:3])})" if r.unmatched else ""))  # fmt: skip
+    lines.append(
+        f"  keys: {len(r.matched)} matched, {len(r.unmatched)} unmatched"
+        + (f" (e.g. {', '.join(r.unmatched[:3])})" if r.unmatched else "")
+    )
     lines += [f"  problem: {p}" for p in r.problems] + [f"  warning: {w}" for w in r.warnings]
     return "\n".join(lines)
 
@@ -212,223 +228,110 @@ def _trigger_words(meta: Mapping[str, str]) -> list[str]:
     try:  # kohya: {dataset folder: {caption tag: count}}; the most frequent tags carry the trigger
         folders = json.loads(meta.get("ss_tag_frequency") or "{}")
         counts = sum((Counter({str(t): int(n) for t, n in tags.items()}) for tags in folders.values()), Counter())
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, RecursionError, OverflowError):  # OverflowError: int(1e400)
         return []
     return [tag.strip() for tag, _ in counts.most_common(5)]
-
-
-def _peft_alpha(meta: Mapping[str, str], component: str, module: str) -> tuple[float, bool] | None:
-    """(lora_alpha, use_rslora) from diffusers' lora_adapter_metadata for one module, or None without metadata."""
-    try:
-        config = json.loads(meta.get("lora_adapter_metadata") or "null")
-    except ValueError:
-        return None
-    if not isinstance(config, dict):
-        return None
-    # Pipeline-level saves prefix every field with the component ("transformer.lora_alpha"); model-level ones do not.
-    scoped = {k.removeprefix(f"{component}."): v for k, v in config.items() if k.startswith(f"{component}.")}
-    config = scoped or config
-    alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():  # PEFT's own matching rule
-        if re.fullmatch(rf"(.*\.)?({pattern})", module):
-            alpha = value
-    return float(alpha), bool(config.get("use_rslora"))
-
-
-# --- analysis (shared by inspect_lora and to_diffusers) -------------------------------------------------------
-
-
-@dataclass
-class _Analysis:
-    report: LoraReport
-    plan: list[tuple[Adapter, float]] = field(default_factory=list)  # adapters to convert, with their scale
 
 
 def _model_label(dims: FluxDims) -> str:
     return "FLUX.1-dev" if dims == flux_dev_dims() else f"this model (width {dims.inner})"
 
 
-def _other_model(adapters: list[Adapter], shapes: Mapping[str, tuple]) -> tuple[str, str] | None:
-    """(format, message) when the keys say the file is for another model family."""
-    families = Counter(a.resolved.family for a in adapters)
-    if families["sd3"] > families["flux"]:
-        return "sd3", "an SD3 LoRA (joint_blocks), not FLUX: it adapts a transformer FLUX.1-dev does not have"
-    if families["sd"] + families["sdxl-te2"] <= families["flux"]:
-        return None
-    version = "SDXL" if families["sdxl-te2"] else "SD1.x/SDXL"
-    for a in adapters:
-        if re.search(r"attn2[._]to_k$", a.module) and "down" in a.keys:
-            version = _SD_CONTEXT.get(shapes[a.keys["down"]][1], version)
-            break
-    example = next(a for a in adapters if a.resolved.family in ("sd", "sdxl-te2"))
-    naming = "kohya" if example.module.startswith("lora_") else "diffusers"
-    return version.lower().replace(".", "").replace("/", "-"), (
-        f"an {version} LoRA ({naming} naming: {example.module}), not FLUX: it adapts a UNet FLUX.1-dev does not have"
+# (sha256, name, dims, CLIP config) -> (report, plan): a file is inspected by the library, then converted when picked;
+# the verdict depends only on its bytes and the model, so the second pass reuses the first.
+_ANALYSES: OrderedDict[tuple, tuple] = OrderedDict()
+_ANALYSES_KEPT = 8
+
+
+def _analyse(shapes, dtypes, meta, read, dims, clip_config, identity: tuple[str, str, int]) -> tuple:
+    """(report, plan): the key verdict of lora_formats plus what the metadata says."""
+    key = (identity, dims, json.dumps(clip_config, sort_keys=True, default=str)) if identity[1] else None
+    if key in _ANALYSES:
+        _ANALYSES.move_to_end(key)
+        return _ANALYSES[key]
+    result = _analyse_uncached(shapes, dtypes, meta, read, dims, clip_config, identity)
+    if key is not None:
+        _ANALYSES[key] = result
+        while len(_ANALYSES) > _ANALYSES_KEPT:
+            _ANALYSES.popitem(last=False)
+    return result
+
+
+def _analyse_uncached(shapes, dtypes, meta, read, dims, clip_config, identity: tuple[str, str, int]) -> tuple:
+    k = analyse_keys(shapes, dtypes, meta, read, ModelTables(dims, clip_config), _model_label(dims))
+    hint = next(
+        (
+            meta[key]
+            for key in ("modelspec.architecture", "ss_base_model_version", "ss_sd_model_name")
+            if meta.get(key)
+        ),
+        "FLUX.1 (from its key names)" if k.plan else "",
     )
-
-
-def _is_noop(a: Adapter, read: Callable[[str], torch.Tensor]) -> bool:
-    """True when the part has no effect: a LoRA with an all-zero half, or all-zero full deltas."""
-    tensors = [read(k) for r, k in a.keys.items() if r != "alpha"]
-    zero = [not bool(t.any()) for t in tensors]
-    return any(zero) if a.kind == "lora" else all(zero)
-
-
-def _analyse(
-    shapes: Mapping[str, tuple],
-    dtypes: Mapping[str, str],
-    meta: Mapping[str, str],
-    read: Callable[[str], torch.Tensor],
-    dims: FluxDims,
-    clip_config: Mapping,
-    identity: tuple[str, str, int],
-) -> _Analysis:
-    tables = ModelTables(dims, clip_config)
-    adapters, loose = group_keys(sorted(shapes), tables)
-    model, problems, warnings = _model_label(dims), [], []
-    matched, unmatched, misfits, unknown, refused, t5_live = [], list(loose), [], [], Counter(), 0
-    plan, ranks, alphas, scales, groups, owners = [], [], [], [], Counter(), {}
-    lycoris_bytes, t5_any = 0, False
-    for a in adapters:
-        keys, target, kind = list(a.keys.values()), a.resolved.target, a.kind
-        if kind in REFUSED_KINDS or kind in ("mixed", "alpha-only"):
-            if kind in REFUSED_KINDS and _is_noop(a, read):  # e.g. all-zero `diff` norms some trainers save
-                matched += keys
-                warnings.append(f"{a.module}: all-zero {kind} weights, ignored (they have no effect)")
-            else:
-                refused[REFUSED_KINDS.get(kind, f"{kind} keys that form no adapter")] += 1
-                unmatched += keys
-            continue
-        if target is None:
-            unknown.append(a)
-            unmatched += keys
-            continue
-        try:
-            (out, inp), rank, exact_rank = delta_shape(a, shapes)
-        except ValueError as e:
-            problems.append(f"{a.module} {e}")
-            unmatched += keys
-            continue
-        if target.shape is not None and (out, inp) != target.shape:
-            misfits.append((a, out, inp))
-            unmatched += keys
-            continue
-        if any(dtypes[k] not in FLOAT_DTYPES for r, k in a.keys.items() if r != "alpha"):
-            problems.append(f"{a.module} has non-floating-point weights ({', '.join(sorted(set(dtypes.values())))})")
-            unmatched += keys
-            continue
-        matched += keys
-        if target.component == "t5":
-            t5_any = True
-            if not _is_noop(a, read):
-                t5_live += 1
-            continue
-        alpha = float(read(a.keys["alpha"]).float().reshape(-1)[0]) if "alpha" in a.keys else None
-        rslora = False
-        if alpha is None and a.resolved.naming not in ("xlabs",) and kind == "lora":
-            alpha, rslora = _peft_alpha(meta, target.component, target.name) or (None, False)
-        if alpha is not None and not math.isfinite(alpha):
-            problems.append(f"{a.module}: its alpha is {alpha}")
-        # LoKr with both factors full (rank 0 here) has no alpha scaling in LyCORIS; a missing alpha means alpha = rank.
-        scale = 1.0 if alpha is None or rank == 0 else alpha / (math.sqrt(rank) if rslora else rank)
-        if kind in ("lokr", "loha"):
-            lycoris_bytes += 4 * exact_rank * (out + inp)
-        for part, _ in target.parts:
-            if part in owners:
-                problems.append(f"{part} is adapted twice, by {owners[part]} and {a.module}")
-            owners[part] = a.module
-            groups[target.group] += 1
-        plan.append((a, scale))
-        ranks.append(rank)
-        alphas.append(alpha)
-        scales.append(scale)
-
-    headline = _other_model(adapters, shapes)
-    fmt = headline[0] if headline else None
-    control = next(((f"{_CONTROL_INPUTS[inp]} (img_in takes {inp} input channels, {model} {dims.in_channels}): it "
-                     "needs the control model, not FLUX.1-dev") for a, _, inp in misfits
-                    if a.resolved.target.name in ("img_in", "x_embedder") and inp in _CONTROL_INPUTS), None)  # fmt: skip
-    widths = Counter(inp for a, _, inp in misfits if a.resolved.target.shape[1] == dims.inner)
-    if headline:
-        problems.insert(0, headline[1])
-    elif not adapters:
-        fmt = "none"
-        problems.insert(0, f"no LoRA weights in this file ({len(shapes)} tensors, none named like a LoRA"
-                        + (f", e.g. {loose[0]!r})" if loose else ")"))  # fmt: skip
-    elif control:
-        fmt = "bfl-control"
-        problems.insert(0, control)
-    elif widths and widths.most_common(1)[0][0] != dims.inner:
-        width = widths.most_common(1)[0][0]
-        problems.insert(0, f"made for a model of width {width}, but {model} has width {dims.inner} "
-                        f"({len(misfits)} modules do not fit)")  # fmt: skip
-    else:
-        if not plan and not t5_any and unknown:
-            problems.insert(0, f"none of its {len(adapters)} LoRA modules exist in {model} (e.g. {unknown[0].module}): "
-                            "a LoRA for another model")  # fmt: skip
-        elif unknown:
-            notes = [a.resolved.note or a.module for a in unknown]
-            problems.append(f"{len(unknown)} LoRA modules match nothing in {model}: {'; '.join(notes[:3])}")
-        for a, out, inp in misfits[:3]:
-            problems.append(f"{a.module}: its delta is {out}x{inp}, but {a.resolved.target.name} is "
-                            f"{a.resolved.target.shape[0]}x{a.resolved.target.shape[1]}")  # fmt: skip
-        if loose:
-            problems.append(f"{len(loose)} tensors are not LoRA weights (e.g. {loose[0]!r}); full weights cannot be "
-                            "applied as an adapter")  # fmt: skip
-    problems += [f"{reason} ({n} modules)" for reason, n in refused.items()]
-    if t5_live:
-        problems.append(f"it also adapts the T5 text encoder ({t5_live} modules); applying a LoRA to the quantized T5 "
-                        "is not supported, and without that part the result would not be what was trained")  # fmt: skip
-    elif t5_any:
-        warnings.append("its T5 part is all zeros (no effect) and is ignored")
-    if lycoris_bytes > LYCORIS_MAX_BYTES:
-        problems.append(f"its LyCORIS modules need {lycoris_bytes / 2**30:.1f} GB as exact LoRA factors (the limit is "
-                        f"{LYCORIS_MAX_BYTES / 2**30:.0f} GB): a near-full-rank LoKr/LoHa is not supported; use a LoRA "
-                        "release of it")  # fmt: skip
-
-    namings = Counter(a.resolved.naming for a in adapters if a.resolved.family in ("flux", "clip", "t5"))
-    naming = namings.most_common(1)[0][0] if namings else "unknown"
-    kinds = Counter(a.kind for a in adapters)
-    if fmt is None:
-        fmt = next((f for k, f in (("lokr", "lycoris-lokr"), ("loha", "lycoris-loha"), ("dora", "dora")) if kinds[k]),
-                   "full-delta" if set(kinds) == {"full"} else naming)  # fmt: skip
-    selected = {k: meta[k][:300] for k in _META_KEYS if k in meta}
-    hint = next((meta[k] for k in ("modelspec.architecture", "ss_base_model_version", "ss_sd_model_name") if meta.get(k)),
-                "FLUX.1 (from its key names)" if plan else "")  # fmt: skip
     if "schnell" in hint.lower():
-        warnings.append(f"trained on FLUX.1-schnell ({hint}): it loads on FLUX.1-dev, but was made for 1-4 step "
-                        "sampling, so expect a different strength")  # fmt: skip
-    elif plan and hint and not any(w in hint.lower() for w in ("flux", "from its key names")):
-        warnings.append(f"its metadata names {hint!r} as the base model, but its keys are FLUX.1's")
+        k.warnings.append(
+            f"trained on FLUX.1-schnell ({hint}): it loads on FLUX.1-dev, but was made for 1-4 step sampling, so "
+            "expect a different strength"
+        )
+    elif k.plan and "flux" not in hint.lower():
+        k.warnings.append(f"its metadata names {hint!r} as the base model, but its keys are FLUX.1's")
     name, sha256, size = identity
-    modules = dict(sorted(groups.items()))
-    if t5_any:
-        modules["t5"] = sum(1 for a in adapters if a.resolved.family == "t5" and a.resolved.target)
     report = LoraReport(
-        name=name, format=fmt, naming=naming, rank=_summary(ranks), alpha=_summary(alphas), scale=_summary(scales),
-        targets=sum(modules.values()), modules=modules, text_encoder=bool(groups["clip"]), t5=t5_any,
-        base_model_hint=hint, compatible=not problems, problems=problems, warnings=warnings,
-        trigger_words=_trigger_words(meta), metadata=selected, matched=sorted(matched), unmatched=sorted(unmatched),
-        sha256=sha256, size=size,
-    )  # fmt: skip
-    return _Analysis(report, plan)
+        name=name,
+        format=k.format,
+        naming=k.naming,
+        rank=_summary(k.ranks),
+        alpha=_summary(k.alphas),
+        scale=_summary(k.scales),
+        targets=sum(k.modules.values()),
+        modules=dict(sorted(k.modules.items())),
+        text_encoder=bool(k.modules["clip"]),
+        t5=k.t5,
+        base_model_hint=hint,
+        compatible=not k.problems,
+        problems=k.problems,
+        warnings=k.warnings,
+        trigger_words=_trigger_words(meta),
+        metadata={key: meta[key][:300] for key in _META_KEYS if key in meta},
+        matched=sorted(k.matched),
+        unmatched=sorted(k.unmatched),
+        sha256=sha256,
+        size=size,
+    )
+    return report, k.plan
 
 
 # --- public entry points ------------------------------------------------------------------------------------------
 
 
 def inspect_lora(path: Path, dims: FluxDims | None = None, *, clip_config: Mapping | None = None) -> LoraReport:
-    """The report for one file, from its header plus the few scalars inspection needs; raises LoraError if unreadable."""
-    path = Path(path)
+    """The report for one file, from its header and the few scalars inspection needs; LoraError if unreadable."""
+    with _source(Path(path)) as (read, shapes, dtypes, meta, identity):
+        return _analyse(
+            shapes, dtypes, meta, read, dims or flux_dev_dims(), clip_config or _flux_dev_clip(), identity
+        )[0]
+
+
+@contextmanager
+def _source(path: Path) -> Iterator[tuple]:
+    """(read, shapes, dtypes, metadata, identity) of a file whose header has been validated; tensors read on demand."""
+    from safetensors import safe_open
+
     header = read_safetensors_header(path)
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     identity = (path.name, file_sha256(path), path.stat().st_size)
-    with _open(path) as f:
-        return _analyse(
-            {k: tuple(v["shape"]) for k, v in tensors.items()}, {k: v["dtype"] for k, v in tensors.items()},
-            header.get("__metadata__", {}), f.get_tensor, dims or flux_dev_dims(), clip_config or _flux_dev_clip(),
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors' own SafetensorError; rare, since our header check ran first
+        raise _bad(path, str(e)) from None
+    with handle as f:
+        shapes = {k: tuple(v["shape"]) for k, v in tensors.items()}
+        yield (
+            f.get_tensor,
+            shapes,
+            {k: v["dtype"] for k, v in tensors.items()},
+            header.get("__metadata__", {}),
             identity,
-        ).report  # fmt: skip
+        )
 
 
 @dataclass(frozen=True)
@@ -450,25 +353,23 @@ def to_diffusers(
     clip_config: Mapping | None = None,
     *,
     metadata: Mapping[str, str] | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> ConvertedLora:
     """Convert any supported LoRA exactly (W + strength * B @ A per module); raises LoraError with the problems.
 
-    dtype: of the result; default the file's own (the factors are computed in float32 either way).
+    dtype: of the result. float32 by default: PEFT keeps adapters of a bf16/fp16 model in float32 anyway, and folding
+    alpha / rank into a bf16 lora_B would round it once more.
     """
     if isinstance(path_or_tensors, Mapping):
         t = dict(path_or_tensors)
         identity = ("<tensors>", "", sum(v.numel() * v.element_size() for v in t.values()))
-        dtypes = {k: _TORCH_DTYPES.get(v.dtype, str(v.dtype)) for k, v in t.items()}
-        return _convert(t.__getitem__, {k: tuple(v.shape) for k, v in t.items()}, dtypes, metadata or {}, dims,
-                        clip_config, identity, dtype)  # fmt: skip
-    path = Path(path_or_tensors)
-    header = read_safetensors_header(path)
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    with _open(path) as f:
-        return _convert(f.get_tensor, {k: tuple(v["shape"]) for k, v in tensors.items()},
-                        {k: v["dtype"] for k, v in tensors.items()}, header.get("__metadata__", {}), dims,
-                        clip_config, (path.name, file_sha256(path), path.stat().st_size), dtype)  # fmt: skip
+        shapes, dtypes = (
+            {k: tuple(v.shape) for k, v in t.items()},
+            {k: _TORCH_DTYPES.get(v.dtype, "?") for k, v in t.items()},
+        )
+        return _convert(t.__getitem__, shapes, dtypes, metadata or {}, dims, clip_config, identity, dtype)
+    with _source(Path(path_or_tensors)) as (read, shapes, dtypes, meta, identity):
+        return _convert(read, shapes, dtypes, meta, dims, clip_config, identity, dtype)
 
 
 def _convert(read, shapes, dtypes, meta, dims, clip_config, identity, dtype) -> ConvertedLora:
@@ -479,46 +380,35 @@ def _convert(read, shapes, dtypes, meta, dims, clip_config, identity, dtype) -> 
             cache[key] = read(key)
         return cache[key]
 
-    analysis = _analyse(shapes, dtypes, meta, cached, dims, clip_config or _flux_dev_clip(), identity)
-    report = analysis.report
+    report, plan = _analyse(shapes, dtypes, meta, cached, dims, clip_config or _flux_dev_clip(), identity)
     if not report.compatible:
         raise LoraError(f"{report.name} cannot be applied to {_model_label(dims)}: " + "; ".join(report.problems))
     out: dict[str, dict[str, torch.Tensor]] = {"transformer": {}, "text_encoder": {}}
     bad = []
-    for adapter, scale in analysis.plan:
+    for adapter, scale in plan:
         tensors = {k: cached(k) for r, k in adapter.keys.items() if r != "alpha"}
         bad += [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
         up, down = factors(adapter, tensors, scale)
-        result_dtype = dtype or tensors[adapter.keys.get("up", next(iter(tensors)))].dtype
         component = adapter.resolved.target.component
         for module, (b, a) in split_parts(adapter.resolved.target, up, down).items():
-            out[component][f"{component}.{module}.lora_A.weight"] = a.to(result_dtype)
-            out[component][f"{component}.{module}.lora_B.weight"] = b.to(result_dtype)
+            out[component][f"{component}.{module}.lora_A.weight"] = a.to(dtype)
+            out[component][f"{component}.{module}.lora_B.weight"] = b.to(dtype)
+    # A finite file can still overflow once alpha / rank is folded in (a crafted alpha of 1e300): check the result.
+    bad = bad or [k for part in out.values() for k, v in part.items() if not bool(torch.isfinite(v).all())]
     if bad:
-        raise LoraError(f"{report.name} has NaN or infinite values in {len(bad)} tensors (e.g. {bad[0]}): the training "
-                        "diverged or the file is damaged; use another checkpoint of it")  # fmt: skip
-    logger.info("LoRA %s: %s, %d modules, rank %s, scale %s", report.name, report.format, report.targets,
-                report.rank, report.scale)  # fmt: skip
+        raise LoraError(
+            f"{report.name} has NaN or infinite values in {len(bad)} tensors (e.g. {bad[0]}): the training "
+            "diverged or the file is damaged; use another checkpoint of it"
+        )
+    logger.info(
+        "LoRA %s: %s, %d modules, rank %s, scale %s",
+        report.name,
+        report.format,
+        report.targets,
+        report.rank,
+        report.scale,
+    )
     return ConvertedLora(out["transformer"], out["text_encoder"], report)
-
-
-class _open:
-    """safetensors.safe_open with its errors as LoraError (our header check runs first, so these are rare)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self):
-        from safetensors import safe_open
-
-        try:
-            self.handle = safe_open(str(self.path), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own SafetensorError for anything it dislikes
-            raise _bad(self.path, str(e)) from None
-        return self.handle.__enter__()
-
-    def __exit__(self, *exc) -> None:
-        self.handle.__exit__(*exc)
 
 
 # --- discovery --------------------------------------------------------------------------------------------------
@@ -541,8 +431,14 @@ class LoraEntry:
         return self.report is not None and self.report.compatible
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "size": self.size, "sha256": self.sha256, "usable": self.usable,
-                "refused": self.refused, "report": self.report.to_dict() if self.report else None}  # fmt: skip
+        return {
+            "name": self.name,
+            "size": self.size,
+            "sha256": self.sha256,
+            "usable": self.usable,
+            "refused": self.refused,
+            "report": self.report.to_dict() if self.report else None,
+        }
 
 
 class LoraLibrary:
@@ -588,8 +484,11 @@ class LoraLibrary:
         if not path.resolve().is_relative_to(root):
             return dataclasses.replace(entry, refused="a link leading outside the LoRA folder; not opened")
         if path.suffix.lower() in REFUSED_SUFFIXES:
-            return dataclasses.replace(entry, refused=f"{path.suffix} files are pickles, which can run code when "
-                                       "loaded; never opened. Use the .safetensors release of this LoRA")  # fmt: skip
+            return dataclasses.replace(
+                entry,
+                refused=f"{path.suffix} files are pickles, which can run code when "
+                "loaded; never opened. Use the .safetensors release of this LoRA",
+            )
         try:
             report = inspect_lora(path, self.dims, clip_config=self.clip_config)
         except (LoraError, OSError) as e:
@@ -597,12 +496,12 @@ class LoraLibrary:
         return dataclasses.replace(entry, sha256=report.sha256, report=report)
 
     def get(self, name: str) -> LoraEntry:
-        """The entry for a name relative to the folder; unsafe or unknown names raise LoraError before any file opens."""
+        """The entry for a name relative to the folder; unsafe or unknown names raise LoraError, opening nothing."""
         pure = PurePosixPath(name)
         if not name or "\\" in name or "\x00" in name or pure.is_absolute() or ".." in pure.parts:
             raise LoraError(f"{name!r} is not a LoRA name: give a path inside the LoRA folder {self.folder}.")
         key = pure.as_posix()
-        if key not in self._index:
+        if key not in self._index or _changed(self._index[key]):  # new, edited or deleted since the last scan
             self.refresh()
         entry = self._index.get(key)
         if entry is None:
@@ -613,6 +512,14 @@ class LoraLibrary:
         if entry.refused:
             raise LoraError(f"{name}: {entry.refused}")
         return entry
+
+
+def _changed(entry: LoraEntry) -> bool:
+    try:
+        st = entry.path.stat()
+    except OSError:
+        return True
+    return (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns)
 
 
 # --- upload ---------------------------------------------------------------------------------------------------------
@@ -635,7 +542,7 @@ def save_upload(src: Path, folder: Path, original_name: str, max_bytes: int = MA
     src, folder = Path(src), Path(folder)
     size = src.stat().st_size
     if size > max_bytes:
-        raise LoraError(f"{original_name} is {size / 1e6:.1f} MB; uploads are limited to {max_bytes / 1e6:.0f} MB.")
+        raise LoraError(f"{original_name} is {size / 1e6:g} MB; uploads are limited to {max_bytes / 1e6:g} MB.")
     read_safetensors_header(src)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".upload-", suffix=".tmp", dir=folder)
@@ -647,7 +554,7 @@ def save_upload(src: Path, folder: Path, original_name: str, max_bytes: int = MA
                 digest.update(chunk)
                 out.write(chunk)
                 if out.tell() > max_bytes:
-                    raise LoraError(f"{original_name} grew past {max_bytes / 1e6:.0f} MB while being copied.")
+                    raise LoraError(f"{original_name} grew past {max_bytes / 1e6:g} MB while being copied.")
             out.flush()
             os.fsync(out.fileno())
         read_safetensors_header(tmp)

@@ -3,7 +3,7 @@
 Our own parser, because diffusers' converters (loaders/lora_conversion_utils.py) hard-code FLUX.1-dev's width (3072)
 and block counts (19/38), drop T5 and `diff` keys with only a log line, and accept wrong shapes until inference.
 Names are parsed width-agnostically against the tables of fluxdemo.flux_names, so every key of a file ends up
-matched to a module of the model in hand (shapes checked by the caller) or unmatched with a reason.
+matched to a module of the model in hand (shapes checked) or unmatched with a reason (analyse_keys).
 
 Naming families (found per key from its prefix): diffusers/PEFT (`transformer.<diffusers module>.lora_A.weight`),
 kohya (`lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`, `lora_te1_` CLIP-L, `lora_te3_` T5), ComfyUI
@@ -14,15 +14,19 @@ kohya (`lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`, `lora_te1_` CL
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 import re
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from fluxdemo.flux_names import SWAPPED_HALVES, FluxDims, bfl_linear_shapes, fused_map, linear_map
 
-# Key suffix -> role. The longest matching suffix wins (".lora_B.weight" before ".weight"-less roles).
+# Key suffix -> role (whole dotted segments; the longest matching suffix wins).
 ROLE_SUFFIXES: dict[str, str] = {
     ".lora_A.weight": "down",
     ".lora_B.weight": "up",
@@ -44,7 +48,6 @@ ROLE_SUFFIXES: dict[str, str] = {
     ".hada_t1": "tucker",
     ".hada_t2": "tucker",
 }
-_SUFFIXES_LONGEST_FIRST = sorted(ROLE_SUFFIXES, key=len, reverse=True)
 
 KIND_OF_ROLE = {"down": "lora", "up": "lora", "diff": "full", "diff_b": "full", "dora": "dora"}
 KIND_OF_ROLE |= {r: "lokr" for r in ROLE_SUFFIXES.values() if r.startswith("lokr_")}
@@ -94,7 +97,7 @@ class Adapter:
     resolved: Resolved
     keys: dict[str, str] = field(default_factory=dict)  # role -> key
 
-    @property
+    @functools.cached_property  # asked for often, and only once all of the module's keys are grouped
     def kind(self) -> str:
         kinds = {KIND_OF_ROLE[r] for r in self.keys if r != "alpha"}
         for refused in ("unsupported", "dora", "full"):  # the hardest part decides
@@ -117,26 +120,29 @@ _TEMPLATE = FluxDims(1, 4, 1, 1, 1, 1, 1, True)
 
 @dataclass(frozen=True)
 class _Namespace:
-    """Module names of one spelling (BFL or diffusers): top-level names and per-block suffixes."""
+    """Module names of one spelling family (BFL or diffusers), dotted or with kohya's underscores, per block kind."""
 
-    blocks: tuple[str, str]  # (double-kind prefix, single-kind prefix)
-    top: frozenset[str]
-    suffixes: dict[str, frozenset[str]]  # block prefix -> names inside a block
+    block: re.Pattern  # "<block prefix>[._]<index>[._]<rest>"
+    names: dict[str, dict[str, str]]  # block prefix ("" for top level) -> {spelling: dotted name inside it}
 
     @classmethod
     def of(cls, names: list[str], blocks: tuple[str, str]) -> _Namespace:
-        suffixes = {b: frozenset(n.removeprefix(f"{b}.0.") for n in names if n.startswith(f"{b}.0.")) for b in blocks}
-        return cls(blocks, frozenset(n for n in names if not n.startswith(tuple(f"{b}." for b in blocks))), suffixes)
+        def spellings(dotted: list[str]) -> dict[str, str]:
+            return {n: n for n in dotted} | {n.replace(".", "_"): n for n in dotted}
 
-    def parse(self, module: str, underscored: bool) -> str | None:
-        """The dotted name if `module` spells one of ours (any block index), else None."""
-        sep = "_" if underscored else r"\."
-        for block in sorted(self.blocks, key=len, reverse=True):
-            m = re.fullmatch(rf"{block}{sep}(\d+){sep}(.+)", module)
-            if m:
-                rest = {s.replace(".", "_") if underscored else s: s for s in self.suffixes[block]}.get(m[2])
-                return f"{block}.{m[1]}.{rest}" if rest else None
-        return {n.replace(".", "_") if underscored else n: n for n in self.top}.get(module)
+        inside = {b: [n.removeprefix(f"{b}.0.") for n in names if n.startswith(f"{b}.0.")] for b in blocks}
+        top = [n for n in names if not n.startswith(tuple(f"{b}." for b in blocks))]
+        table = {b: spellings(inside[b]) for b in blocks} | {"": spellings(top)}
+        alternatives = "|".join(sorted(blocks, key=len, reverse=True))
+        return cls(re.compile(rf"({alternatives})[._](\d+)[._](.+)"), table)
+
+    def parse(self, module: str) -> str | None:
+        """The dotted name if `module` spells one of ours (any block index, dots or underscores), else None."""
+        m = self.block.fullmatch(module)
+        if m is None:
+            return self.names[""].get(module)
+        rest = self.names[m[1]].get(m[3])
+        return f"{m[1]}.{m[2]}.{rest}" if rest else None
 
 
 _BFL = _Namespace.of(list(bfl_linear_shapes(_TEMPLATE)), ("double_blocks", "single_blocks"))
@@ -144,7 +150,9 @@ _DIFFUSERS = _Namespace.of(
     list(linear_map(_TEMPLATE).values()) + [p for f in fused_map(_TEMPLATE).values() for p, _ in f.parts],
     ("transformer_blocks", "single_transformer_blocks"),
 )
-_CLIP = re.compile(r"text_model[._]encoder[._]layers[._](\d+)[._](self_attn[._][qkv]_proj|self_attn[._]out_proj|mlp[._]fc[12])")
+_CLIP = re.compile(
+    r"text_model[._]encoder[._]layers[._](\d+)[._](self_attn[._][qkv]_proj|self_attn[._]out_proj|mlp[._]fc[12])"
+)
 _T5 = re.compile(
     r"encoder[._]block[._](\d+)[._]layer[._](\d+)[._](SelfAttention[._][qkvo]|DenseReluDense[._](?:wi_0|wi_1|wi|wo))"
 )
@@ -173,8 +181,9 @@ class ModelTables:
         self.diffusers: dict[str, Target] = {}
         for bfl, diff in linear_map(dims).items():
             group = _group(bfl)
-            self.bfl[bfl] = Target("transformer", bfl, ((diff, shapes[bfl][0]),), shapes[bfl], group,
-                                   bfl in SWAPPED_HALVES)  # fmt: skip
+            self.bfl[bfl] = Target(
+                "transformer", bfl, ((diff, shapes[bfl][0]),), shapes[bfl], group, bfl in SWAPPED_HALVES
+            )
             self.diffusers[diff] = Target("transformer", diff, ((diff, shapes[bfl][0]),), shapes[bfl], group)
         for bfl, fused in fused_map(dims).items():
             group = _group(bfl)
@@ -189,7 +198,9 @@ class ModelTables:
                 ("mlp.fc1", (inter, hidden)),
                 ("mlp.fc2", (hidden, inter)),
             ]:
-                self.clip[f"{p}.{sub}"] = Target("text_encoder", f"{p}.{sub}", ((f"{p}.{sub}", shape[0]),), shape, "clip")
+                self.clip[f"{p}.{sub}"] = Target(
+                    "text_encoder", f"{p}.{sub}", ((f"{p}.{sub}", shape[0]),), shape, "clip"
+                )
 
     def flux(self, dotted: str, table: dict[str, Target], naming: str) -> Resolved:
         target = table.get(dotted)
@@ -201,7 +212,7 @@ class ModelTables:
         return f"{d.num_double} double + {d.num_single} single blocks" + ("" if d.guidance else ", no guidance_in")
 
     def xlabs(self, m: re.Match) -> Resolved:
-        """XLabs processors: lora1 = image stream, lora2 = text stream; single blocks adapt linear1's q,k,v rows only."""
+        """XLabs processors: lora1 = image stream, lora2 = text; single blocks adapt only linear1's q,k,v rows."""
         kind, i, what, stream = m[1], m[2], m[3], m[4]
         if kind == "double_blocks":
             side = "txt" if stream == "2" else "img"
@@ -213,8 +224,9 @@ class ModelTables:
             return self.flux(f"single_blocks.{i}.linear1", self.bfl, "xlabs")
         qkv = linear1.parts[:3]  # XLabs' qkv_lora adds to the first 3*inner rows of linear1, never to the MLP rows
         name = f"single_blocks.{i}.linear1[qkv]"
-        return Resolved("xlabs", "flux", Target("transformer", name, qkv, (3 * self.dims.inner, self.dims.inner),
-                                                "single_blocks"))  # fmt: skip
+        return Resolved(
+            "xlabs", "flux", Target("transformer", name, qkv, (3 * self.dims.inner, self.dims.inner), "single_blocks")
+        )
 
     def clip_module(self, m: re.Match, naming: str) -> Resolved:
         dotted = _dotted_clip(m)
@@ -236,13 +248,13 @@ class ModelTables:
         return Resolved("unknown", "sd" if _SD_UNET.search(module) else "unknown", None)
 
 
-def _in_bfl(t: ModelTables, rest: str, naming: str, underscored: bool = False) -> Resolved | None:
-    dotted = _BFL.parse(rest, underscored)
+def _in_bfl(t: ModelTables, rest: str, naming: str) -> Resolved | None:
+    dotted = _BFL.parse(rest)
     return None if dotted is None else t.flux(dotted, t.bfl, "bfl" if naming in ("peft", "bare") else naming)
 
 
-def _in_diffusers(t: ModelTables, rest: str, naming: str, underscored: bool = False) -> Resolved | None:
-    dotted = _DIFFUSERS.parse(rest, underscored)
+def _in_diffusers(t: ModelTables, rest: str, naming: str) -> Resolved | None:
+    dotted = _DIFFUSERS.parse(rest)
     return None if dotted is None else t.flux(dotted, t.diffusers, "peft" if naming == "bare" else naming)
 
 
@@ -264,9 +276,7 @@ def _in_te2(t: ModelTables, rest: str, naming: str) -> Resolved | None:
 
 _SPACES = {
     "bfl": _in_bfl,
-    "bfl_": lambda t, r, n: _in_bfl(t, r, n, underscored=True),
     "diffusers": _in_diffusers,
-    "diffusers_": lambda t, r, n: _in_diffusers(t, r, n, underscored=True),
     "clip": _in_clip,
     "t5": _in_t5,
     "te2": _in_te2,
@@ -279,13 +289,13 @@ _PREFIXES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("diffusion_model.", "comfyui", ("bfl",)),
     ("text_encoders.clip_l.transformer.", "comfyui", ("clip",)),
     ("text_encoders.t5xxl.transformer.", "comfyui", ("t5",)),
-    ("lora_unet_", "kohya", ("bfl_",)),
+    ("lora_unet_", "kohya", ("bfl",)),
     ("lora_te1_", "kohya", ("clip",)),
     ("lora_te_", "kohya", ("clip",)),
     ("lora_te2_", "kohya", ("te2",)),
     ("lora_te3_", "kohya", ("t5",)),
-    ("lora_transformer_", "kohya-diffusers", ("diffusers_",)),
-    ("lycoris_", "lycoris-diffusers", ("diffusers_", "bfl_")),
+    ("lora_transformer_", "kohya-diffusers", ("diffusers",)),
+    ("lycoris_", "lycoris-diffusers", ("diffusers", "bfl")),
     ("transformer.", "peft", ("diffusers", "bfl")),
     ("text_encoder_2.", "peft", ("t5", "te2")),
     ("text_encoder.", "peft", ("clip",)),
@@ -295,9 +305,12 @@ _PREFIXES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 
 def split_role(key: str) -> tuple[str, str] | None:
     """(module, role) for an adapter key, or None for a key that is no adapter tensor (a full weight, a norm)."""
-    for suffix in _SUFFIXES_LONGEST_FIRST:
-        if key.endswith(suffix):
-            return key[: -len(suffix)], ROLE_SUFFIXES[suffix]
+    parts = key.split(".")
+    for n in (3, 2, 1):  # role suffixes are 1 to 3 dotted segments; the longest match wins
+        if len(parts) > n:
+            role = ROLE_SUFFIXES.get("." + ".".join(parts[-n:]))
+            if role is not None:
+                return ".".join(parts[:-n]), role
     return None
 
 
@@ -306,7 +319,7 @@ def group_keys(keys: list[str], tables: ModelTables) -> tuple[list[Adapter], lis
     adapters: dict[str, Adapter] = {}
     loose: list[str] = []
     for key in keys:
-        xlabs = _XLABS.fullmatch(key)
+        xlabs = _XLABS.fullmatch(key) if ".processor." in key else None
         if xlabs:
             module, role, resolved = key.rsplit(".", 2)[0], xlabs[5], tables.xlabs(xlabs)
         else:
@@ -325,7 +338,7 @@ def group_keys(keys: list[str], tables: ModelTables) -> tuple[list[Adapter], lis
 # Shapes and exact factors. A delta is always returned as (B, A) with delta = B @ A, B (out, k), A (k, in).
 
 
-def lokr_factor(w: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None) -> tuple:
+def _lokr_factor(w: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None) -> tuple:
     """(P, Q) with P @ Q = the LoKr factor: its stored low-rank pair, or the full matrix against an identity."""
     if w is None:
         return a, b
@@ -335,13 +348,18 @@ def lokr_factor(w: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor 
 
 def _lokr_dims(keys: dict[str, str], shapes: Mapping[str, tuple[int, ...]], i: str) -> tuple[int, int, int] | None:
     """(rows, cols, inner rank) of LoKr factor w1 or w2 from the header alone, or None if its keys are incomplete."""
-    if f"lokr_w{i}" in keys:
-        rows, cols = shapes[keys[f"lokr_w{i}"]]
+    names = [f"lokr_w{i}"] if f"lokr_w{i}" in keys else [f"lokr_w{i}_a", f"lokr_w{i}_b"]
+    if any(n not in keys for n in names):
+        return None
+    if any(len(shapes[keys[n]]) != 2 for n in names):
+        raise ValueError(f"has a LoKr factor w{i} that is not a matrix (convolution LoKr is not for FLUX)")
+    if len(names) == 1:
+        rows, cols = shapes[keys[names[0]]]
         return rows, cols, min(rows, cols)
-    if f"lokr_w{i}_a" in keys and f"lokr_w{i}_b" in keys:
-        (rows, r), (_, cols) = shapes[keys[f"lokr_w{i}_a"]], shapes[keys[f"lokr_w{i}_b"]]
-        return rows, cols, r
-    return None
+    (rows, r), (r_b, cols) = shapes[keys[names[0]]], shapes[keys[names[1]]]
+    if r != r_b:
+        raise ValueError(f"has LoKr halves w{i}_a and w{i}_b of different ranks ({r}, {r_b})")
+    return rows, cols, r
 
 
 def delta_shape(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]]) -> tuple[tuple[int, int], int, int]:
@@ -351,13 +369,15 @@ def delta_shape(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]]) -> tupl
         if "down" not in k or "up" not in k:
             raise ValueError("has only one half of the lora_A/lora_B (down/up) pair")
         down, up = shapes[k["down"]], shapes[k["up"]]
-        if len(down) != 2 or len(up) != 2 or up[1] != down[0]:
-            raise ValueError(f"down {list(down)} and up {list(up)} do not form a rank-r pair")
+        if len(down) != 2 or len(up) != 2 or up[1] != down[0] or 0 in down or 0 in up:
+            raise ValueError(f"down {list(down)} and up {list(up)} do not form a rank-r pair (r >= 1)")
         return (up[0], down[1]), down[0], down[0]
     if kind == "loha":
         need = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
         if any(r not in k for r in need):
             raise ValueError("is a LoHa missing one of hada_w1_a/w1_b/w2_a/w2_b")
+        if any(len(shapes[k[r]]) != 2 or 0 in shapes[k[r]] for r in need):
+            raise ValueError("has LoHa factors that are not non-empty matrices")
         (o1, r1), (_, i1), (o2, r2), (_, i2) = (shapes[k[r]] for r in need)
         if o1 != o2 or i1 != i2 or shapes[k["hada_w1_b"]][0] != r1 or shapes[k["hada_w2_b"]][0] != r2:
             raise ValueError("has LoHa factors whose shapes do not agree")
@@ -366,7 +386,10 @@ def delta_shape(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]]) -> tupl
         w1, w2 = _lokr_dims(k, shapes, "1"), _lokr_dims(k, shapes, "2")
         if w1 is None or w2 is None:
             raise ValueError("is a LoKr missing lokr_w1 or lokr_w2 (or their _a/_b halves)")
-        rank = shapes[k["lokr_w2_b" if "lokr_w2_b" in k else "lokr_w1_b"]][0] if {"lokr_w1_b", "lokr_w2_b"} & set(k) else 0
+        if 0 in w1 or 0 in w2:
+            raise ValueError("has an empty LoKr factor")
+        decomposed = [k[f"lokr_w{i}_b"] for i in "21" if f"lokr_w{i}_b" in k]
+        rank = shapes[decomposed[0]][0] if decomposed else 0  # LyCORIS' lora_dim; 0: both factors full
         out, inp = w1[0] * w2[0], w1[1] * w2[1]
         return (out, inp), rank, min(w1[2] * w2[2], inp)
     raise ValueError(f"is a {kind} adapter")
@@ -380,7 +403,9 @@ def factors(adapter: Adapter, t: Mapping[str, torch.Tensor], scale: float) -> tu
     the dense delta against an identity is smaller, and is what we return.
     """
     k = adapter.keys
-    f = {role: t[key].to(torch.promote_types(t[key].dtype, torch.float32)) for role, key in k.items() if role != "alpha"}
+    f = {
+        role: t[key].to(torch.promote_types(t[key].dtype, torch.float32)) for role, key in k.items() if role != "alpha"
+    }
     if adapter.kind == "lora":
         return f["up"] * scale, f["down"]
     if adapter.kind == "loha":
@@ -388,8 +413,8 @@ def factors(adapter: Adapter, t: Mapping[str, torch.Tensor], scale: float) -> tu
         up = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)
         down = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
     else:
-        p1, q1 = lokr_factor(f.get("lokr_w1"), f.get("lokr_w1_a"), f.get("lokr_w1_b"))
-        p2, q2 = lokr_factor(f.get("lokr_w2"), f.get("lokr_w2_a"), f.get("lokr_w2_b"))
+        p1, q1 = _lokr_factor(f.get("lokr_w1"), f.get("lokr_w1_a"), f.get("lokr_w1_b"))
+        p2, q2 = _lokr_factor(f.get("lokr_w2"), f.get("lokr_w2_a"), f.get("lokr_w2_b"))
         up, down = torch.kron(p1, p2), torch.kron(q1, q2)
     if up.shape[1] > down.shape[1]:
         up, down = up @ down, torch.eye(down.shape[1], dtype=down.dtype)
@@ -403,3 +428,256 @@ def split_parts(target: Target, up: torch.Tensor, down: torch.Tensor) -> dict[st
         up = torch.cat([up[half:], up[:half]])
     rows = [r for _, r in target.parts]
     return {name: (b.contiguous(), down) for (name, _), b in zip(target.parts, torch.split(up, rows), strict=True)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The verdict on a file's keys for one model: header shapes in, matched/unmatched keys and problems out.
+
+CONTROL_INPUTS = {128: "a FLUX.1 Canny/Depth control LoRA", 384: "a FLUX.1 Fill LoRA"}  # img_in input width
+SD_CONTEXT = {2048: "SDXL", 1024: "SD2.x", 768: "SD1.5"}  # cross-attention to_k input width -> base model
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig's default: what diffusers uses when lora_adapter_metadata omits lora_alpha
+# LoKr/LoHa become an exact (B, A) pair whose rank can reach in_features (a full-rank LoKr is a dense delta); above
+# this many float32 bytes in all we refuse rather than hold several GB of factors per adapter.
+LYCORIS_MAX_BYTES = 2**30
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+_NO_ADAPTER = "keys that form no adapter (an alpha without weights, or LoRA and LyCORIS keys on one module)"
+
+
+@dataclass
+class KeyAnalysis:
+    """What a file's keys adapt in one model, what is wrong with them, and what to convert."""
+
+    format: str = ""
+    naming: str = "unknown"
+    plan: list[tuple[Adapter, float]] = field(default_factory=list)  # adapters to convert, with their scale
+    ranks: list[int] = field(default_factory=list)
+    alphas: list[float | None] = field(default_factory=list)
+    scales: list[float] = field(default_factory=list)
+    modules: Counter = field(default_factory=Counter)  # group -> diffusers modules adapted
+    t5: bool = False
+    matched: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def peft_alpha(meta: Mapping[str, str], component: str, module: str) -> tuple[float, bool] | None:
+    """(lora_alpha, use_rslora) from diffusers' lora_adapter_metadata for one module; None without metadata."""
+    try:
+        config = json.loads(meta.get("lora_adapter_metadata") or "null")
+    except (ValueError, RecursionError):  # RecursionError: a crafted nesting bomb
+        return None
+    if not isinstance(config, dict):
+        return None
+    # Pipeline-level saves prefix every field with the component ("transformer.lora_alpha"); model-level ones do not.
+    scoped = {k.removeprefix(f"{component}."): v for k, v in config.items() if k.startswith(f"{component}.")}
+    config = scoped or config
+    alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    patterns = config.get("alpha_pattern") or {}
+    for pattern, value in patterns.items() if isinstance(patterns, dict) else ():
+        # PEFT's rule, (.*\.)?(pattern)$, with the key as a plain module name (what diffusers writes): as a regex, a
+        # crafted key such as "(.*)*x" backtracks for hours and would hang the process that inspects the file.
+        if module == pattern or module.endswith(f".{pattern}"):
+            alpha = value
+    # A non-number is damaged metadata: NaN makes the caller refuse the file ("its alpha is nan").
+    return (float(alpha) if isinstance(alpha, (int, float)) else math.nan), bool(config.get("use_rslora"))
+
+
+def _modules(n: int) -> str:
+    return f"{n} module" if n == 1 else f"{n} modules"
+
+
+def _is_noop(a: Adapter, read: Callable[[str], torch.Tensor]) -> bool:
+    """True when the part has no effect: a LoRA with an all-zero half, or all-zero full deltas."""
+    zero = [not bool(read(k).any()) for r, k in a.keys.items() if r != "alpha"]
+    return any(zero) if a.kind == "lora" else all(zero)
+
+
+class _Checker:
+    """Walks a file's adapters once: every key ends matched or unmatched, every fault becomes a problem."""
+
+    def __init__(self, shapes, dtypes, meta, read, tables: ModelTables, model: str) -> None:
+        self.shapes, self.dtypes, self.meta = shapes, dtypes, meta
+        self.read, self.tables, self.model = read, tables, model
+        self.r = KeyAnalysis()
+        self.misfits: list[tuple[Adapter, int, int]] = []
+        self.unknown: list[Adapter] = []
+        self.refused: Counter = Counter()
+        self.owners: dict[str, str] = {}
+        self.t5_live = self.lycoris_bytes = 0
+
+    def run(self) -> KeyAnalysis:
+        adapters, loose = group_keys(sorted(self.shapes), self.tables)
+        self.r.unmatched += loose
+        for a in adapters:
+            (self.r.matched if self.adapter(a) else self.r.unmatched).extend(a.keys.values())
+        self.r.problems[:0] = self.headline(adapters, loose)
+        self.r.problems += [f"{reason} ({_modules(n)})" for reason, n in self.refused.items()]
+        if self.t5_live:
+            self.r.problems.append(
+                f"it also adapts the T5 text encoder ({_modules(self.t5_live)}); applying a LoRA to the quantized T5 "
+                "is not supported, and without that part the result would not be what was trained"
+            )
+        elif self.r.t5:
+            self.r.warnings.append("its T5 part is all zeros (no effect) and is ignored")
+        if self.lycoris_bytes > LYCORIS_MAX_BYTES:
+            self.r.problems.append(
+                f"its LyCORIS modules need {self.lycoris_bytes / 2**30:.1f} GB as exact LoRA factors (the limit is "
+                f"{LYCORIS_MAX_BYTES / 2**30:.0f} GB): a near-full-rank LoKr/LoHa is not supported; use a LoRA "
+                "release of it"
+            )
+        # The transformer's keys name the format; a file that adapts only text encoders is named by theirs.
+        namings = Counter(a.resolved.naming for a in adapters if a.resolved.family == "flux") or Counter(
+            a.resolved.naming for a in adapters if a.resolved.family in ("clip", "t5")
+        )
+        self.r.naming = namings.most_common(1)[0][0] if namings else "unknown"
+        kinds = Counter(a.kind for a in adapters)
+        special = (("lokr", "lycoris-lokr"), ("loha", "lycoris-loha"), ("dora", "dora"))
+        fallback = "full-delta" if set(kinds) == {"full"} else self.r.naming
+        self.r.format = self.r.format or next((f for kind, f in special if kinds[kind]), fallback)
+        return self.r
+
+    def adapter(self, a: Adapter) -> bool:
+        """Check one adapter; True when its keys count as matched (applied, or a harmless all-zero part)."""
+        kind, target = a.kind, a.resolved.target
+        if kind not in ("lora", "lokr", "loha"):
+            if kind in REFUSED_KINDS and _is_noop(a, self.read):  # e.g. all-zero `diff` norms some trainers save
+                self.r.warnings.append(f"{a.module}: all-zero {kind} weights, ignored (they have no effect)")
+                return True
+            self.refused[REFUSED_KINDS.get(kind, _NO_ADAPTER)] += 1
+            return False
+        if target is None:
+            self.unknown.append(a)
+            return False
+        try:
+            (out, inp), rank, exact_rank = delta_shape(a, self.shapes)
+        except ValueError as e:
+            self.r.problems.append(f"{a.module} {e}")
+            return False
+        if exact_rank == 0:  # zero-size factors: PEFT refuses r=0 at load time, and they would change nothing
+            self.r.problems.append(f"{a.module} has rank 0 (empty factors)")
+            return False
+        if any(self.dtypes[k] not in FLOAT_DTYPES for r, k in a.keys.items() if r != "alpha"):
+            self.r.problems.append(f"{a.module} has non-floating-point weights")
+            return False
+        if target.component == "t5":
+            self.r.t5 = True
+            self.r.modules["t5"] += 1
+            self.t5_live += not _is_noop(a, self.read)
+            return True
+        alpha, scale = self.scale(a, rank)
+        self.r.ranks.append(rank)
+        self.r.alphas.append(alpha)
+        self.r.scales.append(scale)
+        if target.shape is not None and (out, inp) != target.shape:
+            self.misfits.append((a, out, inp))
+            return False
+        if kind != "lora":
+            self.lycoris_bytes += 4 * exact_rank * (out + inp)
+        for part, _ in target.parts:
+            if part in self.owners:
+                self.r.problems.append(f"{part} is adapted twice, by {self.owners[part]} and {a.module}")
+            self.owners[part] = a.module
+            self.r.modules[target.group] += 1
+        self.r.plan.append((a, scale))
+        return True
+
+    def scale(self, a: Adapter, rank: int) -> tuple[float | None, float]:
+        """(alpha, alpha / rank): a stored .alpha, else PEFT metadata, else none (scale 1); XLabs stores none."""
+        alpha, rslora = None, False
+        if "alpha" in a.keys:
+            alpha = float(self.read(a.keys["alpha"]).float().reshape(-1)[0])
+        elif a.kind == "lora" and a.resolved.naming != "xlabs":
+            alpha, rslora = peft_alpha(self.meta, a.resolved.target.component, a.resolved.target.name) or (None, False)
+        if alpha is not None and not math.isfinite(alpha):
+            self.r.problems.append(f"{a.module}: its alpha is {alpha}")
+        # A LoKr with both factors full (rank 0 here) has no alpha scaling in LyCORIS; no alpha means alpha = rank.
+        if alpha is None or rank == 0:
+            return alpha, 1.0
+        return alpha, alpha / (math.sqrt(rank) if rslora else rank)
+
+    def headline(self, adapters: list[Adapter], loose: list[str]) -> list[str]:
+        """The main reason a file does not fit (another model, a control LoRA, another width), then the details."""
+        other = _other_model(adapters, self.shapes)
+        if other:
+            self.r.format = other[0]
+            return [other[1]]
+        if not adapters:
+            self.r.format = "none"
+            example = f", e.g. {loose[0]!r}" if loose else ""
+            return [f"no LoRA weights in this file ({len(self.shapes)} tensors, none named like a LoRA{example})"]
+        dims = self.tables.dims
+        for a, _, inp in self.misfits:
+            if a.resolved.target.name in ("img_in", "x_embedder") and inp in CONTROL_INPUTS:
+                self.r.format = "bfl-control"
+                return [
+                    f"{CONTROL_INPUTS[inp]} (img_in takes {inp} input channels, {self.model} {dims.in_channels}): "
+                    "it needs the control model, not FLUX.1-dev"
+                ]
+        widths = Counter(  # in_features of the transformer linears that read the hidden state: the file's width
+            inp
+            for a, _, inp in self.misfits
+            if a.resolved.target.component == "transformer" and a.resolved.target.shape[1] == dims.inner
+        )
+        if widths and widths.most_common(1)[0][0] != dims.inner:
+            return [
+                f"made for a model of width {widths.most_common(1)[0][0]}, but {self.model} has width {dims.inner} "
+                f"({len(self.misfits)} modules do not fit)"
+            ]
+        lines = []
+        if self.unknown and not self.r.matched:
+            lines.append(
+                f"none of its {len(adapters)} LoRA modules exist in {self.model} (e.g. {self.unknown[0].module}): "
+                "a LoRA for another model"
+            )
+        elif self.unknown:
+            notes = "; ".join(a.resolved.note or a.module for a in self.unknown[:3])
+            lines.append(f"{len(self.unknown)} LoRA modules match nothing in {self.model}: {notes}")
+        if self.misfits:
+            examples = "; ".join(
+                f"{a.module} is {out}x{inp}, {a.resolved.target.name} {'x'.join(map(str, a.resolved.target.shape))}"
+                for a, out, inp in self.misfits[:3]
+            )
+            lines.append(f"{len(self.misfits)} modules do not fit the shapes of {self.model} (e.g. {examples})")
+        if loose:
+            lines.append(
+                f"{len(loose)} tensors are not LoRA weights (e.g. {loose[0]!r}); full weights cannot be applied "
+                "as an adapter"
+            )
+        return lines
+
+
+def _other_model(adapters: list[Adapter], shapes: Mapping[str, tuple]) -> tuple[str, str] | None:
+    """(format, message) when the keys say the file is for another model family."""
+    families = Counter(a.resolved.family for a in adapters)
+    if families["sd3"] > families["flux"]:
+        return "sd3", "an SD3 LoRA (joint_blocks), not FLUX: it adapts a transformer FLUX.1-dev does not have"
+    if families["sd"] + families["sdxl-te2"] <= families["flux"]:
+        return None
+    version = "SDXL" if families["sdxl-te2"] else "SD1.x/SDXL"
+    for a in adapters:
+        if re.search(r"attn2[._]to_k$", a.module) and "down" in a.keys:
+            version = SD_CONTEXT.get(shapes[a.keys["down"]][1], version)
+            break
+    example = next((a for a in adapters if a.resolved.family == "sd"), None) or next(
+        a for a in adapters if a.resolved.family == "sdxl-te2"
+    )
+    naming = "kohya" if example.module.startswith("lora_") else "diffusers"
+    return version.lower().replace(".", "").replace("/", "-"), (
+        f"an {version} LoRA ({naming} naming: {example.module}), not FLUX: it adapts a UNet FLUX.1-dev does not have"
+    )
+
+
+def analyse_keys(
+    shapes: Mapping[str, tuple[int, ...]],
+    dtypes: Mapping[str, str],
+    meta: Mapping[str, str],
+    read: Callable[[str], torch.Tensor],
+    tables: ModelTables,
+    model: str,
+) -> KeyAnalysis:
+    """The verdict on a file's keys for the model in `tables` (named `model` in messages).
+
+    read(key) is called only for alphas and for the parts (T5, full deltas) whose effect depends on being all zero.
+    """
+    return _Checker(shapes, dtypes, meta, read, tables, model).run()

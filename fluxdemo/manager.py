@@ -1,46 +1,73 @@
 """ModelManager: owns the four components and their tokenizers, decides where each lives, and records every move.
 
 One manager per app. A stage asks `with manager.on_device("transformer") as t:`; the strategy says whether the
-component goes back to the CPU afterwards. The order in which stages ask is the offload order, like diffusers'
+component goes back to RAM afterwards. The order in which stages ask is the offload order, like diffusers'
 `model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"`, but ours also works without an
 accelerator (diffusers' enable_model_cpu_offload refuses to start on a CPU-only machine) and logs each move.
+
+Strategies (fluxdemo.planner chooses one from the free device memory, or a flag sets it):
+- resident: each component goes to the device on first use and stays there.
+- model-offload: one component on the device at a time. Between stages the weights wait in RAM, pinned on CUDA; the
+  RAM copy is kept while the device copy is in use, so taking a component off the device copies nothing.
+- group-offload: as model-offload, but the transformer is streamed block by block by diffusers' group offloading
+  (CUDA streams prefetch the next block), for devices that cannot hold the whole transformer.
+- disk: as model-offload, but T5 and the transformer are read from their files for their stage and dropped after,
+  for machines short of RAM. LoRA adapters are attached again after the transformer is read back.
+A device out-of-memory in a stage frees what the stage held, drops to the next lighter strategy and retries it once.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import resource
+import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
-from fluxdemo import hub, loading
+from fluxdemo import hub, loading, planner
 from fluxdemo.config import Preset
-from fluxdemo.errors import OptionsError
+from fluxdemo.errors import OptionsError, OutOfMemoryError
 from fluxdemo.timeline import Timeline
 
 logger = logging.getLogger(__name__)
 
-MODEL_COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae")
-LARGE_COMPONENTS = frozenset({"text_encoder_2", "transformer"})
-STRATEGIES = ("resident", "model-offload")
+MODEL_COMPONENTS = planner.STAGES
+LARGE_COMPONENTS = frozenset(planner.LARGE)
+STRATEGIES = planner.STRATEGIES
+T = TypeVar("T")
+
+# diffusers has no public "disable group offloading"; these are the hooks its own
+# _maybe_remove_and_reapply_group_offloading removes before applying it again.
+_GROUP_OFFLOAD_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
 
 
 @dataclass(frozen=True)
 class Move:
-    """One component moving on or off the execution device. Logged even when both are the CPU, so the
-    strategy's order of moves is the same (and testable) on every machine."""
+    """One component moving on or off the execution device, read from its file, or dropped. Logged even when the
+    device is the CPU, so a strategy's order of moves is the same (and testable) on every machine."""
 
     component: str
-    onload: bool  # True: to the execution device; False: back to offload storage (CPU RAM)
+    onload: bool  # True: to the execution device; False: back to RAM (or, for "drop", out of memory altogether)
     bytes: int
     seconds: float
+    kind: str = "move"  # "move": copied; "stream": group offloading streams it during the stage; "load"; "drop"
+
+    @property
+    def action(self) -> str:
+        """'on', 'off', 'stream on', 'stream off', 'load' or 'drop'."""
+        if self.kind in ("load", "drop"):
+            return self.kind
+        direction = "on" if self.onload else "off"
+        return f"stream {direction}" if self.kind == "stream" else direction
 
 
 @dataclass
@@ -48,15 +75,17 @@ class ComponentState:
     module: torch.nn.Module
     summary: loading.LoadSummary
     on_device: bool = False
+    streaming: bool = False  # group offloading hooks installed (the transformer under group-offload)
+    host: dict[str, torch.Tensor] | None = None  # RAM copy of every tensor, kept while the device copy is in use
 
 
 @dataclass
 class ModelManager:
-    """The one owner of the model. Use `with manager.session() as timeline:` around a request (the lock)."""
+    """The one owner of the model. `with manager.session(width, height) as timeline:` around a request (the lock)."""
 
     preset: Preset
     device: torch.device = field(default_factory=lambda: default_device())
-    strategy: str = "auto"
+    strategy: str = "auto"  # "auto" (the planner decides per request) or one of STRATEGIES
     dtype: torch.dtype | None = None  # compute dtype: bf16 on accelerators, fp32 on CPU unless set
     token: str | None = None
     lora_dir: Path = Path("loras")
@@ -66,39 +95,67 @@ class ModelManager:
         self.device = torch.device(self.device)
         if self.dtype is None:
             self.dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
-        if self.strategy == "auto":
-            self.strategy = "resident" if self.device.type == "cpu" else "model-offload"
-        if self.strategy not in STRATEGIES:
-            raise OptionsError(f"Unknown memory strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}.")
+        if self.strategy != "auto" and self.strategy not in STRATEGIES:
+            raise OptionsError(
+                f"Unknown memory strategy {self.strategy!r}; choose from auto, {', '.join(STRATEGIES)}."
+            )
+        self._requested = self.strategy  # what the user asked for; self.strategy is what runs now
+        self._ceiling: str | None = None  # after an out-of-memory fallback, never plan heavier than this again
         self._lock = threading.RLock()
         self._components: dict[str, ComponentState] = {}
+        self._sizes_seen: dict[str, int] = {}  # bytes of each component once loaded, kept after a drop
         self._paths: dict[str, Path] = {}
         self._tokenizers: tuple | None = None
+        self._pin = self.device.type == "cuda"  # pinned RAM makes host-to-device copies asynchronous and ~2x faster
+        self._image = (1024, 1024)
         self.timeline = Timeline()
+        self.events: list[str] = []  # what went wrong and what the manager did about it, this request
+        self.stage_peaks: dict[str, int] = {}  # CUDA: peak allocated bytes per stage, this request
         self.embedding_cache = LRU(maxsize=32)
         from fluxdemo.adapters import Adapters
         from fluxdemo.lora import LoraLibrary
 
         self.adapters = Adapters(self, LoraLibrary(Path(self.lora_dir)))
+        # A first plan from the preset's figures alone (reading nothing); each request plans again with real sizes.
+        self.plan = self._plan(planner.FLUX_DEV, self._sizes(files=False))
+        self.strategy = self.plan.strategy
         logger.info("model manager: preset %s on %s (%s), strategy %s", self.preset.name, self.device,
                     str(self.dtype).removeprefix("torch."), self.strategy)  # fmt: skip
 
     # -- the lock: one request at a time owns the model -------------------------------------------------------
     @contextmanager
-    def session(self) -> Iterator[Timeline]:
-        """Hold the model for one request; its stages go into a fresh timeline."""
+    def session(self, width: int = 1024, height: int = 1024) -> Iterator[Timeline]:
+        """Hold the model for one request of a width x height image; its stages go into a fresh timeline.
+
+        The strategy is planned for this image size (under "auto"). Whatever happens inside (success, failure,
+        cancellation), the manager comes out clean: no LoRA active, each component where the strategy keeps it.
+        """
         with self._lock:
             self.timeline = Timeline()
+            self.events = []
+            self.stage_peaks = {}
+            self._image = (width, height)
+            self._replan()
             try:
                 yield self.timeline
-            finally:
-                self.release()
+            except BaseException:
+                self._cleanup(failed=True)
+                raise
+            self._cleanup(failed=False)
+
+    def _cleanup(self, failed: bool) -> None:
+        try:
+            if "transformer" in self._components:  # a dropped transformer took its adapter state with it
+                self.adapters.activate(None, 0.0)
+        finally:
+            if failed:
+                self._unstick()
+            self.release()
 
     def release(self) -> None:
         """Put every component where the strategy keeps it between requests (after success, failure or cancel)."""
-        for name, state in self._components.items():
-            if state.on_device != self._stays(name):
-                self._move(name, self._stays(name))
+        for name in list(self._components):
+            self._settle(name)
 
     # -- files and loading -------------------------------------------------------------------------------------
     def path(self, component: str) -> Path:
@@ -123,7 +180,8 @@ class ModelManager:
         return FlowMatchEulerDiscreteScheduler.from_config(loading.read_config(self.config_dir(), "scheduler"))
 
     def get(self, name: str) -> torch.nn.Module:
-        """The component, loaded on first use (once) and placed where the strategy keeps it."""
+        """The component, loaded from its file on first use (and again after the disk strategy dropped it), and
+        placed: on the device under resident, in RAM otherwise."""
         if name not in self._components:
             loader = {
                 "transformer": loading.load_transformer,
@@ -131,58 +189,294 @@ class ModelManager:
                 "text_encoder": loading.load_clip,
                 "vae": loading.load_vae,
             }[name]
+            start = time.perf_counter()
             with self.timeline.stage(f"load {name}"):
                 module, summary = loader(self.path(name), self.config_dir(), self.dtype)
             self._components[name] = ComponentState(module, summary)
-            if self._stays(name):
-                self._move(name, True)
+            self._sizes_seen[name] = summary.bytes
+            self._log(Move(name, False, loading.module_bytes(module), time.perf_counter() - start, "load"))
+            if name == "transformer" and self.adapters.loaded():
+                try:  # read back from its file: the LoRAs it had are gone
+                    self.adapters.reattach()
+                except BaseException:
+                    self._drop(name)
+                    raise
+            if self.strategy == "resident":  # its place from now on: LoRAs attach there, and nothing moves again
+                self._onload(name)
         return self._components[name].module
 
     def loaded(self) -> dict[str, loading.LoadSummary]:
         return {name: state.summary for name, state in self._components.items()}
 
     # -- placement ---------------------------------------------------------------------------------------------
-    def _stays(self, name: str) -> bool:
-        """Whether a component waits on the execution device between stages."""
-        return self.strategy == "resident"
-
-    def _move(self, name: str, onload: bool) -> None:
-        state = self._components[name]
-        device = self.device if onload else torch.device("cpu")
-        start = time.perf_counter()
-        state.module.to(device)  # device only: quantized (GGUF, quanto) modules refuse a dtype cast
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        state.on_device = onload
-        move = Move(name, onload, loading.module_bytes(state.module), time.perf_counter() - start)
-        self.moves.append(move)
-        logger.debug("move %s -> %s: %.1f MiB in %.3f s", name, device, move.bytes / 2**20, move.seconds)
-
     @contextmanager
     def on_device(self, name: str) -> Iterator[torch.nn.Module]:
         """The component on the execution device for one stage; afterwards wherever the strategy keeps it."""
         module = self.get(name)
-        if name in LARGE_COMPONENTS and self.strategy == "model-offload":
-            for other in sorted(LARGE_COMPONENTS - {name}):  # at most one large component on the device at a time
-                if other in self._components and self._components[other].on_device:
-                    self._move(other, False)
-        if not self._components[name].on_device:
-            self._move(name, True)
+        state = self._components[name]
+        if self.strategy != "resident":
+            for other in self.on_device_now():  # one at a time; another may be left on by a failure or a switch
+                if other != name:
+                    self._offload(other)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.strategy == "group-offload" and name == "transformer":
+            self._stream(name)
+        elif not state.on_device:
+            self._onload(name)
         try:
             yield module
         finally:
-            if self._components[name].on_device != self._stays(name):
-                self._move(name, self._stays(name))
+            if self.device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(self.device)
+                self.stage_peaks[name] = max(self.stage_peaks.get(name, 0), peak)
+            if state.streaming:  # its hooks took each block off after use
+                self._log(Move(name, False, loading.module_bytes(module), 0.0, "stream"))
+            self._settle(name)
+
+    def _settle(self, name: str) -> None:
+        """Put one component where the strategy keeps it between stages."""
+        state = self._components.get(name)
+        if state is None or state.streaming or self.strategy == "resident":
+            return
+        if self.strategy == "disk" and name in LARGE_COMPONENTS:
+            if name == "transformer":
+                self.adapters.activate(None, 0.0)  # so no LoRA state outlives the module it lived on
+            self._drop(name)
+        elif state.on_device:
+            self._offload(name)
+
+    def _keeps_host_copy(self, name: str) -> bool:
+        """Whether the RAM copy of a component's weights stays while the device copy is in use: yes where it will be
+        needed again soon (offloading is then free), no where it would only double the memory."""
+        if self.strategy == "disk":
+            return name not in LARGE_COMPONENTS
+        return self.strategy in ("model-offload", "group-offload")
+
+    def _host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A RAM tensor for a weight: itself when already in RAM (pinned on CUDA), else a copy."""
+        if tensor.device.type != "cpu":
+            tensor = tensor.to("cpu")
+        return tensor.pin_memory() if self._pin and not tensor.is_pinned() else tensor
+
+    def _onload(self, name: str) -> None:
+        state = self._components[name]
+        start = time.perf_counter()
+        state.on_device = True  # first: if a copy fails half-way (out of memory), release() still takes it off
+        keep = self._keeps_host_copy(name)
+        host = state.host or {}
+        kept: dict[str, torch.Tensor] = {}
+        # Swap .data as module.to() does, but from the kept RAM copy: quantized (GGUF, quanto) modules refuse a dtype
+        # cast, and a copy that stays in RAM makes the trip back free.
+        for key, tensor in _tensors(state.module):
+            source = host.get(key)
+            if source is None or source.shape != tensor.shape:
+                source = self._host(tensor.data) if keep else tensor.data
+            if keep:
+                kept[key] = source
+            tensor.data = source.to(self.device, non_blocking=self._pin)
+        state.host = kept if keep else None
+        self._log(Move(name, True, loading.module_bytes(state.module), self._synced(start)))
+
+    def _offload(self, name: str) -> None:
+        state = self._components[name]
+        start = time.perf_counter()
+        keep = self._keeps_host_copy(name)
+        host = state.host or {}
+        for key, tensor in _tensors(state.module):
+            source = host.get(key)
+            if source is None or source.shape != tensor.shape:  # no RAM copy yet (e.g. after resident): copy back
+                source = self._host(tensor.data)
+                host[key] = source
+            tensor.data = source
+        state.host = host if keep else None
+        state.on_device = False
+        self._log(Move(name, False, loading.module_bytes(state.module), self._synced(start)))
+
+    def _stream(self, name: str) -> None:
+        """Group offloading for the transformer: installed once and kept while the strategy is group-offload, because
+        installing it pins a RAM copy of every block (seconds for FLUX)."""
+        from diffusers.hooks import apply_group_offloading
+
+        state = self._components[name]
+        start = time.perf_counter()
+        if not state.streaming:
+            if any(t.device.type != "cpu" for _, t in _tensors(state.module)):
+                self._offload(name)
+            apply_group_offloading(
+                state.module, onload_device=self.device, offload_device=torch.device("cpu"),
+                offload_type="block_level", num_blocks_per_group=1,
+                use_stream=self.device.type == "cuda",  # prefetch the next block while this one runs (CUDA only)
+            )  # fmt: skip
+            state.streaming, state.host = True, None  # the hooks keep their own RAM copies
+        self._log(Move(name, True, loading.module_bytes(state.module), self._synced(start), "stream"))
+
+    def _unstream(self, name: str) -> None:
+        from diffusers.hooks.hooks import HookRegistry
+
+        state = self._components[name]
+        registry = HookRegistry.check_if_exists_or_initialize(state.module)
+        for hook in _GROUP_OFFLOAD_HOOKS:
+            registry.remove_hook(hook, recurse=True)
+        state.streaming = False
+        if any(t.device.type != "cpu" for _, t in _tensors(state.module)):  # a block left on by a failure
+            state.on_device = True
+            self._offload(name)
+
+    def _drop(self, name: str) -> None:
+        """Free a component's weights now (disk strategy); the next get() reads it from its file again."""
+        state = self._components.pop(name)
+        start, size = time.perf_counter(), loading.module_bytes(state.module)
+        # To meta (a device-only move, which quantized modules allow): the storage is freed now, even while a caller
+        # still holds the module in a local variable.
+        state.module.to("meta")
+        state.host = None
+        self._log(Move(name, False, size, self._synced(start), "drop"))
+
+    def _synced(self, start: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # honest seconds: host-to-device copies are asynchronous
+        return time.perf_counter() - start
+
+    def _log(self, move: Move) -> None:
+        self.moves.append(move)
+        logger.debug("%s %s: %.1f MiB in %.3f s", move.action, move.component, move.bytes / 2**20, move.seconds)
 
     def on_device_now(self) -> list[str]:
         return [n for n, s in self._components.items() if s.on_device]
 
-    def memory_report(self) -> dict:
-        """Peak memory of the process so far: the device's peak allocation where known, and the CPU's RSS."""
-        report = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    # -- strategy: plan, switch, fall back ---------------------------------------------------------------------
+    def _sizes(self, files: bool = True) -> dict[str, int]:
+        """Bytes of each component in memory: measured once loaded, else the preset's figure, else (files=True, and
+        only for files on this machine, never a download) the file's size."""
+        sizes = {}
+        for name in MODEL_COMPONENTS:
+            source = self.preset.sources()[name]
+            if name in self._sizes_seen:
+                sizes[name] = self._sizes_seen[name]
+            elif source.approx_bytes or not files or (source.local is None and source.kit is None):
+                sizes[name] = source.approx_bytes
+            else:
+                sizes[name] = self.path(name).stat().st_size
+        return sizes
+
+    def _plan(self, arch: planner.Arch, sizes: dict[str, int]) -> planner.Plan:
+        width, height = self._image
+        ram = _ram_available({n: s.summary.bytes for n, s in self._components.items()})
+        return planner.plan(self._free_device_memory(), sizes, width, height, self.dtype, ram_free=ram, arch=arch,
+                            strategy=self._requested, ceiling=self._ceiling)  # fmt: skip
+
+    def _replan(self) -> None:
+        self.plan = self._plan(planner.Arch.from_config_dir(self.config_dir()), self._sizes())
+        logger.info(self.plan.reason)
+        if self.plan.strategy != self.strategy:
+            self._switch(self.plan.strategy)
+
+    def _switch(self, strategy: str) -> None:
+        """Change strategy between stages: undo what the old one installed, then place components for the new one."""
+        logger.info("memory strategy: %s -> %s", self.strategy, strategy)
+        self.strategy = strategy
+        for name, state in list(self._components.items()):
+            if state.streaming and strategy != "group-offload":
+                self._unstream(name)
+            if not self._keeps_host_copy(name):
+                state.host = None  # the device copy or the module's own tensors are the only copy needed
+        self.release()
+
+    def _unstick(self) -> None:
+        """After a failure: nothing left on the device that the strategy would not keep there."""
+        for name, state in list(self._components.items()):
+            if state.streaming and any(t.device.type != "cpu" for _, t in _tensors(state.module)):
+                self._unstream(name)  # a failure inside a forward can leave a block on; installed again next stage
+        gc.collect()  # the failed stage's activations, held by reference cycles through its frames
         if self.device.type == "cuda":
-            report["peak_device_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.empty_cache()
+
+    def with_fallback(self, stage: str, run: Callable[[], T]) -> T:
+        """Run one stage of a request. A device out-of-memory frees what the stage held, drops to the next lighter
+        strategy and runs the stage again, once; a second one is an OutOfMemoryError with the numbers."""
+        try:
+            return run()
+        except torch.OutOfMemoryError as e:  # torch.cuda.OutOfMemoryError is the same class
+            first = _first_line(e)
+        # Out of the except block, the exception and the frames (and activations) it held are gone.
+        failed = self.strategy
+        self._ceiling = planner.LIGHTER.get(failed, failed)  # the lightest retries as it is, after freeing the cache
+        self._unstick()
+        self._replan()  # no heavier than the ceiling from now on; the plan and its numbers go into the report
+        self.release()
+        event = f"Out of memory in {stage} with {failed} ({first}); freed the device, retrying with {self.strategy}."
+        logger.warning(event)
+        self.events.append(event)
+        try:
+            return run()
+        except torch.OutOfMemoryError as e:
+            second = _first_line(e)
+        self._unstick()
+        self.release()
+        raise OutOfMemoryError(self._oom_message(stage, failed, second))
+
+    def _oom_message(self, stage: str, failed: str, detail: str) -> str:
+        width, height = self._image
+        needed = max(self.plan.stages[part] for part in _STAGE_PARTS[stage])
+        free = self._free_device_memory()
+        have = f"{free / 2**30:.1f} GiB is free" if free is not None else "its free memory is unknown"
+        return (
+            f"Out of memory on {self.device} in the {stage} stage at {width}x{height}, with {failed} and again with "
+            f"{self.strategy}: it needs about {needed / 2**30:.1f} GiB and {have} ({detail}). Close other programs "
+            "using the device, make the image smaller, or use a lighter preset such as dev-q4."
+        )
+
+    def _free_device_memory(self) -> int | None:
+        """Device memory this process could use: free plus what torch's allocator already holds (ours to reuse)."""
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return free + torch.cuda.memory_reserved(self.device)
+        if self.device.type == "mps":
+            return (torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+                    + torch.mps.current_allocated_memory())  # fmt: skip
+        return None
+
+    def memory_report(self) -> dict:
+        """The plan, what happened, and peaks: per stage on CUDA (measured), the planned peak and RSS everywhere."""
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        report = {
+            "strategy": self.strategy,
+            "plan": self.plan.reason,
+            "events": list(self.events),
+            "predicted_peak_bytes": self.plan.predicted_peak,
+            "predicted_stage_bytes": dict(self.plan.stages),
+            "peak_rss_bytes": rss if sys.platform == "darwin" else rss * 1024,  # macOS counts bytes, Linux KiB
+        }
+        if self.device.type == "cuda":
+            report["stage_peak_bytes"] = dict(self.stage_peaks)
+            report["peak_device_bytes"] = max(self.stage_peaks.values(), default=0)
         return report
+
+
+# The components each pipeline stage puts on the device (with_fallback's stage names).
+_STAGE_PARTS = {"load LoRA": ("transformer",), "encode": ("text_encoder", "text_encoder_2"),
+                "denoise": ("transformer",), "decode": ("vae",)}  # fmt: skip
+
+
+def _tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from module.named_parameters()
+    yield from module.named_buffers()
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _ram_available(held: dict[str, int]) -> int | None:
+    """RAM the model may fill: what the kernel calls available plus what our components already hold. Read from
+    /proc/meminfo (Linux) because psutil is not a dependency; None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+    except OSError:
+        return None
+    return int(fields["MemAvailable"].split()[0]) * 1024 + sum(held.values())
 
 
 class LRU:

@@ -219,23 +219,41 @@ def sweep(
 
 def _run(manager: ModelManager, options: GenerateOptions, lora: str | None,
          variants: list[tuple[str, float | None]], controls: Controls) -> Result:  # fmt: skip
-    """Images that differ only in LoRA strength (None: the base model), sharing the prompt encoding and the noise."""
-    with torch.inference_mode(), manager.session() as timeline:
+    """Images that differ only in LoRA strength (None: the base model), sharing the prompt encoding and the noise.
+
+    Each stage runs under the manager's out-of-memory fallback: on a device out-of-memory it is freed and run again,
+    once, with a lighter strategy; a stage's work is all or nothing, so its retry starts from the same inputs.
+    """
+    with torch.inference_mode(), manager.session(options.width, options.height) as timeline:
         start = time.perf_counter()
-        loaded = manager.adapters.load(lora) if lora else None
-        embeddings = {}
-        for label, strength in variants:  # encode first, so the transformer comes on once for all images
-            manager.adapters.activate(loaded if strength is not None else None, strength or 0.0)
-            embeddings[label] = encode(manager, options.prompt, options.max_sequence_length)
+        loaded = manager.with_fallback("load LoRA", lambda: manager.adapters.load(lora)) if lora else None
+        # Only a text-encoder LoRA changes the embeddings; switching adapters needs the transformer in RAM, which the
+        # disk strategy keeps out of RAM while T5 runs.
+        switch_for_encode = any(a.affects_text_encoder for a in manager.adapters.loaded())
+
+        def encode_all() -> dict[str, Embeddings]:
+            embeddings = {}
+            for label, strength in variants:  # encode first, so the transformer comes on once for all images
+                if switch_for_encode:
+                    manager.adapters.activate(loaded if strength is not None else None, strength or 0.0)
+                embeddings[label] = encode(manager, options.prompt, options.max_sequence_length)
+            return embeddings
+
+        def denoise_all() -> list[torch.Tensor]:
+            latents = []
+            with manager.on_device("transformer") as transformer:
+                for label, strength in variants:
+                    manager.adapters.activate(loaded if strength is not None else None, strength or 0.0)
+                    with timeline.stage(f"denoise {label}"):
+                        packed = denoise(manager, transformer, embeddings[label], noise, options, label, controls)
+                    latents.append(packed)
+            return latents
+
+        embeddings = manager.with_fallback("encode", encode_all)
         noise = initial_noise(options.seed, options.width, options.height)
-        latents = []
-        with manager.on_device("transformer") as transformer:
-            for label, strength in variants:
-                manager.adapters.activate(loaded if strength is not None else None, strength or 0.0)
-                with timeline.stage(f"denoise {label}"):
-                    latents.append(denoise(manager, transformer, embeddings[label], noise, options, label, controls))
-        images = dict(zip([label for label, _ in variants], decode(manager, latents, options), strict=True))
-        manager.adapters.activate(None, 0.0)
+        latents = manager.with_fallback("denoise", denoise_all)
+        decoded = manager.with_fallback("decode", lambda: decode(manager, latents, options))
+        images = dict(zip([label for label, _ in variants], decoded, strict=True))
         strengths = [s for _, s in variants if s is not None]
         report = {
             "options": asdict(options),
@@ -247,6 +265,7 @@ def _run(manager: ModelManager, options: GenerateOptions, lora: str | None,
             "text_encoder_lora": bool(loaded and loaded.affects_text_encoder),
             "truncated_tokens": next(iter(embeddings.values())).truncated_tokens,
             "strategy": manager.strategy,
+            "events": list(manager.events),
             "timeline": timeline.to_list(),
             "seconds": time.perf_counter() - start,
             "memory": manager.memory_report(),

@@ -52,7 +52,27 @@ def test_comfy_prefix_is_accepted(tmp_path, tiny_kit, bfl_tensors):
 def test_not_a_gguf(tmp_path, tiny_kit):
     path = tmp_path / "flux1-dev-Q8_0.gguf"
     path.write_bytes(b"<html>404 Not Found</html>" * 10)
-    with pytest.raises(ModelFileError, match=r"^flux1-dev-Q8_0.gguf is not a readable GGUF file \(.*\)\. Download"):
+    with pytest.raises(ModelFileError) as e:
+        load(path, tiny_kit)
+    assert str(e.value) == "flux1-dev-Q8_0.gguf is not a GGUF file (it starts with b'<htm'). Download it again."
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.999])
+def test_truncated_gguf(tmp_path, tiny_kit, cut):
+    data = (tiny_kit / "gguf" / "flux1-tiny-Q8_0.gguf").read_bytes()
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(ModelFileError, match=r"^cut.gguf is not a readable GGUF file \(.+\)\. Download it again.$"):
+        load(path, tiny_kit)
+
+
+@pytest.mark.parametrize("field", ["tensors", "metadata"])
+def test_gguf_header_with_absurd_counts_is_refused(tmp_path, tiny_kit, field):
+    data = bytearray((tiny_kit / "gguf" / "flux1-tiny-Q8_0.gguf").read_bytes())
+    data[8 if field == "tensors" else 16 : 24 if field == "metadata" else 16] = (2**40).to_bytes(8, "little")
+    path = tmp_path / "lying.gguf"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match=r"^lying.gguf is not a readable GGUF file"):
         load(path, tiny_kit)
 
 

@@ -1,0 +1,115 @@
+"""python app.py: the fluxdemo studio in a browser, on 127.0.0.1:7860.
+
+Builds the page from the library (fluxdemo.studio) over one model manager and launches it; the model loads on the
+first run, so the page is up in seconds. On a Space the same flags come from the environment (see --help); HF_TOKEN
+comes from the Space's secrets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+# Before anything that may touch CUDA: on ZeroGPU the `spaces` package must patch torch first.
+from fluxdemo import spaces_gpu
+from fluxdemo.cli import _add_model_flags, _manager
+from fluxdemo.config import DEFAULT_PRESET
+from fluxdemo.errors import FluxdemoError
+from fluxdemo.studio import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_QUEUE_SIZE, build_studio
+
+logger = logging.getLogger("fluxdemo")
+
+MB = 2**20
+EPILOG = """\
+environment (flags win): FLUXDEMO_MODEL, FLUXDEMO_LORA_DIR, FLUXDEMO_AUTH=user:pass, FLUXDEMO_QUEUE_SIZE,
+FLUXDEMO_MAX_UPLOAD_MB, GRADIO_SERVER_NAME, GRADIO_SERVER_PORT; HF_TOKEN for the gated FLUX.1-dev files.
+--model tiny runs fully offline on random weights built locally.
+"""
+
+
+def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """The app's flags; their defaults come from the environment (a Space sets them there) or the built-ins."""
+    env = os.environ if env is None else env
+    parser = argparse.ArgumentParser(
+        prog="python app.py",
+        description="The fluxdemo studio: FLUX.1-dev with and without a LoRA, from one seed, in a browser.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every move and library detail")
+    _add_model_flags(parser)  # --model, local file overrides, --device, --strategy, --lora-dir: as in the CLI
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default=env.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="default: %(default)s")
+    g.add_argument("--port", type=int, default=int(env.get("GRADIO_SERVER_PORT", 7860)), help="default: %(default)s")
+    g.add_argument("--share", action="store_true", help="also serve on a public *.gradio.live link (use --auth)")
+    g.add_argument(
+        "--auth",
+        default=env.get("FLUXDEMO_AUTH"),
+        metavar="USER:PASS",
+        help="require this login (strongly suggested with --share)",
+    )
+    g.add_argument(
+        "--queue-size",
+        type=int,
+        default=int(env.get("FLUXDEMO_QUEUE_SIZE", DEFAULT_QUEUE_SIZE)),
+        help="jobs that may wait for the GPU; more are turned away (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-upload-mb",
+        type=int,
+        default=int(env.get("FLUXDEMO_MAX_UPLOAD_MB", DEFAULT_MAX_UPLOAD_BYTES // MB)),
+        help="largest LoRA upload in MiB (default: %(default)s)",
+    )
+    # Parser-level defaults override _add_model_flags' own, so a Space can choose the model and folder by variable.
+    parser.set_defaults(model=env.get("FLUXDEMO_MODEL", DEFAULT_PRESET), lora=None)
+    if env.get("FLUXDEMO_LORA_DIR"):
+        parser.set_defaults(lora_dir=Path(env["FLUXDEMO_LORA_DIR"]))
+    return parser
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    if not value:
+        return None
+    user, colon, password = value.partition(":")
+    if not (user and colon and password):
+        raise FluxdemoError("--auth (or FLUXDEMO_AUTH) must be USER:PASS, both parts non-empty.")
+    return user, password
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
+    )
+    if not args.verbose:
+        for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        auth = parse_auth(args.auth)
+        manager, _ = _manager(args)  # the one model manager of the app; it loads the model on the first run
+        if spaces_gpu.on_zero_gpu():
+            spaces_gpu.preload_for_zero_gpu(manager)
+    except FluxdemoError as e:
+        logger.error("%s", e)
+        return 2
+    if args.share and auth is None:
+        logger.warning(
+            "--share without --auth: anyone with the link can run jobs on this machine. Add --auth USER:PASS."
+        )
+    demo = build_studio(manager, max_upload_bytes=args.max_upload_mb * MB, queue_size=args.queue_size)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        auth=auth,
+        max_file_size=args.max_upload_mb * MB,
+        footer_links=["api", "gradio"],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

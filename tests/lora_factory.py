@@ -1,0 +1,189 @@
+"""Builders for LoRA test files (LyCORIS, wrong-model and broken files) and the hand reference a conversion must meet.
+
+Kept apart from fluxdemo: the reference here is written from the formats' definitions, not from the converter.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fluxdemo.flux_names import SWAPPED_HALVES, FluxDims, fused_map, linear_map
+from fluxdemo.tiny_loras import Pair
+
+
+def save(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
+    # clone: safetensors refuses tensors that share storage (the parts of a fused module share one lora_down)
+    save_file({k: v.clone() for k, v in tensors.items()}, str(path), metadata=dict(metadata or {}))
+    return path
+
+
+def load(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def reference_merge(weights: Mapping[str, torch.Tensor], converted, strength: float) -> dict[str, torch.Tensor]:
+    """W + strength * B @ A for every module in `weights` ("transformer.<module>"), from a ConvertedLora."""
+    sd = {**converted.transformer, **converted.text_encoder}
+    merged = {}
+    for module, w in weights.items():
+        a, b = sd.get(f"{module}.lora_A.weight"), sd.get(f"{module}.lora_B.weight")
+        merged[module] = w.clone() if a is None else torch.addmm(w, b.to(w.dtype), a.to(w.dtype), alpha=strength)
+    return merged
+
+
+def expected_merge(weights: Mapping[str, torch.Tensor], pairs: Mapping[str, Pair], strength: float) -> dict:
+    """The hand reference: W + strength * (alpha / rank) * up @ down, straight from the canonical pairs."""
+    merged = {}
+    for module, w in weights.items():
+        p = pairs[module]
+        scale = 1.0 if p.alpha is None else p.alpha / p.down.shape[0]
+        merged[module] = torch.addmm(w, p.up, p.down, alpha=strength * scale)
+    return merged
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float(torch.dist(got, want) / want.norm())
+
+
+# --- LyCORIS -------------------------------------------------------------------------------------------------------
+
+
+def diffusers_rows(bfl: str, dims: FluxDims) -> list[tuple[str, int]]:
+    """The diffusers modules a BFL module's output rows become, in order (what the reference splits a delta into)."""
+    if bfl in fused_map(dims):
+        return list(fused_map(dims)[bfl].parts)
+    diff = linear_map(dims)[bfl]
+    return [(diff, -1)]
+
+
+def split_delta(bfl: str, delta: torch.Tensor, dims: FluxDims) -> dict[str, torch.Tensor]:
+    """A BFL module's delta as per-diffusers-module deltas: rows split, final-layer halves swapped."""
+    if bfl in SWAPPED_HALVES:
+        half = delta.shape[0] // 2
+        delta = torch.cat([delta[half:], delta[:half]])
+    rows = diffusers_rows(bfl, dims)
+    if rows[0][1] == -1:
+        return {f"transformer.{rows[0][0]}": delta}
+    return {f"transformer.{m}": d for (m, _), d in zip(rows, torch.split(delta, [r for _, r in rows]), strict=True)}
+
+
+def lokr(out_in: tuple[int, int], w1: tuple[int, int], rank2: int | None, rank1: int | None, g: torch.Generator):
+    """LoKr tensors for a module: w1 of shape `w1` (full, or rank1-decomposed), w2 the rest (full or rank2)."""
+    (out, inp), (a, b) = out_in, w1
+    c, d = out // a, inp // b
+    t = {}
+    if rank1:
+        t["lokr_w1_a"], t["lokr_w1_b"] = torch.randn(a, rank1, generator=g), torch.randn(rank1, b, generator=g)
+    else:
+        t["lokr_w1"] = torch.randn(a, b, generator=g)
+    if rank2:
+        t["lokr_w2_a"] = torch.randn(c, rank2, generator=g) / c**0.5
+        t["lokr_w2_b"] = torch.randn(rank2, d, generator=g) / d**0.5
+    else:
+        t["lokr_w2"] = torch.randn(c, d, generator=g) / (c * d) ** 0.25
+    return t
+
+
+def lokr_delta(t: Mapping[str, torch.Tensor], alpha: float | None) -> torch.Tensor:
+    """LyCORIS: kron(w1, w2) * alpha / rank, where a factor may be stored as a @ b; both factors full -> scale 1."""
+    w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+    w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+    rank = t["lokr_w2_b"].shape[0] if "lokr_w2_b" in t else t["lokr_w1_b"].shape[0] if "lokr_w1_b" in t else None
+    scale = 1.0 if alpha is None or rank is None else alpha / rank
+    return torch.kron(w1, w2) * scale
+
+
+def loha(out_in: tuple[int, int], rank: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    out, inp = out_in
+    return {
+        "hada_w1_a": torch.randn(out, rank, generator=g) / rank**0.5,
+        "hada_w1_b": torch.randn(rank, inp, generator=g) / inp**0.5,
+        "hada_w2_a": torch.randn(out, rank, generator=g),
+        "hada_w2_b": torch.randn(rank, inp, generator=g),
+    }
+
+
+def loha_delta(t: Mapping[str, torch.Tensor], alpha: float | None) -> torch.Tensor:
+    """LyCORIS: (w1a @ w1b) * (w2a @ w2b) * alpha / rank."""
+    d = (t["hada_w1_a"].double() @ t["hada_w1_b"].double()) * (t["hada_w2_a"].double() @ t["hada_w2_b"].double())
+    return d * (1.0 if alpha is None else alpha / t["hada_w1_b"].shape[0])
+
+
+# --- other models and broken files ---------------------------------------------------------------------------------
+
+
+def sdxl_kohya(path: Path) -> Path:
+    """A kohya SDXL LoRA: UNet blocks, CLIP-L (te1) and CLIP-G (te2), cross-attention on 2048-wide context."""
+    t = {}
+    for base, (out, inp) in {
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k": (640, 2048),
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q": (640, 640),
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (768, 768),
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (1280, 1280),
+    }.items():
+        t |= {f"{base}.lora_down.weight": torch.zeros(4, inp), f"{base}.lora_up.weight": torch.zeros(out, 4)}
+        t[f"{base}.alpha"] = torch.tensor(4.0)
+    return save(path, t, {"ss_base_model_version": "sdxl_base_v1-0"})
+
+
+def sdxl_diffusers(path: Path) -> Path:
+    """An SDXL LoRA in diffusers naming: the kind diffusers loads onto FLUX as a silent no-op."""
+    t = {}
+    for module, (out, inp) in {
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": (640, 2048),
+        "unet.up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0": (1280, 1280),
+    }.items():
+        t |= {f"{module}.lora_A.weight": torch.zeros(4, inp), f"{module}.lora_B.weight": torch.zeros(out, 4)}
+    return save(path, t)
+
+
+def sd15_kohya(path: Path) -> Path:
+    t = {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 768),
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(320, 4),
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 768),
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(768, 4),
+    }
+    return save(path, t)
+
+
+def control_lora(path: Path, dims: FluxDims, in_channels: int = 128) -> Path:
+    """A BFL Canny/Depth (128) or Fill (384) LoRA: bare BFL names, img_in widened, full norm scales alongside."""
+    d = dims.inner
+    t = {
+        "img_in.lora_A.weight": torch.randn(2, in_channels),
+        "img_in.lora_B.weight": torch.randn(d, 2),
+        "double_blocks.0.img_attn.proj.lora_A.weight": torch.randn(2, d),
+        "double_blocks.0.img_attn.proj.lora_B.weight": torch.randn(d, 2),
+        "double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(d // 2),
+    }
+    return save(path, t)
+
+
+def no_lora(path: Path) -> Path:
+    return save(path, {"model.embed.weight": torch.zeros(4, 4), "model.norm.scale": torch.ones(4)})
+
+
+def pickled(path: Path) -> Path:
+    """A plain pickle (protocol 4, starts with 0x80) named .safetensors."""
+    path.write_bytes(pickle.dumps({"lora_unet_x.lora_down.weight": [[0.0]]}, protocol=4))
+    return path
+
+
+def torch_zip(path: Path) -> Path:
+    """What torch.save writes (a zip of pickles, starts with PK), named .safetensors."""
+    torch.save({"w": torch.zeros(2)}, str(path))
+    return path
+
+
+def raw(path: Path, header: dict, data: bytes) -> Path:
+    """A file with exactly this header and data section, whatever they claim."""
+    blob = json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
+    return path

@@ -1,0 +1,183 @@
+"""The studio end to end: launched on the tiny kit and driven through gradio_client, as an API user drives it."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+from safetensors.torch import save_file
+
+from fluxdemo.images import read_params
+from fluxdemo.pipeline import GenerateOptions, compare
+from fluxdemo.studio import build_studio, insert_trigger_words, parse_strengths, to_options
+
+MAX_UPLOAD = 2**20
+OPTS = GenerateOptions("a cat on a red sofa", seed=42, steps=4, width=64, height=48)
+STRENGTH = 0.8
+
+
+def api_args(options: GenerateOptions, lora: str, strength: float = STRENGTH) -> tuple:
+    o = options
+    return o.prompt, lora, strength, o.seed, o.steps, o.guidance, o.width, o.height
+
+
+def pixels(source) -> np.ndarray:
+    return np.asarray(Image.open(source).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_kit):
+    """The studio over its own manager, on a copy of the kit's LoRA folder (uploads land there)."""
+    from fluxdemo.config import get_preset
+    from fluxdemo.manager import ModelManager
+
+    loras = tmp_path_factory.mktemp("app") / "loras"
+    shutil.copytree(tiny_kit / "loras", loras)
+    manager = ModelManager(get_preset("tiny", use_env=False), device="cpu", lora_dir=loras)
+    demo = build_studio(manager, max_upload_bytes=MAX_UPLOAD)
+    demo.launch(prevent_thread_lock=True, quiet=True)
+    yield demo, loras
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(app) -> Client:
+    return Client(app[0].local_url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def expected(manager, kit_lora):
+    """The library's own compare for OPTS, on the test session's separate manager."""
+    return compare(manager, OPTS, kit_lora, STRENGTH).images
+
+
+def test_api_endpoints(client):
+    names = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
+    assert {"/compare", "/generate", "/sweep", "/inspect_lora", "/upload_lora", "/cancel"} <= names
+
+
+def test_compare_equals_the_library_pixel_for_pixel(client, expected, kit_lora):
+    (baseline, adapted), report = client.predict(*api_args(OPTS, kit_lora), api_name="/compare")
+    assert np.array_equal(pixels(baseline), np.asarray(expected["baseline"]))
+    assert np.array_equal(pixels(adapted), np.asarray(expected["lora"]))
+    assert not np.array_equal(pixels(baseline), pixels(adapted))
+    params = read_params(adapted)  # the PNG the slider serves keeps its parameters
+    assert (params.role, params.lora_name, params.strength, params.seed) == ("lora", kit_lora, STRENGTH, 42)
+    assert read_params(baseline).lora_name is None
+    assert report["options"]["seed"] == 42 and report["strategy"] and report["timeline"]
+
+
+def test_generate_and_sweep(client, kit_lora):
+    image, report = client.predict(*api_args(OPTS, None), api_name="/generate")
+    assert Image.open(image).size == (64, 48) and report["lora"] is None
+    o = OPTS
+    gallery, report = client.predict(
+        o.prompt, kit_lora, "0, 0.5, 1", o.seed, o.steps, o.guidance, o.width, o.height, api_name="/sweep"
+    )
+    assert [item["caption"] for item in gallery] == ["strength 0", "strength 0.5", "strength 1"]
+    assert [read_params(item["image"]).strength for item in gallery] == [0.0, 0.5, 1.0]
+
+
+def test_inspect_lora(client, kit_lora):
+    report = client.predict(kit_lora, api_name="/inspect_lora")
+    assert report["name"] == kit_lora and report["format"] == "peft"
+    assert report["rank"] == 4 and report["trigger_words"] == ["tinycat"]
+
+
+def sdxl_lora(path: Path) -> Path:
+    """A well-formed LoRA for SDXL's UNet: readable, but not for FLUX."""
+    key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{key}.lora_down.weight": torch.zeros(4, 2048), f"{key}.lora_up.weight": torch.zeros(640, 4),
+               f"{key}.alpha": torch.tensor(4.0)}, path)  # fmt: skip
+    return path
+
+
+def test_upload_then_use_it(client, app, tiny_kit, kit_lora, tmp_path):
+    mine = tmp_path / "my style.safetensors"
+    shutil.copy(tiny_kit / "loras" / kit_lora, mine)
+    name = client.predict(handle_file(mine), api_name="/upload_lora")
+    assert name == "my_style.safetensors" and (app[1] / name).is_file()
+    assert client.predict(name, api_name="/inspect_lora")["format"] == "peft"
+
+
+@pytest.mark.parametrize(
+    ("filename", "content", "message"),
+    [
+        ("notes.safetensors", b"hello, not a LoRA", "not a usable safetensors file"),
+        ("big.safetensors", b"\0" * (MAX_UPLOAD + 1), "uploads are limited to"),
+    ],
+)
+def test_bad_upload_is_refused_with_a_reason(client, app, tmp_path, filename, content, message):
+    (tmp_path / filename).write_bytes(content)
+    with pytest.raises(AppError, match=message):
+        client.predict(handle_file(tmp_path / filename), api_name="/upload_lora")
+    assert not (app[1] / filename).exists()
+
+
+def test_errors_are_sentences_and_the_next_call_works(client, tmp_path, expected, kit_lora):
+    sdxl = client.predict(handle_file(sdxl_lora(tmp_path / "sdxl.safetensors")), api_name="/upload_lora")
+    assert not client.predict(sdxl, api_name="/inspect_lora")["compatible"]
+    bad = {
+        "SDXL": (api_args(OPTS, sdxl), "cannot be applied"),
+        "unknown LoRA": (api_args(OPTS, "nope.safetensors"), "No LoRA named 'nope.safetensors'"),
+        "outside the folder": (api_args(OPTS, "../loras/peft.safetensors"), "is not a LoRA name"),
+        "not a multiple of 16": (api_args(GenerateOptions("a cat", width=1000, height=64), kit_lora), "`width`"),
+        "too large": (api_args(GenerateOptions("a cat", width=4096, height=64), kit_lora), "4096"),
+        "empty prompt": (api_args(GenerateOptions(" ", steps=2, width=64, height=64), kit_lora), "`prompt`"),
+    }
+    for case, (args, message) in bad.items():
+        with pytest.raises(AppError, match=message) as error:
+            client.predict(*args, api_name="/compare")
+        assert "Traceback" not in str(error.value), case
+    (baseline, adapted), _ = client.predict(*api_args(OPTS, kit_lora), api_name="/compare")
+    assert np.array_equal(pixels(adapted), np.asarray(expected["lora"]))
+
+
+def test_cancel_stops_after_a_step_and_the_app_stays_ready(client, expected, kit_lora):
+    long = GenerateOptions("a long run", seed=1, steps=100, width=256, height=256)
+    job = client.submit(*api_args(long, kit_lora), api_name="/compare")
+    deadline = time.monotonic() + 60
+    while not any("baseline" in (unit.desc or "") for unit in job.status().progress_data or []):
+        assert not job.done() and time.monotonic() < deadline, "the long run never reported a step"
+        time.sleep(0.02)
+    client.predict(api_name="/cancel")
+    with pytest.raises(AppError, match=r"Cancelled during the \w+ image, after step \d+ of 100"):
+        job.result(timeout=60)
+    (baseline, adapted), _ = client.predict(*api_args(OPTS, kit_lora), api_name="/compare")
+    assert np.array_equal(pixels(baseline), np.asarray(expected["baseline"]))
+    assert np.array_equal(pixels(adapted), np.asarray(expected["lora"]))
+
+
+def test_ui_values_become_options():
+    assert to_options("a cat", 7.0, 4.0, 3.5, 64.0, 48.0) == GenerateOptions("a cat", 7, 4, 3.5, 64, 48)
+    with pytest.raises(ValueError, match="`seed` is empty"):
+        to_options("a cat", None, 4, 3.5, 64, 48)
+    with pytest.raises(ValueError, match="`width` must be a whole number"):
+        to_options("a cat", 1, 4, 3.5, 64.5, 48)
+    assert parse_strengths("0, 0.5;1, 1") == [0.0, 0.5, 1.0]
+    for text in ("", "0, x", "3", "nan", ",".join(str(i / 10) for i in range(9))):
+        with pytest.raises(ValueError):
+            parse_strengths(text)
+    assert insert_trigger_words("a cat", {"trigger_words": ["tinycat", "cat"]}) == "tinycat, a cat"
+    assert insert_trigger_words("", {"trigger_words": ["tinycat"]}) == "tinycat"
+
+
+def test_zero_gpu_duration_grows_with_steps_size_and_images():
+    from fluxdemo.pipeline import generate, sweep
+    from fluxdemo.spaces_gpu import FIXED_SECONDS, MAX_SECONDS, gpu_seconds
+
+    one_megapixel = GenerateOptions("a cat", steps=28, width=1024, height=1024)
+    assert gpu_seconds(generate, None, one_megapixel, None, 1.0, None) == FIXED_SECONDS + 14
+    assert gpu_seconds(compare, None, one_megapixel, "x", 1.0, None) == FIXED_SECONDS + 28
+    assert gpu_seconds(sweep, None, one_megapixel, "x", [0.0, 0.5, 1.0], None) == FIXED_SECONDS + 42
+    assert (
+        gpu_seconds(sweep, None, GenerateOptions("a", steps=100, width=2048, height=2048), "x", [1.0] * 8, None)
+        == MAX_SECONDS
+    )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 # Before anything that may touch CUDA: on ZeroGPU the `spaces` package must patch torch first.
 from fluxdemo import spaces_gpu
-from fluxdemo.cli import _add_model_flags, _manager
+from fluxdemo.cli import add_model_flags, manager_from_args
 from fluxdemo.config import DEFAULT_PRESET
 from fluxdemo.errors import FluxdemoError
 from fluxdemo.studio import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_QUEUE_SIZE, build_studio
@@ -40,7 +40,7 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every move and library detail")
-    _add_model_flags(parser)  # --model, local file overrides, --device, --strategy, --lora-dir: as in the CLI
+    add_model_flags(parser)  # --model, local file overrides, --device, --strategy, --lora-dir: as in the CLI
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=env.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="default: %(default)s")
     g.add_argument("--port", type=int, default=int(env.get("GRADIO_SERVER_PORT", 7860)), help="default: %(default)s")
@@ -63,7 +63,7 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
         default=int(env.get("FLUXDEMO_MAX_UPLOAD_MB", DEFAULT_MAX_UPLOAD_BYTES // MB)),
         help="largest LoRA upload in MiB (default: %(default)s)",
     )
-    # Parser-level defaults override _add_model_flags' own, so a Space can choose the model and folder by variable.
+    # Parser-level defaults override add_model_flags' own, so a Space can choose the model and folder by variable.
     parser.set_defaults(model=env.get("FLUXDEMO_MODEL", DEFAULT_PRESET), lora=None)
     if env.get("FLUXDEMO_LORA_DIR"):
         parser.set_defaults(lora_dir=Path(env["FLUXDEMO_LORA_DIR"]))
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         auth = parse_auth(args.auth)
-        manager, _ = _manager(args)  # the one model manager of the app; it loads the model on the first run
+        manager, _ = manager_from_args(args)  # the one model manager of the app; it loads the model on the first run
         if spaces_gpu.on_zero_gpu():
             spaces_gpu.preload_for_zero_gpu(manager)
     except FluxdemoError as e:

@@ -28,7 +28,8 @@ Where the model comes from:
 COMPARE_FILES = ("baseline.png", "lora.png", "side_by_side.png", "report.json")
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--model, the local-file overrides, --device, --strategy, --lora-dir: shared by the CLI and app.py."""
     g = p.add_argument_group("model")
     g.add_argument(
         "--model", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="model preset (default: %(default)s)"
@@ -68,13 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("generate", help="one image (with or without a LoRA) -> a PNG carrying its parameters")
-    _add_model_flags(p)
+    add_model_flags(p)
     _add_image_flags(p, lora_required=False)
     p.add_argument("--out", type=Path, required=True, help="the PNG to write")
 
     outputs = ", ".join(COMPARE_FILES)
     p = verbs.add_parser("compare", help=f"base model vs LoRA from one seed -> {outputs}")
-    _add_model_flags(p)
+    add_model_flags(p)
     _add_image_flags(p, lora_required=True)
     p.add_argument("--out", type=Path, required=True, help="the folder to write into")
 
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _manager(args):
+def manager_from_args(args: argparse.Namespace):
+    """The ModelManager the model flags describe, and the --lora name resolved in its LoRA folder (if any)."""
     import torch
 
     from fluxdemo.manager import ModelManager, default_device
@@ -131,38 +133,25 @@ def _options(args):
                            height=args.height)  # fmt: skip
 
 
-def _params(manager, result, role: str, strength: float):
-    from fluxdemo.images import ImageParams
-
-    o, lora = result.report["options"], result.report["lora"]
-    with_lora = role != "baseline" and lora is not None
-    return ImageParams(
-        prompt=o["prompt"], seed=o["seed"], steps=o["steps"], guidance=o["guidance"], width=o["width"],
-        height=o["height"], model=manager.preset.name, quant=manager.preset.transformer_quant,
-        lora_name=lora["name"] if with_lora else None, lora_sha256=lora["sha256"] if with_lora else None,
-        strength=strength if with_lora else None, role=role,
-    )  # fmt: skip
-
-
 def cmd_generate(args) -> int:
-    from fluxdemo.images import save_png
+    from fluxdemo.images import params_from_report, save_png
     from fluxdemo.pipeline import generate
 
-    manager, lora = _manager(args)
+    manager, lora = manager_from_args(args)
     if args.out.exists() and not args.overwrite:
         raise OptionsError(f"{args.out} exists; choose another --out or pass --overwrite.")
     result = generate(manager, _options(args), lora, args.strength)
-    (role, image), = result.images.items()  # fmt: skip
-    path = save_png(image, _params(manager, result, role, args.strength), args.out, overwrite=args.overwrite)
+    ((label, image),) = result.images.items()
+    path = save_png(image, params_from_report(result.report, label), args.out, overwrite=args.overwrite)
     print(path)
     return 0
 
 
 def cmd_compare(args) -> int:
-    from fluxdemo.images import save_png, side_by_side
+    from fluxdemo.images import params_from_report, save_png, side_by_side
     from fluxdemo.pipeline import compare
 
-    manager, lora = _manager(args)
+    manager, lora = manager_from_args(args)
     existing = [f for f in COMPARE_FILES if (args.out / f).exists()]
     if existing and not args.overwrite:
         raise OptionsError(
@@ -171,8 +160,9 @@ def cmd_compare(args) -> int:
     result = compare(manager, _options(args), lora, args.strength)
     args.out.mkdir(parents=True, exist_ok=True)
     base, adapted = result.images["baseline"], result.images["lora"]
-    for role, image in (("baseline", base), ("lora", adapted), ("side_by_side", side_by_side(base, adapted))):
-        save_png(image, _params(manager, result, role, args.strength), args.out / f"{role}.png", overwrite=True)
+    for label, role, image in (("baseline", "baseline", base), ("lora", "lora", adapted),
+                               ("lora", "side_by_side", side_by_side(base, adapted))):  # fmt: skip
+        save_png(image, params_from_report(result.report, label, role), args.out / f"{role}.png", overwrite=True)
     _write_json(args.out / "report.json", result.report)
     print(args.out)
     return 0

@@ -238,3 +238,17 @@ def _quote(value: Any) -> str:
     if any(c in text for c in ",:\n"):
         return json.dumps(text, ensure_ascii=False)
     return text
+
+
+def params_from_report(report: dict, label: str, role: str | None = None) -> ImageParams:
+    """The parameters of one image of a run, from the run's report (fluxdemo.pipeline): `label` as in
+    Result.images ("baseline", "lora", "strength 0.5"); `role` names a derived image ("side_by_side")."""
+    options, model, lora = report["options"], report["model"], report["lora"]
+    strength = report["strengths"].get(label)
+    with_lora = strength is not None and lora is not None
+    return ImageParams(
+        prompt=options["prompt"], seed=options["seed"], steps=options["steps"], guidance=options["guidance"],
+        width=options["width"], height=options["height"], model=model["preset"], quant=model["transformer_quant"],
+        lora_name=lora["name"] if with_lora else None, lora_sha256=lora["sha256"] if with_lora else None,
+        strength=strength if with_lora else None, role=role or label,
+    )  # fmt: skip

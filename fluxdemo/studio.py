@@ -22,10 +22,9 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from fluxdemo.cli import _params as image_params
 from fluxdemo.config import PRESETS, Preset
 from fluxdemo.errors import CancelledError, FluxdemoError, OptionsError
-from fluxdemo.images import save_png, side_by_side
+from fluxdemo.images import params_from_report, save_png, side_by_side
 from fluxdemo.lora import save_upload
 from fluxdemo.manager import MODEL_COMPONENTS, STRATEGIES, ModelManager
 from fluxdemo.pipeline import (
@@ -324,7 +323,8 @@ class Studio:
         folder = self.runs.new()
         base, adapted = result.images["baseline"], result.images["lora"]
         pictures = (("baseline", base), ("lora", adapted), ("side_by_side", side_by_side(base, adapted)))
-        files = [self._png(folder, f"{role}.png", image, result, role, strength) for role, image in pictures]
+        files = [self._png(folder / f"{role}.png", image, result, "baseline" if role == "baseline" else "lora", role)
+                 for role, image in pictures]  # fmt: skip
         return (files[0], files[1]), result.report, {"tab": "compare", "files": files}
 
     @for_people
@@ -350,8 +350,8 @@ class Studio:
             request,
             progress,
         )
-        ((role, image),) = result.images.items()
-        path = self._png(self.runs.new(), f"{role}.png", image, result, role, strength)
+        ((label, image),) = result.images.items()
+        path = self._png(self.runs.new() / f"{label}.png", image, result, label)
         return path, result.report, {"tab": "single", "files": [path]}
 
     @for_people
@@ -382,8 +382,7 @@ class Studio:
         folder = self.runs.new()
         gallery = []
         for label, image in result.images.items():
-            strength = result.report["strengths"][label]
-            path = self._png(folder, f"{label.replace(' ', '-')}.png", image, result, "lora", strength)
+            path = self._png(folder / f"{label.replace(' ', '-')}.png", image, result, label, "lora")
             gallery.append((path, label))
         return gallery, result.report, {"tab": "sweep", "files": [path for path, _ in gallery]}
 
@@ -409,9 +408,9 @@ class Studio:
         finally:
             self.cancel_flags.end(session)
 
-    def _png(self, folder: Path, filename: str, image: Image.Image, result: Result, role: str, strength: float) -> str:
+    def _png(self, path: Path, image: Image.Image, result: Result, label: str, role: str | None = None) -> str:
         """The image as a PNG carrying its parameters, so a download keeps them."""
-        return str(save_png(image, image_params(self.manager, result, role, strength), folder / filename))
+        return str(save_png(image, params_from_report(result.report, label, role), path))
 
     @for_people
     def set_strategy(self, strategy: str) -> str:

@@ -27,15 +27,17 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gguf
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
-from transformers.utils import logging as transformers_logging
 
 from fluxdemo.flux_names import SWAPPED_HALVES, FluxDims, fused_map, linear_map, norm_map
 from fluxdemo.tiny_loras import write_sample_loras
+
+if TYPE_CHECKING:  # diffusers + transformers cost 3 s to import; reusing a built kit (the app's start) needs neither
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +263,8 @@ _POOLED_GAIN = 10.0
 
 @torch.no_grad()
 def _make_transformer(kind: str, seed: int) -> FluxTransformer2DModel:
+    from diffusers import FluxTransformer2DModel
+
     _seeded(seed, "transformer")
     model = FluxTransformer2DModel(**_TRANSFORMERS[kind])
     _spread_constants(model)
@@ -269,6 +273,8 @@ def _make_transformer(kind: str, seed: int) -> FluxTransformer2DModel:
 
 
 def _make_clip(seed: int) -> CLIPTextModel:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     _seeded(seed, "text_encoder")
     model = CLIPTextModel(CLIPTextConfig(**TINY_CLIP))
     _spread_constants(model)
@@ -276,6 +282,8 @@ def _make_clip(seed: int) -> CLIPTextModel:
 
 
 def _make_t5(seed: int) -> T5EncoderModel:
+    from transformers import T5Config, T5EncoderModel
+
     _seeded(seed, "text_encoder_2")
     model = T5EncoderModel(T5Config(**TINY_T5))
     _spread_constants(model)
@@ -283,6 +291,8 @@ def _make_t5(seed: int) -> T5EncoderModel:
 
 
 def _make_vae(seed: int) -> AutoencoderKL:
+    from diffusers import AutoencoderKL
+
     _seeded(seed, "vae")
     model = AutoencoderKL(**TINY_VAE)
     _spread_constants(model)
@@ -290,10 +300,14 @@ def _make_vae(seed: int) -> AutoencoderKL:
 
 
 def _make_clip_tokenizer() -> CLIPTokenizer:
+    from transformers import CLIPTokenizer
+
     return CLIPTokenizer(vocab=_CLIP_VOCAB, merges=_CLIP_MERGES, model_max_length=_CLIP_MAX_LENGTH)
 
 
 def _make_t5_tokenizer() -> T5Tokenizer:
+    from transformers import T5Tokenizer
+
     return T5Tokenizer(vocab=_T5_PIECES, extra_ids=0, model_max_length=_T5_MAX_LENGTH)
 
 
@@ -430,6 +444,8 @@ def _write_t5_gguf(path: Path, model: T5EncoderModel, qtype: gguf.GGMLQuantizati
 @contextmanager
 def _no_transformers_progress_bars() -> Iterator[None]:
     """Saving a 200 KB model should not draw progress bars in the CLI's output."""
+    from transformers.utils import logging as transformers_logging
+
     enabled = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
     try:
@@ -476,6 +492,8 @@ def build_kit(out: Path, kind: str = "tiny", seed: int = 0) -> Path:
 
     kit.json is written last: its presence means the kit is complete.
     """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
     _check_kind(kind)
     out = Path(out)
     if out.exists() and any(out.iterdir()):

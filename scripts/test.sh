@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # The README's test command: a virtual environment, the pinned packages, lint, then the whole suite on CPU.
+# The one real-browser test drives Debian's chromium (Playwright without its own browser download).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: the browser test needs chromium: sudo apt-get install -y chromium" >&2
+  fi
+fi
 python3 -m venv .venv
 .venv/bin/pip install -q -r requirements-dev.txt
 .venv/bin/ruff check .

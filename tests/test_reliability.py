@@ -42,9 +42,9 @@ from fluxdemo.pipeline import Controls, GenerateOptions, compare, generate
 OPTS = GenerateOptions("a red fox in the snow", seed=7, steps=2, width=16, height=16)
 STRENGTH = 0.8
 FUZZ_SEED = 1234
-FUZZ_RANDOM_CASES = 500  # plus about 110 named attacks
+FUZZ_RANDOM_CASES = 400  # plus about 110 named attacks
 FUZZ_BUDGET_S = 60.0  # the whole fuzz loop, on a shared CI core
-FILE_BUDGET_S = 10.0  # any one file (the slowest named one holds 10 000 tensors)
+FILE_BUDGET_S = 10.0  # any one file (the slowest, 10 000 tensors, takes about 1 s)
 RSS_GROWTH_BOUND = 200 * 2**20
 PYTHON_ALLOC_BOUND = 64 * 2**20  # per file, what tracemalloc sees (Python objects and numpy arrays)
 OOM = "CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test)"
@@ -157,22 +157,23 @@ def test_fuzz_lora_files(tiny_kit: Path, tiny_sizes: tuple, tmp_path: Path, monk
     outcomes = {"refused": 0, "inspected": 0, "loaded": 0}
     slowest = (0.0, "")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    tracemalloc.start()
     start = time.perf_counter()
     with no_unpickling(monkeypatch) as unpickled:
         for i, case in enumerate(cases):
             path = case.write(folder / f"case-{i:04d}.safetensors")
-            tracemalloc.reset_peak()
-            baseline = tracemalloc.get_traced_memory()[0]
             t0 = time.perf_counter()
+            # tracemalloc sees what the parsers allocate (Python objects, numpy); it would triple the cost of the
+            # live load, whose tensors it cannot see anyway: those count in the peak RSS below.
+            tracemalloc.start()
             report = attempt(lambda p=path: inspect_lora(p, dims, clip_config=clip))
             converted = attempt(lambda p=path: to_diffusers(p, dims, clip))
+            parsed_peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
             with manager.session():
                 loaded = attempt(lambda p=path: manager.adapters.load(p.name))
             seconds = time.perf_counter() - t0
-            growth = tracemalloc.get_traced_memory()[1] - baseline
             assert seconds < FILE_BUDGET_S, f"{case.name}: {seconds:.1f} s"
-            assert growth < PYTHON_ALLOC_BOUND, f"{case.name}: {growth / 2**20:.0f} MiB allocated"
+            assert parsed_peak < PYTHON_ALLOC_BOUND, f"{case.name}: {parsed_peak / 2**20:.0f} MiB allocated"
             if not isinstance(converted, LoraError):
                 tensors = [*converted.transformer.values(), *converted.text_encoder.values()]
                 assert hostile.finite(tensors), f"{case.name}: converted to non-finite weights"
@@ -183,7 +184,6 @@ def test_fuzz_lora_files(tiny_kit: Path, tiny_sizes: tuple, tmp_path: Path, monk
             slowest = max(slowest, (seconds, case.name))
             path.unlink()
     elapsed = time.perf_counter() - start
-    tracemalloc.stop()
     rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
 
     assert unpickled == [] and not canary.exists()
@@ -434,15 +434,15 @@ def test_out_of_memory_in_a_stage(faulty, clean, monkeypatch, where, times) -> N
     hostile.check_consistent(faulty)
 
 
-@pytest.mark.parametrize(
-    ("lora", "where"),
-    [("comfy.safetensors", "transformer"), ("kohya.safetensors", "text encoder")],
-)
-def test_lora_load_failing_halfway_leaves_nothing(faulty, clean, monkeypatch, lora, where) -> None:
+@pytest.mark.parametrize(("source", "where"), [("comfy", "transformer"), ("kohya", "text encoder")])
+def test_lora_load_failing_halfway_leaves_nothing(faulty, clean, lora_dir, monkeypatch, source, where) -> None:
     """The transformer's adapter is attached, then the load fails (out of memory there, or in the CLIP part)."""
+    # A LoRA no earlier test loaded: the kit's, with its own bytes (the adapter cache is keyed by sha256).
+    lora = f"halfway-{source}.safetensors"
+    kit_file = (lora_dir / f"{source}.safetensors").read_bytes()
+    (lora_dir / lora).write_bytes(hostile.with_metadata(kit_file, test=f"load fails halfway, {where}"))
     want = reference(clean, OPTS, lora)
     request(faulty, OPTS, None)
-    assert lora not in {loaded.name for loaded in faulty.adapters.loaded()}, "this test needs a LoRA not yet loaded"
     before = hostile.rest_state(faulty)
     if where == "transformer":
         transformer = faulty.get("transformer")

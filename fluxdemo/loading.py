@@ -170,10 +170,18 @@ def module_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
-def _param_count(module: torch.nn.Module, tensors: dict[str, GGUFTensor] | None = None) -> int:
+def _loaded(
+    component: str, path: Path, model: torch.nn.Module, quant: str, start: float,
+    tensors: dict[str, GGUFTensor] | None = None,
+) -> tuple[torch.nn.Module, LoadSummary]:  # fmt: skip
+    """The load's one summary line, logged and returned with the model."""
     if tensors is not None:  # packed parameters report bytes as their shape; the header knows the real count
-        return sum(int(torch.Size(t.shape).numel()) for t in tensors.values())
-    return sum(p.numel() for p in module.parameters())
+        params = sum(int(torch.Size(t.shape).numel()) for t in tensors.values())
+    else:
+        params = sum(p.numel() for p in model.parameters())
+    summary = LoadSummary(component, path.name, quant, params, module_bytes(model), time.perf_counter() - start)
+    logger.info(summary.line())
+    return model, summary
 
 
 def load_transformer(path: Path, config_dir: Path, compute_dtype: torch.dtype) -> tuple[torch.nn.Module, LoadSummary]:
@@ -197,12 +205,7 @@ def load_transformer(path: Path, config_dir: Path, compute_dtype: torch.dtype) -
     except (ValueError, RuntimeError) as e:  # diffusers' shape check, torch.split of a fused weight
         raise ModelFileError(f"{path.name} does not fit the transformer config ({e}). Download it again.") from e
     model.eval().requires_grad_(False)
-    summary = LoadSummary(
-        "transformer", path.name, _quant_summary(tensors), _param_count(model, tensors), module_bytes(model),
-        time.perf_counter() - start,
-    )  # fmt: skip
-    logger.info(summary.line())
-    return model, summary
+    return _loaded("transformer", path, model, _quant_summary(tensors), start, tensors)
 
 
 def _t5_gguf_to_hf(
@@ -287,12 +290,7 @@ def _load_t5_gguf(path: Path, config_dir: Path, dtype: torch.dtype) -> tuple[tor
         module._parameters[param] = torch.nn.Parameter(tensor, requires_grad=False)
     model.tie_weights()
     model.eval()
-    summary = LoadSummary(
-        "text_encoder_2", path.name, _quant_summary(header), _param_count(model, header), module_bytes(model),
-        time.perf_counter() - start,
-    )  # fmt: skip
-    logger.info(summary.line())
-    return model, summary
+    return _loaded("text_encoder_2", path, model, _quant_summary(header), start, header)
 
 
 def _logical_shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -308,12 +306,7 @@ def _load_t5_quanto(path: Path, config_dir: Path, dtype: torch.dtype) -> tuple[t
     model = _load_dense(lambda: T5EncoderModel(config), path, dtype)
     quantize(model, weights=qint8)
     freeze(model)
-    summary = LoadSummary(
-        "text_encoder_2", path.name, "quanto qint8", _param_count(model), module_bytes(model),
-        time.perf_counter() - start,
-    )  # fmt: skip
-    logger.info(summary.line())
-    return model, summary
+    return _loaded("text_encoder_2", path, model, "quanto qint8", start)
 
 
 def _load_dense(build: Callable[[], torch.nn.Module], path: Path, dtype: torch.dtype) -> torch.nn.Module:
@@ -369,12 +362,7 @@ def _timed_dense(
 ) -> tuple[torch.nn.Module, LoadSummary]:
     start = time.perf_counter()
     model = _load_dense(build, path, dtype)
-    summary = LoadSummary(
-        component, path.name, str(dtype).removeprefix("torch."), _param_count(model), module_bytes(model),
-        time.perf_counter() - start,
-    )  # fmt: skip
-    logger.info(summary.line())
-    return model, summary
+    return _loaded(component, path, model, str(dtype).removeprefix("torch."), start)
 
 
 def load_tokenizers(clip_dir: Path, t5_dir: Path):

@@ -499,16 +499,16 @@ class LoraLibrary:
         """The entry for a name relative to the folder; unsafe or unknown names raise LoraError, opening nothing."""
         pure = PurePosixPath(name)
         if not name or "\\" in name or "\x00" in name or pure.is_absolute() or ".." in pure.parts:
-            raise LoraError(f"{name!r} is not a LoRA name: give a path inside the LoRA folder {self.folder}.")
+            raise LoraError(f"{name!r} is not a LoRA name: give a path inside the LoRA folder {self.folder.name!r}.")
         key = pure.as_posix()
         if key not in self._index or _changed(self._index[key]):  # new, edited or deleted since the last scan
             self.refresh()
         entry = self._index.get(key)
         if entry is None:
             names = ", ".join(e.name for e in self.entries if e.usable)[:500] or "none"
-            raise LoraError(f"No LoRA named {name!r} in {self.folder}; available: {names}.")
+            raise LoraError(f"No LoRA named {name!r} in the LoRA folder {self.folder.name!r}; available: {names}.")
         if not entry.path.resolve().is_relative_to(self.folder.resolve()):
-            raise LoraError(f"{name!r} is a link leading outside the LoRA folder {self.folder}; it is not opened.")
+            raise LoraError(f"{name!r} is a link out of the LoRA folder {self.folder.name!r}; it is not opened.")
         if entry.refused:
             raise LoraError(f"{name}: {entry.refused}")
         return entry

@@ -428,13 +428,17 @@ class ModelManager:
         )
 
     def _free_device_memory(self) -> int | None:
-        """Device memory this process could use: free plus what torch's allocator already holds (ours to reuse)."""
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return free + torch.cuda.memory_reserved(self.device)
-        if self.device.type == "mps":
-            return (torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
-                    + torch.mps.current_allocated_memory())  # fmt: skip
+        """Device memory this process could use: free plus what torch's allocator already holds (ours to reuse).
+        None on the CPU, and where the device cannot tell yet (a ZeroGPU Space's main process holds no GPU)."""
+        try:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                return free + torch.cuda.memory_reserved(self.device)
+            if self.device.type == "mps":
+                return (torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+                        + torch.mps.current_allocated_memory())  # fmt: skip
+        except RuntimeError as e:
+            logger.info("free memory of %s unknown (%s); planning without it", self.device, e)
         return None
 
     def memory_report(self) -> dict:

@@ -159,8 +159,9 @@ def plan(free_vram: int | None, sizes: Mapping[str, int], width: int, height: in
          ceiling: str | None = None) -> Plan:  # fmt: skip
     """Choose a strategy: the heaviest (fastest) whose predicted peak fits the free device memory with HEADROOM.
 
-    free_vram None means the execution device is the CPU: resident (there is nowhere to offload to), unless
-    ram_free says the weights do not fit in RAM, then disk. A strategy other than "auto" is kept and only explained.
+    free_vram None means no figure: the execution device is the CPU (or cannot tell yet): resident, as there is
+    nowhere to offload to, unless ram_free says the weights do not fit in RAM, then disk. A strategy other than "auto"
+    is kept and only explained.
     ceiling, once an out-of-memory has proven a strategy too heavy for this machine, is the heaviest allowed.
     """
     for name in (strategy, ceiling):
@@ -185,7 +186,7 @@ def plan(free_vram: int | None, sizes: Mapping[str, int], width: int, height: in
             chosen, why = "disk", "model-offload's device peak, and the weights do not fit in RAM together"
     if ceiling is not None and heavier(chosen, ceiling):
         chosen, why = ceiling, f"{chosen} ran out of memory earlier"
-    where = "CPU execution (peaks in RAM)" if cpu else f"{_gib(free_vram)} free on the device"
+    where = "no device memory figure (CPU execution: peaks in RAM)" if cpu else f"{_gib(free_vram)} free on the device"
     ram = f", {_gib(ram_free)} RAM available" if ram_free is not None else ""
     shown = ", ".join(f"{s} {_gib(peaks[s])}" for s in STRATEGIES)
     reason = f"memory plan at {width}x{height}: {where}{ram}; predicted peaks {shown} -> {chosen} ({why})"

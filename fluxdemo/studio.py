@@ -10,6 +10,7 @@ its traceback and shown as a short sentence that points at the server log.
 from __future__ import annotations
 
 import atexit
+import errno
 import functools
 import logging
 import random
@@ -228,9 +229,9 @@ def for_people(fn: Callable) -> Callable:
             raise gr.Error(str(e), print_exception=False) from None
         except Exception as e:
             logger.exception("%s failed", fn.__name__)
-            what = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            # Only the kind of error: its text can hold paths and internals, which a public page must not show.
             raise gr.Error(
-                f"Something went wrong on the server: {what}; the details are in the server log.",
+                f"Something went wrong on the server ({type(e).__name__}); the details are in the server log.",
                 print_exception=False,
             ) from None
 
@@ -410,7 +411,12 @@ class Studio:
 
     def _png(self, path: Path, image: Image.Image, result: Result, label: str, role: str | None = None) -> str:
         """The image as a PNG carrying its parameters, so a download keeps them."""
-        return str(save_png(image, params_from_report(result.report, label, role), path))
+        try:
+            return str(save_png(image, params_from_report(result.report, label, role), path))
+        except FluxdemoError as e:  # save_png's sentence names the server's path and the CLI's --out
+            if getattr(e.__cause__, "errno", None) not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise FluxdemoError("The server's disk is full: the image was not saved (earlier ones are intact).") from e
 
     @for_people
     def set_strategy(self, strategy: str) -> str:
@@ -428,7 +434,7 @@ class Studio:
         entries = self.library.entries
         names = [e.name for e in entries if e.refused is None]
         refused = [e for e in entries if e.refused is not None]
-        info = f"{len(names)} in {self.library.folder}"
+        info = f"{len(names)} in {self.library.folder.name}/"  # never the absolute path: the page is public
         if refused:
             info += f"; not listed: {', '.join(e.name for e in refused[:3])} (see the server log)"
         if value not in names:

@@ -428,11 +428,11 @@ def rest_state(manager) -> dict:
     """The manager between requests: what a fault must leave as it found (fluxdemo.manager.ModelManager)."""
     from fluxdemo.loading import module_bytes
 
-    components = sorted(manager.loaded())
+    components = sorted(manager.loaded())  # a strategy may drop a component between requests; never load one here
     return {
         "on_device": sorted(manager.on_device_now()),
         "loaded": sorted(lora.adapter for lora in manager.adapters.loaded()),
-        "attached": {c: adapters_on(manager.get(c)) for c in ("transformer", "text_encoder")},
+        "attached": {c: adapters_on(manager.get(c)) for c in ("transformer", "text_encoder") if c in components},
         "bytes": {c: module_bytes(manager.get(c)) for c in components},
         "device_bytes": torch.cuda.memory_allocated(manager.device) if manager.device.type == "cuda" else 0,
     }
@@ -442,11 +442,13 @@ def check_consistent(manager) -> None:
     """No adapter half-loaded: what the adapter cache holds is exactly what sits on the transformer (and, for LoRAs
     with a CLIP part, on the text encoder); every component is where the strategy keeps it at rest."""
     loaded = manager.adapters.loaded()
-    transformer = adapters_on(manager.get("transformer"))
-    text_encoder = adapters_on(manager.get("text_encoder"))
-    names = sorted(lora.adapter for lora in loaded)
-    assert transformer == (names, names), f"transformer adapters {transformer} != loaded {names}"
-    clip = sorted(lora.adapter for lora in loaded if lora.affects_text_encoder)
-    assert text_encoder == (clip, clip), f"text encoder adapters {text_encoder} != loaded {clip}"
+    expected = {
+        "transformer": sorted(lora.adapter for lora in loaded),
+        "text_encoder": sorted(lora.adapter for lora in loaded if lora.affects_text_encoder),
+    }
+    for component, names in expected.items():
+        if component in manager.loaded():  # the disk strategy reattaches adapters when it reads the file again
+            attached = adapters_on(manager.get(component))
+            assert attached == (names, names), f"{component} adapters (config, layers) {attached} != loaded {names}"
     at_rest = sorted(manager.loaded()) if manager.strategy == "resident" else []
     assert sorted(manager.on_device_now()) == at_rest, f"on the device at rest: {manager.on_device_now()}"

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -444,24 +443,12 @@ except HubError as e:
 """
 
 
-def tiny_disk_command(disk: Path) -> list[str]:
-    """A command prefix that runs the rest on a 64 kB tmpfs mounted at `disk`; skips the test where impossible."""
-    mount = 'mount -t tmpfs -o size=64k tmpfs "$1" && shift && exec "$@"'
-    unshare = shutil.which("unshare")
-    for flags in (["--user", "--map-root-user", "--mount"], ["--mount"]):
-        prefix = [unshare, *flags, "sh", "-c", mount, "sh", str(disk)] if unshare else []
-        if prefix and subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0:
-            return prefix
-    pytest.skip("cannot mount a tmpfs in a private mount namespace here (needs unshare and user namespaces or root)")
-
-
-def test_disk_full_while_downloading(hub, tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
+def test_disk_full_while_downloading(hub, tmp_path, tiny_disk):
+    disk, on_tiny_disk = tiny_disk
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
     env |= {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(REPO_ROOT)}
     out = subprocess.run(
-        [*tiny_disk_command(disk), sys.executable, "-c", TINY_DISK_SCRIPT, str(disk), GGUF_REPO, hub.endpoint],
+        [*on_tiny_disk, sys.executable, "-c", TINY_DISK_SCRIPT, str(disk), GGUF_REPO, hub.endpoint],
         capture_output=True,
         text=True,
         timeout=60,

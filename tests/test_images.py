@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -160,22 +159,10 @@ except FluxdemoError as e:
 """
 
 
-def tiny_disk_command(disk: Path) -> list[str]:
-    """A command prefix that runs the rest on a 64 kB tmpfs mounted at `disk`; skips the test where impossible."""
-    mount = 'mount -t tmpfs -o size=64k tmpfs "$1" && shift && exec "$@"'
-    unshare = shutil.which("unshare")
-    for flags in (["--user", "--map-root-user", "--mount"], ["--mount"]):
-        prefix = [unshare, *flags, "sh", "-c", mount, "sh", str(disk)] if unshare else []
-        if prefix and subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0:
-            return prefix
-    pytest.skip("cannot mount a tmpfs in a private mount namespace here (needs unshare and user namespaces or root)")
-
-
-def test_disk_full_leaves_no_partial_file(tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
+def test_disk_full_leaves_no_partial_file(tiny_disk):
+    disk, on_tiny_disk = tiny_disk
     out = subprocess.run(
-        [*tiny_disk_command(disk), sys.executable, "-c", TINY_DISK_SCRIPT, str(disk)],
+        [*on_tiny_disk, sys.executable, "-c", TINY_DISK_SCRIPT, str(disk)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -295,12 +295,13 @@ def test_activation_formulas_match_traced_allocations(side):
     with torch.device("meta"):  # one block of each kind: blocks run one after another, so more add no peak
         model = FluxTransformer2DModel(**{**config, "num_layers": 1, "num_single_layers": 1}).to(dtype)
         vae = AutoencoderKL.from_config(read_config(PACKAGE_CONFIGS, "vae")).to(dtype)
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0]
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    block, size = gguf.GGML_QUANT_SIZES[q8]
     for parent in [m for m in model.modules() if m.__class__.__name__.endswith("TransformerBlock")]:
         for name, linear in [(n, m) for n, m in parent.named_modules() if type(m) is torch.nn.Linear]:
             packed = GGUFLinear(linear.in_features, linear.out_features, True, compute_dtype=dtype, device="meta")
             packed.weight = GGUFParameter(torch.empty(linear.out_features, linear.in_features // block * size,
-                                                      dtype=torch.uint8, device="meta"), quant_type=8)  # fmt: skip
+                                                      dtype=torch.uint8, device="meta"), quant_type=q8)  # fmt: skip
             packed.bias = linear.bias
             owner, _, attr = name.rpartition(".")
             setattr(parent.get_submodule(owner) if owner else parent, attr, packed)

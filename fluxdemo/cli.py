@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from fluxdemo.config import CLI_FLAGS, DEFAULT_PRESET, ENV_OVERRIDES, PRESETS, get_preset, model_dims
+from fluxdemo.config import CLI_FLAGS, DEFAULT_PRESET, ENV_OVERRIDES, PRESETS, get_preset
 from fluxdemo.errors import FluxdemoError, LoraError, OptionsError
 
 logger = logging.getLogger("fluxdemo")
@@ -175,10 +175,13 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def cmd_inspect_lora(args) -> int:
+    from fluxdemo.hub import resolve
+    from fluxdemo.loading import model_dims
     from fluxdemo.lora import format_report, inspect_lora
 
+    preset = get_preset(args.model)
     try:
-        dims, clip_config = model_dims(get_preset(args.model))
+        dims, clip_config = model_dims(resolve(preset.config_dir, component="config_dir", preset=preset.name))
         report = inspect_lora(args.file, dims, clip_config=clip_config)
     except LoraError as e:
         print(f"error: {e}", file=sys.stderr)

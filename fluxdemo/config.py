@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fluxdemo.errors import OptionsError
-from fluxdemo.flux_names import FluxDims
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs" / "flux1-dev"
 
@@ -156,13 +155,3 @@ def get_preset(name: str, overrides: dict[str, str | Path] | None = None, *, use
     for component, path in merged.items():
         preset = preset.with_local(component, path)
     return preset
-
-
-def model_dims(preset: Preset) -> tuple[FluxDims, dict]:
-    """The transformer's dimensions and the CLIP config of a preset, from its configs alone (no weights): what a
-    LoRA for it must fit."""
-    from fluxdemo.hub import resolve
-    from fluxdemo.loading import read_config
-
-    config_dir = resolve(preset.config_dir, component="config_dir", preset=preset.name)
-    return FluxDims.from_config(read_config(config_dir, "transformer")), read_config(config_dir, "text_encoder")

@@ -66,6 +66,11 @@ def read_config(config_dir: Path, component: str) -> dict:
         raise ModelFileError(f"No {component} config at {path}: the preset's config folder is incomplete.") from None
 
 
+def model_dims(config_dir: Path) -> tuple[FluxDims, dict]:
+    """The transformer's dimensions and the CLIP config, from the configs alone: what a LoRA for the model must fit."""
+    return FluxDims.from_config(read_config(config_dir, "transformer")), read_config(config_dir, "text_encoder")
+
+
 def gguf_tensors(path: Path) -> dict[str, GGUFTensor]:
     """Names, shapes and types of a GGUF file's tensors, read from its header (memory-mapped, nothing copied)."""
     with open(path, "rb") as f:

@@ -95,11 +95,7 @@ class ModelManager:
         self.device = torch.device(self.device)
         if self.dtype is None:
             self.dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
-        if self.strategy != "auto" and self.strategy not in STRATEGIES:
-            raise OptionsError(
-                f"Unknown memory strategy {self.strategy!r}; choose from auto, {', '.join(STRATEGIES)}."
-            )
-        self._requested = self.strategy  # what the user asked for; self.strategy is what runs now
+        self.request_strategy(self.strategy)
         self._ceiling: str | None = None  # after an out-of-memory fallback, never plan heavier than this again
         self._lock = threading.RLock()
         self._components: dict[str, ComponentState] = {}
@@ -115,12 +111,25 @@ class ModelManager:
         from fluxdemo.adapters import Adapters
         from fluxdemo.lora import LoraLibrary
 
-        self.adapters = Adapters(self, LoraLibrary(Path(self.lora_dir)))
+        # LoRAs are judged against this preset's model (a tiny kit's LoRAs fit the tiny model, not FLUX.1-dev).
+        dims, clip_config = loading.model_dims(self.config_dir())
+        self.adapters = Adapters(self, LoraLibrary(Path(self.lora_dir), dims, clip_config))
         # A first plan from the preset's figures alone (reading nothing); each request plans again with real sizes.
         self.plan = self._plan(planner.FLUX_DEV, self._sizes(files=False))
         self.strategy = self.plan.strategy
         logger.info("model manager: preset %s on %s (%s), strategy %s", self.preset.name, self.device,
                     str(self.dtype).removeprefix("torch."), self.strategy)  # fmt: skip
+
+    def request_strategy(self, strategy: str) -> None:
+        """What the user asks for: "auto" (planned per request) or a fixed strategy; it applies from the next
+        request (self.strategy is what runs now, which an out-of-memory fallback may have lowered)."""
+        if strategy != "auto" and strategy not in STRATEGIES:
+            raise OptionsError(f"Unknown memory strategy {strategy!r}; choose from auto, {', '.join(STRATEGIES)}.")
+        self._requested = strategy
+
+    @property
+    def requested_strategy(self) -> str:
+        return self._requested
 
     # -- the lock: one request at a time owns the model -------------------------------------------------------
     @contextmanager

@@ -421,10 +421,7 @@ class Studio:
     @for_people
     def set_strategy(self, strategy: str) -> str:
         """The memory strategy for the next runs: "auto" (planned per image size) or a fixed one."""
-        if strategy != "auto" and strategy not in STRATEGIES:
-            raise OptionsError(f"Unknown memory strategy {strategy!r}; choose from auto, {', '.join(STRATEGIES)}.")
-        # ModelManager has no public setter yet; every session plans again from what was requested.
-        self.manager._requested = strategy
+        self.manager.request_strategy(strategy)
         logger.info("memory strategy requested: %s", strategy)
         return model_summary(self.manager)
 
@@ -531,7 +528,7 @@ def build_studio(
                     )
                     strategy = gr.Dropdown(
                         ["auto", *STRATEGIES],
-                        value=manager._requested,
+                        value=manager.requested_strategy,
                         label="Memory strategy",
                         info=STRATEGY_HELP,
                     )

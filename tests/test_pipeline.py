@@ -127,3 +127,11 @@ def test_compare_baseline_equals_generate_and_lora_differs(manager, kit_lora):
     with_lora = generate(manager, OPTS, kit_lora, 1.0).images["lora"]
     assert np.array_equal(pixels(result.images["lora"]), pixels(with_lora))
     assert result.report["lora"]["name"] == kit_lora
+
+
+def test_the_library_judges_loras_against_the_loaded_preset(manager):
+    """The tiny kit's LoRAs fit the tiny model (width 32), though not FLUX.1-dev (width 3072)."""
+    entries = {e.name: e for e in manager.adapters.library.refresh()}
+    samples = {"peft.safetensors", "kohya.safetensors", "comfy.safetensors", "xlabs.safetensors"}
+    assert samples <= set(entries)
+    assert all(entries[name].report.compatible and not entries[name].report.problems for name in samples)

@@ -15,15 +15,18 @@ import itertools
 import json
 import logging
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from fluxdemo.config import get_preset
-from fluxdemo.manager import ModelManager, default_device
-from fluxdemo.pipeline import GenerateOptions, _view, compare, generate
-from fluxdemo.tiny import ensure_kit
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, without installing fluxdemo
+from fluxdemo.config import get_preset  # noqa: E402
+from fluxdemo.manager import ModelManager, default_device  # noqa: E402
+from fluxdemo.pipeline import GenerateOptions, _view, compare, generate  # noqa: E402
+from fluxdemo.tiny import ensure_kit  # noqa: E402
 
 SETTINGS = {  # real width on a CPU is ~1 s per step at 128 px with a short T5 sequence
     "tiny": dict(width=64, height=64, steps=4, max_sequence_length=64),

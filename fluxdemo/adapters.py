@@ -14,6 +14,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 from fluxdemo.errors import LoraError
 from fluxdemo.flux_names import FluxDims
 
@@ -52,6 +54,9 @@ class Adapters:
         self._loaded: OrderedDict[str, LoadedLora] = OrderedDict()  # by sha256: renamed copies share one adapter
         self._active: tuple[LoadedLora, float] | None = None
 
+    # PEFT flips requires_grad on every adapter it holds; adapters made under inference mode (as runs make them)
+    # can only be touched under it, so every method that calls PEFT runs there, whoever calls it.
+    @torch.inference_mode()
     def load(self, name: str) -> LoadedLora:
         """The named LoRA from the library, loaded as an adapter (a cache hit costs only the file's stat)."""
         entry = self.library.get(name)
@@ -109,6 +114,7 @@ class Adapters:
                     f"(e.g. {absent[:3]}); nothing was changed. Check it with `python -m fluxdemo inspect-lora`."
                 )
 
+    @torch.inference_mode()
     def _detach(self, adapter: str) -> None:
         from fluxdemo.pipeline import _view
 
@@ -117,6 +123,7 @@ class Adapters:
             if adapter in (getattr(module, "peft_config", None) or {}):
                 _view(self.manager, **{component: module}).delete_adapters(adapter)
 
+    @torch.inference_mode()
     def activate(self, loaded: LoadedLora | None, strength: float) -> None:
         """Make one LoRA active at a strength, or (None) run the base model exactly."""
         if not self._loaded:
@@ -133,6 +140,7 @@ class Adapters:
         view.set_adapters([loaded.adapter], adapter_weights=[strength])
         self._active = (loaded, strength)
 
+    @torch.inference_mode()
     def reattach(self) -> None:
         """Attach every loaded LoRA again to a transformer read back from its file (the disk strategy drops it after
         its stage; the text encoder keeps its adapters). A file gone or changed since is let go. None is active after.

@@ -85,9 +85,10 @@ def clean(lora_dir: Path) -> ModelManager:
     return new_manager(lora_dir)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def faulty(lora_dir: Path) -> ModelManager:
-    """The manager faults are injected into; every test leaves it clean, or the next test says so."""
+    """A fresh manager per test to inject faults into: after an out-of-memory error a manager stays on the lighter
+    strategy, which would make each test start where the last one left it."""
     return new_manager(lora_dir)
 
 

@@ -23,6 +23,7 @@ from fluxdemo.studio import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_QUEUE_SIZE, build_
 logger = logging.getLogger("fluxdemo")
 
 MB = 2**20
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 EPILOG = """\
 environment (flags win): FLUXDEMO_MODEL, FLUXDEMO_LORA_DIR, FLUXDEMO_AUTH=user:pass, FLUXDEMO_QUEUE_SIZE,
 FLUXDEMO_MAX_UPLOAD_MB, GRADIO_SERVER_NAME, GRADIO_SERVER_PORT; HF_TOKEN for the gated FLUX.1-dev files.
@@ -79,6 +80,28 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+def launch_options(args: argparse.Namespace, auth: tuple[str, str] | None) -> dict:
+    """demo.launch's arguments. A share link or a host other than loopback is public (SECURITY.md): it warns
+    without --auth, and turns off gradio's monitoring endpoints (usage analytics) and its server-error details."""
+    public = args.share or args.host not in LOCAL_HOSTS
+    if public and auth is None:
+        where = "--share" if args.share else f"--host {args.host}"
+        logger.warning(
+            "%s without --auth: anyone who reaches it can run jobs on this machine. Add --auth USER:PASS.", where
+        )
+    options = dict(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        auth=auth,
+        max_file_size=args.max_upload_mb * MB,
+        footer_links=["api", "gradio"],
+    )
+    if public:
+        options.update(enable_monitoring=False, show_error=False)
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -95,19 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     except FluxdemoError as e:
         logger.error("%s", e)
         return 2
-    if args.share and auth is None:
-        logger.warning(
-            "--share without --auth: anyone with the link can run jobs on this machine. Add --auth USER:PASS."
-        )
     demo = build_studio(manager, max_upload_bytes=args.max_upload_mb * MB, queue_size=args.queue_size)
-    demo.launch(
-        server_name=args.host,
-        server_port=args.port,
-        share=args.share,
-        auth=auth,
-        max_file_size=args.max_upload_mb * MB,
-        footer_links=["api", "gradio"],
-    )
+    demo.launch(**launch_options(args, auth))
     return 0
 
 

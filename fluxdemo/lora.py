@@ -508,7 +508,7 @@ class LoraLibrary:
             names = ", ".join(e.name for e in self.entries if e.usable)[:500] or "none"
             raise LoraError(f"No LoRA named {name!r} in the LoRA folder {self.folder.name!r}; available: {names}.")
         if not entry.path.resolve().is_relative_to(self.folder.resolve()):
-            raise LoraError(f"{name!r} is a link out of the LoRA folder {self.folder.name!r}; it is not opened.")
+            raise LoraError(f"{name!r} is a link leading outside the LoRA folder {self.folder.name!r}; not opened.")
         if entry.refused:
             raise LoraError(f"{name}: {entry.refused}")
         return entry

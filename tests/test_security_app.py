@@ -9,6 +9,7 @@ manager; and the transformer's base weights must hash the same afterwards.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import importlib.util
 import logging
@@ -20,7 +21,6 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -150,7 +150,6 @@ def wait_for_an_empty_queue(url: str, deadline_s: float = 60) -> None:
 
 def test_concurrent_requests_equal_the_same_requests_alone(url, app_manager, clean) -> None:
     requests = [(MIX[i % len(MIX)], options(i)) for i in range(CONCURRENT)]
-    app_manager.get("transformer")
     base_hash = hostile.base_weights_hash(app_manager.get("transformer"))
 
     def one(item):
@@ -158,7 +157,7 @@ def test_concurrent_requests_equal_the_same_requests_alone(url, app_manager, cle
         # one client per user: its own session, its own connection, as separate browsers would have
         return Client(url, verbose=False).submit(*api_args(o, lora, strength), api_name=f"/{endpoint}")
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         jobs = list(pool.map(one, requests))
     results = [job.result(timeout=300) for job in jobs]  # an error in any of them fails here, with its message
 
@@ -180,11 +179,11 @@ def test_a_full_queue_turns_requests_away_with_a_clear_message(app_manager, clea
             outcomes = []
             for job in jobs:
                 try:
-                    job.result(timeout=5)
+                    job.result(timeout=3)  # a full queue answers at once; an accepted job waits for the lock
                     outcomes.append("done")
                 except QueueError as e:
                     outcomes.append(str(e))
-                except TimeoutError:
+                except concurrent.futures.TimeoutError:
                     outcomes.append("waiting")
         full = [x for x in outcomes if "Queue is full" in x]
         assert len(full) == 3 and outcomes.count("waiting") == 2, outcomes
@@ -298,7 +297,7 @@ def test_file_routes_serve_nothing_of_the_machine(url, lora_dir, tiny_kit) -> No
             assert not any(s in response.content for s in secrets), probe
 
 
-def test_hostile_uploads_are_refused_and_the_app_keeps_serving(client, lora_dir, tiny_kit, tmp_path, clean) -> None:
+def test_hostile_uploads_are_refused_and_the_app_keeps_serving(client, url, lora_dir, tiny_kit, tmp_path, clean):
     peft = (tiny_kit / "loras" / "peft.safetensors").read_bytes()
     canary = tmp_path / "unpickled"
     files = {
@@ -308,22 +307,29 @@ def test_hostile_uploads_are_refused_and_the_app_keeps_serving(client, lora_dir,
         "lying.safetensors": hostile.pack({"x": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 4]}}),
         "cut.safetensors": peft[: len(peft) // 2],
         "big.safetensors": peft + b"\0" * MAX_UPLOAD,
-        "../../escape.safetensors": peft,
     }
     before = sorted(p.name for p in lora_dir.iterdir())
     for name, data in files.items():
-        path = tmp_path / Path(name).name
-        path.write_bytes(data)
-        if name.startswith(".."):  # the name the browser sends is only ever a label: it lands inside the folder
-            stored = client.predict(handle_file(path), api_name="/upload_lora")
-            assert (lora_dir / stored).is_file() and "/" not in stored
-            (lora_dir / stored).unlink()
-            continue
+        (tmp_path / name).write_bytes(data)
         # gradio_client itself refuses a file over the app's max_file_size (ValueError) before sending it
         with pytest.raises(ValueError if name == "big.safetensors" else AppError):
-            client.predict(handle_file(path), api_name="/upload_lora")
+            client.predict(handle_file(tmp_path / name), api_name="/upload_lora")
     assert not canary.exists()
     assert sorted(p.name for p in lora_dir.iterdir()) == before
+
+    # A browser can send any file name; a script can send "../../escape.safetensors". It is a label at most.
+    response = httpx.post(
+        f"{url.rstrip('/')}/gradio_api/upload", files=[("files", ("../../escape.safetensors", peft))]
+    )
+    (uploaded,) = response.json()
+    file = {"path": uploaded, "orig_name": "../../escape.safetensors", "meta": {"_type": "gradio.FileData"}}
+    stored = client.predict(file, api_name="/upload_lora")
+    assert (lora_dir / stored).read_bytes() == peft and "/" not in stored
+    assert not any(
+        p.exists() for p in (lora_dir.parent / "escape.safetensors", lora_dir.parent.parent / "escape.safetensors")
+    )
+    (lora_dir / stored).unlink()
+
     o = options(3)
     result = client.predict(*api_args(o, "peft.safetensors", 1.0), api_name="/compare")
     assert same(served("compare", result), alone(clean, "compare", o, "peft.safetensors", 1.0))
@@ -392,8 +398,14 @@ def run_app(monkeypatch: pytest.MonkeyPatch, manager: ModelManager, flags: tuple
     launches: list[tuple] = []
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launches.append((self, kwargs)))
     monkeypatch.setattr(app, "manager_from_args", lambda args: (manager, None))
-    assert app.main(["--model", "tiny", *flags]) == 0
-    monkeypatch.undo()
+    loggers = [logging.getLogger(n) for n in ("", "diffusers", "transformers", "httpx", "huggingface_hub")]
+    levels = [logger.level for logger in loggers]  # main() sets them for a terminal; the test session keeps its own
+    try:
+        assert app.main(["--model", "tiny", *flags]) == 0
+    finally:
+        monkeypatch.undo()
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
     (launch,) = launches
     return launch
 

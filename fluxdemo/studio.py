@@ -133,7 +133,7 @@ def lora_card(report: dict | None) -> str:
     if not report:
         return "No LoRA selected: pick one from the folder, or upload a `.safetensors` file."
     modules = ", ".join(f"{group} {n}" for group, n in report["modules"].items())
-    verdict = "fits FLUX.1-dev" if report["compatible"] else "**does not fit** FLUX.1-dev"
+    verdict = "fits the loaded model" if report["compatible"] else "**does not fit** the loaded model"
     lines = [
         f"### {report['name']}",
         f"**{report['format']}** LoRA, {verdict} · rank {report['rank']} · alpha {report['alpha']} · "

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, without installing fluxdemo
 from fluxdemo.config import get_preset  # noqa: E402
 from fluxdemo.manager import ModelManager, default_device  # noqa: E402
-from fluxdemo.pipeline import GenerateOptions, _view, compare, generate  # noqa: E402
+from fluxdemo.pipeline import GenerateOptions, compare, generate, pipeline_view  # noqa: E402
 from fluxdemo.tiny import ensure_kit  # noqa: E402
 
 SETTINGS = {  # real width on a CPU is ~1 s per step at 128 px with a short T5 sequence
@@ -51,7 +51,7 @@ def options(kind: str, prompt: str | None = None) -> GenerateOptions:
 def plain_pipeline(manager: ModelManager):
     """diffusers' FluxPipeline over our very modules, everything resident: the reference loop."""
     parts = {c: manager.get(c) for c in ("transformer", "text_encoder", "text_encoder_2", "vae")}
-    return _view(manager, "tokenizer", "tokenizer_2", scheduler=manager.scheduler(), **parts)
+    return pipeline_view(manager, "tokenizer", "tokenizer_2", scheduler=manager.scheduler(), **parts)
 
 
 def bench_kind(kind: str, repeat: int) -> dict:

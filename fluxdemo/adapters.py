@@ -116,21 +116,21 @@ class Adapters:
 
     @torch.inference_mode()
     def _detach(self, adapter: str) -> None:
-        from fluxdemo.pipeline import _view
+        from fluxdemo.pipeline import pipeline_view
 
         for component in ("transformer", "text_encoder"):
             module = self.manager.get(component)
             if adapter in (getattr(module, "peft_config", None) or {}):
-                _view(self.manager, **{component: module}).delete_adapters(adapter)
+                pipeline_view(self.manager, **{component: module}).delete_adapters(adapter)
 
     @torch.inference_mode()
     def activate(self, loaded: LoadedLora | None, strength: float) -> None:
         """Make one LoRA active at a strength, or (None) run the base model exactly."""
         if not self._loaded:
             return
-        from fluxdemo.pipeline import _view
+        from fluxdemo.pipeline import pipeline_view
 
-        view = _view(self.manager, transformer=self.manager.get("transformer"),
+        view = pipeline_view(self.manager, transformer=self.manager.get("transformer"),
                      text_encoder=self.manager.get("text_encoder"))  # fmt: skip
         if loaded is None:
             view.disable_lora()

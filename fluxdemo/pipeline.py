@@ -104,7 +104,7 @@ def encode(manager: ModelManager, prompt: str, max_sequence_length: int = MAX_T5
     if cached is not None:
         manager.timeline.add("encode (cached)", 0.0)
         return cached
-    view = _view(manager, "tokenizer", "tokenizer_2")
+    view = pipeline_view(manager, "tokenizer", "tokenizer_2")
     truncated = max(0, len(view.tokenizer_2(prompt).input_ids) - max_sequence_length)
     if truncated:
         logger.warning("The prompt is %d T5 tokens over %d; the end is cut off.", truncated, max_sequence_length)
@@ -119,7 +119,7 @@ def encode(manager: ModelManager, prompt: str, max_sequence_length: int = MAX_T5
     return result
 
 
-def _view(manager: ModelManager, *components: str, **modules):
+def pipeline_view(manager: ModelManager, *components: str, **modules):
     """A FluxPipeline over only the named parts. diffusers takes its execution device from the first module it
     finds (the VAE), which is wrong while only the stage's component is on the device."""
     from diffusers import FluxPipeline
@@ -143,7 +143,7 @@ def denoise(
     controls: Controls,
 ) -> torch.Tensor:
     """The flow-matching loop for one image, with the transformer already on the device. Returns packed latents."""
-    view = _view(manager, scheduler=manager.scheduler(), transformer=transformer)
+    view = pipeline_view(manager, scheduler=manager.scheduler(), transformer=transformer)
     view.set_progress_bar_config(disable=True)  # our timeline logs each step, with its seconds
     last = time.perf_counter()
 

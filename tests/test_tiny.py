@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, CLIPTokenizer, T5Config, T5EncoderModel,
 from fluxdemo import tiny
 from fluxdemo.config import get_preset
 from fluxdemo.flux_names import SWAPPED_HALVES, FluxDims, bfl_linear_shapes, fused_map, linear_map, norm_map
+from fluxdemo.loading import load_transformer
 
 TEXTS = ["a cat", "a photo of a dog in the snow", "A Photo of a DOG, 42 zebras!", "héllo wörld ☃", ""]
 Q8_0, Q4_0 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0
@@ -303,3 +304,9 @@ def test_tiny_wide_kit_loads_with_diffusers_stock_single_file_loader(tiny_kit: P
             assert _rel_err(dequantize_gguf_tensor(actual), expected) < 1e-2, name
         else:
             assert torch.equal(actual, expected), name
+
+    # fluxdemo's own width-agnostic loader on the same file: exactly diffusers' result, packed bytes included.
+    ours, _ = load_transformer(kit / "gguf" / "flux1-tiny-wide-Q8_0.gguf", kit, torch.float32)
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(tensor, loaded[name]), name
+        assert getattr(tensor, "quant_type", None) == getattr(loaded[name], "quant_type", None), name

@@ -14,6 +14,7 @@ import errno
 import functools
 import logging
 import random
+import re
 import shutil
 import tempfile
 import threading
@@ -211,6 +212,16 @@ def preset_of(width: float, height: float) -> str | None:
     return next((name for name, size in SIZE_PRESETS.items() if size == (width, height)), None)
 
 
+# An absolute path of two or more parts, e.g. /root/.cache/huggingface/hub (quotes and brackets end it).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/(?:[^\s/'\"`()]+/)+[^\s/'\"`()]*")
+
+
+def without_paths(message: str) -> str:
+    """The library's sentence with the machine's absolute paths cut to their last part: a page may be public, and
+    where the server keeps its files is none of a visitor's business (the server log keeps the full message)."""
+    return _ABSOLUTE_PATH.sub(lambda m: ".../" + m.group(0).rstrip("/").rsplit("/", 1)[-1], message)
+
+
 def for_people(fn: Callable) -> Callable:
     """Turn a handler's errors into what a person can read: the library's sentence for errors they can act on, and
     for anything else a short note while the traceback goes to the server log."""
@@ -223,10 +234,10 @@ def for_people(fn: Callable) -> Callable:
             raise
         except CancelledError as e:
             logger.info("%s", e)
-            raise gr.Error(str(e), title="Cancelled", print_exception=False) from None
+            raise gr.Error(without_paths(str(e)), title="Cancelled", print_exception=False) from None
         except FluxdemoError as e:
             logger.warning("%s: %s", fn.__name__, e)
-            raise gr.Error(str(e), print_exception=False) from None
+            raise gr.Error(without_paths(str(e)), print_exception=False) from None
         except Exception as e:
             logger.exception("%s failed", fn.__name__)
             # Only the kind of error: its text can hold paths and internals, which a public page must not show.

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from fluxdemo.images import read_params
 from fluxdemo.pipeline import GenerateOptions, compare
-from fluxdemo.studio import build_studio, insert_trigger_words, parse_strengths, to_options
+from fluxdemo.studio import build_studio, insert_trigger_words, parse_strengths, to_options, without_paths
 
 MAX_UPLOAD = 2**20
 OPTS = GenerateOptions("a cat on a red sofa", seed=42, steps=4, width=64, height=48)
@@ -180,4 +180,29 @@ def test_zero_gpu_duration_grows_with_steps_size_and_images():
     assert (
         gpu_seconds(sweep, None, GenerateOptions("a", steps=100, width=2048, height=2048), "x", [1.0] * 8, None)
         == MAX_SECONDS
+    )
+
+
+def test_error_sentences_reach_clients_without_the_machines_paths(tmp_path, tiny_kit, kit_lora):
+    """A missing model file: the server log has the path, the client only the sentence with the path cut short."""
+    from fluxdemo.config import get_preset
+    from fluxdemo.manager import ModelManager
+
+    missing = tmp_path / "deep" / "inside" / "flux1-dev-Q8_0.gguf"
+    preset = get_preset("tiny", {"transformer": missing}, use_env=False)
+    demo = build_studio(ModelManager(preset, device="cpu", lora_dir=tiny_kit / "loras"), max_upload_bytes=MAX_UPLOAD)
+    demo.launch(prevent_thread_lock=True, quiet=True)
+    try:
+        with pytest.raises(AppError) as e:
+            Client(demo.local_url, verbose=False).predict(*api_args(OPTS, kit_lora), api_name="/generate")
+    finally:
+        demo.close()
+    assert "flux1-dev-Q8_0.gguf" in str(e.value) and ".../flux1-dev-Q8_0.gguf" in str(e.value)
+    assert str(tmp_path) not in str(e.value)
+
+
+def test_without_paths_keeps_repo_ids_and_numbers():
+    message = "tokenizer (black-forest-labs/FLUX.1-dev/tokenizer) is not in the cache (/root/.cache/hf/hub): 3/4 done"
+    assert without_paths(message) == (
+        "tokenizer (black-forest-labs/FLUX.1-dev/tokenizer) is not in the cache (.../hub): 3/4 done"
     )

@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from huggingface_hub.errors import (
 )
 
 from fluxdemo.config import CLI_FLAGS, COMPONENTS, Preset, Source
-from fluxdemo.errors import HubError, ModelFileError, OptionsError
+from fluxdemo.errors import HubError, ModelFileError
 
 logger = logging.getLogger(__name__)
 
@@ -105,21 +104,11 @@ def resolve(
     return _fetch(source, component, preset, token, offline, cache_dir, endpoint).path
 
 
-def resolve_preset(preset: Preset, components: Iterable[str] | None = None, **kw) -> dict[str, Path]:
-    """{component: local path} for the preset's components (default: all of them and the config folder)."""
-    sources = _all_sources(preset)
-    names = list(sources) if components is None else list(components)
-    unknown = [n for n in names if n not in sources]
-    if unknown:
-        raise OptionsError(f"Unknown component(s) {', '.join(unknown)}; choose from {', '.join(sources)}.")
-    return {n: resolve(sources[n], component=n, preset=preset.name, **kw) for n in names}
-
-
 def download_preset(
     preset: Preset, *, token: str | None = None, cache_dir: Path | None = None, endpoint: str | None = None
 ) -> DownloadReport:
     """Fetch and verify every file of a preset; files already in the cache are checked, not downloaded again."""
-    sources = _all_sources(preset)
+    sources = preset.sources()
     # Smallest first: the gated files are the small ones, so a licence or token problem shows up in seconds,
     # not after 18 GB of transformer and T5.
     order = sorted(sources, key=lambda n: sources[n].approx_bytes)
@@ -127,10 +116,6 @@ def download_preset(
     report = DownloadReport(preset=preset.name, files=files)
     logger.info("preset %s: %d files, %s, %.1f s", preset.name, len(files), _human(report.total_bytes), report.seconds)
     return report
-
-
-def _all_sources(preset: Preset) -> dict[str, Source]:
-    return {**preset.sources(), "config_dir": preset.config_dir}
 
 
 def _fetch(

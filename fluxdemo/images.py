@@ -168,17 +168,6 @@ def _link_new(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def unique_path(folder: Path, stem: str, suffix: str = ".png") -> Path:
-    """folder/stem.png, or the first free of stem-1.png, stem-2.png, ...: never an existing file."""
-    folder = Path(folder)
-    candidate = folder / f"{stem}{suffix}"
-    n = 0
-    while candidate.exists():
-        n += 1
-        candidate = folder / f"{stem}-{n}{suffix}"
-    return candidate
-
-
 def side_by_side(
     left: Image.Image,
     right: Image.Image,

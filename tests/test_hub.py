@@ -24,8 +24,8 @@ import pytest
 from huggingface_hub import constants
 
 from fluxdemo.config import PACKAGE_CONFIGS, PRESETS, Preset, Source
-from fluxdemo.errors import HubError, ModelFileError, OptionsError
-from fluxdemo.hub import download_preset, resolve, resolve_preset
+from fluxdemo.errors import HubError, ModelFileError
+from fluxdemo.hub import download_preset, resolve
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GGUF_REPO = "city96/FLUX.1-dev-gguf"
@@ -407,10 +407,6 @@ def test_download_preset_reports_every_file(hub, cache, caplog):
 
     again = download_preset(preset, cache_dir=cache, endpoint=hub.endpoint)  # no token needed: all cached
     assert {f.origin for f in again.files} == {"cache", "local"}
-    paths = resolve_preset(preset, ["vae", "tokenizer"], cache_dir=cache, endpoint=hub.endpoint)
-    assert paths == {f.component: f.path for f in again.files if f.component in ("vae", "tokenizer")}
-    with pytest.raises(OptionsError, match="Unknown component"):
-        resolve_preset(preset, ["unet"])
 
 
 def test_tiny_kit_preset_resolves_and_verifies(tiny_kit):

@@ -22,7 +22,6 @@ from fluxdemo.images import (
     read_params,
     save_png,
     side_by_side,
-    unique_path,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -103,17 +102,6 @@ def test_save_refuses_an_existing_path_and_leaves_no_temp_files(tmp_path):
     save_png(_image(), LORA, out, overwrite=True)
     assert read_params(out) == LORA
     assert os.listdir(out.parent) == ["baseline.png"]  # no temp file, no hard-link leftover
-
-
-def test_unique_path_never_reuses_a_name(tmp_path):
-    assert unique_path(tmp_path, "fox") == tmp_path / "fox.png"
-    names = []
-    for _ in range(3):
-        path = unique_path(tmp_path, "fox")
-        save_png(_image(), BASE, path)
-        names.append(path.name)
-    assert names == ["fox.png", "fox-1.png", "fox-2.png"]
-    assert unique_path(tmp_path, "fox", ".json") == tmp_path / "fox.json"
 
 
 def test_side_by_side_size_and_placement():

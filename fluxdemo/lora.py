@@ -45,7 +45,10 @@ DTYPE_BYTES = (
     | dict.fromkeys(("I32", "U32", "F32"), 4)
     | dict.fromkeys(("I64", "U64", "F64"), 8)
 )
-_TORCH_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+_TORCH_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"} | {
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
 _PICKLE = (
     "a pickle/PyTorch checkpoint, not safetensors; it was not opened, because unpickling can run code. Get the "
     ".safetensors release of this LoRA, or convert it where you trust the file (torch.load, then "
@@ -386,13 +389,21 @@ def _convert(read, shapes, dtypes, meta, dims, clip_config, identity, dtype) -> 
     out: dict[str, dict[str, torch.Tensor]] = {"transformer": {}, "text_encoder": {}}
     bad = []
     for adapter, scale in plan:
-        tensors = {k: cached(k) for r, k in adapter.keys.items() if r != "alpha"}
+        # fp8 (e4m3fn, e5m2) upcast: every fp8 value is exact in float32, and torch has little fp8 arithmetic on CPU
+        tensors = {k: _upcast(cached(k)) for r, k in adapter.keys.items() if r != "alpha"}
         bad += [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
         up, down = factors(adapter, tensors, scale)
+        bias = tensors.get(adapter.keys.get("diff_b", ""))  # ComfyUI applies bias deltas at the strength, no alpha
         component = adapter.resolved.target.component
-        for module, (b, a) in split_parts(adapter.resolved.target, up, down).items():
+        for module, (b, a, c) in split_parts(adapter.resolved.target, up, down, bias).items():
             out[component][f"{component}.{module}.lora_A.weight"] = a.to(dtype)
             out[component][f"{component}.{module}.lora_B.weight"] = b.to(dtype)
+            if c is not None:
+                out[component][f"{component}.{module}.lora_B.bias"] = c.to(dtype)
+    for part in out.values():  # PEFT's lora_bias is per adapter: every module then needs a lora_B bias, zero if none
+        if any(k.endswith(".bias") for k in part):
+            for key in [k for k in part if k.endswith("lora_B.weight")]:
+                part.setdefault(key.removesuffix("weight") + "bias", torch.zeros(part[key].shape[0], dtype=dtype))
     # A finite file can still overflow once alpha / rank is folded in (a crafted alpha of 1e300): check the result.
     bad = bad or [k for part in out.values() for k, v in part.items() if not bool(torch.isfinite(v).all())]
     if bad:
@@ -409,6 +420,10 @@ def _convert(read, shapes, dtypes, meta, dims, clip_config, identity, dtype) -> 
         report.scale,
     )
     return ConvertedLora(out["transformer"], out["text_encoder"], report)
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
 
 
 # --- discovery --------------------------------------------------------------------------------------------------

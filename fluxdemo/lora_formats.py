@@ -49,18 +49,25 @@ ROLE_SUFFIXES: dict[str, str] = {
     ".hada_t2": "tucker",
 }
 
-KIND_OF_ROLE = {"down": "lora", "up": "lora", "diff": "full", "diff_b": "full", "dora": "dora"}
+# diff_b (a bias delta) rides along with whatever else adapts its module, like alpha; alone it makes a "bias" adapter.
+KIND_OF_ROLE = {"down": "lora", "up": "lora", "diff": "full", "dora": "dora"}
 KIND_OF_ROLE |= {r: "lokr" for r in ROLE_SUFFIXES.values() if r.startswith("lokr_")}
 KIND_OF_ROLE |= {r: "loha" for r in ROLE_SUFFIXES.values() if r.startswith("hada_")}
 KIND_OF_ROLE |= {"lora_bias": "unsupported", "tucker": "unsupported"}
 
 # Why a kind cannot be applied as a LoRA adapter (the caller turns these into problems).
 REFUSED_KINDS = {
-    "full": "full weight deltas (.diff/.diff_b) replace weights directly and cannot be applied as a LoRA adapter",
     "dora": "DoRA needs the base weight norm; not supported yet",
     "unsupported": "LoRA biases and Tucker/convolution cores (lora_B.bias, lora_mid, lokr_t2, hada_t*) "
     "are not supported for FLUX",
 }
+# Full deltas (.diff, .diff_b) are applied on linear layers as an extra delta module; anywhere else (a norm scale) they
+# would have to be written into the base weights, which this app never changes (strength 0 must stay bit-identical).
+NOT_LINEAR_DELTA = (
+    "full weight deltas (.diff/.diff_b) on modules that are not linear layers (e.g. norm scales) would have to change "
+    "the base weights, which this app never does"
+)
+APPLIED_KINDS = frozenset({"lora", "lokr", "loha", "full", "bias"})
 
 # SD1.x/SD2/SDXL UNet blocks (diffusers and original LDM spellings) and SD3's MMDiT: another model entirely.
 _SD_UNET = re.compile(r"(?:^|[._])(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)[._]\d")
@@ -99,11 +106,13 @@ class Adapter:
 
     @functools.cached_property  # asked for often, and only once all of the module's keys are grouped
     def kind(self) -> str:
-        kinds = {KIND_OF_ROLE[r] for r in self.keys if r != "alpha"}
-        for refused in ("unsupported", "dora", "full"):  # the hardest part decides
+        kinds = {KIND_OF_ROLE[r] for r in self.keys if r not in ("alpha", "diff_b")}
+        for refused in ("unsupported", "dora"):  # the hardest part decides
             if refused in kinds:
                 return refused
-        return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "alpha-only"
+        if not kinds:
+            return "bias" if "diff_b" in self.keys else "alpha-only"
+        return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
 def _group(name: str) -> str:
@@ -392,6 +401,13 @@ def delta_shape(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]]) -> tupl
         rank = shapes[decomposed[0]][0] if decomposed else 0  # LyCORIS' lora_dim; 0: both factors full
         out, inp = w1[0] * w2[0], w1[1] * w2[1]
         return (out, inp), rank, min(w1[2] * w2[2], inp)
+    if kind == "full":
+        diff = shapes[k["diff"]]
+        if len(diff) != 2 or 0 in diff:
+            raise ValueError(f"has a full delta (.diff) of shape {list(diff)}, not a non-empty matrix")
+        return (diff[0], diff[1]), 0, min(diff)
+    if kind == "bias" and adapter.resolved.target.shape is not None:
+        return adapter.resolved.target.shape, 0, 1  # applied as a zero rank-1 pair carrying the bias
     raise ValueError(f"is a {kind} adapter")
 
 
@@ -408,6 +424,13 @@ def factors(adapter: Adapter, t: Mapping[str, torch.Tensor], scale: float) -> tu
     }
     if adapter.kind == "lora":
         return f["up"] * scale, f["down"]
+    if adapter.kind == "full":  # the dense delta against an identity on its smaller side: exact, rank min(out, in)
+        d = f["diff"] * scale
+        out, inp = d.shape
+        return (d, torch.eye(inp, dtype=d.dtype)) if inp <= out else (torch.eye(out, dtype=d.dtype), d)
+    if adapter.kind == "bias":  # PEFT adds lora_B's bias, times the strength, to the output: bias += s * diff_b
+        out, inp = adapter.resolved.target.shape
+        return torch.zeros(out, 1), torch.zeros(1, inp)
     if adapter.kind == "loha":
         a1, b1, a2, b2 = f["hada_w1_a"], f["hada_w1_b"], f["hada_w2_a"], f["hada_w2_b"]
         up = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)
@@ -421,13 +444,21 @@ def factors(adapter: Adapter, t: Mapping[str, torch.Tensor], scale: float) -> tu
     return up * scale, down
 
 
-def split_parts(target: Target, up: torch.Tensor, down: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """diffusers module -> (B rows, A): a fused BFL linear splits by output rows and shares A (delta = B @ A)."""
-    if target.swap_halves:
-        half = up.shape[0] // 2
-        up = torch.cat([up[half:], up[:half]])
+def split_parts(
+    target: Target, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """diffusers module -> (B rows, A, bias rows or None): a fused BFL linear splits by output rows and shares A."""
     rows = [r for _, r in target.parts]
-    return {name: (b.contiguous(), down) for (name, _), b in zip(target.parts, torch.split(up, rows), strict=True)}
+    out = []
+    for rowwise in (up, bias):
+        if rowwise is not None and target.swap_halves:
+            half = rowwise.shape[0] // 2
+            rowwise = torch.cat([rowwise[half:], rowwise[:half]])
+        out.append(torch.split(rowwise, rows) if rowwise is not None else [None] * len(rows))
+    return {
+        name: (b.contiguous(), down, None if c is None else c.contiguous())
+        for (name, _), b, c in zip(target.parts, *out, strict=True)
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -439,7 +470,8 @@ PEFT_DEFAULT_ALPHA = 8  # LoraConfig's default: what diffusers uses when lora_ad
 # LoKr/LoHa become an exact (B, A) pair whose rank can reach in_features (a full-rank LoKr is a dense delta); above
 # this many float32 bytes in all we refuse rather than hold several GB of factors per adapter.
 LYCORIS_MAX_BYTES = 2**30
-FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2"})  # upcast to float32 when read: every value is exact in float32
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"}) | FP8_DTYPES
 _NO_ADAPTER = "keys that form no adapter (an alpha without weights, or LoRA and LyCORIS keys on one module)"
 
 
@@ -489,7 +521,7 @@ def _modules(n: int) -> str:
 
 def _is_noop(a: Adapter, read: Callable[[str], torch.Tensor]) -> bool:
     """True when the part has no effect: a LoRA with an all-zero half, or all-zero full deltas."""
-    zero = [not bool(read(k).any()) for r, k in a.keys.items() if r != "alpha"]
+    zero = [not bool(read(k).float().any()) for r, k in a.keys.items() if r != "alpha"]  # float(): fp8 has no any()
     return any(zero) if a.kind == "lora" else all(zero)
 
 
@@ -504,7 +536,7 @@ class _Checker:
         self.unknown: list[Adapter] = []
         self.refused: Counter = Counter()
         self.owners: dict[str, str] = {}
-        self.t5_live = self.lycoris_bytes = 0
+        self.t5_live = self.lycoris_bytes = self.fp8 = self.deltas = self.biases = 0
 
     def run(self) -> KeyAnalysis:
         adapters, loose = group_keys(sorted(self.shapes), self.tables)
@@ -520,11 +552,20 @@ class _Checker:
             )
         elif self.r.t5:
             self.r.warnings.append("its T5 part is all zeros (no effect) and is ignored")
+        if self.fp8:
+            self.r.warnings.append(
+                f"{_modules(self.fp8)} store fp8 weights (float8_e4m3fn/e5m2); they are upcast to float32 and applied"
+            )
+        if self.deltas or self.biases:
+            self.r.warnings.append(
+                f"full deltas applied as extra delta modules: {self.deltas} weight (.diff), "
+                f"{self.biases} bias (.diff_b)"
+            )
         if self.lycoris_bytes > LYCORIS_MAX_BYTES:
             self.r.problems.append(
-                f"its LyCORIS modules need {self.lycoris_bytes / 2**30:.1f} GB as exact LoRA factors (the limit is "
-                f"{LYCORIS_MAX_BYTES / 2**30:.0f} GB): a near-full-rank LoKr/LoHa is not supported; use a LoRA "
-                "release of it"
+                f"its LyCORIS and full-delta modules need {self.lycoris_bytes / 2**30:.1f} GB as exact LoRA factors "
+                f"(the limit is {LYCORIS_MAX_BYTES / 2**30:.0f} GB): a near-full-rank LoKr/LoHa or a whole-model "
+                "full delta is not supported; use a LoRA release of it"
             )
         # The transformer's keys name the format; a file that adapts only text encoders is named by theirs.
         namings = Counter(a.resolved.naming for a in adapters if a.resolved.family == "flux") or Counter(
@@ -533,18 +574,19 @@ class _Checker:
         self.r.naming = namings.most_common(1)[0][0] if namings else "unknown"
         kinds = Counter(a.kind for a in adapters)
         special = (("lokr", "lycoris-lokr"), ("loha", "lycoris-loha"), ("dora", "dora"))
-        fallback = "full-delta" if set(kinds) == {"full"} else self.r.naming
+        fallback = "full-delta" if set(kinds) <= {"full", "bias"} else self.r.naming
         self.r.format = self.r.format or next((f for kind, f in special if kinds[kind]), fallback)
         return self.r
 
     def adapter(self, a: Adapter) -> bool:
         """Check one adapter; True when its keys count as matched (applied, or a harmless all-zero part)."""
         kind, target = a.kind, a.resolved.target
-        if kind not in ("lora", "lokr", "loha"):
-            if kind in REFUSED_KINDS and _is_noop(a, self.read):  # e.g. all-zero `diff` norms some trainers save
+        full = kind in ("full", "bias")
+        if kind not in APPLIED_KINDS or (full and target is None):
+            if (kind in REFUSED_KINDS or full) and _is_noop(a, self.read):  # e.g. all-zero `diff` norms trainers save
                 self.r.warnings.append(f"{a.module}: all-zero {kind} weights, ignored (they have no effect)")
                 return True
-            self.refused[REFUSED_KINDS.get(kind, _NO_ADAPTER)] += 1
+            self.refused[NOT_LINEAR_DELTA if full else REFUSED_KINDS.get(kind, _NO_ADAPTER)] += 1
             return False
         if target is None:
             self.unknown.append(a)
@@ -560,19 +602,28 @@ class _Checker:
         if any(self.dtypes[k] not in FLOAT_DTYPES for r, k in a.keys.items() if r != "alpha"):
             self.r.problems.append(f"{a.module} has non-floating-point weights")
             return False
+        self.fp8 += any(self.dtypes[k] in FP8_DTYPES for k in a.keys.values())
+        if "diff_b" in a.keys and self.shapes[a.keys["diff_b"]] != (out,):
+            self.r.problems.append(
+                f"{a.module} has a bias delta of shape {list(self.shapes[a.keys['diff_b']])}, the module {out} rows"
+            )
+            return False
         if target.component == "t5":
             self.r.t5 = True
             self.r.modules["t5"] += 1
             self.t5_live += not _is_noop(a, self.read)
             return True
         alpha, scale = self.scale(a, rank)
-        self.r.ranks.append(rank)
-        self.r.alphas.append(alpha)
-        self.r.scales.append(scale)
+        if not full:  # a full or bias delta has no rank or alpha: it is applied as it is, times the strength
+            self.r.ranks.append(rank)
+            self.r.alphas.append(alpha)
+            self.r.scales.append(scale)
+        self.deltas += "diff" in a.keys
+        self.biases += "diff_b" in a.keys
         if target.shape is not None and (out, inp) != target.shape:
             self.misfits.append((a, out, inp))
             return False
-        if kind != "lora":
+        if kind in ("lokr", "loha", "full"):
             self.lycoris_bytes += 4 * exact_rank * (out + inp)
         for part, _ in target.parts:
             if part in self.owners:

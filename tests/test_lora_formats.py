@@ -254,7 +254,10 @@ def test_lycoris_over_budget_is_refused(tmp_path, monkeypatch):
     )
     monkeypatch.setattr(lora_formats, "LYCORIS_MAX_BYTES", 1000)
     report = inspect_lora(path, TINY, clip_config=CLIP)
-    assert not report.compatible and "near-full-rank LoKr/LoHa is not supported" in report.problems[0]
+    assert (
+        not report.compatible
+        and "near-full-rank LoKr/LoHa or a whole-model full delta is not supported" in report.problems[0]
+    )
 
 
 @pytest.mark.parametrize(
@@ -551,3 +554,92 @@ def test_sample_loras_for_the_kits(tmp_path):
         assert report.compatible and report.format == FORMAT_NAMES[fmt], report.problems
         converted = to_diffusers(path, TINY, CLIP)
         assert all(v.abs().max() > 0 for k, v in converted.transformer.items() if "lora_B" in k)
+
+
+# --- full and bias deltas, fp8 (issue 11) --------------------------------------------------------------------------
+
+
+def _tiny_model():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(**TINY_CONFIG, patch_size=1, axes_dims_rope=[4, 6, 6]).eval()
+
+
+def _effective(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) a linear layer acts with, adapters included: its outputs on the identity and on zero."""
+    with torch.no_grad():
+        bias = module(torch.zeros(1, module.in_features))[0]
+        return (module(torch.eye(module.in_features)) - bias).T, bias
+
+
+def comfy_save(dims: FluxDims, g: torch.Generator, dtype=torch.float16) -> tuple[dict, dict]:
+    """What ComfyUI's LoraSave writes (bias_diff=True, its default): lora_up/down per changed weight, diff_b per bias;
+    the FULL_DIFF type writes .diff instead. Returns the tensors and, per BFL module, (delta, bias delta)."""
+    d = dims.inner
+    shapes = {"double_blocks.0.img_attn.qkv": (3 * d, d), "single_blocks.0.linear2": (d, d + dims.mlp),
+              "final_layer.adaLN_modulation.1": (2 * d, d), "txt_in": (d, dims.joint_attention_dim),
+              "double_blocks.0.txt_mlp.0": (dims.mlp, d)}  # fmt: skip
+    t, want = {}, {}
+    for i, (bfl, (out, inp)) in enumerate(shapes.items()):
+        p = f"diffusion_model.{bfl}"
+        bias = (torch.randn(out, generator=g) * 0.1).to(dtype)
+        t[f"{p}.diff_b"] = bias
+        if i % 3 == 0:  # a LoRA plus its bias delta
+            up, down = torch.randn(out, 2, generator=g).to(dtype), (torch.randn(2, inp, generator=g) / inp).to(dtype)
+            t |= {f"{p}.lora_up.weight": up, f"{p}.lora_down.weight": down}
+            want[bfl] = (up.float() @ down.float(), bias.float())
+        elif i % 3 == 1:  # FULL_DIFF: the whole weight delta
+            diff = (torch.randn(out, inp, generator=g) / inp).to(dtype)
+            t[f"{p}.diff"] = diff
+            want[bfl] = (diff.float(), bias.float())
+        else:  # only the bias changed
+            want[bfl] = (torch.zeros(out, inp), bias.float())
+    return t, want
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float8_e4m3fn, torch.float8_e5m2], ids=["f16", "e4m3", "e5m2"])
+def test_bias_and_full_deltas_and_fp8_apply_exactly_on_the_model(tmp_path, strength, dtype):
+    """ComfyUI LoraSave files (.diff_b, .diff), also in fp8: every adapted layer acts with W + s * delta and
+    b + s * diff_b, loaded through diffusers' load_lora_adapter like every LoRA."""
+    tensors, want = comfy_save(TINY, torch.Generator().manual_seed(11), dtype)
+    report = inspect_lora(lf.save(tmp_path / "comfy.safetensors", tensors), TINY, clip_config=CLIP)
+    assert report.compatible and not report.unmatched, report.problems
+    assert "full deltas applied as extra delta modules: 2 weight (.diff), 5 bias (.diff_b)" in report.warnings
+    assert any("fp8" in w for w in report.warnings) == (dtype != torch.float16)
+    model = _tiny_model()
+    base = {n: (m.weight.detach().clone(), m.bias.detach().clone()) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)}  # fmt: skip
+    model.load_lora_adapter(to_diffusers(tmp_path / "comfy.safetensors", TINY, CLIP).transformer,
+                            prefix="transformer", adapter_name="x")  # fmt: skip
+    model.set_adapters(["x"], weights=[strength])
+    checked = 0
+    for bfl, (delta, bias) in want.items():
+        for module, d in lf.split_delta(bfl, delta, TINY).items():
+            name = module.removeprefix("transformer.")
+            b = lf.split_delta(bfl, bias[:, None], TINY)[module][:, 0]
+            w_eff, b_eff = _effective(model.get_submodule(name))
+            assert lf.relative_error(w_eff, base[name][0] + strength * d) < 1e-6, name
+            assert lf.relative_error(b_eff, base[name][1] + strength * b) < 1e-6, name
+            checked += 1
+    assert checked == 7  # qkv is 3 modules, the rest 1 each
+
+
+def test_wide_bias_and_full_deltas_convert_exactly(tmp_path):
+    tensors, want = comfy_save(WIDE, torch.Generator().manual_seed(12))
+    converted = to_diffusers(lf.save(tmp_path / "comfy.safetensors", tensors), WIDE, CLIP)
+    sd = converted.transformer
+    for bfl, (delta, bias) in want.items():
+        for module, d in lf.split_delta(bfl, delta, WIDE).items():
+            got = sd[f"{module}.lora_B.weight"] @ sd[f"{module}.lora_A.weight"]
+            assert torch.allclose(got, d, atol=1e-6), module
+            b = lf.split_delta(bfl, bias[:, None], WIDE)[module][:, 0]
+            assert torch.equal(sd[f"{module}.lora_B.bias"], b), module
+
+
+def test_full_delta_on_a_norm_is_refused_with_the_reason(tmp_path):
+    t = {"diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale.diff": torch.ones(16)}
+    report = inspect_lora(lf.save(tmp_path / "norm.safetensors", t), TINY, clip_config=CLIP)
+    assert not report.compatible
+    assert "would have to change the base weights, which this app never does (1 module)" in report.problems[-1]

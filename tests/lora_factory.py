@@ -187,3 +187,32 @@ def raw(path: Path, header: dict, data: bytes) -> Path:
     blob = json.dumps(header).encode()
     path.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
     return path
+
+
+# --- pictures: the hand merge as activations -----------------------------------------------------------------------
+
+
+class HandMerge:
+    """Adds strength * (x @ delta.T + bias delta) to each listed transformer module's output: W + s * delta applied by
+    hand, with no adapter machinery, on whatever (packed GGUF) weights the model holds. Use as a context manager."""
+
+    def __init__(self, transformer, deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]], strength: float):
+        self.transformer, self.deltas, self.strength, self.hooks = transformer, deltas, strength, []
+
+    def __enter__(self) -> HandMerge:
+        for module, (delta, bias) in self.deltas.items():
+
+            def hook(_m, args, out, delta=delta, bias=bias):
+                extra = torch.nn.functional.linear(
+                    args[0], delta.to(out.dtype), None if bias is None else bias.to(out.dtype)
+                )
+                return out + self.strength * extra
+
+            self.hooks.append(
+                self.transformer.get_submodule(module.removeprefix("transformer.")).register_forward_hook(hook)
+            )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.hooks:
+            h.remove()

@@ -573,7 +573,7 @@ def _effective(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return (module(torch.eye(module.in_features)) - bias).T, bias
 
 
-def comfy_save(dims: FluxDims, g: torch.Generator, dtype=torch.float16) -> tuple[dict, dict]:
+def comfy_save(dims: FluxDims, g: torch.Generator, dtype=torch.float16, size: float = 1.0) -> tuple[dict, dict]:
     """What ComfyUI's LoraSave writes (bias_diff=True, its default): lora_up/down per changed weight, diff_b per bias;
     the FULL_DIFF type writes .diff instead. Returns the tensors and, per BFL module, (delta, bias delta)."""
     d = dims.inner
@@ -583,14 +583,15 @@ def comfy_save(dims: FluxDims, g: torch.Generator, dtype=torch.float16) -> tuple
     t, want = {}, {}
     for i, (bfl, (out, inp)) in enumerate(shapes.items()):
         p = f"diffusion_model.{bfl}"
-        bias = (torch.randn(out, generator=g) * 0.1).to(dtype)
+        bias = (torch.randn(out, generator=g) * 0.1 * size).to(dtype)
         t[f"{p}.diff_b"] = bias
         if i % 3 == 0:  # a LoRA plus its bias delta
-            up, down = torch.randn(out, 2, generator=g).to(dtype), (torch.randn(2, inp, generator=g) / inp).to(dtype)
+            up = (torch.randn(out, 2, generator=g) * size).to(dtype)
+            down = (torch.randn(2, inp, generator=g) / inp).to(dtype)
             t |= {f"{p}.lora_up.weight": up, f"{p}.lora_down.weight": down}
             want[bfl] = (up.float() @ down.float(), bias.float())
         elif i % 3 == 1:  # FULL_DIFF: the whole weight delta
-            diff = (torch.randn(out, inp, generator=g) / inp).to(dtype)
+            diff = (torch.randn(out, inp, generator=g) * size / inp).to(dtype)
             t[f"{p}.diff"] = diff
             want[bfl] = (diff.float(), bias.float())
         else:  # only the bias changed

@@ -1,0 +1,58 @@
+"""Pictures with a LoRA equal the hand merge (W + strength * delta, bias + strength * diff_b) within 1/255, through
+the whole stack: library, converter, adapters on the packed GGUF transformer, pipeline."""
+
+from __future__ import annotations
+
+import lora_factory as lf
+import numpy as np
+import pytest
+import torch
+from test_lora_formats import TINY, comfy_save
+
+from fluxdemo.config import get_preset
+from fluxdemo.manager import ModelManager
+from fluxdemo.pipeline import GenerateOptions, generate
+
+OPTS = GenerateOptions("a lighthouse at dusk", seed=5, steps=3, width=32, height=32)
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+def module_deltas(want: dict, dims) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per BFL module (delta, bias delta) -> per diffusers module, rows split and halves swapped like the model's."""
+    out = {}
+    for bfl, (delta, bias) in want.items():
+        biases = lf.split_delta(bfl, bias[:, None], dims)
+        out |= {m: (d, biases[m][:, 0]) for m, d in lf.split_delta(bfl, delta, dims).items()}
+    return out
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return tmp_path / "loras"
+
+
+def assert_picture_is_the_hand_merge(kit, folder, name: str, deltas: dict, strength: float) -> float:
+    manager = ModelManager(get_preset("tiny", use_env=False), device="cpu", lora_dir=folder)
+    adapted = pixels(generate(manager, OPTS, name, strength).images["lora"])
+    reference = ModelManager(get_preset("tiny", use_env=False), device="cpu", lora_dir=kit / "loras")
+    generate(reference, OPTS)  # loads the transformer
+    with lf.HandMerge(reference.get("transformer"), deltas, strength):
+        merged = pixels(generate(reference, OPTS).images["baseline"])
+    baseline = pixels(generate(reference, OPTS).images["baseline"])
+    assert np.abs(merged - baseline).mean() > 1.0  # the LoRA changes the picture, so the check below means something
+    worst = int(np.abs(adapted - merged).max())
+    assert worst <= 1, worst
+    return worst
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float8_e4m3fn], ids=["f16", "fp8"])
+def test_comfy_bias_and_full_deltas(tiny_kit, folder, strength, dtype):
+    # size 8: strong enough to move a 32x32 picture of the tiny model visibly
+    tensors, want = comfy_save(TINY, torch.Generator().manual_seed(21), dtype, size=8)
+    folder.mkdir()
+    lf.save(folder / "comfy.safetensors", tensors)
+    assert_picture_is_the_hand_merge(tiny_kit, folder, "comfy.safetensors", module_deltas(want, TINY), strength)

@@ -76,6 +76,14 @@ def _bad(path: Path, what: str) -> LoraError:
     return LoraError(f"{path.name} is not a usable safetensors file: {what}.")
 
 
+def _what_instead(head: bytes) -> str:
+    """What a file that is not safetensors looks like from its first bytes: text (quoted) or unknown binary data."""
+    text = head.decode("utf-8", errors="ignore")  # ignore: the 32 bytes may end mid-character
+    if len(text) >= len(head) - 3 and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return f"a text file (it begins {text[:24]!r})"
+    return "binary data of an unknown kind"
+
+
 def read_safetensors_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> dict:
     """The validated header {tensor: {dtype, shape, data_offsets}, "__metadata__": {...}}; reads no tensor data.
 
@@ -92,6 +100,8 @@ def read_safetensors_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES
                     raise LoraError(f"{path.name} is {what}.")
             if size < 8:
                 raise _bad(path, f"only {size} bytes, less than the 8-byte header length (truncated or empty)")
+            if n > max_header_bytes:  # no real header is that long: these bytes were never a safetensors file
+                raise LoraError(f"{path.name} is {_what_instead(head)}, not a safetensors file at all.")
             if n > size - 8:
                 raise _bad(path, f"its header claims {n} bytes but the file has {size} (truncated); download it again")
             raise _bad(path, "it does not start with a safetensors header")

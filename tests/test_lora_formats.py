@@ -336,6 +336,14 @@ def test_blocks_the_model_lacks_are_unmatched_with_the_reason(tmp_path):
         (lf.pickled, r"is a pickle/PyTorch checkpoint, not safetensors; it was not opened"),
         (lf.torch_zip, r"is a pickle/PyTorch checkpoint, not safetensors"),
         (lambda p: p.write_bytes(b"<!DOCTYPE html><html>login</html>"), r"an HTML/XML page"),
+        (
+            lambda p: p.write_text("trigger: ohwx\nTrained 2000 steps on my dog.\n" * 40),
+            r"bad.safetensors is a text file \(it begins 'trigger: ohwx\\nTrained 20'\), not a safetensors file at all\.",
+        ),
+        (
+            lambda p: p.write_bytes(bytes(range(200, 256)) * 4),
+            r"is binary data of an unknown kind, not a safetensors file",
+        ),
     ],
     ids=[
         "empty",
@@ -349,6 +357,8 @@ def test_blocks_the_model_lacks_are_unmatched_with_the_reason(tmp_path):
         "pickle",
         "torch-zip",
         "html",
+        "text",
+        "binary",
     ],
 )
 def test_unreadable_files_say_why(tmp_path, build, message):

@@ -86,9 +86,9 @@ def bench_kind(kind: str, repeat: int) -> dict:
         load = median_seconds(lambda: (adapters.load(b), adapters.load(a)), repeat) / 2
         adapters.max_loaded = 4
         la, lb = adapters.load(a), adapters.load(b)
-        switch = median_seconds(lambda: (adapters.activate(lb, 1.0), adapters.activate(la, 1.0)), repeat) / 2
-        strength = median_seconds(lambda: adapters.activate(la, 0.5), repeat)
-        adapters.activate(None, 0.0)
+        switch = median_seconds(lambda: (adapters.activate([(lb, 1.0)]), adapters.activate([(la, 1.0)])), repeat) / 2
+        strength = median_seconds(lambda: adapters.activate([(la, 0.5)]), repeat)
+        adapters.deactivate()
     return {
         "kind": kind, "device": str(manager.device), "settings": SETTINGS[kind],
         "single_s": single, "compare_s": paired, "compare_over_single": paired / single,

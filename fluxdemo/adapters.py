@@ -1,9 +1,11 @@
-"""LoRA adapters on the live model: load (once, cached), switch, set strength, turn off, evict.
+"""LoRA adapters on the live model: load (once, cached), activate a stack of them with a strength each, turn off,
+evict.
 
 Files are read and converted by fluxdemo.lora (our own converter: diffusers' kohya and single-file converters
 hard-code width 3072 and load some wrong-model files as silent no-ops). The converted PEFT weights go onto the
 quantized transformer with diffusers' load_lora_adapter (pipe.load_lora_weights breaks on quanto's state dict);
 strength is PEFT's adapter weight, so nothing is ever fused into the quantized weights and "off" is bit-identical.
+A stack is several adapters active at once, each with its own weight (PEFT sums their deltas).
 """
 
 from __future__ import annotations
@@ -11,17 +13,24 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from diffusers.loaders.lora_base import set_adapters_for_text_encoder
+from diffusers.utils.peft_utils import delete_adapter_layers, set_adapter_layers
 
 from fluxdemo.errors import LoraError
 from fluxdemo.flux_names import FluxDims
+from fluxdemo.lora import LoraLibrary, LoraReport, to_diffusers
 
-if TYPE_CHECKING:
-    from fluxdemo.lora import LoraLibrary, LoraReport
+if TYPE_CHECKING:  # the manager owns an Adapters; this module only calls back into it
     from fluxdemo.manager import ModelManager
+
+# (adapter, strength) pairs, active together; empty: the base model.
+Stack = Sequence[tuple["LoadedLora", float]]
+COMPONENTS = ("transformer", "text_encoder")
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +44,11 @@ class LoadedLora:
     affects_text_encoder: bool
     seconds: float  # what loading it cost
 
-    def summary(self, strength: float) -> dict:
+    def summary(self) -> dict:
         r = self.report
         return {
             "name": self.name, "sha256": self.sha256, "format": r.format, "rank": r.rank, "alpha": r.alpha,
-            "strength": strength, "targets": r.targets, "modules": r.modules, "text_encoder": r.text_encoder,
+            "targets": r.targets, "modules": r.modules, "text_encoder": r.text_encoder,
             "trigger_words": r.trigger_words,
         }  # fmt: skip
 
@@ -52,19 +61,18 @@ class Adapters:
         self.library = library
         self.max_loaded = max_loaded
         self._loaded: OrderedDict[str, LoadedLora] = OrderedDict()  # by sha256: renamed copies share one adapter
-        self._active: tuple[LoadedLora, float] | None = None
+        self._active: dict[str, tuple[tuple[LoadedLora, float], ...]] = dict.fromkeys(COMPONENTS, ())
 
     # PEFT flips requires_grad on every adapter it holds; adapters made under inference mode (as runs make them)
     # can only be touched under it, so every method that calls PEFT runs there, whoever calls it.
     @torch.inference_mode()
-    def load(self, name: str) -> LoadedLora:
-        """The named LoRA from the library, loaded as an adapter (a cache hit costs only the file's stat)."""
+    def load(self, name: str, keep: Iterable[str] = ()) -> LoadedLora:
+        """The named LoRA from the library, loaded as an adapter (a cache hit costs only the file's stat). Eviction
+        spares the adapters named in `keep` (the rest of a stack being loaded)."""
         entry = self.library.get(name)
         if entry.sha256 in self._loaded:
             self._loaded.move_to_end(entry.sha256)
             return self._loaded[entry.sha256]
-        from fluxdemo.lora import to_diffusers
-
         with self.manager.timeline.stage("load LoRA", entry.name):
             start = time.perf_counter()
             transformer = self.manager.get("transformer")
@@ -81,11 +89,20 @@ class Adapters:
             loaded = LoadedLora(entry.name, adapter, entry.sha256, converted.report, bool(converted.text_encoder),
                                 time.perf_counter() - start)  # fmt: skip
         self._loaded[entry.sha256] = loaded
-        while len(self._loaded) > self.max_loaded:
-            _, old = self._loaded.popitem(last=False)
-            self._detach(old.adapter)
-        self.activate(*self._active) if self._active else self.activate(None, 0.0)
+        spare = {loaded.sha256, *(lora.sha256 for lora in self._loaded.values() if lora.name in set(keep))}
+        for sha256, old in list(self._loaded.items()):
+            if len(self._loaded) <= self.max_loaded:
+                break
+            if sha256 not in spare:
+                del self._loaded[sha256]
+                self._detach(old.adapter)
+        for component, stack in self._active.items():  # loading made the new adapter active; put back what was
+            self.activate([(lora, s) for lora, s in stack if lora.sha256 in self._loaded], (component,))
         return loaded
+
+    def load_stack(self, names: Sequence[str]) -> list[LoadedLora]:
+        """Every LoRA of a stack loaded at once (none evicted for another of the same stack)."""
+        return [self.load(name, keep=names) for name in names]
 
     def _attach(self, adapter: str, converted) -> None:
         from diffusers import FluxPipeline
@@ -116,37 +133,45 @@ class Adapters:
 
     @torch.inference_mode()
     def _detach(self, adapter: str) -> None:
-        from fluxdemo.pipeline import pipeline_view
-
-        for component in ("transformer", "text_encoder"):
-            module = self.manager.get(component)
-            if adapter in (getattr(module, "peft_config", None) or {}):
-                pipeline_view(self.manager, **{component: module}).delete_adapters(adapter)
+        transformer, clip = self.manager.get("transformer"), self.manager.get("text_encoder")
+        if adapter in (getattr(transformer, "peft_config", None) or {}):
+            transformer.delete_adapters(adapter)
+        if adapter in (getattr(clip, "peft_config", None) or {}):
+            delete_adapter_layers(clip, adapter)
 
     @torch.inference_mode()
-    def activate(self, loaded: LoadedLora | None, strength: float) -> None:
-        """Make one LoRA active at a strength, or (None) run the base model exactly."""
-        if not self._loaded:
-            return
-        from fluxdemo.pipeline import pipeline_view
+    def activate(self, stack: Stack, components: Sequence[str] = COMPONENTS) -> None:
+        """Make a stack of LoRAs active, each at its strength, on the given components; an empty stack runs the
+        base model exactly. A component holding none of the stack's adapters runs as the base model."""
+        for component in components:
+            module = self.manager.get(component)
+            held = getattr(module, "peft_config", None) or {}
+            mine = [(lora, strength) for lora, strength in stack if lora.adapter in held]
+            if held and not mine:
+                set_adapter_layers(module, enabled=False)  # PEFT's "off": the base layers alone, bit for bit
+            elif mine:
+                set_adapter_layers(module, enabled=True)
+                names, weights = [lora.adapter for lora, _ in mine], [float(s) for _, s in mine]
+                if component == "transformer":
+                    module.set_adapters(names, weights)
+                else:
+                    set_adapters_for_text_encoder(names, module, weights)
+            self._active[component] = tuple(mine)
 
-        view = pipeline_view(self.manager, transformer=self.manager.get("transformer"),
-                     text_encoder=self.manager.get("text_encoder"))  # fmt: skip
-        if loaded is None:
-            view.disable_lora()
-            self._active = None
-            return
-        view.enable_lora()
-        view.set_adapters([loaded.adapter], adapter_weights=[strength])
-        self._active = (loaded, strength)
+    def deactivate(self) -> None:
+        """The base model on every component."""
+        if self._loaded:
+            self.activate(())
+
+    def active(self, component: str = "transformer") -> tuple[tuple[LoadedLora, float], ...]:
+        """The (LoRA, strength) pairs active on a component now."""
+        return self._active[component]
 
     @torch.inference_mode()
     def reattach(self) -> None:
         """Attach every loaded LoRA again to a transformer read back from its file (the disk strategy drops it after
         its stage; the text encoder keeps its adapters). A file gone or changed since is let go. None is active after.
         """
-        from fluxdemo.lora import to_diffusers
-
         transformer = self.manager.get("transformer")
         dims, clip = FluxDims.from_config(dict(transformer.config)), self.manager.get("text_encoder")
         with self.manager.timeline.stage("reattach LoRAs", f"{len(self._loaded)} adapters"):
@@ -161,14 +186,8 @@ class Adapters:
                     self._detach(loaded.adapter)
                     continue
                 transformer.load_lora_adapter(converted.transformer, prefix="transformer", adapter_name=loaded.adapter)
-        self._active = None
-        self.activate(None, 0.0)
-
-    def text_encoder_state(self) -> tuple[str, float] | None:
-        """What the text encoder's output depends on besides the prompt (a key for the embedding cache)."""
-        if self._active and self._active[0].affects_text_encoder:
-            return self._active[0].adapter, self._active[1]
-        return None
+        self._active["transformer"] = ()
+        self.activate((), ("transformer",))
 
     def loaded(self) -> list[LoadedLora]:
         return list(self._loaded.values())

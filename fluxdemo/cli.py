@@ -1,4 +1,4 @@
-"""python -m fluxdemo generate | compare | inspect-lora | download | tiny
+"""python -m fluxdemo generate | compare | grid | inspect-lora | download | tiny
 
 Every verb is a thin shell over a library call; errors a user can fix print one line and exit 2.
 """
@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from fluxdemo.config import CLI_FLAGS, DEFAULT_PRESET, ENV_OVERRIDES, PRESETS, get_preset
@@ -26,6 +28,7 @@ Where the model comes from:
 """
 
 COMPARE_FILES = ("baseline.png", "lora.png", "side_by_side.png", "report.json")
+LORA_HELP = "a .safetensors file or a name in the LoRA folder, optionally NAME:STRENGTH; repeat it for a stack"
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -45,12 +48,22 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-dir", type=Path, default=None, help="LoRA folder (default: loras/, or the tiny kit's)")
 
 
-def _add_image_flags(p: argparse.ArgumentParser, *, lora_required: bool) -> None:
+def _add_image_flags(p: argparse.ArgumentParser, *, lora_required: bool, grid: bool = False) -> None:
     g = p.add_argument_group("image")
-    g.add_argument("--prompt", required=True, help="what to draw; T5 reads up to 512 tokens, CLIP the first 77")
-    g.add_argument("--lora", required=lora_required, help="a .safetensors file, or a name in the LoRA folder")
-    g.add_argument("--strength", type=float, default=1.0, help="LoRA strength (adapter weight), default 1.0")
-    g.add_argument("--seed", type=int, default=0, help="same seed + same settings = the same pixels, on any run")
+    prompt_help = "what to draw; T5 reads up to 512 tokens, CLIP the first 77"
+    if grid:
+        g.add_argument("--prompt", required=True, action="append", help=prompt_help + "; repeat it for more grids")
+        g.add_argument("--lora", required=True, action="append", metavar="STACK",
+                       help="one grid row: a LoRA name or file, NAME:STRENGTH, or a stack such as a:0.8+b:0.5; "
+                            "repeat it for more rows")  # fmt: skip
+        g.add_argument("--seeds", type=_numbers(int), default=[0], help="comma-separated seeds, one grid each")
+        g.add_argument("--strengths", type=_numbers(float), default=[0.0, 0.5, 1.0],
+                       help="comma-separated columns; each multiplies every LoRA's strength (default 0,0.5,1)")
+    else:
+        g.add_argument("--prompt", required=True, help=prompt_help)
+        g.add_argument("--lora", required=lora_required, action="append", metavar="NAME[:STRENGTH]", help=LORA_HELP)
+        g.add_argument("--seed", type=int, default=0, help="same seed + same settings = the same pixels, on any run")
+    g.add_argument("--strength", type=float, default=1.0, help="strength of a LoRA named without one (default 1)")
     g.add_argument("--steps", type=int, default=28, help="denoising steps (FLUX.1-dev is tuned for 28)")
     g.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev's distilled guidance (default 3.5)")
     g.add_argument("--width", type=int, default=1024, help="a multiple of 16 (VAE x8, then 2x2 latent patches)")
@@ -79,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_flags(p, lora_required=True)
     p.add_argument("--out", type=Path, required=True, help="the folder to write into")
 
+    p = verbs.add_parser("grid", help="LoRA rows x strength columns per prompt and seed -> labelled grid PNGs, "
+                                      "one PNG per cell, report.json")  # fmt: skip
+    add_model_flags(p)
+    _add_image_flags(p, lora_required=True, grid=True)
+    p.add_argument("--out", type=Path, required=True, help="the folder to write into")
+
     p = verbs.add_parser("inspect-lora", help="what a LoRA file is, what it adapts, and whether it fits FLUX.1-dev")
     p.add_argument("file", type=Path)
     p.add_argument("--model", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="judge it against this preset")
@@ -94,25 +113,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _numbers(kind: type) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            return [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+    return parse
+
+
 def manager_from_args(args: argparse.Namespace):
-    """The ModelManager the model flags describe, and the --lora name resolved in its LoRA folder (if any)."""
+    """The ModelManager the model flags describe, and each --lora value as a stack of names in its LoRA folder
+    (one stack for generate and compare; one per grid row)."""
     import torch
 
     from fluxdemo.manager import ModelManager, default_device
 
     overrides = {c: getattr(args, c) for c in CLI_FLAGS}
     preset = get_preset(args.model, overrides)
-    lora_dir, lora = _lora_location(args, preset)
+    lora_dir, stacks = _lora_location(args, preset)
     device = torch.device(args.device) if args.device else default_device()
-    return ModelManager(preset, device=device, strategy=args.strategy, lora_dir=lora_dir), lora
+    return ModelManager(preset, device=device, strategy=args.strategy, lora_dir=lora_dir), stacks
 
 
-def _lora_location(args, preset) -> tuple[Path, str | None]:
-    """The LoRA folder and the name in it: a file given on the command line is read from its own folder."""
-    if args.lora and Path(args.lora).is_file():
-        path = Path(args.lora).resolve()
-        return path.parent, path.name
-    if args.lora_dir is not None:
+def _lora_location(args, preset) -> tuple[Path, list]:
+    """The LoRA folder and the --lora stacks named in it: files given on the command line are read from their own
+    folder (one folder for all of them)."""
+    from fluxdemo.experiments import parse_stack
+
+    stacks = [parse_stack(text, args.strength) for text in args.lora or []]
+    files = {Path(c.name).resolve() for stack in stacks for c in stack if Path(c.name).is_file()}
+    if len({f.parent for f in files}) > 1:
+        raise OptionsError("LoRA files given by path must share one folder; copy them into one, or use --lora-dir.")
+    if files:
+        folder = next(iter(files)).parent
+    elif args.lora_dir is not None:
         folder = args.lora_dir
     elif preset.transformer.kit and preset.transformer.local is None:
         from fluxdemo.tiny import ensure_kit
@@ -120,27 +156,38 @@ def _lora_location(args, preset) -> tuple[Path, str | None]:
         folder = ensure_kit(preset.transformer.kit) / "loras"
     else:
         folder = Path("loras")
-    name = args.lora
-    if name and not name.endswith(".safetensors") and not (folder / name).exists():
-        name += ".safetensors"
-    return folder, name
+
+    def in_folder(name: str) -> str:
+        if Path(name).resolve() in files:
+            return Path(name).name
+        if not name.endswith(".safetensors") and not (folder / name).exists():
+            return name + ".safetensors"
+        return name
+
+    return folder, [tuple(replace(c, name=in_folder(c.name)) for c in stack) for stack in stacks]
 
 
 def _options(args):
     from fluxdemo.pipeline import GenerateOptions
 
-    return GenerateOptions(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, width=args.width,
-                           height=args.height)  # fmt: skip
+    prompt = args.prompt[0] if isinstance(args.prompt, list) else args.prompt
+    return GenerateOptions(prompt, seed=getattr(args, "seed", 0), steps=args.steps, guidance=args.guidance,
+                           width=args.width, height=args.height)  # fmt: skip
+
+
+def _stack(stacks: list) -> tuple:
+    """All --lora values of generate or compare as one stack."""
+    return tuple(choice for stack in stacks for choice in stack)
 
 
 def cmd_generate(args) -> int:
     from fluxdemo.images import params_from_report, save_png
     from fluxdemo.pipeline import generate
 
-    manager, lora = manager_from_args(args)
+    manager, stacks = manager_from_args(args)
     if args.out.exists() and not args.overwrite:
         raise OptionsError(f"{args.out} exists; choose another --out or pass --overwrite.")
-    result = generate(manager, _options(args), lora, args.strength)
+    result = generate(manager, _options(args), _stack(stacks))
     ((label, image),) = result.images.items()
     path = save_png(image, params_from_report(result.report, label), args.out, overwrite=args.overwrite)
     print(path)
@@ -149,20 +196,52 @@ def cmd_generate(args) -> int:
 
 def cmd_compare(args) -> int:
     from fluxdemo.images import params_from_report, save_png, side_by_side
-    from fluxdemo.pipeline import compare
+    from fluxdemo.pipeline import compare, stack_label
 
-    manager, lora = manager_from_args(args)
+    manager, stacks = manager_from_args(args)
     existing = [f for f in COMPARE_FILES if (args.out / f).exists()]
     if existing and not args.overwrite:
         raise OptionsError(
             f"{args.out} already holds {', '.join(existing)}; choose another --out or pass --overwrite."
         )
-    result = compare(manager, _options(args), lora, args.strength)
+    stack = _stack(stacks)
+    result = compare(manager, _options(args), stack)
     args.out.mkdir(parents=True, exist_ok=True)
     base, adapted = result.images["baseline"], result.images["lora"]
+    both = side_by_side(base, adapted, ("base model", stack_label(stack)))
     for label, role, image in (("baseline", "baseline", base), ("lora", "lora", adapted),
-                               ("lora", "side_by_side", side_by_side(base, adapted))):  # fmt: skip
+                               ("lora", "side_by_side", both)):  # fmt: skip
         save_png(image, params_from_report(result.report, label, role), args.out / f"{role}.png", overwrite=True)
+    _write_json(args.out / "report.json", result.report)
+    print(args.out)
+    return 0
+
+
+def cmd_grid(args) -> int:
+    from fluxdemo.images import params_from_report, save_png
+    from fluxdemo.pipeline import grid, grid_pictures
+
+    manager, stacks = manager_from_args(args)
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise OptionsError(f"{args.out} is not empty; choose another --out or pass --overwrite.")
+    result = grid(manager, _options(args), args.prompt, args.seeds, stacks, args.strengths)
+    args.out.mkdir(parents=True, exist_ok=True)
+    prompts = result.report["grid"]["prompts"]
+    for cell in result.report["cells"]:
+        p = prompts.index(cell["prompt"]) + 1
+        name = f"cell-p{p}-seed{cell['seed']}-row{cell['row'] + 1}-x{cell['strength']:g}.png"
+        params = params_from_report(result.report, cell["label"])
+        save_png(result.images[cell["label"]], params, args.out / name, overwrite=True)
+        cell["file"] = name
+    for prompt, seed, picture in grid_pictures(result):
+        p = prompts.index(prompt) + 1
+        first = params_from_report(result.report, next(c["label"] for c in result.report["cells"]
+                                                       if c["prompt"] == prompt and c["seed"] == seed))  # fmt: skip
+        layout = result.report["grid"]
+        params = replace(first, role="grid", loras=(), lora_name=None, lora_sha256=None, strength=None,
+                         extra={"Grid rows": " | ".join(layout["rows"]),
+                                "Grid strengths": ",".join(f"{s:g}" for s in layout["strengths"])})  # fmt: skip
+        save_png(picture, params, args.out / f"grid-p{p}-seed{seed}.png", overwrite=True)
     _write_json(args.out / "report.json", result.report)
     print(args.out)
     return 0
@@ -205,7 +284,7 @@ def cmd_tiny(args) -> int:
     return 0
 
 
-VERBS = {"generate": cmd_generate, "compare": cmd_compare, "inspect-lora": cmd_inspect_lora,
+VERBS = {"generate": cmd_generate, "compare": cmd_compare, "grid": cmd_grid, "inspect-lora": cmd_inspect_lora,
          "download": cmd_download, "tiny": cmd_tiny}  # fmt: skip
 
 

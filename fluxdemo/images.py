@@ -23,7 +23,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFont, PngImagePlugin
 
 from fluxdemo.errors import FluxdemoError, OptionsError
 
-ROLES = ("baseline", "lora", "side_by_side")
+ROLES = ("baseline", "lora", "side_by_side", "grid")
 PARAMS_CHUNK = "fluxdemo"
 SCHEMA = 1  # of the "fluxdemo" chunk; bump when a field changes meaning
 
@@ -44,15 +44,24 @@ class ImageParams:
     height: int
     model: str
     quant: str
-    lora_name: str | None = None
+    lora_name: str | None = None  # the first LoRA of `loras` (kept for readers of single-LoRA images)
     lora_sha256: str | None = None
     strength: float | None = None
-    role: str = "baseline"  # baseline | lora | side_by_side
+    role: str = "baseline"  # baseline | lora | side_by_side | grid
     extra: tuple[tuple[str, Any], ...] = ()
+    loras: tuple[tuple[str, str | None, float], ...] = ()  # the stack: (name, sha256, strength) per LoRA
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise OptionsError(f"`role` must be one of {', '.join(ROLES)} but is {self.role!r}")
+        loras = tuple(tuple(lora) for lora in self.loras)  # JSON gives lists back
+        if not loras and self.lora_name is not None:  # a PNG from before stacks
+            loras = ((self.lora_name, self.lora_sha256, 1.0 if self.strength is None else self.strength),)
+        object.__setattr__(self, "loras", loras)
+        if loras:
+            object.__setattr__(self, "lora_name", loras[0][0])
+            object.__setattr__(self, "lora_sha256", loras[0][1])
+            object.__setattr__(self, "strength", loras[0][2])
         pairs = self.extra.items() if isinstance(self.extra, dict) else self.extra
         # A frozen dataclass must stay hashable, and the JSON chunk must give back exactly what went in: so extra
         # becomes sorted pairs of JSON scalars (a dict is accepted for convenience).
@@ -69,9 +78,7 @@ def a1111_parameters(params: ImageParams) -> str:
     FLUX.1-dev has no negative prompt and no real CFG: "CFG scale: 1" and Forge's "Distilled CFG Scale" carry the
     distilled guidance. LoRA hashes are the first 10 hex digits of the file's sha256 (civitai's AutoV2).
     """
-    prompt = params.prompt
-    if params.lora_name is not None:
-        prompt += f" <lora:{params.lora_name}:{_num(1.0 if params.strength is None else params.strength)}>"
+    prompt = params.prompt + "".join(f" <lora:{_lora_tag(name)}:{_num(s)}>" for name, _, s in params.loras)
     items: list[tuple[str, Any]] = [
         ("Steps", params.steps),
         ("Sampler", "Euler"),
@@ -83,11 +90,11 @@ def a1111_parameters(params: ImageParams) -> str:
         ("Model", params.model),
         ("Quant", params.quant),
     ]
-    if params.lora_name is not None:
-        if params.lora_sha256:
-            items.append(("Lora hashes", f"{params.lora_name}: {params.lora_sha256[:10]}"))
-        if params.strength is not None:
-            items.append(("Lora strength", params.strength))
+    hashes = [f"{_lora_tag(name)}: {sha[:10]}" for name, sha, _ in params.loras if sha]
+    if hashes:
+        items.append(("Lora hashes", ", ".join(hashes)))
+    if len(params.loras) == 1:
+        items.append(("Lora strength", params.loras[0][2]))
     items.extend(params.extra)
     return prompt + "\n" + ", ".join(f"{k}: {_quote(_num(v))}" for k, v in items)
 
@@ -214,6 +221,48 @@ def difference(left: Image.Image, right: Image.Image) -> Image.Image:
     return diff.point(lambda v: min(255, round(v * gain)))
 
 
+def _lora_tag(name: str) -> str:
+    """A LoRA as A1111 names it in `<lora:name:weight>`: the file's stem."""
+    return Path(name).name.removesuffix(".safetensors")
+
+
+def grid_image(rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str], title: str = "",
+               gap: int = 4) -> Image.Image:  # fmt: skip
+    """Cells in rows and columns, with the column labels above, the row labels at the left and a title on top:
+    Forge's X/Y plot. Every cell is drawn at the first cell's size."""
+    font = ImageFont.load_default(size=LABEL_FONT_SIZE)
+    cell_w, cell_h = rows[0][0].size
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(measure.textlength(text, font=font) for text in row_labels) + 2 * gap
+    left, top = int(min(label_w, 320)), LABEL_BAND * (2 if title else 1)
+    columns = max(len(row) for row in rows)
+    canvas = Image.new("RGB", (left + columns * (cell_w + gap), top + len(rows) * (cell_h + gap)), (24, 24, 24))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((gap, LABEL_BAND / 2), _fit(draw, title, canvas.width - 2 * gap, font), fill=(235, 235, 235),
+                  font=font, anchor="lm")  # fmt: skip
+    for c, text in enumerate(column_labels):
+        x = left + c * (cell_w + gap) + cell_w / 2
+        draw.text((x, top - LABEL_BAND / 2), _fit(draw, text, cell_w, font), fill=(235, 235, 235), font=font,
+                  anchor="mm")  # fmt: skip
+    for r, (row, text) in enumerate(zip(rows, row_labels, strict=True)):
+        y = top + r * (cell_h + gap)
+        draw.text((gap, y + cell_h / 2), _fit(draw, text, left - 2 * gap, font), fill=(235, 235, 235), font=font,
+                  anchor="lm")  # fmt: skip
+        for c, cell in enumerate(row):
+            canvas.paste(cell.convert("RGB").resize((cell_w, cell_h)), (left + c * (cell_w + gap), y))
+    return canvas
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: float, font) -> str:
+    """The text, cut with an ellipsis to fit `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
 def _num(value: Any) -> Any:
     """1.0 -> 1 and 3.5 -> 3.5, as A1111 writes numbers; anything else unchanged."""
     if isinstance(value, float) and value.is_integer():
@@ -230,14 +279,14 @@ def _quote(value: Any) -> str:
 
 
 def params_from_report(report: dict, label: str, role: str | None = None) -> ImageParams:
-    """The parameters of one image of a run, from the run's report (fluxdemo.pipeline): `label` as in
-    Result.images ("baseline", "lora", "strength 0.5"); `role` names a derived image ("side_by_side")."""
-    options, model, lora = report["options"], report["model"], report["lora"]
-    strength = report["strengths"].get(label)
-    with_lora = strength is not None and lora is not None
+    """The parameters of one image of a run, from the run's report (fluxdemo.experiments): `label` as in
+    Result.images ("baseline", "lora", "strength 0.5", a grid cell's label); `role` names a derived image
+    ("side_by_side"), else the role is "baseline" without LoRAs and "lora" with."""
+    image, model = report["images"][label], report["model"]
+    options = image["options"]
+    loras = tuple((x["name"], x["sha256"], x["strength"]) for x in image["loras"])
     return ImageParams(
         prompt=options["prompt"], seed=options["seed"], steps=options["steps"], guidance=options["guidance"],
         width=options["width"], height=options["height"], model=model["preset"], quant=model["transformer_quant"],
-        lora_name=lora["name"] if with_lora else None, lora_sha256=lora["sha256"] if with_lora else None,
-        strength=strength if with_lora else None, role=role or label,
+        role=role or ("lora" if loras else "baseline"), loras=loras,
     )  # fmt: skip

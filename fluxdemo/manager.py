@@ -34,8 +34,10 @@ from typing import TypeVar
 import torch
 
 from fluxdemo import hub, loading, planner
+from fluxdemo.adapters import Adapters
 from fluxdemo.config import Preset
 from fluxdemo.errors import OptionsError, OutOfMemoryError
+from fluxdemo.lora import LoraLibrary
 from fluxdemo.timeline import Timeline
 
 logger = logging.getLogger(__name__)
@@ -107,10 +109,7 @@ class ModelManager:
         self.timeline = Timeline()
         self.events: list[str] = []  # what went wrong and what the manager did about it, this request
         self.stage_peaks: dict[str, int] = {}  # CUDA: peak allocated bytes per stage, this request
-        self.embedding_cache = LRU(maxsize=32)
-        from fluxdemo.adapters import Adapters
-        from fluxdemo.lora import LoraLibrary
-
+        self.embedding_cache = LRU(maxsize=64)  # T5 and CLIP outputs, each under its own key
         # LoRAs are judged against this preset's model (a tiny kit's LoRAs fit the tiny model, not FLUX.1-dev).
         dims, clip_config = loading.model_dims(self.config_dir())
         self.adapters = Adapters(self, LoraLibrary(Path(self.lora_dir), dims, clip_config))
@@ -155,7 +154,7 @@ class ModelManager:
     def _cleanup(self, failed: bool) -> None:
         try:
             if "transformer" in self._components:  # a dropped transformer took its adapter state with it
-                self.adapters.activate(None, 0.0)
+                self.adapters.deactivate()
         finally:
             if failed:
                 self._unstick()
@@ -177,6 +176,16 @@ class ModelManager:
 
     def config_dir(self) -> Path:
         return self.path("config_dir")
+
+    def file_identity(self) -> tuple:
+        """What identifies the model's weights on disk: the preset and, per component, its file's path, size and
+        modification time (a key for results computed with them; resolving reads no weights)."""
+        files = []
+        for component in (*MODEL_COMPONENTS, "tokenizer", "tokenizer_2"):
+            path = self.path(component)
+            st = path.stat()
+            files.append((component, str(path), st.st_size, st.st_mtime_ns))
+        return (self.preset.name, str(self.device), str(self.dtype), tuple(files))
 
     def tokenizers(self):
         if self._tokenizers is None:
@@ -250,7 +259,7 @@ class ModelManager:
             return
         if self.strategy == "disk" and name in LARGE_COMPONENTS:
             if name == "transformer":
-                self.adapters.activate(None, 0.0)  # so no LoRA state outlives the module it lived on
+                self.adapters.activate((), ("transformer",))  # so no LoRA state outlives the module it lived on
             self._drop(name)
         elif state.on_device:
             self._offload(name)

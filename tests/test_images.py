@@ -83,7 +83,7 @@ def test_read_params_of_a_foreign_png(tmp_path):
 
 
 def test_params_are_validated():
-    with pytest.raises(OptionsError, match="`role` must be one of baseline, lora, side_by_side but is 'both'"):
+    with pytest.raises(OptionsError, match="`role` must be one of baseline, lora, side_by_side, grid but is 'both'"):
         ImageParams("p", 1, 1, 1.0, 16, 16, "tiny", "Q8_0", role="both")
     with pytest.raises(OptionsError, match="`extra` values must be str, int, float, bool or None; sizes are not"):
         ImageParams("p", 1, 1, 1.0, 16, 16, "tiny", "Q8_0", extra={"sizes": [1, 2]})

@@ -176,7 +176,7 @@ def test_second_out_of_memory_is_a_clear_error_and_the_manager_stays_usable(tiny
     message = str(error.value)
     assert "in the decode stage at 32x32, with model-offload and again with group-offload" in message
     assert "it needs about" in message and ("GiB is free" in message or "free memory is unknown" in message)
-    assert manager.on_device_now() == [] and manager.adapters.text_encoder_state() is None
+    assert manager.on_device_now() == [] and manager.adapters.active("text_encoder") == ()
     monkeypatch.undo()
     result = compare(manager, OPTS, kit_lora)
     want = reference(tiny_kit, device, kit_lora)
@@ -192,7 +192,7 @@ def test_after_a_cancelled_run_the_next_run_equals_the_reference(tiny_kit, devic
     with pytest.raises(CancelledError):  # after the first step of the LoRA image, its adapter active
         compare(manager, OPTS, "kohya.safetensors", controls=controls)
     assert set(manager.on_device_now()) == (set() if strategy != "resident" else set(STAGES) - {"vae"})
-    assert manager.adapters.text_encoder_state() is None
+    assert manager.adapters.active("text_encoder") == ()
     result = compare(manager, OPTS, "kohya.safetensors")  # its baseline would show a LoRA left half-applied
     want = reference(tiny_kit, device, "kohya.safetensors")
     assert all(np.array_equal(pixels(result.images[k]), want[k]) for k in want)

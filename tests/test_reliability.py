@@ -195,7 +195,7 @@ def test_fuzz_lora_files(tiny_kit: Path, tiny_sizes: tuple, tmp_path: Path) -> N
     # Mutations must reach every outcome, or the fuzz is not exercising the loader.
     assert outcomes["loaded"] >= 20 and outcomes["refused"] >= len(cases) // 2, outcomes
     with manager.session():
-        manager.adapters.activate(None, 0.0)
+        manager.adapters.deactivate()
     assert hostile.base_weights_hash(manager.get("transformer")) == base_hash
     assert_same_images(pixels(generate(manager, OPTS).images), before)
 

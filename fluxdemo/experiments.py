@@ -1,0 +1,358 @@
+"""Experiments, the unit of work: a set of images, each an options + LoRA-stack pair, made with the least work.
+
+What is shared is done once: one prompt encoding per prompt (and CLIP-LoRA state), one initial noise per seed and
+size, one transformer trip for every image, one VAE trip for all decodes. What was made before comes from the
+ResultsCache, keyed by everything that determines the pixels, so a compare that changes only the LoRA or the strength
+reuses its baseline bit for bit. Every image's report says which LoRAs (by SHA-256) and strengths made it, and which
+stages were reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from PIL import Image
+
+from fluxdemo.adapters import LoadedLora
+from fluxdemo.errors import LoraError, OptionsError
+from fluxdemo.lora import LoraEntry
+from fluxdemo.manager import ModelManager
+from fluxdemo.stages import Controls, Embeddings, GenerateOptions, decode, denoise, encode, initial_noise
+
+logger = logging.getLogger(__name__)
+
+STRENGTH_MIN, STRENGTH_MAX = -4.0, 4.0  # past these a LoRA's delta swamps the model; the studio offers 0..2
+MAX_STACK = 4  # LoRAs active at once in one image
+MAX_LORAS_PER_RUN = 8  # distinct LoRAs one experiment may load (each stays attached for the whole run)
+DEFAULT_CACHE_IMAGES = 64  # a 1024x1024 PNG-sized image is 3 MB in RAM: 64 are about 200 MB
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """One LoRA of a stack: its name in the LoRA library and its strength."""
+
+    name: str
+    strength: float = 1.0
+
+    def label(self) -> str:
+        return f"{self.name.removesuffix('.safetensors')}:{self.strength:g}"
+
+
+Stack = tuple[LoraChoice, ...]  # empty: the base model
+
+
+def parse_lora(text: str, default_strength: float = 1.0) -> LoraChoice:
+    """`NAME` or `NAME:STRENGTH` (A1111's `<lora:name:weight>` order); a name may itself hold colons (a URL)."""
+    name, colon, tail = text.strip().rpartition(":")
+    if colon:
+        try:
+            return LoraChoice(name.strip(), float(tail))
+        except ValueError:
+            pass  # no number after the last colon: it belongs to the name
+    return LoraChoice(text.strip(), default_strength)
+
+
+def parse_stack(text: str, default_strength: float = 1.0) -> Stack:
+    """A stack written `a:0.8+b:0.5` (entries without a strength take `default_strength`)."""
+    parts = [part for part in text.split("+") if part.strip()]
+    if not parts:
+        raise OptionsError(f"{text!r} names no LoRA: write NAME, NAME:STRENGTH, or a stack such as a:0.8+b:0.5.")
+    return tuple(parse_lora(part, default_strength) for part in parts)
+
+
+def as_stack(value, default_strength: float = 1.0) -> Stack:
+    """A stack from what callers pass: None, a name or `a:0.8+b:0.5` text, a LoraChoice, a (name, strength) pair,
+    or a list of any of these."""
+    if value is None or value == "" or value == ():
+        return ()
+    if isinstance(value, LoraChoice):
+        return (value,)
+    if isinstance(value, str):
+        return parse_stack(value, default_strength)
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and not isinstance(value[1], str):
+        return (LoraChoice(value[0], _strength(value[1])),)
+    if isinstance(value, (list, tuple)):
+        return tuple(choice for item in value for choice in as_stack(item, default_strength))
+    raise OptionsError(f"A LoRA is a name or a (name, strength) pair, not {type(value).__name__}.")
+
+
+def stack_label(stack: Stack) -> str:
+    """`base` or `a:0.8 + b:0.5`: how reports, labels and file names name a stack."""
+    return " + ".join(choice.label() for choice in stack) or "base"
+
+
+def _strength(value) -> float:
+    try:
+        strength = float(value)
+    except (TypeError, ValueError):
+        raise OptionsError(f"A LoRA strength is a number, not {value!r}.") from None
+    if not math.isfinite(strength) or not STRENGTH_MIN <= strength <= STRENGTH_MAX:
+        raise OptionsError(
+            f"A LoRA strength must be a finite number between {STRENGTH_MIN:g} and {STRENGTH_MAX:g}, but is {value}."
+        )
+    return strength
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """One image of an experiment: a label unique in it, the options, and the stack (empty: the base model)."""
+
+    label: str
+    options: GenerateOptions
+    stack: Stack = ()
+
+
+@dataclass
+class Result:
+    """What an experiment returns: images by label, in the order asked, and a JSON-able report."""
+
+    images: dict[str, Image.Image]
+    report: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """A stack checked against the library: entries with non-zero strengths (a LoRA at 0 is the base model exactly,
+    so it is left out of the work and of the cache key), and every LoRA as named, for the report."""
+
+    active: tuple[tuple[LoraEntry, float], ...]
+    named: tuple[tuple[LoraEntry, float], ...]
+
+    def key(self) -> tuple:
+        return tuple((entry.sha256, strength) for entry, strength in self.active)
+
+    def clip_key(self) -> tuple:
+        return tuple((e.sha256, s) for e, s in self.active if e.report.text_encoder)
+
+
+class ResultsCache:
+    """Images already made, keyed by everything that determines their pixels (model files, options, the stack with
+    each LoRA's SHA-256 and strength). Bounded, least recently used out; holds PIL images in RAM, nothing on a device.
+    A LoRA file that changes on disk gets a new SHA-256: the entries made with its old bytes are forgotten."""
+
+    def __init__(self, max_images: int = DEFAULT_CACHE_IMAGES) -> None:
+        if max_images < 0:
+            raise OptionsError(f"The results cache size must be 0 or more images, but is {max_images}.")
+        self.max_images = max_images
+        self._items: OrderedDict[tuple, Image.Image] = OrderedDict()
+        self._sha_of: dict[str, str] = {}  # LoRA name -> the SHA-256 last seen for it
+
+    def get(self, key: tuple) -> Image.Image | None:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        return None
+
+    def put(self, key: tuple, image: Image.Image) -> None:
+        if self.max_images == 0:
+            return
+        self._items[key] = image
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_images:
+            self._items.popitem(last=False)
+
+    def saw(self, name: str, sha256: str) -> None:
+        """Note a LoRA's current bytes; if they changed, forget every image the old bytes made."""
+        old = self._sha_of.get(name)
+        self._sha_of[name] = sha256
+        if old is not None and old != sha256:
+            stale = [key for key in self._items if any(sha == old for sha, _ in key[-1])]
+            for key in stale:
+                del self._items[key]
+            logger.info("LoRA %s changed on disk: %d cached images made with it forgotten", name, len(stale))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# Called when the i-th of n images to make starts denoising (reused images are not counted).
+ImageStartFn = Callable[[int, int, str], None]
+
+
+def run(
+    manager: ModelManager,
+    specs: Sequence[ImageSpec],
+    controls: Controls = Controls(),
+    cache: ResultsCache | None = None,
+    on_image: ImageStartFn | None = None,
+) -> Result:
+    """Make every image of an experiment; what the cache holds (or another image of the same run) is reused."""
+    specs = [replace(spec, options=spec.options.validate()) for spec in specs]
+    labels = [spec.label for spec in specs]
+    if not specs or len(set(labels)) != len(labels):
+        raise OptionsError(f"An experiment needs images with distinct labels, got {labels}.")
+    # 1. Every stack checked whole, before anything is loaded or applied.
+    resolved = {spec.stack: _resolve(manager, spec.stack) for spec in specs}
+    names = {entry.name for r in resolved.values() for entry, _ in r.active}
+    if len(names) > MAX_LORAS_PER_RUN:
+        raise OptionsError(f"One run can use at most {MAX_LORAS_PER_RUN} different LoRAs, but this one uses "
+                           f"{len(names)}: split it into smaller runs.")  # fmt: skip
+    if cache is not None:
+        for r in resolved.values():
+            for entry, _ in r.named:
+                cache.saw(entry.name, entry.sha256)
+    width = max(spec.options.width for spec in specs)
+    height = max(spec.options.height for spec in specs)
+    with torch.inference_mode(), manager.session(width, height) as timeline:
+        start = time.perf_counter()
+        identity = manager.file_identity()
+        keys = {spec.label: _key(identity, spec.options, resolved[spec.stack]) for spec in specs}
+        made: dict[tuple, Image.Image] = {}
+        reused: list[str] = []
+        todo: list[ImageSpec] = []
+        for spec in specs:
+            hit = cache.get(keys[spec.label]) if cache is not None else None
+            if hit is not None:
+                made[keys[spec.label]] = hit
+                reused.append(spec.label)
+                timeline.add(f"{spec.label} (cached)", 0.0)
+            elif keys[spec.label] not in {keys[t.label] for t in todo}:
+                todo.append(spec)
+        embeddings = _make(manager, todo, resolved, keys, made, controls, on_image) if todo else {}
+        if cache is not None:
+            for spec in todo:
+                cache.put(keys[spec.label], made[keys[spec.label]])
+        images = {spec.label: made[keys[spec.label]] for spec in specs}
+        report = _report(manager, specs, resolved, embeddings, reused, todo, timeline, start)
+    return Result(images, report)
+
+
+def _resolve(manager: ModelManager, stack: Stack) -> _Resolved:
+    if len(stack) > MAX_STACK:
+        raise OptionsError(f"A stack holds at most {MAX_STACK} LoRAs, but this one has {len(stack)}.")
+    library = manager.adapters.library
+    named, problems = [], []
+    for choice in stack:
+        strength = _strength(choice.strength)
+        if not isinstance(choice.name, str) or not choice.name.strip():
+            raise OptionsError("A LoRA of the stack has no name: pick one from the list or remove the row.")
+        try:
+            entry = library.get(choice.name)
+        except LoraError as e:
+            problems.append(str(e))
+            continue
+        if not entry.report.compatible:
+            problems.append(f"{entry.name}: {'; '.join(entry.report.problems)}")
+            continue
+        named.append((entry, strength))
+    if problems:
+        raise LoraError(f"The LoRA stack {stack_label(stack)} was not applied: {' '.join(problems)}")
+    shas = [entry.sha256 for entry, _ in named]
+    twice = sorted({entry.name for entry, _ in named if shas.count(entry.sha256) > 1})
+    if twice:
+        raise OptionsError(f"The stack names the same LoRA twice ({', '.join(twice)}): give it once, with the "
+                           "strength you want.")  # fmt: skip
+    return _Resolved(tuple((e, s) for e, s in named if s != 0.0), tuple(named))
+
+
+def _key(identity: tuple, options: GenerateOptions, resolved: _Resolved) -> tuple:
+    return (identity, *asdict(options).values(), resolved.key())
+
+
+def _make(manager, todo, resolved, keys, made, controls, on_image) -> dict[str, Embeddings]:
+    """Load, encode, denoise and decode the images not reused; each stage under the manager's out-of-memory
+    fallback (freed, one strategy lighter, run again once: a stage's work is all or nothing)."""
+    adapters = manager.adapters
+    names = list(dict.fromkeys(entry.name for spec in todo for entry, _ in resolved[spec.stack].active))
+    loaded: dict[str, LoadedLora] = {}
+    if names:
+        loaded = manager.with_fallback("load LoRA", lambda: {n: adapters.load(n, keep=names) for n in names})
+
+    def applied(spec: ImageSpec, text_encoder: bool = False) -> list[tuple[LoadedLora, float]]:
+        return [(loaded[e.name], s) for e, s in resolved[spec.stack].active
+                if not text_encoder or loaded[e.name].affects_text_encoder]  # fmt: skip
+
+    def encode_all() -> dict[str, Embeddings]:
+        done: dict[tuple, Embeddings] = {}
+        for spec in todo:
+            o, clip_key = spec.options, resolved[spec.stack].clip_key()
+            if (o.prompt, o.max_sequence_length, clip_key) not in done:
+                if adapters.loaded():  # CLIP runs as the base model unless the stack has a CLIP part
+                    adapters.activate(applied(spec, text_encoder=True), ("text_encoder",))
+                done[o.prompt, o.max_sequence_length, clip_key] = encode(manager, o.prompt, o.max_sequence_length,
+                                                                         clip_key)  # fmt: skip
+        return {s.label: done[s.options.prompt, s.options.max_sequence_length, resolved[s.stack].clip_key()]
+                for s in todo}  # fmt: skip
+
+    def denoise_all() -> list[torch.Tensor]:
+        latents = []
+        noise = {}
+        order = sorted(todo, key=lambda s: [r.key() for r in resolved.values()].index(resolved[s.stack].key()))
+        with manager.on_device("transformer") as transformer:
+            for i, spec in enumerate(order):
+                o = spec.options
+                if adapters.loaded():
+                    adapters.activate(applied(spec), ("transformer",))
+                if on_image:
+                    on_image(i + 1, len(order), spec.label)
+                if (o.seed, o.width, o.height) not in noise:
+                    noise[o.seed, o.width, o.height] = initial_noise(o.seed, o.width, o.height)
+                with manager.timeline.stage(f"denoise {spec.label}"):
+                    latents.append(denoise(manager, transformer, embeddings[spec.label],
+                                           noise[o.seed, o.width, o.height], o, spec.label, controls))  # fmt: skip
+        return list(zip(order, latents, strict=True))
+
+    embeddings = manager.with_fallback("encode", encode_all)
+    pairs = manager.with_fallback("denoise", denoise_all)
+    decoded = manager.with_fallback("decode", lambda: decode(manager, [x for _, x in pairs],
+                                                             [s.options for s, _ in pairs]))  # fmt: skip
+    for (spec, _), image in zip(pairs, decoded, strict=True):
+        made[keys[spec.label]] = image
+    return embeddings
+
+
+def lora_summary(entry: LoraEntry) -> dict:
+    """What a report says of one LoRA file: identity, format, size of the adaptation, trigger words."""
+    r = entry.report
+    return {
+        "name": entry.name, "sha256": entry.sha256, "format": r.format, "rank": r.rank, "alpha": r.alpha,
+        "targets": r.targets, "modules": r.modules, "text_encoder": r.text_encoder, "trigger_words": r.trigger_words,
+    }  # fmt: skip
+
+
+def _report(manager, specs, resolved, embeddings, reused, todo, timeline, start) -> dict:
+    first = specs[0]
+    entries = {e.name: e for r in resolved.values() for e, _ in r.named}
+    summaries = [lora_summary(e) for e in entries.values()]
+    images = {
+        spec.label: {
+            "options": asdict(spec.options),
+            "loras": [{"name": e.name, "sha256": e.sha256, "strength": s} for e, s in resolved[spec.stack].named],
+            "reused": spec.label in reused,
+        }
+        for spec in specs
+    }
+    stages = []
+    encodings = list(embeddings.values())
+    if todo and all(len(e.reused) == 2 for e in encodings):
+        stages.append("encode")
+    elif any("t5" in e.reused for e in encodings):
+        stages.append("encode t5")
+    stages += reused
+    # The first LoRA of the first image that has one, at its strength: what single-LoRA readers look for.
+    with_lora = next((images[s.label]["loras"][0] for s in specs if images[s.label]["loras"]), None)
+    single = {**lora_summary(entries[with_lora["name"]]), "strength": with_lora["strength"]} if with_lora else None
+    return {
+        "options": asdict(first.options),
+        "model": {"preset": manager.preset.name, "transformer_quant": manager.preset.transformer_quant,
+                  "t5_quant": manager.preset.t5_quant, "dtype": str(manager.dtype).removeprefix("torch."),
+                  "device": str(manager.device)},
+        "images": images,
+        "loras": summaries,
+        "lora": single,
+        "strengths": {s.label: (images[s.label]["loras"][0]["strength"] if s.stack else None) for s in specs},
+        "text_encoder_lora": any(e.report.text_encoder for e in entries.values()),
+        "truncated_tokens": max((e.truncated_tokens for e in encodings), default=0),
+        "reused": stages,
+        "strategy": manager.strategy,
+        "events": list(manager.events),
+        "timeline": timeline.to_list(),
+        "seconds": time.perf_counter() - start,
+        "memory": manager.memory_report(),
+    }  # fmt: skip

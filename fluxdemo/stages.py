@@ -1,0 +1,221 @@
+"""The three stages of one FLUX image: encode (cached per encoder) -> denoise -> decode, and the options they share.
+
+The denoising loop is diffusers' own FluxPipeline.__call__ (flow-matching Euler, FLUX.1-dev's shifted schedule),
+called with our prompt embeddings and our initial noise; we only decide what is on the device when, and time it.
+fluxdemo.experiments decides which images need which stages; fluxdemo.pipeline is the public face.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from fluxdemo.errors import CancelledError, OptionsError
+from fluxdemo.manager import ModelManager
+
+logger = logging.getLogger(__name__)
+
+MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 16, 2048, 16  # 16 = VAE factor 8 x FLUX's 2x2 latent packing
+MAX_STEPS = 100
+MAX_SEED = 2**32 - 1
+MAX_T5_TOKENS = 512
+LATENT_CHANNELS = 16
+VAE_FACTOR = 8
+
+# (stage, done, total): e.g. ("baseline", 12, 28). The UI maps it to gr.Progress, the CLI to a log line.
+ProgressFn = Callable[[str, int, int], None]
+# (stage, step, preview image): a cheap look at the latents while an image denoises.
+PreviewFn = Callable[[str, int, Image.Image], None]
+
+# FLUX.1's 16 latent channels -> RGB, a linear fit to the VAE's decodes (ComfyUI's latent_formats.Flux): a preview
+# for the cost of one small matmul, with nothing to download.
+FLUX_LATENT_RGB = (
+    (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
+    (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
+    (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
+    (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778),
+)  # fmt: skip
+FLUX_LATENT_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """One image's settings, FLUX.1-dev's defaults. validate() is the one place options are checked."""
+
+    prompt: str
+    seed: int = 0
+    steps: int = 28
+    guidance: float = 3.5
+    width: int = 1024
+    height: int = 1024
+    max_sequence_length: int = MAX_T5_TOKENS
+
+    def validate(self) -> GenerateOptions:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise OptionsError("`prompt` is empty: describe the image you want.")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if not MIN_SIDE <= value <= MAX_SIDE or value % SIDE_MULTIPLE:
+                rule = f"a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and {MAX_SIDE}"
+                raise OptionsError(f"`{name}` must be {rule}, but is {value}.")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise OptionsError(f"`steps` must be between 1 and {MAX_STEPS}, but is {self.steps}.")
+        if not 0.0 <= self.guidance <= 30.0:  # NaN fails this too
+            raise OptionsError(f"`guidance` must be between 0 and 30, but is {self.guidance}.")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise OptionsError(f"`seed` must be between 0 and {MAX_SEED}, but is {self.seed}.")
+        if not 1 <= self.max_sequence_length <= MAX_T5_TOKENS:
+            raise OptionsError(
+                f"`max_sequence_length` must be between 1 and {MAX_T5_TOKENS}, but is {self.max_sequence_length}."
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    prompt_embeds: torch.Tensor  # T5: [1, max_sequence_length, 4096]
+    pooled: torch.Tensor  # CLIP pooled: [1, 768]
+    truncated_tokens: int  # how many T5 tokens the prompt lost to max_sequence_length
+    reused: tuple[str, ...] = ()  # the encoders whose output came from the cache: "t5", "clip"
+
+
+@dataclass(frozen=True)
+class Controls:
+    """How a caller watches and stops a run."""
+
+    progress: ProgressFn | None = None
+    cancelled: Callable[[], bool] | None = None  # polled after each step; True stops the run cleanly
+    preview: PreviewFn | None = None
+    preview_every: int = 4  # steps between previews (each costs one latent-to-RGB projection)
+
+
+def initial_noise(seed: int, width: int, height: int) -> torch.Tensor:
+    """The packed initial latents for a seed: drawn on the CPU in float32, so every device and dtype starts from
+    the same numbers (what diffusers draws for a CPU generator, then packs)."""
+    from diffusers import FluxPipeline
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    h, w = 2 * (height // SIDE_MULTIPLE), 2 * (width // SIDE_MULTIPLE)
+    noise = torch.randn((1, LATENT_CHANNELS, h, w), generator=generator, dtype=torch.float32)
+    return FluxPipeline._pack_latents(noise, 1, LATENT_CHANNELS, h, w)
+
+
+def encode(
+    manager: ModelManager, prompt: str, max_sequence_length: int = MAX_T5_TOKENS, clip_state: tuple = ()
+) -> Embeddings:
+    """T5 + CLIP embeddings of a prompt. Each encoder has its own cache entry: T5 never carries a LoRA, so a CLIP
+    LoRA (`clip_state`: the active CLIP adapters and their strengths, already set) re-encodes CLIP only."""
+    t5_key, clip_key = ("t5", prompt, max_sequence_length), ("clip", prompt, clip_state)
+    embeds, pooled = manager.embedding_cache.get(t5_key), manager.embedding_cache.get(clip_key)
+    reused = tuple(name for name, hit in (("t5", embeds), ("clip", pooled)) if hit is not None)
+    if len(reused) == 2:
+        manager.timeline.add("encode (cached)", 0.0)
+    view = pipeline_view(manager, "tokenizer", "tokenizer_2")
+    truncated = max(0, len(view.tokenizer_2(prompt).input_ids) - max_sequence_length)
+    if truncated and embeds is None:
+        logger.warning("The prompt is %d T5 tokens over %d; the end is cut off.", truncated, max_sequence_length)
+    if pooled is None:
+        with manager.timeline.stage("encode clip"), manager.on_device("text_encoder") as clip:
+            view.register_modules(text_encoder=clip)
+            pooled = view._get_clip_prompt_embeds(prompt, device=manager.device).cpu()
+        manager.embedding_cache.put(clip_key, pooled)
+    if embeds is None:
+        with manager.timeline.stage("encode t5"), manager.on_device("text_encoder_2") as t5:
+            view.register_modules(text_encoder_2=t5)
+            embeds = view._get_t5_prompt_embeds(prompt, max_sequence_length=max_sequence_length,
+                                                device=manager.device).cpu()  # fmt: skip
+        manager.embedding_cache.put(t5_key, embeds)
+    return Embeddings(embeds, pooled, truncated, reused)
+
+
+def pipeline_view(manager: ModelManager, *components: str, **modules):
+    """A FluxPipeline over only the named parts. diffusers takes its execution device from the first module it
+    finds (the VAE), which is wrong while only the stage's component is on the device."""
+    from diffusers import FluxPipeline
+
+    tokenizer, tokenizer_2 = manager.tokenizers()
+    parts = dict.fromkeys(("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                           "transformer"))  # fmt: skip
+    available = {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2}
+    parts.update({c: available[c] for c in components})
+    parts.update(modules)
+    return FluxPipeline(**parts)
+
+
+def latent_preview(packed: torch.Tensor, width: int, height: int) -> Image.Image:
+    """A rough RGB picture of packed latents at 1/8 of the image's size (one pixel per latent)."""
+    from diffusers import FluxPipeline
+
+    latents = FluxPipeline._unpack_latents(packed[:1].float().cpu(), height, width, VAE_FACTOR)[0]  # [16, h, w]
+    factors = torch.tensor(FLUX_LATENT_RGB, dtype=torch.float32)
+    rgb = torch.einsum("chw,cr->hwr", latents, factors) + torch.tensor(FLUX_LATENT_RGB_BIAS)
+    pixels = ((rgb + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(pixels.numpy(), "RGB")
+
+
+def denoise(
+    manager: ModelManager,
+    transformer: torch.nn.Module,
+    embeddings: Embeddings,
+    noise: torch.Tensor,
+    options: GenerateOptions,
+    label: str,
+    controls: Controls,
+) -> torch.Tensor:
+    """The flow-matching loop for one image, with the transformer already on the device. Returns packed latents."""
+    view = pipeline_view(manager, scheduler=manager.scheduler(), transformer=transformer)
+    view.set_progress_bar_config(disable=True)  # our timeline logs each step, with its seconds
+    last = time.perf_counter()
+
+    def on_step(pipe, i: int, t, kwargs: dict) -> dict:
+        nonlocal last
+        if manager.device.type == "cuda":
+            torch.cuda.synchronize(manager.device)  # honest per-step seconds; the loop syncs each step anyway
+        now = time.perf_counter()
+        manager.timeline.add(f"{label} step {i + 1}/{options.steps}", now - last)
+        if controls.progress:
+            controls.progress(label, i + 1, options.steps)
+        if controls.cancelled and controls.cancelled():
+            raise CancelledError(f"Cancelled during the {label} image, after step {i + 1} of {options.steps}.")
+        if controls.preview and controls.preview_every > 0 and (i + 1) % controls.preview_every == 0:
+            controls.preview(label, i + 1, latent_preview(kwargs["latents"], options.width, options.height))
+        last = time.perf_counter()  # a preview's cost is its own, not the next step's
+        return kwargs
+
+    dtype = manager.dtype
+    (latents,) = view(
+        prompt_embeds=embeddings.prompt_embeds.to(manager.device, dtype),
+        pooled_prompt_embeds=embeddings.pooled.to(manager.device, dtype),
+        latents=noise.to(manager.device, dtype),
+        num_inference_steps=options.steps,
+        guidance_scale=options.guidance,
+        height=options.height,
+        width=options.width,
+        max_sequence_length=options.max_sequence_length,
+        output_type="latent",
+        return_dict=False,
+        callback_on_step_end=on_step,
+    )
+    return latents
+
+
+def decode(manager: ModelManager, latents: list[torch.Tensor], options: list[GenerateOptions]) -> list[Image.Image]:
+    """Packed latents -> PIL images (each with its own size), with one trip of the VAE to the device for all."""
+    from diffusers import FluxPipeline
+    from diffusers.image_processor import VaeImageProcessor
+
+    images = []
+    with manager.timeline.stage("decode", f"{len(latents)} images"), manager.on_device("vae") as vae:
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        processor = VaeImageProcessor(vae_scale_factor=factor * 2)
+        for packed, o in zip(latents, options, strict=True):
+            x = FluxPipeline._unpack_latents(packed, o.height, o.width, factor)
+            x = x / vae.config.scaling_factor + vae.config.shift_factor
+            pixels = vae.decode(x.to(manager.device, vae.dtype), return_dict=False)[0]
+            images.append(processor.postprocess(pixels, output_type="pil")[0])
+    return images

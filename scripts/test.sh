@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command: a virtual environment, the pinned packages, lint, then the whole suite on CPU.
+# Needs python3 >= 3.11 (pyproject's requires-python; pip refuses the package on an older one).
 # The one real-browser test drives Debian's chromium (Playwright without its own browser download).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,6 @@ if ! command -v chromium >/dev/null; then
   fi
 fi
 python3 -m venv .venv
-.venv/bin/pip install -q -r requirements-dev.txt
+.venv/bin/pip install -q -r requirements-dev.txt -c constraints.txt  # the package (editable), exact pins
 .venv/bin/ruff check .
 .venv/bin/python -m pytest "$@"

@@ -57,8 +57,12 @@ def _add_image_flags(p: argparse.ArgumentParser, *, lora_required: bool, grid: b
                        help="one grid row: a LoRA name or file, NAME:STRENGTH, or a stack such as a:0.8+b:0.5; "
                             "repeat it for more rows")  # fmt: skip
         g.add_argument("--seeds", type=_numbers(int), default=[0], help="comma-separated seeds, one grid each")
-        g.add_argument("--strengths", type=_numbers(float), default=[0.0, 0.5, 1.0],
-                       help="comma-separated columns; each multiplies every LoRA's strength (default 0,0.5,1)")
+        g.add_argument(
+            "--strengths",
+            type=_numbers(float),
+            default=[0.0, 0.5, 1.0],
+            help="comma-separated columns; each multiplies every LoRA's strength (default 0,0.5,1)",
+        )
     else:
         g.add_argument("--prompt", required=True, help=prompt_help)
         g.add_argument("--lora", required=lora_required, action="append", metavar="NAME[:STRENGTH]", help=LORA_HELP)

@@ -127,7 +127,7 @@ def test_png_parameters_name_every_lora_of_the_stack(stack_folder, tmp_path):
     report = json.loads((out / "report.json").read_text())
     sha = {x["name"]: x["sha256"] for x in report["loras"]}
     assert text.splitlines()[0] == "a cat <lora:a:0.8> <lora:b:0.5>"
-    assert f"Lora hashes: \"a: {sha['a.safetensors'][:10]}, b: {sha['b.safetensors'][:10]}\"" in text
+    assert f'Lora hashes: "a: {sha["a.safetensors"][:10]}, b: {sha["b.safetensors"][:10]}"' in text
     params = read_params(out / "lora.png")
     assert params.loras == (("a.safetensors", sha["a.safetensors"], 0.8), ("b.safetensors", sha["b.safetensors"], 0.5))
     assert read_params(out / "baseline.png").loras == ()
@@ -226,7 +226,7 @@ def test_the_grid_cli_writes_labelled_grids_cells_and_a_report(tiny_kit, tmp_pat
                              {"name": "comfy.safetensors", "strength": 0.5}]  # fmt: skip
     assert cell["file"] == "cell-p1-seed2-row2-x1.png"
     assert Image.open(out / cell["file"]).text["parameters"].startswith("a cat <lora:kohya:0.8> <lora:comfy:0.5>")
-    assert "Grid rows: \"peft:1 | kohya:0.8 + comfy:0.5\"" in Image.open(out / "grid-p1-seed1.png").text["parameters"]
+    assert 'Grid rows: "peft:1 | kohya:0.8 + comfy:0.5"' in Image.open(out / "grid-p1-seed1.png").text["parameters"]
 
 
 # --- seeing the work ------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from fluxdemo import spaces_gpu
 from fluxdemo.cli import add_model_flags, manager_from_args
 from fluxdemo.config import DEFAULT_PRESET
 from fluxdemo.errors import FluxdemoError
+from fluxdemo.limits import DEFAULT_MAX_JOBS_PER_CLIENT, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_WORK, Limits
+from fluxdemo.manager import STRATEGIES
 from fluxdemo.studio import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_QUEUE_SIZE, build_studio
 
 logger = logging.getLogger("fluxdemo")
@@ -25,8 +27,9 @@ logger = logging.getLogger("fluxdemo")
 MB = 2**20
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 EPILOG = """\
-environment (flags win): FLUXDEMO_MODEL, FLUXDEMO_LORA_DIR, FLUXDEMO_AUTH=user:pass, FLUXDEMO_QUEUE_SIZE,
-FLUXDEMO_MAX_UPLOAD_MB, GRADIO_SERVER_NAME, GRADIO_SERVER_PORT; HF_TOKEN for the gated FLUX.1-dev files.
+environment (flags win): FLUXDEMO_MODEL, FLUXDEMO_LORA_DIR, FLUXDEMO_STRATEGY, FLUXDEMO_AUTH=user:pass,
+FLUXDEMO_QUEUE_SIZE, FLUXDEMO_MAX_UPLOAD_MB, FLUXDEMO_MAX_PROMPT_CHARS, FLUXDEMO_MAX_WORK,
+FLUXDEMO_MAX_JOBS_PER_CLIENT, GRADIO_SERVER_NAME, GRADIO_SERVER_PORT; HF_TOKEN for the gated FLUX.1-dev files.
 --model tiny runs fully offline on random weights built locally.
 """
 
@@ -52,20 +55,45 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
         metavar="USER:PASS",
         help="require this login (strongly suggested with --share)",
     )
+    # String defaults from the environment go through `type` like a flag's value: a bad variable is an argparse
+    # sentence and exit 2, not a traceback.
     g.add_argument(
         "--queue-size",
         type=int,
-        default=int(env.get("FLUXDEMO_QUEUE_SIZE", DEFAULT_QUEUE_SIZE)),
+        default=env.get("FLUXDEMO_QUEUE_SIZE", str(DEFAULT_QUEUE_SIZE)),
         help="jobs that may wait for the GPU; more are turned away (default: %(default)s)",
     )
     g.add_argument(
         "--max-upload-mb",
         type=int,
-        default=int(env.get("FLUXDEMO_MAX_UPLOAD_MB", DEFAULT_MAX_UPLOAD_BYTES // MB)),
+        default=env.get("FLUXDEMO_MAX_UPLOAD_MB", str(DEFAULT_MAX_UPLOAD_BYTES // MB)),
         help="largest LoRA upload in MiB (default: %(default)s)",
     )
-    # Parser-level defaults override add_model_flags' own, so a Space can choose the model and folder by variable.
-    parser.set_defaults(model=env.get("FLUXDEMO_MODEL", DEFAULT_PRESET), lora=None)
+    g = parser.add_argument_group("limits per request (fluxdemo/limits.py; SECURITY.md)")
+    g.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=env.get("FLUXDEMO_MAX_PROMPT_CHARS", str(DEFAULT_MAX_PROMPT_CHARS)),
+        help="longest prompt, in characters (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-work",
+        type=float,
+        default=env.get("FLUXDEMO_MAX_WORK", str(DEFAULT_MAX_WORK)),
+        help="most work per request, as images x steps x megapixels; a 28-step 1024x1024 compare is 56 "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-jobs-per-client",
+        type=int,
+        default=env.get("FLUXDEMO_MAX_JOBS_PER_CLIENT", str(DEFAULT_MAX_JOBS_PER_CLIENT)),
+        help="model jobs one client may have queued or running (default: %(default)s)",
+    )
+    # Parser-level defaults override add_model_flags' own, so a Space can choose the model, folder and strategy by
+    # variable; the strategy is global, so it is the operator's, never a visitor's.
+    parser.set_defaults(
+        model=env.get("FLUXDEMO_MODEL", DEFAULT_PRESET), strategy=env.get("FLUXDEMO_STRATEGY", "auto"), lora=None
+    )
     if env.get("FLUXDEMO_LORA_DIR"):
         parser.set_defaults(lora_dir=Path(env["FLUXDEMO_LORA_DIR"]))
     return parser
@@ -75,15 +103,35 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     if not value:
         return None
     user, colon, password = value.partition(":")
-    if not (user and colon and password):
-        raise FluxdemoError("--auth (or FLUXDEMO_AUTH) must be USER:PASS, both parts non-empty.")
+    if not (user.strip() and colon and password.strip()):
+        raise FluxdemoError("--auth (or FLUXDEMO_AUTH) must be USER:PASS, both parts non-empty, e.g. me:s3cret.")
     return user, password
+
+
+def check_flags(args: argparse.Namespace) -> Limits:
+    """The server flags that argparse's types cannot judge -> the request limits; else a sentence (exit 2)."""
+    if args.queue_size < 1:
+        raise FluxdemoError(f"--queue-size (or FLUXDEMO_QUEUE_SIZE) must be at least 1, but is {args.queue_size}.")
+    if args.max_upload_mb < 1:
+        raise FluxdemoError(
+            f"--max-upload-mb (or FLUXDEMO_MAX_UPLOAD_MB) must be at least 1, but is {args.max_upload_mb}."
+        )
+    if args.strategy not in ("auto", *STRATEGIES):
+        choices = ", ".join(("auto", *STRATEGIES))
+        raise FluxdemoError(f"--strategy (or FLUXDEMO_STRATEGY) must be one of {choices}, but is {args.strategy!r}.")
+    return Limits(
+        max_prompt_chars=args.max_prompt_chars, max_work=args.max_work, max_jobs_per_client=args.max_jobs_per_client
+    )
+
+
+def is_public(args: argparse.Namespace) -> bool:
+    return args.share or args.host not in LOCAL_HOSTS
 
 
 def launch_options(args: argparse.Namespace, auth: tuple[str, str] | None) -> dict:
     """demo.launch's arguments. A share link or a host other than loopback is public (SECURITY.md): it warns
     without --auth, and turns off gradio's monitoring endpoints (usage analytics) and its server-error details."""
-    public = args.share or args.host not in LOCAL_HOSTS
+    public = is_public(args)
     if public and auth is None:
         where = "--share" if args.share else f"--host {args.host}"
         logger.warning(
@@ -112,13 +160,20 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         auth = parse_auth(args.auth)
+        limits = check_flags(args)
         manager, _ = manager_from_args(args)  # the one model manager of the app; it loads the model on the first run
         if spaces_gpu.on_zero_gpu():
             spaces_gpu.preload_for_zero_gpu(manager)
     except FluxdemoError as e:
         logger.error("%s", e)
         return 2
-    demo = build_studio(manager, max_upload_bytes=args.max_upload_mb * MB, queue_size=args.queue_size)
+    demo = build_studio(
+        manager,
+        max_upload_bytes=args.max_upload_mb * MB,
+        queue_size=args.queue_size,
+        limits=limits,
+        public=is_public(args),
+    )
     demo.launch(**launch_options(args, auth))
     return 0
 

@@ -24,9 +24,11 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
+from fluxdemo.admission import CHEAP_QUEUE_SIZE, Admission
 from fluxdemo.config import PRESETS, Preset
 from fluxdemo.errors import CancelledError, FluxdemoError, OptionsError
 from fluxdemo.images import params_from_report, save_png, side_by_side
+from fluxdemo.limits import DEFAULT_LIMITS, Limits, check_request, for_visitor
 from fluxdemo.lora import save_upload
 from fluxdemo.manager import MODEL_COMPONENTS, STRATEGIES, ModelManager
 from fluxdemo.pipeline import (
@@ -178,14 +180,15 @@ def run_summary(report: dict) -> str:
     return "\n\n".join(lines)
 
 
-def model_summary(manager: ModelManager) -> str:
-    """The preset, the device and the memory plan, for the Advanced panel."""
+def model_summary(manager: ModelManager, host_facts: bool = True) -> str:
+    """The preset, the device and (unless the page is public: it tells free RAM and VRAM) the memory plan."""
     preset = manager.preset
     others = ", ".join(f"`{name}`" for name in PRESETS if name != preset.name)
+    plan = f"Memory plan: {manager.plan.reason}" if host_facts else f"Memory strategy: {manager.requested_strategy}."
     return (
         f"Model preset **{preset.name}**: {preset.description}. One model per app: start it with `--model NAME` "
         f"for another ({others}).\n\nRunning on **{manager.device}** ({str(manager.dtype).removeprefix('torch.')}). "
-        f"Memory plan: {manager.plan.reason}"
+        + plan
     )
 
 
@@ -304,10 +307,19 @@ class Studio:
     """The event handlers. Model work goes through spaces_gpu.run_on_gpu, one job at a time (the queue's "gpu"
     concurrency group, and the manager's lock behind it)."""
 
-    def __init__(self, manager: ModelManager, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        limits: Limits = DEFAULT_LIMITS,
+        public: bool = False,
+    ) -> None:
         self.manager = manager
         self.library = manager.adapters.library
         self.max_upload_bytes = max_upload_bytes
+        self.limits = limits
+        self.public = public  # a public app's reports carry no facts about the host
+        self.admission: Admission | None = None  # set by build_studio once the queue exists
         self.cancel_flags = CancelFlags()
         self.runs = RunFolders()
 
@@ -407,18 +419,26 @@ class Studio:
         request: gr.Request,
         progress: gr.Progress,
     ) -> Result:
+        strengths = strength if isinstance(strength, list) else [strength]
+        check_request(options, len(strengths) + (task is compare), strengths, self.limits)  # before any model work
         session = request.session_hash or "no-session"
         cancelled = self.cancel_flags.begin(session)
 
         def on_step(stage: str, done: int, total: int) -> None:
             progress((done, total), desc=f"{STAGE_LABELS.get(stage, stage)} {done}/{total}")
 
+        def stop() -> bool:  # Cancel pressed, or the client gone: nobody would see the rest
+            return cancelled.is_set() or bool(self.admission and self.admission.client_gone(session))
+
         if not set(MODEL_COMPONENTS) <= set(self.manager.loaded()):
             progress(0, desc="Loading the model")
         try:
-            return run_on_gpu(task, self.manager, options, lora, strength, Controls(on_step, cancelled.is_set))
+            result = run_on_gpu(task, self.manager, options, lora, strength, Controls(on_step, stop))
         finally:
             self.cancel_flags.end(session)
+        if self.public:
+            result.report = for_visitor(result.report)
+        return result
 
     def _png(self, path: Path, image: Image.Image, result: Result, label: str, role: str | None = None) -> str:
         """The image as a PNG carrying its parameters, so a download keeps them."""
@@ -428,13 +448,6 @@ class Studio:
             if getattr(e.__cause__, "errno", None) not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             raise FluxdemoError("The server's disk is full: the image was not saved (earlier ones are intact).") from e
-
-    @for_people
-    def set_strategy(self, strategy: str) -> str:
-        """The memory strategy for the next runs: "auto" (planned per image size) or a fixed one."""
-        self.manager.request_strategy(strategy)
-        logger.info("memory strategy requested: %s", strategy)
-        return model_summary(self.manager)
 
     # -- LoRA files -------------------------------------------------------------------------------------------------
     def lora_choices(self, value: str | None = None) -> dict:
@@ -488,15 +501,20 @@ def build_studio(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     queue_size: int = DEFAULT_QUEUE_SIZE,
     defaults: GenerateOptions | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    public: bool = False,
 ) -> gr.Blocks:
-    """The whole app over one model manager; the model loads on the first run, so building and launching are quick."""
-    studio = Studio(manager, max_upload_bytes)
+    """The whole app over one model manager; the model loads on the first run, so building and launching are quick.
+
+    `limits` bound each request (fluxdemo.limits); a `public` app shows no facts about its host."""
+    studio = Studio(manager, max_upload_bytes, limits, public)
     d = defaults or default_options(manager.preset)
     manager.adapters.library.refresh()
     side = dict(minimum=MIN_SIDE, maximum=MAX_SIDE, step=SIDE_MULTIPLE)
     gpu_event = dict(concurrency_limit=1, concurrency_id="gpu")  # one model job at a time, across all events
 
-    with gr.Blocks(title="fluxdemo studio") as demo:
+    # gradio's cache of uploads and results: files older than a day go, checked every hour
+    with gr.Blocks(title="fluxdemo studio", delete_cache=(3600, 86400)) as demo:
         gr.Markdown(
             "# fluxdemo studio\nThe base model and a LoRA, from the same seed, one slider apart. "
             f"Model: **{manager.preset.name}**; it loads on the first run."
@@ -537,13 +555,15 @@ def build_studio(
                     strengths = gr.Textbox(
                         DEFAULT_SWEEP, label="Sweep strengths", info=f"up to {MAX_SWEEP_IMAGES}, between 0 and 2"
                     )
-                    strategy = gr.Dropdown(
+                    # Shown, not set: the strategy is global, so only the operator sets it (--strategy)
+                    gr.Dropdown(
                         ["auto", *STRATEGIES],
                         value=manager.requested_strategy,
-                        label="Memory strategy",
+                        label="Memory strategy (set with --strategy or FLUXDEMO_STRATEGY)",
                         info=STRATEGY_HELP,
+                        interactive=False,
                     )
-                    model_md = gr.Markdown(model_summary(manager))
+                    gr.Markdown(model_summary(manager, host_facts=not public))
                 with gr.Group():
                     card = gr.Markdown(lora_card(None), padding=True)
                     trigger = gr.Button("Insert trigger words into the prompt", size="sm", visible=False)
@@ -609,21 +629,27 @@ def build_studio(
         ]
         for job in jobs:
             job.success(show_run, [info, last_run], [downloads, chart, run_md, tabs], api_visibility="private")
-        cancel.click(studio.cancel, None, None, api_name="cancel", cancels=jobs)
+        # Cheap events skip the queue from a page, and join it from gradio_client under a bound of their own
+        # (fluxdemo.admission): a full model queue never turns away a Cancel, an inspect, a refresh or an upload.
+        cheap = dict(queue=False)
+        cancel.click(studio.cancel, None, None, api_name="cancel", cancels=jobs, concurrency_limit=None, **cheap)
 
         inspect = dict(fn=studio.inspect_lora, inputs=lora, outputs=report_json)
-        shown = [lora.change(**inspect, api_name="inspect_lora"), demo.load(**inspect, api_visibility="private")]
+        shown = [lora.change(**inspect, api_name="inspect_lora", **cheap),
+                 demo.load(**inspect, api_visibility="private", **cheap)]  # fmt: skip
         for event in shown:
             event.success(show_card, report_json, [card, trigger], api_visibility="private")
-        refresh.click(studio.refresh_loras, lora, lora, api_visibility="private")
-        uploaded = upload.upload(studio.upload_lora, upload, lora, api_name="upload_lora")
-        uploaded.success(studio.refresh_loras, lora, lora, api_visibility="private")
+        refresh.click(studio.refresh_loras, lora, lora, api_visibility="private", **cheap)
+        uploaded = upload.upload(studio.upload_lora, upload, lora, api_name="upload_lora", **cheap)
+        uploaded.success(studio.refresh_loras, lora, lora, api_visibility="private", **cheap)
         trigger.click(insert_trigger_words, [prompt, report_json], prompt, api_visibility="private")
         dice.click(random_seed, None, seed, api_visibility="private")
         size_preset.input(size_of, size_preset, [width, height], api_visibility="private")
         gr.on([width.input, height.input], preset_of, [width, height], size_preset, api_visibility="private",
               trigger_mode="always_last")  # fmt: skip
-        strategy.input(studio.set_strategy, strategy, model_md, api_visibility="private")
 
-    demo.queue(max_size=queue_size)
+    # The bounds are the admission's (per concurrency group); gradio's own, over all events, sits above them all.
+    # api_open=False: model jobs only through the queue, never by a direct POST that would skip its bounds.
+    demo.queue(max_size=queue_size + CHEAP_QUEUE_SIZE * len(demo.fns), api_open=False)
+    studio.admission = Admission(demo, limits, queue_size)
     return demo

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import httpx
 import torch
 
 # Numbers that break size arithmetic: signed/unsigned 32- and 64-bit edges, past float64's exact integers, huge.
@@ -452,3 +453,31 @@ def check_consistent(manager) -> None:
             assert attached == (names, names), f"{component} adapters (config, layers) {attached} != loaded {names}"
     at_rest = sorted(manager.loaded()) if manager.strategy == "resident" else []
     assert sorted(manager.on_device_now()) == at_rest, f"on the device at rest: {manager.on_device_now()}"
+
+
+# --- what a visitor can send the app: raw HTTP to gradio's queue ---------------------------------------------------
+
+
+def fn_index(base_url: str, api_name: str) -> int:
+    """The index of the event with this API name, as the page's /config lists it (what a browser reads)."""
+    config = httpx.get(f"{base_url.rstrip('/')}/config", timeout=10).json()
+    return next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name)
+
+
+def join_body(fn: int, data: list, session_hash: str) -> bytes:
+    """A /gradio_api/queue/join body as raw JSON bytes: built once, so a 10 MB prompt is not rebuilt per request,
+    and allowed to carry NaN and Infinity, which a JSON library refuses to write but a script can send."""
+    return json.dumps({"data": data, "fn_index": fn, "session_hash": session_hash, "event_data": None}).encode()
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def join(http: httpx.Client, body: bytes | str) -> httpx.Response:
+    """POST a raw body to gradio's queue, as JSON (a body without the content type is not read as JSON)."""
+    return http.post("/gradio_api/queue/join", content=body, headers={"content-type": "application/json"})

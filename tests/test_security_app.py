@@ -29,11 +29,12 @@ import httpx
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
-from gradio_client.exceptions import AppError
+from gradio_client.exceptions import AppError, ValidationError
 from gradio_client.utils import QueueError
 from PIL import Image
 
 from fluxdemo.config import get_preset
+from fluxdemo.limits import DEFAULT_LIMITS, Limits
 from fluxdemo.manager import ModelManager
 from fluxdemo.pipeline import GenerateOptions, compare, generate, sweep
 from fluxdemo.studio import build_studio
@@ -111,8 +112,10 @@ def clean(lora_dir: Path) -> ModelManager:
 
 
 @contextmanager
-def launched(manager: ModelManager, queue_size: int) -> Iterator[str]:
-    demo = build_studio(manager, max_upload_bytes=MAX_UPLOAD, queue_size=queue_size)
+def launched(
+    manager: ModelManager, queue_size: int, limits: Limits = DEFAULT_LIMITS, public: bool = False
+) -> Iterator[str]:
+    demo = build_studio(manager, max_upload_bytes=MAX_UPLOAD, queue_size=queue_size, limits=limits, public=public)
     demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, max_file_size=MAX_UPLOAD)
     try:
         yield demo.local_url
@@ -170,7 +173,7 @@ def test_concurrent_requests_equal_the_same_requests_alone(url, app_manager, cle
 
 def test_a_full_queue_turns_requests_away_with_a_clear_message(app_manager, clean) -> None:
     o = options(0)
-    with launched(app_manager, queue_size=2) as local_url:
+    with launched(app_manager, queue_size=2, limits=Limits(max_jobs_per_client=8)) as local_url:  # one client
         client = Client(local_url, verbose=False)
         with app_manager.session():  # the model is busy: the first job runs into the lock, the rest wait
             first = client.submit(*api_args(o, None, 1.0), api_name="/generate")
@@ -198,8 +201,8 @@ CLIENT_SCRIPT = textwrap.dedent(
     """
     import sys, time
     from gradio_client import Client
-    url, steps, want = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    job = Client(url, verbose=False).submit("a client that leaves", None, 1.0, 3, steps, 3.5, 16, 16,
+    url, steps, want, side = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    job = Client(url, verbose=False).submit("a client that leaves", None, 1.0, 3, steps, 3.5, side, side,
                                             api_name="/generate")
     while job.status().code.name not in want.split(","):
         time.sleep(0.02)
@@ -209,10 +212,10 @@ CLIENT_SCRIPT = textwrap.dedent(
 )
 
 
-def start_leaving_client(url: str, steps: int, until: str) -> subprocess.Popen:
+def start_leaving_client(url: str, steps: int, until: str, side: int = 16) -> subprocess.Popen:
     """A client in its own process that submits a job, says when it has reached `until`, and then waits (killed)."""
     process = subprocess.Popen(
-        [sys.executable, "-c", CLIENT_SCRIPT, url, str(steps), until],
+        [sys.executable, "-c", CLIENT_SCRIPT, url, str(steps), until, str(side)],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
@@ -454,3 +457,203 @@ def test_public_app_serves_no_monitoring_no_error_details_and_asks_for_a_login(m
         assert "internal detail" not in str(error.value) and str(lora_dir) not in str(error.value)
     finally:
         demo.close()
+
+
+# --- 7. bounds on every request, a work budget, and what a visitor cannot reach (fluxdemo/limits.py, admission.py)
+
+
+def refusal(response: httpx.Response) -> str:
+    """The sentence of a request gradio's queue refused before queueing it (HTTP 422, gradio's validation shape)."""
+    assert response.status_code == 422, (response.status_code, response.text[:300])
+    (problem,) = response.json()["detail"]
+    return problem["message"]
+
+
+def test_huge_prompts_are_refused_at_once_and_leave_no_memory_behind(url) -> None:
+    """20 requests with 10 MB prompts, sent raw to the queue as a script would: each is refused in under 2 s with
+    a sentence, before it is queued or kept, and the server (this process) grows by less than 50 MB in all."""
+    fn = hostile.fn_index(url, "compare")
+    body = hostile.join_body(fn, ["x" * 10 * 2**20, "peft.safetensors", 1.0, 1, 2, 3.5, 16, 16], "flood")
+    with httpx.Client(base_url=url.rstrip("/"), timeout=30) as http:
+        hostile.join(http, body)  # the first one warms gradio's and httpx's buffers
+        before = hostile.rss_bytes()
+        for _ in range(20):
+            start = time.monotonic()
+            response = hostile.join(http, body)
+            assert time.monotonic() - start < 2
+            assert refusal(response) == (
+                "`Prompt` is 10,485,760 characters; the limit is 2,000 (the operator can raise it with "
+                "--max-prompt-chars or FLUXDEMO_MAX_PROMPT_CHARS)."
+            )
+        grown = hostile.rss_bytes() - before
+    assert grown < 50 * 2**20, f"RSS grew by {grown / 2**20:.0f} MB"
+
+
+@pytest.mark.parametrize(
+    ("index", "value", "sentence"),
+    [
+        (1, 5, "`LoRA` must be one name (text), but is a number."),
+        (1, ["peft.safetensors"], "`LoRA` must be one name (text), but is a list."),
+        (2, "NaN", "`LoRA strength` must be a finite number, but is nan."),
+        (2, "Infinity", "`LoRA strength` must be a finite number, but is inf."),
+        (2, 7.5, "`LoRA strength` must be between 0 and 2, but is 7.5."),
+        (2, "1.0", "`LoRA strength` must be a number, but is text ('1.0')."),
+        (4, True, "`Steps` must be a number, but is True (a yes/no)."),
+        (0, {"a": 1}, "`Prompt` must be text, but is an object."),
+    ],
+)
+def test_wrong_types_and_non_finite_numbers_are_sentences_before_any_handler_runs(url, index, value, sentence):
+    data = ["a cat", "peft.safetensors", 1.0, 1, 2, 3.5, 16, 16]
+    data[index] = value
+    raw = hostile.join_body(hostile.fn_index(url, "compare"), data, "types").decode()
+    raw = raw.replace('"NaN"', "NaN").replace('"Infinity"', "Infinity")  # as a script sends them, unquoted
+    with httpx.Client(base_url=url.rstrip("/"), timeout=10) as http:
+        assert refusal(hostile.join(http, raw)) == sentence
+
+
+def test_the_heaviest_request_is_refused_at_once_and_runs_when_the_operator_raises_the_limit(client, app_manager):
+    heaviest = ("a cat", "peft.safetensors", "0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2", 1, 100, 3.5, 2048, 2048)
+    start = time.monotonic()
+    with pytest.raises(AppError) as error:
+        client.predict(*heaviest, api_name="/sweep")
+    assert time.monotonic() - start < 2
+    assert str(error.value) == (
+        "This request is 8 images x 100 steps x 4.00 megapixels = 3,200 units of work; the limit is 512 (the operator "
+        "can raise it with --max-work or FLUXDEMO_MAX_WORK). Ask for fewer images, fewer steps or a smaller size."
+    )
+    # The same shape of request at 16x16 (0.2 units), against a limit lowered below it and then raised above it
+    small = (*heaviest[:6], 16, 16)
+    lowered = pytest.raises(AppError, match=r"= 0.2 units of work; the limit is 0.1 \(the operator can raise it")
+    with launched(app_manager, queue_size=4, limits=Limits(max_work=0.1)) as local_url, lowered:
+        Client(local_url, verbose=False).predict(*small, api_name="/sweep")
+    with launched(app_manager, queue_size=4, limits=Limits(max_work=0.2)) as local_url:
+        gallery, report = Client(local_url, verbose=False).predict(*small, api_name="/sweep")
+    assert len(gallery) == 8 and report["options"]["steps"] == 100
+
+
+def wait_for_step(job, at_least: int, deadline_s: float = 60) -> int:
+    """The step the job's progress shows, once it is at least `at_least`."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        progress = job.status().progress_data
+        if progress and progress[0].index is not None and progress[0].index >= at_least:
+            return progress[0].index
+        assert not job.done() and time.monotonic() < deadline, f"never reached step {at_least}: {job.status()}"
+        time.sleep(0.01)
+
+
+def test_cancel_inspect_and_upload_work_while_the_model_queue_is_full(app_manager, tiny_kit, tmp_path) -> None:
+    long, short = ("a long job", None, 1.0, 7, 100, 3.5, 512, 512), ("a short job", None, 1.0, 7, 2, 3.5, 16, 16)
+    with launched(app_manager, queue_size=2) as local_url:
+        victim = Client(local_url, verbose=False)
+        job = victim.submit(*long, api_name="/generate")
+        wait_for_step(job, 2)
+        fillers = [Client(local_url, verbose=False).submit(*short, api_name="/generate") for _ in range(2)]
+        for filler in fillers:
+            while filler.status().code.name != "IN_QUEUE":
+                time.sleep(0.01)
+        with pytest.raises(QueueError, match="Queue is full"):
+            Client(local_url, verbose=False).predict(*short, api_name="/generate")
+
+        # what a page does while it waits: read the LoRA's card, upload one; neither waits for the model
+        start = time.monotonic()
+        assert victim.predict("peft.safetensors", api_name="/inspect_lora")["name"] == "peft.safetensors"
+        (tmp_path / "mine.safetensors").write_bytes((tiny_kit / "loras" / "peft.safetensors").read_bytes())
+        stored = victim.predict(handle_file(tmp_path / "mine.safetensors"), api_name="/upload_lora")
+        assert time.monotonic() - start < 5
+        (app_manager.adapters.library.folder / stored).unlink(missing_ok=True)
+
+        wait_for_step(job, 3)
+        victim.predict(api_name="/cancel")  # back once the flag is set; a 512x512 step takes longer than that
+        seen = wait_for_step(job, 3)
+        with pytest.raises(AppError, match=r"^Cancelled during the baseline image, after step \d+ of 100\.") as error:
+            job.result(timeout=30)
+        stopped_at = int(str(error.value).split("after step ")[1].split(" ")[0])
+        assert stopped_at <= seen + 1, f"step {seen} when Cancel answered; it stopped after step {stopped_at}"
+        for filler in fillers:  # the others' jobs were not touched: they run once the slot is free
+            assert Path(filler.result(timeout=60)[0]).is_file()
+
+
+def test_one_client_may_queue_two_model_jobs(app_manager) -> None:
+    o = options(7)
+    with launched(app_manager, queue_size=8) as local_url:
+        client = Client(local_url, verbose=False)
+        with app_manager.session():  # the model is busy, so the first job waits for it
+            jobs = [client.submit(*api_args(o, None, 1.0), api_name="/generate") for _ in range(2)]
+            for job in jobs:  # both joined: waiting or running, they count
+                while job.status().code.name in ("STARTING", "JOINING_QUEUE"):
+                    time.sleep(0.01)
+            with pytest.raises(ValidationError, match="You have 2 model jobs queued or running; the limit is 2 per"):
+                client.predict(*api_args(o, None, 1.0), api_name="/generate")
+            other = Client(local_url, verbose=False).submit(*api_args(o, None, 1.0), api_name="/generate")
+        for job in [*jobs, other]:
+            job.result(timeout=60)
+
+
+def test_a_job_whose_client_has_gone_stops_at_the_next_step(url, app_manager) -> None:
+    leaving = start_leaving_client(url, 100, "PROGRESS", side=512)
+    leaving.kill()
+    start = time.monotonic()
+    with app_manager.session():  # free once the job has stopped; the whole job would take 100 steps
+        waited = time.monotonic() - start
+    assert waited < 3, f"the job ran on for {waited:.1f} s after its client left"
+
+
+def test_no_event_lets_a_visitor_change_the_memory_strategy(url, app_manager) -> None:
+    """The strategy is shown, not settable: no event takes it, and every event of the page, sent the name of a
+    strategy for each input through the queue, leaves it as the operator set it."""
+    config = httpx.get(f"{url.rstrip('/')}/config", timeout=10).json()
+    (shown,) = [c for c in config["components"] if c["props"].get("label", "").startswith("Memory strategy")]
+    assert shown["props"]["interactive"] is False
+    assert not [d for d in config["dependencies"] if shown["id"] in d["inputs"]]
+    before = (app_manager.requested_strategy, app_manager.strategy)
+    with httpx.Client(base_url=url.rstrip("/"), timeout=10) as http:
+        for dependency in config["dependencies"]:
+            data = ["disk"] * len(dependency["inputs"])
+            hostile.join(http, hostile.join_body(dependency["id"], data, "strategist"))
+    wait_for_an_empty_queue(url)
+    assert (app_manager.requested_strategy, app_manager.strategy) == before
+
+
+def test_a_public_app_shows_no_facts_about_its_host(app_manager) -> None:
+    with launched(app_manager, queue_size=4, public=True) as local_url:
+        page = httpx.get(f"{local_url.rstrip('/')}/config", timeout=10).text
+        _, report = Client(local_url, verbose=False).predict(*api_args(options(8), None, 1.0), api_name="/generate")
+    assert "RAM available" not in page and "Memory plan" not in page
+    assert "plan" not in report["memory"] and "peak_rss_bytes" not in report["memory"]
+    assert report["memory"]["strategy"] == app_manager.strategy
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "sentence"),
+    [
+        (("--queue-size", "0"), {}, "--queue-size (or FLUXDEMO_QUEUE_SIZE) must be at least 1, but is 0."),
+        (("--queue-size", "-5"), {}, "--queue-size (or FLUXDEMO_QUEUE_SIZE) must be at least 1, but is -5."),
+        (("--max-upload-mb", "0"), {}, "--max-upload-mb (or FLUXDEMO_MAX_UPLOAD_MB) must be at least 1, but is 0."),
+        (("--auth", " : "), {}, "--auth (or FLUXDEMO_AUTH) must be USER:PASS, both parts non-empty, e.g. me:s3cret."),
+        (("--max-work", "nan"), {}, "--max-work must be a finite number > 0, but is nan."),
+        ((), {"FLUXDEMO_MAX_JOBS_PER_CLIENT": "0"}, "--max-jobs-per-client must be a whole number >= 1, but is 0."),
+        (
+            (),
+            {"FLUXDEMO_STRATEGY": "fast"},
+            "--strategy (or FLUXDEMO_STRATEGY) must be one of auto, resident, "
+            "model-offload, group-offload, disk, but is 'fast'.",
+        ),  # fmt: skip
+    ],
+)
+def test_bad_flags_are_a_sentence_and_exit_2(monkeypatch, caplog, flags, env, sentence) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    app = load_app()
+    monkeypatch.setattr(app, "manager_from_args", lambda args: pytest.fail("started despite a bad flag"))
+    with caplog.at_level(logging.ERROR):
+        assert app.main(["--model", "tiny", *flags]) == 2
+    assert sentence in [r.getMessage() for r in caplog.records]
+
+
+def test_operator_flags_and_variables_set_the_limits(monkeypatch) -> None:
+    app = load_app()
+    args = app.build_parser({"FLUXDEMO_MAX_WORK": "2000", "FLUXDEMO_MAX_PROMPT_CHARS": "500"}).parse_args(
+        ["--max-jobs-per-client", "4"]
+    )
+    assert app.check_flags(args) == Limits(max_prompt_chars=500, max_work=2000.0, max_jobs_per_client=4)

@@ -1,0 +1,144 @@
+"""The bounds on what one request may ask for, in one place, for the studio, the API, the CLI and the library alike.
+
+A public link puts one GPU in front of strangers: every input is bounded here (prompt length, strengths, every number
+finite), and so is the work one request may ask for, counted as images x steps x megapixels, so that an absurd request
+is refused at once instead of holding the only model slot for hours. Each refusal is an OptionsError whose sentence
+names the value, the limit and the flag (or environment variable) that raises it: a visitor reads what to change, an
+operator reads what to set.
+
+The defaults admit every ordinary request: a 28-step 1024x1024 compare (56 units), the default 6-strength sweep (168)
+and a default grid of 2 LoRAs x 3 strengths x 2 seeds (336).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from numbers import Real
+
+from fluxdemo.errors import OptionsError
+
+MEGAPIXEL = 2**20  # 1024x1024 is one megapixel of work
+DEFAULT_MAX_PROMPT_CHARS = 2000  # T5 reads at most 512 tokens (about 2,000 characters of English); CLIP 77
+DEFAULT_MAX_WORK = 512  # images x steps x megapixels: a 6-strength sweep at 50 steps and 1024x1024 is 300
+DEFAULT_MAX_JOBS_PER_CLIENT = 2  # one running and one waiting: a page never needs more
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for. Operators set these by flag or environment (app.py); visitors cannot."""
+
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
+    strength_min: float = 0.0
+    strength_max: float = 2.0
+    max_work: float = DEFAULT_MAX_WORK
+    max_jobs_per_client: int = DEFAULT_MAX_JOBS_PER_CLIENT
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_prompt_chars, int) and self.max_prompt_chars >= 1):
+            raise OptionsError(f"--max-prompt-chars must be a whole number >= 1, but is {self.max_prompt_chars!r}.")
+        if not (_real(self.max_work) and math.isfinite(self.max_work) and self.max_work > 0):
+            raise OptionsError(f"--max-work must be a finite number > 0, but is {self.max_work!r}.")
+        if not (isinstance(self.max_jobs_per_client, int) and self.max_jobs_per_client >= 1):
+            raise OptionsError(
+                f"--max-jobs-per-client must be a whole number >= 1, but is {self.max_jobs_per_client!r}."
+            )
+        if not (_real(self.strength_min) and _real(self.strength_max) and self.strength_min <= self.strength_max):
+            raise OptionsError(f"The strength range {self.strength_min!r} to {self.strength_max!r} is not a range.")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def check_prompt(prompt: object, limits: Limits = DEFAULT_LIMITS) -> str:
+    """The prompt, if it is text within the length limit; checked before anything tokenizes it."""
+    if prompt is None:
+        return ""
+    if not isinstance(prompt, str):
+        raise OptionsError(f"`prompt` must be text, but is a {type(prompt).__name__}.")
+    if len(prompt) > limits.max_prompt_chars:
+        raise OptionsError(
+            f"`prompt` is {len(prompt):,} characters; the limit is {limits.max_prompt_chars:,} "
+            "(the operator can raise it with --max-prompt-chars or FLUXDEMO_MAX_PROMPT_CHARS)."
+        )
+    return prompt
+
+
+def check_number(name: str, value: object) -> float:
+    """A finite real number (True/False, text, NaN and infinities are refused) -> the value as a float."""
+    if not _real(value):
+        raise OptionsError(f"`{name}` must be a number, but is {_kind(value)}.")
+    if not math.isfinite(value):
+        raise OptionsError(f"`{name}` must be a finite number, but is {value}.")
+    return float(value)
+
+
+def check_strength(value: object, limits: Limits = DEFAULT_LIMITS, name: str = "strength") -> float:
+    """A LoRA strength: finite and within the range."""
+    strength = check_number(name, value)
+    if not limits.strength_min <= strength <= limits.strength_max:
+        raise OptionsError(
+            f"`{name}` must be between {limits.strength_min:g} and {limits.strength_max:g}, but is {strength:g}."
+        )
+    return strength
+
+
+def check_strengths(values: Iterable[object], limits: Limits = DEFAULT_LIMITS) -> list[float]:
+    return [check_strength(v, limits) for v in values]
+
+
+def work(images: int, steps: int, width: int, height: int) -> float:
+    """A request's cost in units of one 1024x1024 denoising step: images x steps x megapixels."""
+    return images * steps * width * height / MEGAPIXEL
+
+
+def check_work(images: int, steps: int, width: int, height: int, limits: Limits = DEFAULT_LIMITS) -> float:
+    """The request's work, if within the budget; else a sentence with the sum, the limit and the flag."""
+    cost = work(images, steps, width, height)
+    if cost > limits.max_work:
+        raise OptionsError(
+            f"This request is {images} image{'s' * (images != 1)} x {steps} steps x "
+            f"{width * height / MEGAPIXEL:.2f} megapixels = {_units(cost)} units of work; the limit is "
+            f"{limits.max_work:,g} (the operator can raise it with --max-work or FLUXDEMO_MAX_WORK). "
+            "Ask for fewer images, fewer steps or a smaller size."
+        )
+    return cost
+
+
+def check_request(options, images: int, strengths: Iterable[object] = (), limits: Limits = DEFAULT_LIMITS) -> None:
+    """Everything this module bounds, for one request: `options` (a GenerateOptions, or anything with prompt, seed,
+    steps, guidance, width and height) making `images` images at `strengths`. The library and the CLI call this
+    before GenerateOptions.validate(), so a huge prompt is refused before it is tokenized."""
+    check_prompt(options.prompt, limits)
+    for name in ("seed", "steps", "guidance", "width", "height"):
+        check_number(name, getattr(options, name))
+    check_strengths(strengths, limits)
+    check_work(images, options.steps, options.width, options.height, limits)
+
+
+# Facts about the machine a public visitor has no business reading (free RAM, free VRAM, the server's RSS).
+_HOST_MEMORY_KEYS = ("plan", "peak_rss_bytes")
+
+
+def for_visitor(report: dict) -> dict:
+    """A run report as a public app shows it: without facts about the host (the memory plan's free RAM and VRAM,
+    the process's peak RSS). What the job itself used on the device stays."""
+    memory = {k: v for k, v in report.get("memory", {}).items() if k not in _HOST_MEMORY_KEYS}
+    return {**report, "memory": memory} if "memory" in report else dict(report)
+
+
+def _units(cost: float) -> str:
+    return f"{cost:,.0f}" if cost >= 10 else f"{cost:.2g}"  # 3,200; or 0.2 for a tiny test image
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, bool):
+        return f"{value} (a yes/no)"
+    if isinstance(value, str):
+        return f"text ({value[:40]!r})"
+    return f"a {type(value).__name__}"

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import time
@@ -71,17 +72,49 @@ def model_dims(config_dir: Path) -> tuple[FluxDims, dict]:
     return FluxDims.from_config(read_config(config_dir, "transformer")), read_config(config_dir, "text_encoder")
 
 
-def gguf_tensors(path: Path) -> dict[str, GGUFTensor]:
-    """Names, shapes and types of a GGUF file's tensors, read from its header (memory-mapped, nothing copied)."""
+def _open_gguf(path: Path) -> gguf.GGUFReader:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ModelFileError(f"{path.name} is not a GGUF file (it starts with {magic!r}). Download it again.")
     try:
-        reader = gguf.GGUFReader(path)  # memory-maps the file: a lying header fails here without allocating
+        # Memory-maps the file (a lying header fails here without allocating). "c" is a private, copy-on-write map:
+        # its arrays are writable, so torch.from_numpy takes them without a warning, and should anything ever write
+        # to a weight, the kernel copies that one page and the file stays as it is.
+        return gguf.GGUFReader(path, "c")
     except Exception as e:  # gguf-py surfaces numpy's IndexError/ValueError/struct errors on damaged headers
         raise ModelFileError(f"{path.name} is not a readable GGUF file ({e}). Download it again.") from e
+
+
+def _header(reader: gguf.GGUFReader) -> dict[str, GGUFTensor]:
     return {t.name: GGUFTensor(tuple(int(n) for n in reversed(t.shape)), t.tensor_type.name) for t in reader.tensors}
+
+
+def gguf_tensors(path: Path) -> dict[str, GGUFTensor]:
+    """Names, shapes and types of a GGUF file's tensors, read from its header (memory-mapped, nothing copied)."""
+    return _header(_open_gguf(path))
+
+
+def gguf_state_dict(reader: gguf.GGUFReader, file: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a GGUF file as a view of its memory map: quantized ones as diffusers' GGUFParameter, F32/F16
+    as plain tensors. diffusers' load_gguf_checkpoint does the same after `tensor.data.copy()`, which puts the whole
+    file into anonymous memory (12.1 GB for FLUX.1-dev Q8_0) and costs the time to copy it; a view costs nothing until
+    a weight is used, and then only page cache, which the kernel reads back from the file when it needs the RAM."""
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES, GGUFParameter
+
+    state_dict: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        data = torch.from_numpy(tensor.data)
+        if tensor.tensor_type in _FLOAT_TYPES:
+            state_dict[tensor.name] = data
+        elif tensor.tensor_type in SUPPORTED_GGUF_QUANT_TYPES:
+            state_dict[tensor.name] = GGUFParameter(data, quant_type=tensor.tensor_type)
+        else:
+            raise ModelFileError(
+                f"{file}: {tensor.name} is quantized as {tensor.tensor_type.name}, which diffusers cannot compute "
+                "with. Use a file quantized as Q8_0, Q6_K, Q5_K, Q4_K, Q4_0 or another type diffusers supports."
+            )
+    return state_dict
 
 
 def _quant_summary(tensors: dict[str, GGUFTensor]) -> str:
@@ -171,6 +204,34 @@ def bfl_to_diffusers(state_dict: dict[str, torch.Tensor], d: FluxDims) -> dict[s
     return out
 
 
+def file_backed(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The CPU tensors among (name, tensor) pairs whose bytes lie in a memory-mapped file, by name: weights that cost
+    no anonymous RAM and can be moved to a device again without a copy kept in RAM. Read from /proc/self/maps, so
+    Linux only (elsewhere: none, and the manager keeps RAM copies as before)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):  # an inode and a path: a file
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    ranges.sort()
+    starts = [r[0] for r in ranges]
+    found = {}
+    for name, tensor in tensors:
+        if tensor.device.type != "cpu" or tensor.numel() == 0:
+            continue
+        ptr = tensor.untyped_storage().data_ptr()
+        i = bisect.bisect_right(starts, ptr) - 1
+        if i >= 0 and ptr + tensor.untyped_storage().nbytes() <= ranges[i][1]:
+            found[name] = tensor.data
+    return found
+
+
 def module_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
@@ -190,16 +251,19 @@ def _loaded(
 
 
 def load_transformer(path: Path, config_dir: Path, compute_dtype: torch.dtype) -> tuple[torch.nn.Module, LoadSummary]:
-    """The FLUX transformer from a BFL-named GGUF, blocks kept packed, computing in compute_dtype."""
+    """The FLUX transformer from a BFL-named GGUF, blocks kept packed, computing in compute_dtype.
+
+    The packed weights stay views of the file's memory map (nothing is read until a block runs or moves to a
+    device); so do the F32 tensors when compute_dtype is float32, else they are cast (about 2% of the file)."""
     from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
-    from diffusers.models.model_loading_utils import load_gguf_checkpoint
 
     start = time.perf_counter()
     config = read_config(config_dir, "transformer")
-    tensors = gguf_tensors(path)
+    reader = _open_gguf(path)
+    tensors = _header(reader)
     validate_transformer_keys(tensors, config, path.name)
     try:  # the key check passed, but a tensor can still have a shape the config does not expect (a lying header)
-        state_dict = bfl_to_diffusers(load_gguf_checkpoint(path), FluxDims.from_config(config))
+        state_dict = bfl_to_diffusers(gguf_state_dict(reader, path.name), FluxDims.from_config(config))
         model = FluxTransformer2DModel.from_single_file(
             state_dict,
             config=str(config_dir),
@@ -252,14 +316,14 @@ def load_t5(path: Path, config_dir: Path, compute_dtype: torch.dtype) -> tuple[t
 
 
 def _load_t5_gguf(path: Path, config_dir: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, LoadSummary]:
-    from diffusers.models.model_loading_utils import load_gguf_checkpoint
     from diffusers.quantizers.gguf.utils import GGUFParameter, _replace_with_gguf_linear
     from transformers import T5Config, T5EncoderModel
     from transformers.models.t5.modeling_t5 import T5DenseGatedActDense
 
     start = time.perf_counter()
     config = T5Config(**read_config(config_dir, "text_encoder_2"))
-    header = gguf_tensors(path)
+    reader = _open_gguf(path)
+    header = _header(reader)
     if "token_embd.weight" not in header or not any(n.startswith("enc.blk.") for n in header):
         raise ModelFileError(
             f"{path.name} is not a T5 encoder GGUF in llama.cpp naming (no token_embd/enc.blk tensors). Use e.g. "
@@ -267,7 +331,8 @@ def _load_t5_gguf(path: Path, config_dir: Path, dtype: torch.dtype) -> tuple[tor
         )
     with torch.device("meta"):
         model = T5EncoderModel(config)
-    state_dict = _t5_gguf_to_hf(load_gguf_checkpoint(path), model.state_dict(), config.num_layers)
+    # Views of the file's memory map, as for the transformer: the packed weights are read when they are used.
+    state_dict = _t5_gguf_to_hf(gguf_state_dict(reader, path.name), model.state_dict(), config.num_layers)
     expected = set(model.state_dict()) - {"encoder.embed_tokens.weight"}  # a tied alias, never stored
     missing = sorted(expected - set(state_dict))
     if missing:

@@ -35,7 +35,7 @@ import torch
 
 from fluxdemo import hub, loading, planner
 from fluxdemo.adapters import Adapters
-from fluxdemo.config import Preset
+from fluxdemo.config import Preset, Source
 from fluxdemo.errors import OptionsError, OutOfMemoryError
 from fluxdemo.lora import LoraLibrary
 from fluxdemo.timeline import Timeline
@@ -79,6 +79,9 @@ class ComponentState:
     on_device: bool = False
     streaming: bool = False  # group offloading hooks installed (the transformer under group-offload)
     host: dict[str, torch.Tensor] | None = None  # RAM copy of every tensor, kept while the device copy is in use
+    # The weights that are views of their file's memory map (GGUF), by name: a RAM copy that costs no anonymous
+    # memory, from which a component can go to the device again and again (file-backed), or be pinned (pinned).
+    files: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,7 +107,7 @@ class ModelManager:
         self._sizes_seen: dict[str, int] = {}  # bytes of each component once loaded, kept after a drop
         self._paths: dict[str, Path] = {}
         self._tokenizers: tuple | None = None
-        self._pin = self.device.type == "cuda"  # pinned RAM makes host-to-device copies asynchronous and ~2x faster
+        self._rss_peaks = {"RssAnon": 0, "RssFile": 0}  # sampled at each move and stage end (the kernel keeps no peak)
         self._image = (1024, 1024)
         self.timeline = Timeline()
         self.events: list[str] = []  # what went wrong and what the manager did about it, this request
@@ -210,7 +213,7 @@ class ModelManager:
             start = time.perf_counter()
             with self.timeline.stage(f"load {name}"):
                 module, summary = loader(self.path(name), self.config_dir(), self.dtype)
-            self._components[name] = ComponentState(module, summary)
+            self._components[name] = ComponentState(module, summary, files=loading.file_backed(_tensors(module)))
             self._sizes_seen[name] = summary.bytes
             self._log(Move(name, False, loading.module_bytes(module), time.perf_counter() - start, "load"))
             if name == "transformer" and self.adapters.loaded():
@@ -245,6 +248,7 @@ class ModelManager:
         try:
             yield module
         finally:
+            self._sample_rss()  # the stage's weights are paged in and its activations may still be held
             if self.device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(self.device)
                 self.stage_peaks[name] = max(self.stage_peaks.get(name, 0), peak)
@@ -271,11 +275,19 @@ class ModelManager:
             return name not in LARGE_COMPONENTS
         return self.strategy in ("model-offload", "group-offload")
 
-    def _host(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A RAM tensor for a weight: itself when already in RAM (pinned on CUDA), else a copy."""
-        if tensor.device.type != "cpu":
-            tensor = tensor.to("cpu")
-        return tensor.pin_memory() if self._pin and not tensor.is_pinned() else tensor
+    @property
+    def _pin(self) -> bool:
+        """Whether the RAM copies are pinned (the plan's RAM strategy): pinned RAM makes host-to-device copies
+        asynchronous and about 2x faster, but it is anonymous memory the kernel cannot take back."""
+        return self.plan.ram == "pinned"
+
+    def _host(self, state: ComponentState, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A RAM tensor for a weight: its view of the file where it has one, else itself when in RAM, else a copy;
+        pinned (a copy) under the pinned RAM strategy."""
+        source = state.files.get(key)
+        if source is None or source.shape != tensor.shape:
+            source = tensor if tensor.device.type == "cpu" else tensor.to("cpu")
+        return source.pin_memory() if self._pin and not source.is_pinned() else source
 
     def _onload(self, name: str) -> None:
         state = self._components[name]
@@ -289,7 +301,7 @@ class ModelManager:
         for key, tensor in _tensors(state.module):
             source = host.get(key)
             if source is None or source.shape != tensor.shape:
-                source = self._host(tensor.data) if keep else tensor.data
+                source = self._host(state, key, tensor.data) if keep else tensor.data
             if keep:
                 kept[key] = source
             tensor.data = source.to(self.device, non_blocking=self._pin)
@@ -304,7 +316,7 @@ class ModelManager:
         for key, tensor in _tensors(state.module):
             source = host.get(key)
             if source is None or source.shape != tensor.shape:  # no RAM copy yet (e.g. after resident): copy back
-                source = self._host(tensor.data)
+                source = self._host(state, key, tensor.data)
                 host[key] = source
             tensor.data = source
         state.host = host if keep else None
@@ -313,7 +325,8 @@ class ModelManager:
 
     def _stream(self, name: str) -> None:
         """Group offloading for the transformer: installed once and kept while the strategy is group-offload, because
-        installing it pins a RAM copy of every block (seconds for FLUX)."""
+        installing it pins a RAM copy of every block (seconds for FLUX). Under the file-backed RAM strategy the hooks
+        keep the blocks' file views instead and pin each block only for its transfer (diffusers' low_cpu_mem_usage)."""
         from diffusers.hooks import apply_group_offloading
 
         state = self._components[name]
@@ -321,10 +334,12 @@ class ModelManager:
         if not state.streaming:
             if any(t.device.type != "cpu" for _, t in _tensors(state.module)):
                 self._offload(name)
+            self._back_to_files(state)  # the hooks take the tensors they find as their RAM copies
             apply_group_offloading(
                 state.module, onload_device=self.device, offload_device=torch.device("cpu"),
                 offload_type="block_level", num_blocks_per_group=1,
                 use_stream=self.device.type == "cuda",  # prefetch the next block while this one runs (CUDA only)
+                low_cpu_mem_usage=not self._pin,
             )  # fmt: skip
             state.streaming, state.host = True, None  # the hooks keep their own RAM copies
         self._log(Move(name, True, loading.module_bytes(state.module), self._synced(start), "stream"))
@@ -340,6 +355,14 @@ class ModelManager:
         if any(t.device.type != "cpu" for _, t in _tensors(state.module)):  # a block left on by a failure
             state.on_device = True
             self._offload(name)
+
+    @staticmethod
+    def _back_to_files(state: ComponentState) -> None:
+        """Weights in RAM that are copies (pinned) of a file view become the view again, and the copies are freed."""
+        for key, tensor in _tensors(state.module):
+            source = state.files.get(key)
+            if source is not None and tensor.device.type == "cpu" and source.shape == tensor.shape:
+                tensor.data = source
 
     def _drop(self, name: str) -> None:
         """Free a component's weights now (disk strategy); the next get() reads it from its file again."""
@@ -357,6 +380,7 @@ class ModelManager:
         return time.perf_counter() - start
 
     def _log(self, move: Move) -> None:
+        self._sample_rss()
         self.moves.append(move)
         logger.debug("%s %s: %.1f MiB in %.3f s", move.action, move.component, move.bytes / 2**20, move.seconds)
 
@@ -380,25 +404,34 @@ class ModelManager:
 
     def _plan(self, arch: planner.Arch, sizes: dict[str, int]) -> planner.Plan:
         width, height = self._image
-        ram = _ram_available({n: s.summary.bytes for n, s in self._components.items()})
+        # What our components hold counts as available to them, except file views: the kernel already counts page
+        # cache as available (pinned copies and dense weights it does not).
+        held = {n: s.summary.bytes - (0 if self._pin else _nbytes(s.files)) for n, s in self._components.items()}
+        mapped = [n for n in MODEL_COMPONENTS if _is_gguf(self.preset.sources()[n])]
+        ram = _ram_available(held)
         return planner.plan(self._free_device_memory(), sizes, width, height, self.dtype, ram_free=ram, arch=arch,
-                            strategy=self._requested, ceiling=self._ceiling)  # fmt: skip
+                            strategy=self._requested, ceiling=self._ceiling, mapped=mapped,
+                            can_pin=self.device.type == "cuda")  # fmt: skip
 
     def _replan(self) -> None:
+        ram = self.plan.ram
         self.plan = self._plan(planner.Arch.from_config_dir(self.config_dir()), self._sizes())
         logger.info(self.plan.reason)
-        if self.plan.strategy != self.strategy:
-            self._switch(self.plan.strategy)
+        if self.plan.strategy != self.strategy or self.plan.ram != ram:
+            self._switch(self.plan.strategy, ram_changed=self.plan.ram != ram)
 
-    def _switch(self, strategy: str) -> None:
-        """Change strategy between stages: undo what the old one installed, then place components for the new one."""
-        logger.info("memory strategy: %s -> %s", self.strategy, strategy)
+    def _switch(self, strategy: str, ram_changed: bool = False) -> None:
+        """Change strategy between stages: undo what the old one installed, then place components for the new one.
+        A new RAM strategy (pinned <-> file-backed) drops the RAM copies, which the next move makes the new way."""
+        logger.info("memory strategy: %s -> %s, RAM %s", self.strategy, strategy, self.plan.ram)
         self.strategy = strategy
         for name, state in list(self._components.items()):
-            if state.streaming and strategy != "group-offload":
+            if state.streaming and (strategy != "group-offload" or ram_changed):
                 self._unstream(name)
-            if not self._keeps_host_copy(name):
+            if ram_changed or not self._keeps_host_copy(name):
                 state.host = None  # the device copy or the module's own tensors are the only copy needed
+            if ram_changed and not state.on_device:
+                self._back_to_files(state)
         self.release()
 
     def _unstick(self) -> None:
@@ -459,17 +492,32 @@ class ModelManager:
             logger.info("free memory of %s unknown (%s); planning without it", self.device, e)
         return None
 
+    def _sample_rss(self) -> None:
+        for key, value in _proc_status().items():
+            if key in self._rss_peaks:
+                self._rss_peaks[key] = max(self._rss_peaks[key], value)
+
     def memory_report(self) -> dict:
-        """The plan, what happened, and peaks: per stage on CUDA (measured), the planned peak and RSS everywhere."""
+        """The plan, what happened, and peaks: per stage on CUDA (measured), the planned peak and RSS everywhere.
+
+        RSS in two kinds (Linux): anonymous (copies, activations: what RAM must hold) and file-backed (mapped weights:
+        page cache the kernel may take back). The kernel keeps a peak of their sum only (peak_rss_bytes); the peaks of
+        each kind are sampled at every move and stage end, so a peak inside a stage can be higher."""
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         report = {
             "strategy": self.strategy,
+            "ram": self.plan.ram,
             "plan": self.plan.reason,
             "events": list(self.events),
             "predicted_peak_bytes": self.plan.predicted_peak,
             "predicted_stage_bytes": dict(self.plan.stages),
+            "predicted_ram_bytes": self.plan.ram_need,
             "peak_rss_bytes": rss if sys.platform == "darwin" else rss * 1024,  # macOS counts bytes, Linux KiB
         }
+        self._sample_rss()
+        if self._rss_peaks["RssAnon"]:
+            report["peak_anon_rss_bytes"] = self._rss_peaks["RssAnon"]
+            report["peak_file_rss_bytes"] = self._rss_peaks["RssFile"]
         if self.device.type == "cuda":
             report["stage_peak_bytes"] = dict(self.stage_peaks)
             report["peak_device_bytes"] = max(self.stage_peaks.values(), default=0)
@@ -486,8 +534,28 @@ def _tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from module.named_buffers()
 
 
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _is_gguf(source: Source) -> bool:
+    """Whether a component's file is GGUF: the loaders keep its weights as views of the file."""
+    return Path(source.local or source.path).suffix == ".gguf"
+
+
 def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _proc_status() -> dict[str, int]:
+    """This process's memory figures in bytes from /proc/self/status (Linux; empty elsewhere): RssAnon, RssFile,
+    VmHWM (peak RSS), ..."""
+    try:
+        with open("/proc/self/status") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in lines) if v.strip().endswith("kB")}
 
 
 def _ram_available(held: dict[str, int]) -> int | None:

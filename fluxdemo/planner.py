@@ -11,7 +11,7 @@ keeps only its output). tests/test_manager.py re-runs that trace and holds each 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,10 @@ VRAM_ORDER = ("resident", "model-offload", "group-offload")  # heaviest (fastest
 _LEVEL = {"resident": 0, "model-offload": 1, "disk": 1, "group-offload": 2}  # how little each holds on the device
 LARGE = ("text_encoder_2", "transformer")  # the components disk drops between stages; CLIP + VAE are 0.4 GB
 STAGES = ("text_encoder", "text_encoder_2", "transformer", "vae")  # one stage per component, in pipeline order
+# Where the weights wait in RAM. pinned: page-locked copies (anonymous memory), which a CUDA device reads at full
+# speed and asynchronously. file-backed: the weights stay views of their files' memory maps, i.e. page cache, which
+# the kernel fills on first use and may drop (and read again) when RAM is short: no copy at all.
+RAM_STRATEGIES = ("pinned", "file-backed")
 
 HEADROOM = 0.15  # a strategy fits when its predicted peak plus 15% (the estimate's stated tolerance) is free
 T5_TOKENS = 512  # the pipeline always pads T5 to max_sequence_length (512 by default)
@@ -89,6 +93,8 @@ class Plan:
     free: int | None = None  # device memory free to us; None: the execution device is the CPU
     peaks: Mapping[str, int] = field(default_factory=dict)  # predicted peak per strategy
     stages: Mapping[str, int] = field(default_factory=dict)  # the chosen strategy's predicted peak per stage
+    ram: str = "file-backed"  # one of RAM_STRATEGIES
+    ram_need: int = 0  # predicted anonymous RAM the weights fill between stages, under the chosen RAM strategy
 
 
 def activations(arch: Arch, width: int, height: int, dtype: torch.dtype) -> dict[str, int]:
@@ -139,13 +145,19 @@ def predict(strategy: str, sizes: Mapping[str, int], width: int, height: int, dt
     return peaks
 
 
-def ram_need(strategy: str, sizes: Mapping[str, int], on_cpu: bool) -> int:
-    """CPU RAM the strategy keeps filled with weights between stages."""
-    total = sum(sizes.get(name, 0) for name in STAGES)
+def ram_need(strategy: str, sizes: Mapping[str, int], on_cpu: bool, ram: str = "pinned",
+             mapped: Collection[str] = ()) -> int:  # fmt: skip
+    """Anonymous RAM the strategy keeps filled with weights between stages. Under "file-backed" the mapped
+    components (GGUF files) count as nothing: their weights are page cache, which the kernel can always take back.
+    (A mapped component's few dense tensors, such as T5's dequantized embedding, are under 5% of it: left out.)"""
+    if ram not in RAM_STRATEGIES:
+        raise OptionsError(f"Unknown RAM strategy {ram!r}; choose from {', '.join(RAM_STRATEGIES)}.")
+    held = {n: 0 if ram == "file-backed" and n in mapped else sizes.get(n, 0) for n in STAGES}
+    total = sum(held.values())
     if strategy == "disk":  # the large components live in RAM only for their stage, one at a time
-        return total - sum(sizes.get(n, 0) for n in LARGE) + max(sizes.get(n, 0) for n in LARGE)
+        return total - sum(held[n] for n in LARGE) + max(held[n] for n in LARGE)
     if strategy == "resident" and not on_cpu:
-        return max(sizes.get(name, 0) for name in STAGES)  # RAM only while loading, one component at a time
+        return max(held.values())  # RAM only while loading, one component at a time
     return total
 
 
@@ -156,13 +168,16 @@ def heavier(a: str, b: str) -> bool:
 
 def plan(free_vram: int | None, sizes: Mapping[str, int], width: int, height: int, dtype: torch.dtype, *,
          ram_free: int | None = None, arch: Arch = FLUX_DEV, strategy: str = "auto",
-         ceiling: str | None = None) -> Plan:  # fmt: skip
-    """Choose a strategy: the heaviest (fastest) whose predicted peak fits the free device memory with HEADROOM.
+         ceiling: str | None = None, mapped: Collection[str] = LARGE, can_pin: bool = True) -> Plan:  # fmt: skip
+    """Choose a strategy: the heaviest (fastest) whose predicted peak fits the free device memory with HEADROOM;
+    then where its weights wait in RAM: pinned copies where RAM holds them with HEADROOM, else file-backed.
 
     free_vram None means no figure: the execution device is the CPU (or cannot tell yet): resident, as there is
-    nowhere to offload to, unless ram_free says the weights do not fit in RAM, then disk. A strategy other than "auto"
-    is kept and only explained.
+    nowhere to offload to, computing from the mapped files; disk only when even the weights that are not mapped do
+    not fit in RAM. A strategy other than "auto" is kept and only explained.
     ceiling, once an out-of-memory has proven a strategy too heavy for this machine, is the heaviest allowed.
+    mapped: the components whose weights stay views of their files (GGUF); can_pin: the device reads pinned RAM
+    faster (CUDA).
     """
     for name in (strategy, ceiling):
         if name not in (*STRATEGIES, "auto", None):
@@ -171,8 +186,8 @@ def plan(free_vram: int | None, sizes: Mapping[str, int], width: int, height: in
     stages = {s: predict(s, sizes, width, height, dtype, arch, cpu=cpu) for s in STRATEGIES}
     peaks = {s: max(stages[s].values()) for s in STRATEGIES}
 
-    def fits_ram(s: str) -> bool:
-        return ram_free is None or ram_need(s, sizes, cpu) * (1 + HEADROOM) <= ram_free
+    def fits_ram(s: str, ram: str = "file-backed") -> bool:
+        return ram_free is None or ram_need(s, sizes, cpu, ram, mapped) * (1 + HEADROOM) <= ram_free
 
     if strategy != "auto":
         chosen, why = strategy, "set by flag"
@@ -186,11 +201,28 @@ def plan(free_vram: int | None, sizes: Mapping[str, int], width: int, height: in
             chosen, why = "disk", "model-offload's device peak, and the weights do not fit in RAM together"
     if ceiling is not None and heavier(chosen, ceiling):
         chosen, why = ceiling, f"{chosen} ran out of memory earlier"
+    ram, ram_why = _ram_strategy(chosen, cpu, can_pin, fits_ram(chosen, "pinned"))
     where = "no device memory figure (CPU execution: peaks in RAM)" if cpu else f"{_gib(free_vram)} free on the device"
-    ram = f", {_gib(ram_free)} RAM available" if ram_free is not None else ""
+    available = f", {_gib(ram_free)} RAM available" if ram_free is not None else ""
     shown = ", ".join(f"{s} {_gib(peaks[s])}" for s in STRATEGIES)
-    reason = f"memory plan at {width}x{height}: {where}{ram}; predicted peaks {shown} -> {chosen} ({why})"
-    return Plan(chosen, peaks[chosen], reason, free_vram, peaks, stages[chosen])
+    need = ram_need(chosen, sizes, cpu, ram, mapped)
+    reason = (f"memory plan at {width}x{height}: {where}{available}; predicted peaks {shown} -> {chosen} ({why}); "
+              f"weights in RAM {ram} ({ram_why}), {_gib(need)} anonymous")  # fmt: skip
+    return Plan(chosen, peaks[chosen], reason, free_vram, peaks, stages[chosen], ram, need)
+
+
+def _ram_strategy(strategy: str, cpu: bool, can_pin: bool, pinned_fits: bool) -> tuple[str, str]:
+    """Pinned copies only where they buy something: a device that reads pinned RAM faster, a strategy that moves
+    weights to it again and again, and RAM that holds the copies; file-backed everywhere else."""
+    if cpu:
+        return "file-backed", "the CPU computes from the mapped files"
+    if strategy == "resident":
+        return "file-backed", "read once from the files onto the device"
+    if not can_pin:
+        return "file-backed", "this device gains nothing from pinned memory"
+    if not pinned_fits:
+        return "file-backed", "pinned copies do not fit in RAM"
+    return "pinned", "RAM holds pinned copies: faster transfers"
 
 
 def _gib(n: int | None) -> str:

@@ -5,12 +5,15 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+from diffusers.models.model_loading_utils import load_gguf_checkpoint
+from diffusers.quantizers.gguf.utils import GGUFParameter
 from safetensors.torch import save_file
 
 from fluxdemo import loading
 from fluxdemo.errors import ModelFileError
-from fluxdemo.tiny import TINY_TRANSFORMER, to_bfl_state_dict
+from fluxdemo.flux_names import FluxDims
+from fluxdemo.tiny import TINY_TRANSFORMER, ensure_kit, to_bfl_state_dict
 
 
 def write_bfl_gguf(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -153,3 +156,112 @@ def test_quanto_t5_from_safetensors(tiny_kit, manager):
         a, b = t5(ids)[0], manager.get("text_encoder_2")(ids)[0]
     assert summary.quant == "quanto qint8"
     assert ((a - b).norm() / b.norm()).item() < 3e-2  # two 8-bit roundings of the same weights
+
+
+# -- memory-mapped weights ------------------------------------------------------------------------------------------
+def mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """The address ranges where this process maps the file at path, from /proc/self/maps."""
+    with open("/proc/self/maps") as f:
+        lines = [line.split(maxsplit=5) for line in f.read().splitlines()]
+    return [tuple(int(x, 16) for x in fields[0].split("-")) for fields in lines
+            if len(fields) == 6 and fields[5] == str(path.resolve())]  # fmt: skip
+
+
+def rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(f"{field}:"))
+
+
+def assert_views_of(model: torch.nn.Module, path: Path) -> int:
+    """Every packed weight's bytes lie inside a mapping of its file; returns how many packed weights there are."""
+    ranges = mapped_ranges(path)
+    packed = [p for p in model.parameters() if isinstance(p, GGUFParameter)]
+    for p in packed:
+        start = p.untyped_storage().data_ptr()
+        end = start + p.untyped_storage().nbytes()
+        assert any(lo <= start and end <= hi for lo, hi in ranges), f"a packed weight was copied out of {path.name}"
+    return len(packed)
+
+
+def copying_loader(path: Path, kit: Path) -> torch.nn.Module:
+    """The transformer as it was loaded before memory mapping: diffusers' load_gguf_checkpoint copies every tensor."""
+    state_dict = loading.bfl_to_diffusers(load_gguf_checkpoint(path), FluxDims.from_config(loading.read_config(
+        kit, "transformer")))  # fmt: skip
+    return FluxTransformer2DModel.from_single_file(
+        state_dict, config=str(kit), subfolder="transformer", torch_dtype=torch.float32,
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+    )  # fmt: skip
+
+
+def transformer_inputs(config: dict, tokens: int = 4, text: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"hidden_states": torch.randn(1, tokens, config["in_channels"], generator=g),
+            "encoder_hidden_states": torch.randn(1, text, config["joint_attention_dim"], generator=g),
+            "pooled_projections": torch.randn(1, config["pooled_projection_dim"], generator=g),
+            "timestep": torch.tensor([0.5]), "guidance": torch.tensor([3.5]),
+            "img_ids": torch.zeros(tokens, 3), "txt_ids": torch.zeros(text, 3)}  # fmt: skip
+
+
+def assert_same_as_copying_loader(path: Path, kit: Path) -> None:
+    ours, _ = load(path, kit)
+    theirs = copying_loader(path, kit)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    inputs = transformer_inputs(loading.read_config(kit, "transformer"))
+    with torch.inference_mode():
+        assert torch.equal(ours(**inputs, return_dict=False)[0], theirs(**inputs, return_dict=False)[0])
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+
+
+@needs_proc
+def test_packed_weights_stay_views_of_their_files(tiny_kit):
+    flux = tiny_kit / "gguf" / "flux1-tiny-Q8_0.gguf"
+    t5 = tiny_kit / "gguf" / "t5-v1_1-tiny-encoder-Q8_0.gguf"
+    model, _ = load(flux, tiny_kit)
+    # In diffusers' names a double block has 14 linear layers (the fused qkv split in three), a single block 6.
+    assert (
+        assert_views_of(model, flux) == 14 * TINY_TRANSFORMER["num_layers"] + 6 * TINY_TRANSFORMER["num_single_layers"]
+    )
+    encoder, _ = loading.load_t5(t5, tiny_kit, torch.float32)
+    assert assert_views_of(encoder, t5) == 2 * 7  # per T5 block: q, k, v, o, wi_0, wi_1, wo
+    assert set(loading.file_backed(model.named_parameters())) == {
+        n for n, p in model.named_parameters() if isinstance(p, GGUFParameter) or p.dtype == torch.float32
+    } - {"norm_out.linear.weight", "norm_out.linear.bias"}  # the final norm's halves are swapped: a copy
+
+
+@needs_proc
+def test_a_write_to_a_mapped_weight_never_reaches_the_file(tiny_kit, tmp_path):
+    path = tmp_path / "flux.gguf"
+    path.write_bytes((tiny_kit / "gguf" / "flux1-tiny-Q8_0.gguf").read_bytes())
+    before = path.read_bytes()
+    model, _ = load(path, tiny_kit)
+    weight = model.transformer_blocks[0].attn.to_q.weight.as_tensor()  # the packed bytes, as a plain tensor
+    weight.fill_(7)  # copy-on-write: the kernel copies the touched pages into this process only
+    assert bool((weight == 7).all()) and path.read_bytes() == before
+
+
+def test_images_equal_the_copying_loader_on_the_tiny_kit(tiny_kit):
+    assert_same_as_copying_loader(tiny_kit / "gguf" / "flux1-tiny-Q8_0.gguf", tiny_kit)
+
+
+@pytest.fixture(scope="module")
+def tiny_wide_kit(fluxdemo_cache: Path) -> Path:
+    return ensure_kit("tiny-wide", cache_dir=fluxdemo_cache / "kits")
+
+
+@pytest.mark.slow
+@needs_proc
+def test_real_width_transformer_costs_no_anonymous_memory_for_its_blocks(tiny_wide_kit):
+    path = tiny_wide_kit / "gguf" / "flux1-tiny-wide-Q8_0.gguf"
+    size = path.stat().st_size  # 0.71 GB, of which the packed blocks are 0.46 GB
+    anon = rss("RssAnon")
+    model, summary = load(path, tiny_wide_kit)
+    grown = rss("RssAnon") - anon
+    assert_views_of(model, path)
+    # Only the swapped halves of the final norm (2 x 3072 x 3072 F32, 75.5 MB) are copied; the copying loader grew by
+    # more than the file's size.
+    assert grown < 0.15 * size, f"loading grew anonymous memory by {grown / 1e6:.0f} MB for a {size / 1e6:.0f} MB file"
+    assert summary.seconds < 5  # nothing is read but the header and the final norm
+    assert_same_as_copying_loader(path, tiny_wide_kit)

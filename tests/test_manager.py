@@ -198,6 +198,29 @@ def test_after_a_cancelled_run_the_next_run_equals_the_reference(tiny_kit, devic
     assert all(np.array_equal(pixels(result.images[k]), want[k]) for k in want)
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_weights_stay_file_backed_through_every_move_on_the_cpu(tiny_kit, strategy):
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    from fluxdemo.loading import file_backed
+
+    manager = fresh(tiny_kit, torch.device("cpu"), strategy)
+    result = generate(manager, OPTS)
+    want = reference(tiny_kit, torch.device("cpu"), "peft.safetensors")["baseline"]  # same seed and options
+    assert np.array_equal(pixels(result.images["baseline"]), want)
+    for name in ("transformer", "text_encoder_2"):
+        if name not in manager.loaded():  # dropped by disk after its stage
+            continue
+        module = manager.get(name)
+        packed = {n for n, p in module.named_parameters() if isinstance(p, GGUFParameter)}
+        assert packed and packed <= set(file_backed(module.named_parameters())), f"{name} was copied into RAM"
+    memory = result.report["memory"]
+    assert memory["ram"] == "file-backed" and "weights in RAM file-backed" in memory["plan"]
+    assert 0 < memory["peak_anon_rss_bytes"] <= memory["peak_rss_bytes"]
+    assert 0 < memory["peak_file_rss_bytes"] <= memory["peak_rss_bytes"]
+
+
 # -- the planner ----------------------------------------------------------------------------------------------------
 def preset_sizes(name: str) -> dict[str, int]:
     return {c: getattr(PRESETS[name], c).approx_bytes for c in planner.STAGES}
@@ -228,12 +251,42 @@ def test_planner_on_cpu_and_short_ram():
     sizes = preset_sizes("dev-q8")
     assert planner.plan(None, sizes, 1024, 1024, torch.float32).strategy == "resident"
     assert planner.plan(None, sizes, 1024, 1024, torch.float32, ram_free=64 * GiB).strategy == "resident"
+    # The GGUF weights are file-backed: 16 GB of RAM runs dev-q8 resident on the CPU, computing from the mapped files.
     short = planner.plan(None, sizes, 1024, 1024, torch.float32, ram_free=16 * GiB)
-    assert short.strategy == "disk" and "RAM is short" in short.reason
-    on_gpu = planner.plan(16 * GiB, sizes, 1024, 1024, torch.bfloat16, ram_free=12 * GiB)
+    assert (short.strategy, short.ram) == ("resident", "file-backed")
+    assert short.ram_need == sizes["text_encoder"] + sizes["vae"]
+    # Only when the weights that cannot be mapped (a safetensors T5, quantized with quanto) do not fit: disk.
+    unmapped = planner.plan(None, sizes, 1024, 1024, torch.float32, ram_free=4 * GiB, mapped=["transformer"])
+    assert unmapped.strategy == "disk" and "RAM is short" in unmapped.reason
+    on_gpu = planner.plan(16 * GiB, sizes, 1024, 1024, torch.bfloat16, ram_free=12 * GiB, mapped=())
     assert on_gpu.strategy == "disk" and on_gpu.predicted_peak == on_gpu.peaks["model-offload"]
     capped = planner.plan(80 * GiB, sizes, 1024, 1024, torch.bfloat16, ceiling="model-offload")
     assert capped.strategy == "model-offload" and "resident ran out of memory earlier" in capped.reason
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "ram_gib", "can_pin", "strategy", "ram"),
+    [(16, 20, True, "model-offload", "pinned"),  # 16.9 GiB of pinned copies, 19.5 GiB with the headroom: they fit
+     (16, 19, True, "model-offload", "file-backed"),  # in 19 GiB they do not
+     (16, 16, True, "model-offload", "file-backed"),  # the machine: 16 GB of RAM ...
+     (12, 16, True, "group-offload", "file-backed"),  # ... and a 12 GB GPU
+     (12, 64, True, "group-offload", "pinned"),
+     (16, 64, False, "model-offload", "file-backed"),  # a device that reads pinned RAM no faster (MPS)
+     (100, 64, True, "resident", "file-backed"),  # read once from the files onto the device
+     (None, 64, True, "resident", "file-backed")],  # the CPU computes from the mapped files
+)  # fmt: skip
+def test_planner_weighs_ram_pinned_or_file_backed(free_gib, ram_gib, can_pin, strategy, ram):
+    sizes = preset_sizes("dev-q8")
+    free = None if free_gib is None else free_gib * GiB
+    chosen = planner.plan(free, sizes, 1024, 1024, torch.bfloat16, ram_free=ram_gib * GiB, can_pin=can_pin)
+    assert (chosen.strategy, chosen.ram) == (strategy, ram)
+    assert f"weights in RAM {ram}" in chosen.reason
+    if ram == "pinned":  # every component copied into page-locked RAM, and that fits with the headroom
+        assert chosen.ram_need == sum(sizes.values())
+        assert chosen.ram_need * (1 + planner.HEADROOM) <= ram_gib * GiB
+    else:  # only CLIP and the VAE (dense, from safetensors) fill anonymous RAM; under resident one at a time
+        dense = (sizes["text_encoder"], sizes["vae"])
+        assert chosen.ram_need == (max(dense) if strategy == "resident" and free else sum(dense))
 
 
 class _FlashAttention(TorchFunctionMode):

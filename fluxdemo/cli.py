@@ -10,9 +10,11 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 from fluxdemo.config import CLI_FLAGS, DEFAULT_PRESET, ENV_OVERRIDES, PRESETS, get_preset
 from fluxdemo.errors import FluxdemoError, LoraError, OptionsError
@@ -23,11 +25,17 @@ EPILOG = """\
 Where the model comes from:
   --model dev-q8 (default) downloads FLUX.1-dev's Q8_0 GGUF transformer (12.7 GB, city96/FLUX.1-dev-gguf), a Q8_0
   T5-XXL encoder (5.1 GB) and CLIP-L + VAE from black-forest-labs/FLUX.1-dev, a gated repo: accept its licence on
-  the Hub and set HF_TOKEN. --model tiny uses random weights built locally: no network, milliseconds per image.
+  the Hub and set HF_TOKEN. --model tiny uses random weights built locally: no network, 256x256 at 12 steps by
+  default, about a second per image on a CPU.
   Override any file with a local path: --transformer, --t5, --clip, --vae (or FLUXDEMO_TRANSFORMER, ...).
 """
 
 COMPARE_FILES = ("baseline.png", "lora.png", "side_by_side.png", "report.json")
+# Image defaults when --steps, --width, --height are not given. A tiny model draws noise at any size, so it uses the
+# studio's small defaults (studio.py) and answers in about a second; the real model uses FLUX.1-dev's own.
+IMAGE_DEFAULTS = {"steps": 28, "width": 1024, "height": 1024}
+TINY_IMAGE_DEFAULTS = {"steps": 12, "width": 256, "height": 256}
+VERBOSE_HELP = "log every move and library detail, and show the traceback of an error (anywhere on the line)"
 LORA_HELP = "a .safetensors file or a name in the LoRA folder, optionally NAME:STRENGTH; repeat it for a stack"
 
 
@@ -68,21 +76,38 @@ def _add_image_flags(p: argparse.ArgumentParser, *, lora_required: bool, grid: b
         g.add_argument("--lora", required=lora_required, action="append", metavar="NAME[:STRENGTH]", help=LORA_HELP)
         g.add_argument("--seed", type=int, default=0, help="same seed + same settings = the same pixels, on any run")
     g.add_argument("--strength", type=float, default=1.0, help="strength of a LoRA named without one (default 1)")
-    g.add_argument("--steps", type=int, default=28, help="denoising steps (FLUX.1-dev is tuned for 28)")
+    g.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps (default 28, what FLUX.1-dev is tuned for; 12 with a tiny --model)",
+    )
     g.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev's distilled guidance (default 3.5)")
-    g.add_argument("--width", type=int, default=1024, help="a multiple of 16 (VAE x8, then 2x2 latent patches)")
-    g.add_argument("--height", type=int, default=1024, help="a multiple of 16")
+    g.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="a multiple of 16 (VAE x8, then 2x2 latent patches); default 1024, 256 with a tiny --model",
+    )
+    g.add_argument("--height", type=int, default=None, help="a multiple of 16; default 1024, 256 with a tiny --model")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr and exit 2 (without the usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m fluxdemo",
+    parser = _Parser(
+        prog="fluxdemo" if Path(sys.argv[0]).name == "fluxdemo" else "python -m fluxdemo",
         description="FLUX.1-dev on an ordinary GPU with quantized components, and what a LoRA does to an image.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every move and library detail")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("generate", help="one image (with or without a LoRA) -> a PNG carrying its parameters")
@@ -114,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--kind", default="tiny", choices=("tiny", "tiny-wide"))
     p.add_argument("--seed", type=int, default=0)
+    # -v after the verb too: SUPPRESS leaves the main parser's value alone unless the verb's -v is given.
+    for p in verbs.choices.values():
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
 
 
@@ -138,7 +166,34 @@ def manager_from_args(args: argparse.Namespace):
     preset = get_preset(args.model, overrides)
     lora_dir, stacks = _lora_location(args, preset)
     device = torch.device(args.device) if args.device else default_device()
+    if device.type == "cpu" and not preset.transformer.kit:
+        _warn_real_model_on_cpu(preset)
     return ModelManager(preset, device=device, strategy=args.strategy, lora_dir=lora_dir), stacks
+
+
+def _warn_real_model_on_cpu(preset) -> None:
+    """The real model on a CPU works, slowly: say so before a long silent load, with the RAM it wants."""
+    weights = sum(source.approx_bytes for source in preset.sources().values())
+    available = _ram_available()
+    fits = "" if available is None or available > weights else "; more than this machine's RAM, so it may not run"
+    here = "RAM unknown" if available is None else f"{available / 1e9:.1f} GB available here"
+    logger.warning(
+        "warning: %s runs on the CPU (no GPU found, or --device cpu): expect minutes per step at 1024x1024 and "
+        "hours for 28 steps, with %.1f GB of weights in RAM (%s%s). Try --model tiny first, or use a GPU.",
+        preset.name, weights / 1e9, here, fits,
+    )  # fmt: skip
+
+
+def _ram_available() -> int | None:
+    """Bytes of RAM available now (Linux's MemAvailable; the free pages elsewhere), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
 
 
 def _lora_location(args, preset) -> tuple[Path, list]:
@@ -263,6 +318,8 @@ def cmd_inspect_lora(args) -> int:
     from fluxdemo.lora import format_report, inspect_lora
 
     preset = get_preset(args.model)
+    if not args.file.is_file():
+        raise OptionsError(f"There is no file {args.file}; give the path of a LoRA .safetensors file.")
     try:
         dims, clip_config = model_dims(resolve(preset.config_dir, component="config_dir", preset=preset.name))
         report = inspect_lora(args.file, dims, clip_config=clip_config)
@@ -274,9 +331,25 @@ def cmd_inspect_lora(args) -> int:
 
 
 def cmd_download(args) -> int:
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from fluxdemo.errors import HubError
     from fluxdemo.hub import download_preset
 
-    report = download_preset(get_preset(args.model))
+    # The library's advice for a missing file is "run download where there is network": not for download itself.
+    elsewhere = "or run download on a machine with network and copy its Hugging Face cache (HF_HOME) here"
+    if constants.HF_HUB_OFFLINE:
+        raise OptionsError(f"download fetches from the Hugging Face Hub, but offline mode is on (HF_HUB_OFFLINE=1): "
+                           f"unset it, {elsewhere}.")  # fmt: skip
+    try:
+        report = download_preset(get_preset(args.model))
+    except HubError as e:
+        if isinstance(e.__cause__, (LocalEntryNotFoundError, httpx2.TransportError)):
+            raise OptionsError(f"download could not reach the Hugging Face Hub: check this machine's network (and "
+                               f"HTTPS_PROXY if it needs one), {elsewhere}.") from e  # fmt: skip
+        raise
     print(report.describe())
     return 0
 
@@ -284,6 +357,8 @@ def cmd_download(args) -> int:
 def cmd_tiny(args) -> int:
     from fluxdemo.tiny import build_kit
 
+    if args.out.exists() and not (args.out.is_dir() and not any(args.out.iterdir())):
+        raise OptionsError(f"{args.out} is not an empty folder; choose a new or empty --out for the kit.")
     print(build_kit(args.out, kind=args.kind, seed=args.seed))
     return 0
 
@@ -293,7 +368,9 @@ VERBS = {"generate": cmd_generate, "compare": cmd_compare, "grid": cmd_grid, "in
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: 0 on success, 2 on an error the user can fix (one line on stderr), 1 on anything else."""
     args = build_parser().parse_args(argv)
+    _fill_image_defaults(args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(relativeCreated)7.0f ms  %(message)s"
     )
@@ -304,6 +381,31 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return VERBS[args.verb](args)
-    except FluxdemoError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FluxdemoError, OSError) as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {_sentence(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if args.verbose:
+            raise
+        print(f"error: {type(e).__name__}: {e} (not a usage error: run again with -v for the traceback and report it)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+
+
+def _fill_image_defaults(args: argparse.Namespace) -> None:
+    """--steps, --width and --height left out: FLUX.1-dev's defaults, or the small ones for a tiny model."""
+    if not hasattr(args, "steps"):
+        return
+    defaults = TINY_IMAGE_DEFAULTS if PRESETS[args.model].transformer.kit else IMAGE_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def _sentence(e: Exception) -> str:
+    """An error as the one line the user reads: ours are sentences already; an OSError names its path."""
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.strerror or e}: {e.filename}; check the path and its permissions."
+    return str(e)

@@ -23,6 +23,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFont, PngImagePlugin
 
 from fluxdemo.errors import FluxdemoError, OptionsError
 
+from fluxdemo.files import new_file_mode
 ROLES = ("baseline", "lora", "side_by_side", "grid")
 PARAMS_CHUNK = "fluxdemo"
 SCHEMA = 1  # of the "fluxdemo" chunk; bump when a field changes meaning
@@ -143,6 +144,7 @@ def save_png(image: Image.Image, params: ImageParams, path: Path, *, overwrite: 
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the name points at it
         if overwrite:
+        os.fchmod(fd, new_file_mode())  # mkstemp's 0600 would make every PNG private
             os.replace(tmp, path)
         else:
             _link_new(tmp, path)

@@ -31,6 +31,7 @@ import torch
 
 from fluxdemo.config import PACKAGE_CONFIGS
 from fluxdemo.errors import LoraError
+from fluxdemo.files import new_file_mode
 from fluxdemo.flux_names import FluxDims
 from fluxdemo.lora_formats import ModelTables, analyse_keys, factors, split_parts
 
@@ -572,6 +573,7 @@ def save_upload(src: Path, folder: Path, original_name: str, max_bytes: int = MA
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".upload-", suffix=".tmp", dir=folder)
     tmp = Path(tmp_name)
+    os.fchmod(fd, new_file_mode())  # as any file the user saves, not mkstemp's 0600
     try:
         digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as out, src.open("rb") as inp:

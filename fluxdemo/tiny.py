@@ -540,7 +540,7 @@ def ensure_kit(kind: str = "tiny", cache_dir: Path | None = None) -> Path:
     root = Path(cache_dir) if cache_dir is not None else kit_cache_dir()
     kit = root / f"{kind}-v{KIT_VERSION}"
     if _is_complete(kit, kind):
-        logger.info("tiny kit %r: reusing %s", kind, kit)
+        logger.debug("tiny kit %r: reusing %s", kind, kit)  # asked once per file resolved: -v only
         return kit
     if kit.exists() and any(kit.iterdir()):
         raise RuntimeError(

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fluxdemo.cli import COMPARE_FILES
 from fluxdemo.images import read_params
 
 ARGS = ["--model", "tiny", "--prompt", "a cat", "--seed", "42", "--steps", "3", "--width", "64", "--height", "64"]
@@ -106,3 +107,116 @@ def test_inspect_lora_json_schema_and_exit_codes(tmp_path, fluxdemo_cache, tiny_
     unreadable = run("inspect-lora", str(pickle), cache=fluxdemo_cache)
     assert unreadable.returncode == 1
     assert "pickle" in unreadable.stderr and "not opened" in unreadable.stderr
+
+
+# -- user errors: one sentence on stderr, exit 2, no traceback (-v anywhere on the line shows it) -------------------
+
+
+def user_error(done: subprocess.CompletedProcess) -> str:
+    """The one error line of a run that failed with a user error."""
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and done.stderr.strip().splitlines()[-1] == errors[0], done.stderr
+    return errors[0]
+
+
+def test_inspect_lora_on_a_missing_file(tmp_path, fluxdemo_cache):
+    missing = tmp_path / "nope.safetensors"
+    done = run("inspect-lora", str(missing), cache=fluxdemo_cache)
+    assert user_error(done) == f"error: There is no file {missing}; give the path of a LoRA .safetensors file."
+
+
+def test_tiny_into_a_non_empty_folder(tmp_path, fluxdemo_cache):
+    (tmp_path / "notes.txt").write_text("mine")
+    done = run("tiny", "--out", str(tmp_path), cache=fluxdemo_cache)
+    assert user_error(done) == f"error: {tmp_path} is not an empty folder; choose a new or empty --out for the kit."
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_unknown_lora_name(tmp_path, fluxdemo_cache, tiny_kit):
+    done = run("compare", *ARGS, "--lora", "nosuch", "--out", str(tmp_path / "out"), cache=fluxdemo_cache)
+    assert user_error(done) == (
+        "error: The LoRA stack nosuch:1 was not applied: No LoRA named 'nosuch.safetensors' in the LoRA folder "
+        "'loras'; available: comfy.safetensors, kohya.safetensors, peft.safetensors, xlabs.safetensors."
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "sentence"),
+    [
+        (["--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+        (["--strength", "strong"], "argument --strength: invalid float value: 'strong'"),
+        (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
+    ],
+)
+def test_bad_value_on_the_command_line(args, sentence, tmp_path, fluxdemo_cache):
+    done = run("compare", "--prompt", "a cat", "--lora", "peft", *args, "--out", str(tmp_path), cache=fluxdemo_cache)
+    assert user_error(done) == f"error: {sentence}; see `python -m fluxdemo compare --help`."
+    assert "usage:" not in done.stderr
+
+
+def test_verbose_after_the_verb_shows_the_traceback(tmp_path, fluxdemo_cache):
+    (tmp_path / "notes.txt").write_text("mine")
+    for line in (["tiny", "--out", str(tmp_path), "-v"], ["-v", "tiny", "--out", str(tmp_path)]):
+        done = run(*line, cache=fluxdemo_cache)
+        assert done.returncode == 2
+        assert "Traceback" in done.stderr and "OptionsError" in done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path} is not an empty folder")
+
+
+def test_download_offline_says_how_to_get_the_files(fluxdemo_cache):
+    done = run("download", "--model", "dev-q4", cache=fluxdemo_cache)  # run() sets HF_HUB_OFFLINE=1
+    assert user_error(done) == (
+        "error: download fetches from the Hugging Face Hub, but offline mode is on (HF_HUB_OFFLINE=1): unset it, or "
+        "run download on a machine with network and copy its Hugging Face cache (HF_HOME) here."
+    )
+
+
+def test_download_without_network_says_how_to_get_the_files(tmp_path, fluxdemo_cache):
+    # Port 9 (discard): nothing listens there, so the "Hub" refuses the connection as an unplugged network would.
+    env = {**os.environ, "FLUXDEMO_CACHE": str(fluxdemo_cache), "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path),
+           "HF_ENDPOINT": "http://127.0.0.1:9"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "fluxdemo", "download", "--model", "dev-q4"], capture_output=True,
+                          text=True, env=env, timeout=120)  # fmt: skip
+    assert user_error(done) == (
+        "error: download could not reach the Hugging Face Hub: check this machine's network (and HTTPS_PROXY if it "
+        "needs one), or run download on a machine with network and copy its Hugging Face cache (HF_HOME) here."
+    )
+
+
+# -- defaults and files -----------------------------------------------------------------------------------------------
+
+
+def test_tiny_model_defaults_are_small(tmp_path, fluxdemo_cache):
+    out = tmp_path / "cat.png"
+    done = run("generate", "--model", "tiny", "--prompt", "a cat", "--out", str(out), cache=fluxdemo_cache)
+    assert done.returncode == 0, done.stderr
+    params = read_params(out)
+    assert (Image.open(out).size, params.steps) == ((256, 256), 12)
+    help_text = run("generate", "--help", cache=fluxdemo_cache).stdout
+    assert "default 28, what FLUX.1-dev is tuned for; 12 with a tiny --model" in " ".join(help_text.split())
+
+
+def test_pngs_follow_the_umask(tmp_path, fluxdemo_cache, kit_lora):
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        out = tmp_path / f"umask-{umask:o}"
+        env = {**os.environ, "FLUXDEMO_CACHE": str(fluxdemo_cache), "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run([sys.executable, "-m", "fluxdemo", "compare", *ARGS, "--lora", kit_lora, "--out",
+                               str(out)], capture_output=True, text=True, env=env, timeout=240,
+                              preexec_fn=lambda umask=umask: os.umask(umask))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+        assert modes == dict.fromkeys(COMPARE_FILES, mode)
+
+
+def test_uploaded_lora_follows_the_umask(tmp_path, tiny_kit):
+    from fluxdemo.lora import save_upload
+
+    previous = os.umask(0o022)
+    try:
+        saved = save_upload(tiny_kit / "loras" / "peft.safetensors", tmp_path / "loras", "my style.safetensors")
+    finally:
+        os.umask(previous)
+    assert saved.stat().st_mode & 0o777 == 0o644

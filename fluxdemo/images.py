@@ -139,12 +139,12 @@ def save_png(image: Image.Image, params: ImageParams, path: Path, *, overwrite: 
         # Same folder, so the final rename stays on one filesystem and is atomic.
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         tmp = Path(tmp_name)
+        os.fchmod(fd, new_file_mode())  # mkstemp's 0600 would make every PNG private
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the name points at it
         if overwrite:
-        os.fchmod(fd, new_file_mode())  # mkstemp's 0600 would make every PNG private
             os.replace(tmp, path)
         else:
             _link_new(tmp, path)

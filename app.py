@@ -161,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         auth = parse_auth(args.auth)
         limits = check_flags(args)
+        zero_gpu = spaces_gpu.on_zero_gpu()
+        if zero_gpu:  # ZeroGPU's placement: everything on cuda from start-up, nothing moved in a task (spaces_gpu.py)
+            args.device, args.strategy = spaces_gpu.ZERO_GPU_DEVICE, spaces_gpu.ZERO_GPU_STRATEGY
         manager, _ = manager_from_args(args)  # the one model manager of the app; it loads the model on the first run
-        if spaces_gpu.on_zero_gpu():
+        if zero_gpu:
             spaces_gpu.preload_for_zero_gpu(manager)
     except FluxdemoError as e:
         logger.error("%s", e)

@@ -25,11 +25,23 @@ logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable)
 
-# The duration estimate: FLUX.1-dev Q8_0 GGUF denoises a 1024x1024 image at about 0.16 s/step on an H200 at full
-# speed; dequantizing GGUF weights on the fly costs more, so we budget 0.5 s per step and megapixel, plus a fixed
-# allowance for moving the components onto the GPU, encoding the prompt, loading the LoRA and decoding.
-SECONDS_PER_STEP_MEGAPIXEL = 0.5
-FIXED_SECONDS = 30
+# ZeroGPU's documented placement (hub-docs spaces-zerogpu.md, "Model loading"): models go to `cuda` at start-up in
+# the main process, where CUDA is emulated, and a @spaces.GPU function neither loads nor moves them. Its default
+# `large` slice is half an RTX PRO 6000 Blackwell with 48 GB: dev-q8 resident at 1024x1024 needs about 20 GB (the
+# planner's prediction, bench/RESULTS.md), so every component stays on the device for the app's life.
+ZERO_GPU_DEVICE = "cuda"
+ZERO_GPU_STRATEGY = "resident"
+
+# The duration estimate, derived for that slice. One FLUX.1-dev step at 1024x1024 (4096 image + 512 text tokens
+# through 12 B parameters) is about 125 TFLOP. A full RTX PRO 6000 Blackwell does about 500 TFLOP/s of dense bf16
+# (NVIDIA's 4 PFLOPS is sparse FP4: / 2 dense, / 4 from FP4 to bf16); half a card about 250 TFLOP/s, so 0.5 s per
+# step and megapixel at full use. Eager PyTorch with GGUF weights dequantized per layer and step reaches roughly
+# 40-50% of that, hence 1.2 s. Attention grows faster than the pixel count, but up to 1024x1024 the 125 TFLOP
+# already holds it. Fixed: CUDA start-up in the forked task, taking over the resident weights, encoding the prompt
+# (T5-XXL: about 5 TFLOP for 512 tokens), loading a LoRA (milliseconds) and decoding (the VAE, about 1 s at 1 MP);
+# nothing is loaded or moved any more, so 15 s instead of the 30 s the H200 estimate kept for moving components.
+SECONDS_PER_STEP_MEGAPIXEL = 1.2
+FIXED_SECONDS = 15
 MAX_SECONDS = 300  # ZeroGPU weighs each ask against the visitor's daily quota (minutes): never ask for more
 
 
@@ -77,8 +89,11 @@ def run_on_gpu(
 
 
 def preload_for_zero_gpu(manager: ModelManager) -> None:
-    """Load every component in the main process. ZeroGPU runs each task in a fresh fork, so whatever a task loads
-    is gone when it returns: loading here, once, is what the forks inherit."""
-    logger.info("ZeroGPU: loading the model at start-up, so every GPU task inherits it")
+    """Load every component in the main process and place it on the device for good (a manager built with
+    ZERO_GPU_DEVICE and ZERO_GPU_STRATEGY). ZeroGPU runs each task in a fresh fork, so whatever a task loads is gone
+    when it returns, and moves inside a task are slow: placed here, once, the forks inherit everything and move
+    nothing."""
+    logger.info("ZeroGPU: every component to %s at start-up (%s); GPU tasks move nothing", manager.device,
+                manager.strategy)  # fmt: skip
     for name in MODEL_COMPONENTS:
         manager.get(name)

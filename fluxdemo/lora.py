@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import stat
 import tempfile
 import threading
 from collections import Counter, OrderedDict
@@ -39,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit; a LoRA header is a few hundred KB
 MAX_UPLOAD_BYTES = 2 * 2**30  # a rank-128 LoRA on every FLUX.1 linear is about 1.2 GB in bf16
+# Quotas for what visitors can store: files per upload request, and the LoRA folder's file count and total size.
+MAX_UPLOAD_FILES = 4
+MAX_FOLDER_FILES = 200
+MAX_FOLDER_BYTES = 50 * 2**30
 REFUSED_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
 DTYPE_BYTES = (
     dict.fromkeys(("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0"), 1)
@@ -91,7 +96,10 @@ def read_safetensors_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES
     Checks everything safetensors' own loader would, but with a message a person can act on; never unpickles.
     """
     path = Path(path)
-    size = path.stat().st_size
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end; stat opens nothing
+        raise LoraError(f"{path.name} is not a regular file (a pipe, device or folder); it was not opened.")
+    size = st.st_size
     with path.open("rb") as f:
         head = f.read(32)
         n = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
@@ -209,7 +217,48 @@ class LoraReport:
     size: int
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The report as JSON-able data, every list and string capped (bounded): what any client is shown."""
+        return bounded(dataclasses.asdict(self))
+
+
+# What a report shows at most: a file can hold millions of keys or a megabyte-long trigger phrase, and every client
+# (the studio, its API, report.json) gets the report; capped, a report stays well under 100 kB whatever the file.
+REPORT_MAX_ITEMS = 50
+REPORT_MAX_CHARS = 300
+TRIGGER_MAX_WORDS = 12  # trigger words go into prompts, so they are cut at parse time, with no "and N more" marker
+TRIGGER_MAX_CHARS = 80
+
+
+def bounded(value, max_items: int = REPORT_MAX_ITEMS, max_chars: int = REPORT_MAX_CHARS):
+    """`value` (JSON-like: dicts, lists, strings, numbers) with every list and dict cut to max_items entries (a last
+    entry says "and 2,131 more") and every string to max_chars characters; for anything a LoRA file controls."""
+    if isinstance(value, str):
+        return (
+            value
+            if len(value) <= max_chars
+            else f"{value[:max_chars]}... ({len(value) - max_chars:,} more characters)"
+        )
+    if isinstance(value, dict):
+        items = list(value.items())
+        out = {bounded(k, max_items, max_chars): bounded(v, max_items, max_chars) for k, v in items[:max_items]}
+        if len(items) > max_items:
+            out["..."] = f"and {len(items) - max_items:,} more"
+        return out
+    if isinstance(value, (list, tuple)):
+        out = [bounded(v, max_items, max_chars) for v in value[:max_items]]
+        return out + [f"and {len(value) - max_items:,} more"] if len(value) > max_items else out
+    return value
+
+
+# An absolute or home-relative path inside free text (kohya writes the trainer's own paths into ss_sd_model_name,
+# ss_output_name and comments): at least two separators, not inside a word, a number such as 1024/768 or a URL.
+_PATH = re.compile(r"(?<![\w.:/])(?:[A-Za-z]:|~|\.{1,2})?(?:[\\/][^\\/\s\"'<>|,;]+){2,}[\\/]?")
+
+
+def paths_to_file_names(text: str) -> str:
+    """Every path in `text` reduced to its file name ("/home/me/models/x.safetensors" -> "x.safetensors");
+    URLs stay: they name a public page, not the trainer's disk."""
+    return _PATH.sub(lambda m: re.split(r"[\\/]", m[0].rstrip("\\/"))[-1], text)
 
 
 def format_report(r: LoraReport) -> str:
@@ -237,8 +286,15 @@ def _summary(values: list) -> int | float | dict[str, int] | None:
 
 
 def _trigger_words(meta: Mapping[str, str]) -> list[str]:
+    """At most TRIGGER_MAX_WORDS words of at most TRIGGER_MAX_CHARS each; only the phrase's start is parsed."""
+    words = _parse_trigger_words(meta)
+    return [w[:TRIGGER_MAX_CHARS] for w in words[:TRIGGER_MAX_WORDS]]
+
+
+def _parse_trigger_words(meta: Mapping[str, str]) -> list[str]:
     if meta.get("modelspec.trigger_phrase"):
-        return [w.strip() for w in meta["modelspec.trigger_phrase"].split(",") if w.strip()]
+        phrase = meta["modelspec.trigger_phrase"][: TRIGGER_MAX_WORDS * (TRIGGER_MAX_CHARS + 2)]
+        return [w.strip() for w in phrase.split(",") if w.strip()]
     try:  # kohya: {dataset folder: {caption tag: count}}; the most frequent tags carry the trigger
         folders = json.loads(meta.get("ss_tag_frequency") or "{}")
         counts = sum((Counter({str(t): int(n) for t, n in tags.items()}) for tags in folders.values()), Counter())
@@ -275,7 +331,7 @@ def _analyse_uncached(shapes, dtypes, meta, read, dims, clip_config, identity: t
     k = analyse_keys(shapes, dtypes, meta, read, ModelTables(dims, clip_config), _model_label(dims))
     hint = next(
         (
-            meta[key]
+            paths_to_file_names(meta[key][:2000])[:REPORT_MAX_CHARS]
             for key in ("modelspec.architecture", "ss_base_model_version", "ss_sd_model_name")
             if meta.get(key)
         ),
@@ -305,7 +361,7 @@ def _analyse_uncached(shapes, dtypes, meta, read, dims, clip_config, identity: t
         problems=k.problems,
         warnings=k.warnings,
         trigger_words=_trigger_words(meta),
-        metadata={key: meta[key][:300] for key in _META_KEYS if key in meta},
+        metadata={key: paths_to_file_names(meta[key][:2000])[:REPORT_MAX_CHARS] for key in _META_KEYS if key in meta},
         matched=sorted(k.matched),
         unmatched=sorted(k.unmatched),
         sha256=sha256,
@@ -497,6 +553,8 @@ class LoraLibrary:
                         st = path.stat()
                     except OSError:  # a dangling link
                         continue
+                    if not stat.S_ISREG(st.st_mode):  # a FIFO named *.safetensors would block the scan when opened
+                        continue
                     old = self._index.get(name)
                     same = old is not None and (old.size, old.mtime_ns) == (st.st_size, st.st_mtime_ns)
                     found[name] = old if same else self._scan(root, path, name, st)
@@ -559,16 +617,55 @@ def _sanitise(original_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")[:80] or "lora"
 
 
-def save_upload(src: Path, folder: Path, original_name: str, max_bytes: int = MAX_UPLOAD_BYTES) -> Path:
+def check_upload_count(count: int, max_files: int = MAX_UPLOAD_FILES) -> None:
+    """LoraError when one upload request carries more files than allowed (checked before any file is read)."""
+    if count > max_files:
+        raise LoraError(f"{count} files in one upload; at most {max_files} at a time. Upload them in smaller groups.")
+
+
+def _folder_usage(folder: Path) -> tuple[int, int]:
+    """(LoRA files, their bytes) in the folder, recursively; only regular files count, and none is opened."""
+    files = total = 0
+    for dirpath, _, filenames in os.walk(folder):
+        for filename in filenames:
+            try:
+                st = os.stat(Path(dirpath) / filename, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and filename.lower().endswith(".safetensors"):
+                files, total = files + 1, total + st.st_size
+    return files, total
+
+
+def save_upload(
+    src: Path,
+    folder: Path,
+    original_name: str,
+    max_bytes: int = MAX_UPLOAD_BYTES,
+    *,
+    max_files: int = MAX_FOLDER_FILES,
+    max_folder_bytes: int = MAX_FOLDER_BYTES,
+) -> Path:
     """Store an uploaded LoRA in `folder` under a safe unique name; returns its path (an identical file is reused).
 
-    The size is checked first and the header validated before any tensor byte is copied; the copy is validated
-    again (what we keep is what we checked) and moved into place atomically.
+    The size and the folder's quotas are checked first and the header validated before any tensor byte is copied;
+    the copy is validated again (what we keep is what we checked) and moved into place atomically.
     """
     src, folder = Path(src), Path(folder)
     size = src.stat().st_size
     if size > max_bytes:
         raise LoraError(f"{original_name} is {size / 1e6:g} MB; uploads are limited to {max_bytes / 1e6:g} MB.")
+    files, used = _folder_usage(folder)
+    if files >= max_files:
+        raise LoraError(
+            f"The LoRA folder already holds {files} LoRA files, its limit is {max_files}; remove some before "
+            "uploading more."
+        )
+    if used + size > max_folder_bytes:
+        raise LoraError(
+            f"{original_name} ({size / 1e6:g} MB) would take the LoRA folder past its {max_folder_bytes / 1e9:g} GB "
+            f"limit ({used / 1e9:.2f} GB in use); remove some LoRAs before uploading more."
+        )
     read_safetensors_header(src)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".upload-", suffix=".tmp", dir=folder)

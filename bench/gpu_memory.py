@@ -7,7 +7,8 @@ once, under --work (default bench/out/gpu), for each --quant: the FLUX.1-dev tra
 blocks, width 3072) and the T5-XXL encoder as GGUF files with seeded random weights in city96's layout (weights inside
 the blocks quantized, the rest F32), written tensor by tensor so RAM holds one tensor at a time; and, shared, CLIP-L
 and the VAE as bf16 safetensors. The tokenizers are the tiny kit's (their token ids are valid for the real
-vocabularies). All four stages run, T5 included.
+vocabularies). All four stages run, T5 included. The writer runs on a CPU too (bench/fullsize.py builds the same
+files with it: 11 minutes for Q8_0 on two cores).
 
 Then, per quant and strategy, a fresh process (so that peaks are its own) generates two images: the first reads the
 files and places the weights, the second (a new prompt, so the encoders run again) is measured: CUDA's peak allocated

@@ -649,6 +649,11 @@ class _Checker:
 
     def headline(self, adapters: list[Adapter], loose: list[str]) -> list[str]:
         """The main reason a file does not fit (another model, a control LoRA, another width), then the details."""
+        family = _family(adapters, self.shapes, self.meta)
+        if family:
+            self.r.format, name, evidence = family
+            article = "an" if name.startswith("SD") else "a"
+            return [f"{article} {name} LoRA: it does not fit {self.model} ({evidence})"]
         other = _other_model(adapters, self.shapes)
         if other:
             self.r.format = other[0]
@@ -696,6 +701,78 @@ class _Checker:
                 "as an adapter"
             )
         return lines
+
+
+# Model families whose LoRAs look like FLUX.1-dev's. FLUX.2 (BFL flux2/model.py; diffusers' Flux2Transformer2DModel):
+# model-wide modulation (double_stream_modulation_img/txt, single_stream_modulation), a SwiGLU MLP (mlp_ratio 3, the
+# gate and up rows fused: img_mlp.0 has 6x width rows, linear1 9x), diffusers' ff.linear_in/out and single blocks'
+# attn.to_qkv_mlp_proj; klein 4B is as wide as FLUX.1 (3072), so its attention LoRAs fit FLUX.1 shape for shape.
+# Chroma adds distilled_guidance_layer. Kontext, Fill, Canny and Depth share FLUX.1-dev's layout (Fill/Canny/Depth
+# widen img_in, see CONTROL_INPUTS); a LoRA without such keys is told apart only by its metadata.
+_FLUX2_KEYS = re.compile(
+    r"double_stream_modulation|single_stream_modulation|to_qkv_mlp_proj|(?:^|[._])ff(?:_context)?[._]linear_(?:in|out)"
+)
+_CHROMA_KEYS = re.compile(r"distilled_guidance_layer")
+_SD3_KEYS = re.compile(r"(?:^|[._])(?:context_block|x_block)[._]|transformer_blocks[._]\d+[._]attn2[._]")
+_ATTN_Q = re.compile(r"transformer_blocks[._]\d+[._]attn[._]to_q$")
+_FLUX2_MLP = ((re.compile(r"single_blocks[._]\d+[._]linear1$"), 9), (re.compile(r"(?:img|txt)_mlp[._]0$"), 6))
+_WIDTHS = {3072: "FLUX.2 klein 4B", 4096: "FLUX.2 klein 9B", 6144: "FLUX.2 dev"}  # FLUX.2 hidden sizes
+SD3_WIDTHS = {1536: "SD3 Medium / SD3.5 Medium", 2432: "SD3.5 Large"}
+# (pattern in modelspec.architecture / ss_base_model_version, family, format); the first match wins.
+_META_FAMILIES = (
+    (re.compile(r"flux[-_. ]?2.*klein|klein"), "FLUX.2 klein", "flux2-klein"),
+    (re.compile(r"flux[-_. ]?2"), "FLUX.2", "flux2"),
+    (re.compile(r"flux.*kontext|kontext"), "FLUX.1 Kontext", "flux1-kontext"),
+    (re.compile(r"flux.*fill"), "FLUX.1 Fill", "flux1-fill"),
+    (re.compile(r"flux.*canny"), "FLUX.1 Canny", "flux1-canny"),
+    (re.compile(r"flux.*depth"), "FLUX.1 Depth", "flux1-depth"),
+    (re.compile(r"chroma"), "Chroma", "chroma"),
+)
+
+
+def _in_out(a: Adapter, shapes: Mapping[str, tuple]) -> tuple[int, int] | None:
+    try:
+        return delta_shape(a, shapes)[0]
+    except (ValueError, KeyError, AttributeError):
+        return None
+
+
+def _family(adapters: list[Adapter], shapes: Mapping[str, tuple], meta: Mapping[str, str]) -> tuple | None:
+    """(format, family, evidence) when the keys, shapes or metadata say the file is for a FLUX.1 look-alike."""
+    flux2 = next((a.module for a in adapters if _FLUX2_KEYS.search(a.module)), None)
+    evidence = f"its key {flux2} is FLUX.2's" if flux2 else ""
+    for a in adapters if not flux2 else ():
+        io = _in_out(a, shapes)
+        for pattern, ratio in _FLUX2_MLP:
+            if io and pattern.search(a.module) and io[0] == ratio * io[1]:
+                flux2, evidence = a.module, f"its {a.module} has {io[0]} rows for width {io[1]}, FLUX.2's SwiGLU MLP"
+    spec = " ".join(meta.get(k, "") for k in ("modelspec.architecture", "ss_base_model_version")).lower()
+    found = next(((name, fmt) for pattern, name, fmt in _META_FAMILIES if pattern.search(spec)), None)
+    if found and found[1] != "flux2":  # the metadata names a FLUX.1 look-alike: the keys cannot tell them apart
+        return found[1], found[0], f"its metadata names {spec.strip()[:80]!r}"
+    if flux2 or found:
+        widths = Counter(
+            io[1] for a in adapters if re.search(r"qkv|to_q$|linear1$", a.module) and (io := _in_out(a, shapes))
+        )
+        width = widths.most_common(1)[0][0] if widths else 0
+        name = _WIDTHS.get(width, "FLUX.2")
+        return (
+            ("flux2-klein" if "klein" in name else "flux2"),
+            name,
+            evidence or f"its metadata names {spec.strip()[:80]!r}",
+        )
+    chroma = next((a.module for a in adapters if _CHROMA_KEYS.search(a.module)), None)
+    if chroma:
+        return "chroma", "Chroma", f"its key {chroma} is Chroma's"
+    sd3 = next((a for a in adapters if _SD3_KEYS.search(a.module) and not _SD_UNET.search(a.module)), None)
+    if sd3:
+        io = _in_out(sd3, shapes)
+        return "sd3", SD3_WIDTHS.get(io[1] if io else 0, "SD3 / SD3.5"), f"its key {sd3.module} is SD3's MMDiT"
+    for a in adapters:  # diffusers names SD3's attention like FLUX.1's: its width tells them apart
+        io = _in_out(a, shapes)
+        if io and io[1] in SD3_WIDTHS and _ATTN_Q.search(a.module):
+            return "sd3", SD3_WIDTHS[io[1]], f"its {a.module} reads width {io[1]}, SD3's"
+    return None
 
 
 def _other_model(adapters: list[Adapter], shapes: Mapping[str, tuple]) -> tuple[str, str] | None:

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
     if not args.verbose:
-        for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub"):
+        for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub", "gguf"):  # gguf: lines per file written
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         auth = parse_auth(args.auth)

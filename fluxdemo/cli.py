@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         # transformers logs through its own handler, configured from the environment at import.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub"):
+        for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub", "gguf"):  # gguf: lines per file written
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return VERBS[args.verb](args)

@@ -220,3 +220,12 @@ def test_uploaded_lora_follows_the_umask(tmp_path, tiny_kit):
     finally:
         os.umask(previous)
     assert saved.stat().st_mode & 0o777 == 0o644
+
+
+def test_default_log_is_quiet(tmp_path, fluxdemo_cache):
+    built = run("tiny", "--out", str(tmp_path / "kit"), cache=fluxdemo_cache)
+    assert built.returncode == 0, built.stderr
+    assert "gguf" not in built.stderr.lower().replace(".gguf", "")  # gguf's writer logs lines for every file
+    done = run("generate", *ARGS, "--out", str(tmp_path / "cat.png"), cache=fluxdemo_cache)
+    assert done.returncode == 0, done.stderr
+    assert "reusing" not in done.stderr  # the kit is looked up once per component: -v only

@@ -22,8 +22,8 @@ from typing import Any
 from PIL import Image, ImageChops, ImageDraw, ImageFont, PngImagePlugin
 
 from fluxdemo.errors import FluxdemoError, OptionsError
-
 from fluxdemo.files import new_file_mode
+
 ROLES = ("baseline", "lora", "side_by_side", "grid")
 PARAMS_CHUNK = "fluxdemo"
 SCHEMA = 1  # of the "fluxdemo" chunk; bump when a field changes meaning

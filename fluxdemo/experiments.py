@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -171,18 +171,14 @@ class ResultsCache:
         return len(self._items)
 
 
-# Called when the i-th of n images to make starts denoising (reused images are not counted).
-ImageStartFn = Callable[[int, int, str], None]
-
-
 def run(
     manager: ModelManager,
     specs: Sequence[ImageSpec],
     controls: Controls = Controls(),
     cache: ResultsCache | None = None,
-    on_image: ImageStartFn | None = None,
 ) -> Result:
-    """Make every image of an experiment; what the cache holds (or another image of the same run) is reused."""
+    """Make every image of an experiment; what the cache holds (or another image of the same run) is reused.
+    controls.on_image hears when each image to make starts (reused images are not counted)."""
     specs = [replace(spec, options=spec.options.validate()) for spec in specs]
     labels = [spec.label for spec in specs]
     if not specs or len(set(labels)) != len(labels):
@@ -214,7 +210,7 @@ def run(
                 timeline.add(f"{spec.label} (cached)", 0.0)
             elif keys[spec.label] not in {keys[t.label] for t in todo}:
                 todo.append(spec)
-        embeddings = _make(manager, todo, resolved, keys, made, controls, on_image) if todo else {}
+        embeddings = _make(manager, todo, resolved, keys, made, controls) if todo else {}
         if cache is not None:
             for spec in todo:
                 cache.put(keys[spec.label], made[keys[spec.label]])
@@ -238,11 +234,12 @@ def _resolve(manager: ModelManager, stack: Stack) -> _Resolved:
             problems.append(str(e))
             continue
         if not entry.report.compatible:
-            problems.append(f"{entry.name}: {'; '.join(entry.report.problems)}")
+            problems.append(f"{entry.name} cannot be applied: {'; '.join(entry.report.problems)}")
             continue
         named.append((entry, strength))
     if problems:
-        raise LoraError(f"The LoRA stack {stack_label(stack)} was not applied: {' '.join(problems)}")
+        whole = f"The stack {stack_label(stack)} was not applied: " if len(stack) > 1 else ""
+        raise LoraError(whole + " ".join(problems))
     shas = [entry.sha256 for entry, _ in named]
     twice = sorted({entry.name for entry, _ in named if shas.count(entry.sha256) > 1})
     if twice:
@@ -255,7 +252,7 @@ def _key(identity: tuple, options: GenerateOptions, resolved: _Resolved) -> tupl
     return (identity, *asdict(options).values(), resolved.key())
 
 
-def _make(manager, todo, resolved, keys, made, controls, on_image) -> dict[str, Embeddings]:
+def _make(manager, todo, resolved, keys, made, controls) -> dict[str, Embeddings]:
     """Load, encode, denoise and decode the images not reused; each stage under the manager's out-of-memory
     fallback (freed, one strategy lighter, run again once: a stage's work is all or nothing)."""
     adapters = manager.adapters
@@ -289,8 +286,8 @@ def _make(manager, todo, resolved, keys, made, controls, on_image) -> dict[str, 
                 o = spec.options
                 if adapters.loaded():
                     adapters.activate(applied(spec), ("transformer",))
-                if on_image:
-                    on_image(i + 1, len(order), spec.label)
+                if controls.on_image:
+                    controls.on_image(i + 1, len(order), spec.label)
                 if (o.seed, o.width, o.height) not in noise:
                     noise[o.seed, o.width, o.height] = initial_noise(o.seed, o.width, o.height)
                 with manager.timeline.stage(f"denoise {spec.label}"):

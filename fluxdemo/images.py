@@ -13,6 +13,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -112,14 +113,18 @@ def png_bytes(image: Image.Image, params: ImageParams) -> bytes:
 
 
 def read_params(source: str | Path | bytes) -> ImageParams:
-    """The ImageParams a fluxdemo PNG was made with (a path or the PNG's bytes)."""
+    """The ImageParams a fluxdemo PNG was made with (a path or the PNG's bytes); for a PNG of another tool, what its
+    A1111/Forge `parameters` text says."""
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-        text = getattr(image, "text", {}).get(PARAMS_CHUNK)
+        chunks = getattr(image, "text", {})
+    text = chunks.get(PARAMS_CHUNK)
+    if text is None and "parameters" in chunks:
+        return parse_a1111(chunks["parameters"])
     if text is None:
-        what = "these PNG bytes" if isinstance(source, bytes) else str(source)
+        what = "these PNG bytes" if isinstance(source, bytes) else Path(source).name
         raise FluxdemoError(
-            f"{what} carries no fluxdemo parameters (no {PARAMS_CHUNK!r} PNG text chunk): it was not made by "
-            "fluxdemo, or its metadata was stripped on the way."
+            f"{what} carries no fluxdemo parameters (no {PARAMS_CHUNK!r} PNG text chunk) and no A1111 `parameters`: "
+            "it was not made by fluxdemo or a tool that records its settings, or its metadata was stripped on the way."
         )
     data = json.loads(text)
     names = {f.name for f in dataclasses.fields(ImageParams)}
@@ -221,6 +226,36 @@ def difference(left: Image.Image, right: Image.Image) -> Image.Image:
             break
     gain = min(255 / level, MAX_DIFFERENCE_GAIN)
     return diff.point(lambda v: min(255, round(v * gain)))
+
+
+_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+0-9.eE]+))?[^>]*>")
+_A1111_ITEM = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_a1111(text: str) -> ImageParams:
+    """ImageParams from AUTOMATIC1111/Forge infotext: the prompt (its `<lora:name:weight>` tags become the stack),
+    then "Steps: 28, Seed: 1, Size: 1024x1024, Distilled CFG Scale: 3.5, ..."; what it lacks keeps FLUX.1-dev's
+    defaults."""
+    lines = text.strip().splitlines()
+    last = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("Steps:")), len(lines))
+    prompt_lines = [line for line in lines[:last] if not line.startswith("Negative prompt:")]
+    prompt = "\n".join(prompt_lines)
+    loras = tuple((f"{name}.safetensors" if not name.endswith(".safetensors") else name, None,
+                   float(weight) if weight else 1.0) for name, weight in _LORA_TAG.findall(prompt))  # fmt: skip
+    items = {}
+    for key, value in _A1111_ITEM.findall(lines[last] if last < len(lines) else ""):
+        items[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
+    width, _, height = items.get("Size", "1024x1024").partition("x")
+    try:
+        return ImageParams(
+            prompt=_LORA_TAG.sub("", prompt).strip(), seed=int(items.get("Seed", 0)),
+            steps=int(items.get("Steps", 28)),
+            guidance=float(items.get("Distilled CFG Scale", items.get("Guidance", 3.5))),
+            width=int(width), height=int(height or width), model=items.get("Model", "unknown"),
+            quant=items.get("Quant", ""), loras=loras, role="lora" if loras else "baseline",
+        )  # fmt: skip
+    except ValueError as e:
+        raise FluxdemoError(f"The image's A1111 parameters have a value that is not a number ({e}).") from None
 
 
 def _lora_tag(name: str) -> str:

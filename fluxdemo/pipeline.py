@@ -14,7 +14,7 @@ from dataclasses import replace
 from PIL import Image
 
 from fluxdemo.errors import OptionsError
-from fluxdemo.experiments import ImageSpec, ImageStartFn, LoraChoice, Result, ResultsCache, Stack, as_stack, run
+from fluxdemo.experiments import ImageSpec, LoraChoice, Result, ResultsCache, Stack, as_stack, run
 from fluxdemo.experiments import stack_label as stack_label
 from fluxdemo.images import grid_image
 from fluxdemo.manager import ModelManager
@@ -60,7 +60,7 @@ def scaled(stack: Stack, strength: float) -> Stack:
 
 def sweep(
     manager: ModelManager, options: GenerateOptions, lora: LoraArg, strengths: Sequence[float],
-    controls: Controls = Controls(), cache: ResultsCache | None = None, on_image: ImageStartFn | None = None,
+    controls: Controls = Controls(), cache: ResultsCache | None = None,
 ) -> Result:  # fmt: skip
     """One image per strength, same seed: images keyed "strength 0.5" etc., in the order given. For a stack, each
     strength multiplies every LoRA's own."""
@@ -68,13 +68,13 @@ def sweep(
     if not stack:
         raise OptionsError("A sweep needs a LoRA: pick one (or a stack) to sweep.")
     specs = [ImageSpec(f"strength {s:g}", options, scaled(stack, s)) for s in dict.fromkeys(strengths)]
-    return run(manager, specs, controls, cache, on_image)
+    return run(manager, specs, controls, cache)
 
 
 def grid(
     manager: ModelManager, options: GenerateOptions, prompts: Sequence[str], seeds: Sequence[int],
     rows: Sequence[LoraArg], strengths: Sequence[float], controls: Controls = Controls(),
-    cache: ResultsCache | None = None, on_image: ImageStartFn | None = None,
+    cache: ResultsCache | None = None,
 ) -> Result:  # fmt: skip
     """Forge's X/Y plot for LoRAs: per prompt and seed, one row per LoRA stack and one column per strength (which
     multiplies each LoRA's own). Images are keyed by their cell's label; report["cells"] lists every cell as
@@ -104,7 +104,7 @@ def grid(
                     cells.append({"prompt": prompt, "seed": seed, "strength": strength, "row": r, "column": c,
                                   "loras": [{"name": x.name, "strength": x.strength} for x in cell_stack],
                                   "label": label})  # fmt: skip
-    result = run(manager, specs, controls, cache, on_image)
+    result = run(manager, specs, controls, cache)
     result.report["cells"] = cells
     result.report["grid"] = {"prompts": prompts, "seeds": seeds, "rows": [stack_label(s) for s in stacks],
                              "strengths": strengths}  # fmt: skip

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from fluxdemo.manager import MODEL_COMPONENTS, ModelManager
-from fluxdemo.pipeline import Controls, GenerateOptions, Result, compare
+from fluxdemo.pipeline import Controls, GenerateOptions, Result
 
 try:  # preinstalled on Spaces; optional anywhere else
     import spaces
@@ -61,15 +61,13 @@ def gpu(duration: Callable[..., float]) -> Callable[[F], F]:
 
 
 def gpu_seconds(
-    task: Callable[..., Result],
+    task: Callable[[ModelManager, Controls], Result],
     manager: ModelManager,
     options: GenerateOptions,
-    lora: str | None,
-    strength: float | list[float],
+    images: int,
     controls: Controls,
 ) -> int:
     """Seconds of GPU a task needs: one denoising loop per image, scaled by steps and image size."""
-    images = len(strength) if isinstance(strength, list) else 2 if task is compare else 1  # sweep, compare, generate
     megapixels = options.width * options.height / 2**20
     seconds = FIXED_SECONDS + images * options.steps * megapixels * SECONDS_PER_STEP_MEGAPIXEL
     return min(MAX_SECONDS, round(seconds))
@@ -77,15 +75,15 @@ def gpu_seconds(
 
 @gpu(duration=gpu_seconds)
 def run_on_gpu(
-    task: Callable[..., Result],
+    task: Callable[[ModelManager, Controls], Result],
     manager: ModelManager,
     options: GenerateOptions,
-    lora: str | None,
-    strength: float | list[float],
+    images: int,
     controls: Controls,
 ) -> Result:
-    """Run a library task (pipeline.generate, compare or sweep) with the GPU held for it on ZeroGPU."""
-    return task(manager, options, lora, strength, controls)
+    """Run a library task (a pipeline call with its arguments bound) with the GPU held for it on ZeroGPU, for as long
+    as `images` images of `options`' steps and size need."""
+    return task(manager, controls)
 
 
 def preload_for_zero_gpu(manager: ModelManager) -> None:

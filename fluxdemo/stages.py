@@ -92,6 +92,7 @@ class Controls:
     cancelled: Callable[[], bool] | None = None  # polled after each step; True stops the run cleanly
     preview: PreviewFn | None = None
     preview_every: int = 4  # steps between previews (each costs one latent-to-RGB projection)
+    on_image: Callable[[int, int, str], None] | None = None  # (i, n, label): the i-th of n images to make starts
 
 
 def initial_noise(seed: int, width: int, height: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import gradio as gr
@@ -27,7 +27,9 @@ from PIL import Image
 from fluxdemo.admission import CHEAP_QUEUE_SIZE, Admission
 from fluxdemo.config import PRESETS, Preset
 from fluxdemo.errors import CancelledError, FluxdemoError, OptionsError
-from fluxdemo.images import params_from_report, save_png, side_by_side
+from fluxdemo.experiments import DEFAULT_CACHE_IMAGES, LoraChoice, ResultsCache, as_stack
+from fluxdemo.history import add, describe_loras, find, slider_label, stale_note
+from fluxdemo.images import ImageParams, difference, params_from_report, read_params, save_png, side_by_side
 from fluxdemo.limits import DEFAULT_LIMITS, Limits, check_request, for_visitor
 from fluxdemo.lora import save_upload
 from fluxdemo.manager import MODEL_COMPONENTS, STRATEGIES, ModelManager
@@ -42,6 +44,9 @@ from fluxdemo.pipeline import (
     Result,
     compare,
     generate,
+    grid,
+    grid_pictures,
+    stack_label,
     sweep,
 )
 from fluxdemo.spaces_gpu import run_on_gpu
@@ -54,6 +59,10 @@ STRENGTH_MIN, STRENGTH_MAX = 0.0, 2.0
 GUIDANCE_MAX = 10.0  # FLUX.1-dev's distilled guidance: 3.5 by default, rarely useful past 10
 DEFAULT_SWEEP = "0, 0.25, 0.5, 0.75, 1, 1.25"
 MAX_SWEEP_IMAGES = 8  # each image is one more denoising loop on the one shared GPU
+DEFAULT_GRID_STRENGTHS = "0, 0.5, 1"
+MAX_GRID_SEEDS = 4
+EXTRA_ROWS = (2, 3, 4)  # the LoRA rows below the first: a stack holds up to four LoRAs
+PREVIEW_EVERY = 2  # steps between live previews; bench/speed.py measures what they cost
 KEEP_RUNS = 16  # run folders kept on disk; gradio serves its own copies of what it has shown
 SIZE_PRESETS = {
     "1:1 · 1024×1024": (1024, 1024),
@@ -124,6 +133,49 @@ def parse_strengths(text: str | None) -> list[float]:
     return strengths
 
 
+def parse_seeds(text: str | None) -> list[int]:
+    """A grid's seeds from text such as "1, 2": whole numbers, each once."""
+    try:
+        seeds = list(dict.fromkeys(int(part) for part in (text or "").replace(";", ",").split(",") if part.strip()))
+    except ValueError:
+        raise OptionsError(f"Seeds are whole numbers between commas, like '1, 2'; got {text!r}.") from None
+    if not 1 <= len(seeds) <= MAX_GRID_SEEDS:
+        raise OptionsError(f"A grid takes 1 to {MAX_GRID_SEEDS} seeds, but got {len(seeds)}.")
+    return seeds
+
+
+def ui_stack(lora: str | None, strength: float, *rows) -> list[LoraChoice]:
+    """The page's LoRA rows as one stack: the first row, then (name, strength) pairs of the rows below it that name a
+    LoRA. An API caller may write the whole stack in the first row, as `a:0.8+b:0.5`."""
+    stack = list(as_stack(lora, strength)) if lora else []
+    for name, value in zip(rows[::2], rows[1::2], strict=True):
+        if name:
+            stack.extend(as_stack(name, value))
+    return stack
+
+
+def controls_params(manager: ModelManager, prompt, lora, strength, seed, steps, guidance, width, height,
+                    *rows) -> ImageParams | None:  # fmt: skip
+    """What the controls would make, as ImageParams (to compare with the result on screen); None while a control
+    holds no valid value."""
+    try:
+        o = to_options(prompt, seed, steps, guidance, width, height)
+        stack = ui_stack(lora, strength, *rows)
+    except (OptionsError, TypeError, ValueError):
+        return None
+    return ImageParams(
+        o.prompt,
+        o.seed,
+        o.steps,
+        o.guidance,
+        o.width,
+        o.height,
+        manager.preset.name,
+        manager.preset.transformer_quant,
+        loras=tuple((c.name, None, c.strength) for c in stack),
+    )
+
+
 def insert_trigger_words(prompt: str | None, report: dict | None) -> str:
     """The prompt with the LoRA's trigger words in front (those not already in it)."""
     prompt = (prompt or "").strip()
@@ -170,14 +222,23 @@ def run_summary(report: dict) -> str:
     peaks = [f"peak GPU memory {memory['peak_device_bytes'] / 2**30:.2f} GiB"] if "peak_device_bytes" in memory else []
     peaks += [f"peak RAM {memory['peak_rss_bytes'] / 2**30:.2f} GiB"] if "peak_rss_bytes" in memory else []
     images = len(report["strengths"])
+    loras = {describe_loras(ImageParams(**_params_fields(o), model="", quant="",
+                                        loras=tuple((x["name"], x["sha256"], x["strength"]) for x in image["loras"])))
+             for image in report["images"].values()}  # fmt: skip
+    reused = f" · reused: {', '.join(report['reused'])}" if report.get("reused") else ""
     lines = [
         f"**Seed {o['seed']}** · {o['steps']} steps · guidance {o['guidance']:g} · {o['width']}×{o['height']} · "
-        f"{images} image{'s' * (images > 1)} in {report['seconds']:.2f} s",
+        f"{images} image{'s' * (images > 1)} in {report['seconds']:.2f} s{reused}",
+        "LoRAs: " + " | ".join(sorted(loras)),
         f"Memory strategy **{report['strategy']}** on {model['device']} ({model['dtype']}) · " + " · ".join(peaks),
         f"Denoising: {speeds}",
     ]
     lines += [f"Note: {event}" for event in report.get("events", [])]  # e.g. an out-of-memory fallback
     return "\n\n".join(lines)
+
+
+def _params_fields(options: dict) -> dict:
+    return {k: options[k] for k in ("prompt", "seed", "steps", "guidance", "width", "height")}
 
 
 def model_summary(manager: ModelManager, host_facts: bool = True) -> str:
@@ -192,9 +253,29 @@ def model_summary(manager: ModelManager, host_facts: bool = True) -> str:
     )
 
 
-def show_run(report: dict, run: dict) -> tuple:
-    """After a run: the PNGs to download, the stage chart, the summary, and the tab that shows the images."""
-    return run["files"], stage_seconds(report), run_summary(report), gr.Tabs(selected=run["tab"])
+def show_run(report: dict, run: dict, history: list) -> tuple:
+    """After a run: the PNGs to download, the stage chart, the summary, the tab that shows the images, the history
+    strip and the A/B pickers (a compare puts its own pair there)."""
+    titles = [e.title for e in history]
+    picks = [gr.Dropdown(choices=titles, value=run[side]) if side in run else gr.Dropdown(choices=titles)
+             for side in ("a", "b")]  # fmt: skip
+    tab = gr.Tabs(selected=run["tab"])
+    return run["files"], stage_seconds(report), run_summary(report), tab, history_strip(history), *picks
+
+
+def history_strip(history: list) -> list[tuple[str, str]]:
+    """The session's results, newest first, as gallery items (PNG, title); files expired from disk are left out."""
+    return [(e.path, e.title) for e in reversed(history) if Path(e.path).is_file()]
+
+
+def pick_from_strip(history: list, evt: gr.SelectData) -> str | None:
+    """A click on the history strip puts that result on the slider's right side (B)."""
+    shown = [e for e in reversed(history) if Path(e.path).is_file()]
+    return shown[evt.index].title if 0 <= evt.index < len(shown) else gr.skip()
+
+
+def swap(a: str | None, b: str | None) -> tuple:
+    return b, a
 
 
 def show_card(report: dict | None) -> tuple:
@@ -313,6 +394,7 @@ class Studio:
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         limits: Limits = DEFAULT_LIMITS,
         public: bool = False,
+        cache_images: int = DEFAULT_CACHE_IMAGES,
     ) -> None:
         self.manager = manager
         self.library = manager.adapters.library
@@ -322,123 +404,177 @@ class Studio:
         self.admission: Admission | None = None  # set by build_studio once the queue exists
         self.cancel_flags = CancelFlags()
         self.runs = RunFolders()
+        self.cache = ResultsCache(cache_images)  # shared by every session: the same request is the same picture
+        self.previews: dict[str, tuple[str, Image.Image]] = {}  # session -> newest live preview of its job
 
     # -- model work -----------------------------------------------------------------------------------------------
     @for_people
     def compare(
-        self,
-        prompt: str,
-        lora: str | None,
-        strength: float,
-        seed: float,
-        steps: float,
-        guidance: float,
-        width: float,
-        height: float,
-        request: gr.Request,
+        self, prompt: str, lora: str | None, strength: float, seed: float, steps: float, guidance: float,
+        width: float, height: float, lora_2: str | None, strength_2: float, lora_3: str | None, strength_3: float,
+        lora_4: str | None, strength_4: float, history: list | None, request: gr.Request,
         progress: gr.Progress = gr.Progress(),
-    ) -> tuple:
-        """Baseline and LoRA image from one seed -> ((baseline.png, lora.png), report)."""
-        if not lora:
+    ) -> tuple:  # fmt: skip
+        """Baseline and the LoRA stack's image from one seed -> ((baseline.png, lora.png), report)."""
+        stack = ui_stack(lora, strength, lora_2, strength_2, lora_3, strength_3, lora_4, strength_4)
+        if not stack:
             raise gr.Error("Pick a LoRA to compare with the base model, or upload one.", print_exception=False)
+        options = to_options(prompt, seed, steps, guidance, width, height)
         result = self._run(
-            compare, to_options(prompt, seed, steps, guidance, width, height), lora, strength, request, progress
+            lambda m, c: compare(m, options, stack, controls=c, cache=self.cache), options, 2, stack, request, progress
         )
         folder = self.runs.new()
         base, adapted = result.images["baseline"], result.images["lora"]
-        pictures = (("baseline", base), ("lora", adapted), ("side_by_side", side_by_side(base, adapted)))
-        files = [self._png(folder / f"{role}.png", image, result, "baseline" if role == "baseline" else "lora", role)
-                 for role, image in pictures]  # fmt: skip
-        return (files[0], files[1]), result.report, {"tab": "compare", "files": files}
+        both = side_by_side(base, adapted, ("base model", stack_label(stack)))
+        files = [self._png(folder / "baseline.png", base, result, "baseline"),
+                 self._png(folder / "lora.png", adapted, result, "lora"),
+                 self._png(folder / "side_by_side.png", both, result, "lora", "side_by_side")]  # fmt: skip
+        history = self._remember(history, "compare", result, {"baseline": files[0], "lora": files[1]})
+        a, b = history[-2], history[-1]
+        shown = controls_params(self.manager, prompt, lora, strength, seed, steps, guidance, width, height, lora_2,
+                                strength_2, lora_3, strength_3, lora_4, strength_4)  # fmt: skip
+        run = {
+            "tab": "compare",
+            "files": files,
+            "a": a.title,
+            "b": b.title,
+            "shown": shown,
+            "label": slider_label(a, b),
+        }
+        return (files[0], files[1]), result.report, run, history
 
     @for_people
     def generate(
-        self,
-        prompt: str,
-        lora: str | None,
-        strength: float,
-        seed: float,
-        steps: float,
-        guidance: float,
-        width: float,
-        height: float,
-        request: gr.Request,
+        self, prompt: str, lora: str | None, strength: float, seed: float, steps: float, guidance: float,
+        width: float, height: float, lora_2: str | None, strength_2: float, lora_3: str | None, strength_3: float,
+        lora_4: str | None, strength_4: float, history: list | None, request: gr.Request,
         progress: gr.Progress = gr.Progress(),
-    ) -> tuple:
-        """One image, with the LoRA (none: the base model) -> (image.png, report)."""
+    ) -> tuple:  # fmt: skip
+        """One image, with the LoRA stack (none: the base model) -> (image.png, report)."""
+        stack = ui_stack(lora, strength, lora_2, strength_2, lora_3, strength_3, lora_4, strength_4)
+        options = to_options(prompt, seed, steps, guidance, width, height)
         result = self._run(
-            generate,
-            to_options(prompt, seed, steps, guidance, width, height),
-            lora or None,
-            strength,
-            request,
+            lambda m, c: generate(m, options, stack, controls=c, cache=self.cache), options, 1, stack, request,
             progress,
-        )
+        )  # fmt: skip
         ((label, image),) = result.images.items()
         path = self._png(self.runs.new() / f"{label}.png", image, result, label)
-        return path, result.report, {"tab": "single", "files": [path]}
+        history = self._remember(history, "generate", result, {label: path})
+        shown = controls_params(self.manager, prompt, lora, strength, seed, steps, guidance, width, height, lora_2,
+                                strength_2, lora_3, strength_3, lora_4, strength_4)  # fmt: skip
+        return path, result.report, {"tab": "single", "files": [path], "shown": shown}, history
 
     @for_people
     def sweep(
-        self,
-        prompt: str,
-        lora: str | None,
-        strengths: str,
-        seed: float,
-        steps: float,
-        guidance: float,
-        width: float,
-        height: float,
-        request: gr.Request,
+        self, prompt: str, lora: str | None, strengths: str, seed: float, steps: float, guidance: float,
+        width: float, height: float, lora_2: str | None, strength_2: float, lora_3: str | None, strength_3: float,
+        lora_4: str | None, strength_4: float, history: list | None, request: gr.Request,
         progress: gr.Progress = gr.Progress(),
-    ) -> tuple:
-        """One image per strength, same seed -> ([(png, "strength 0.5"), ...], report)."""
-        if not lora:
+    ) -> tuple:  # fmt: skip
+        """One image per strength (multiplying each LoRA's own), same seed -> ([(png, "strength 0.5"), ...],
+        report)."""
+        stack = ui_stack(lora, 1.0, lora_2, strength_2, lora_3, strength_3, lora_4, strength_4)
+        if not stack:
             raise gr.Error("Pick a LoRA to sweep its strength.", print_exception=False)
+        values = parse_strengths(strengths)
+        options = to_options(prompt, seed, steps, guidance, width, height)
         result = self._run(
-            sweep,
-            to_options(prompt, seed, steps, guidance, width, height),
-            lora,
-            parse_strengths(strengths),
-            request,
-            progress,
-        )
+            lambda m, c: sweep(m, options, stack, values, controls=c, cache=self.cache), options, len(values),
+            [*stack, *(LoraChoice("", s) for s in values)], request, progress,
+        )  # fmt: skip
         folder = self.runs.new()
-        gallery = []
-        for label, image in result.images.items():
-            path = self._png(folder / f"{label.replace(' ', '-')}.png", image, result, label, "lora")
-            gallery.append((path, label))
-        return gallery, result.report, {"tab": "sweep", "files": [path for path, _ in gallery]}
+        files = {label: self._png(folder / f"{label.replace(' ', '-')}.png", image, result, label)
+                 for label, image in result.images.items()}  # fmt: skip
+        history = self._remember(history, "sweep", result, files)
+        gallery = [(path, label) for label, path in files.items()]
+        return gallery, result.report, {"tab": "sweep", "files": list(files.values())}, history
+
+    @for_people
+    def grid(
+        self, prompt: str, prompts: str, rows: str, strengths: str, seeds: str, steps: float, guidance: float,
+        width: float, height: float, lora: str | None, strength: float, lora_2: str | None, strength_2: float,
+        lora_3: str | None, strength_3: float, lora_4: str | None, strength_4: float, history: list | None,
+        request: gr.Request, progress: gr.Progress = gr.Progress(),
+    ) -> tuple:  # fmt: skip
+        """LoRA rows (one stack per line; none: the stack of the LoRA pickers) x strength columns, for each prompt
+        (one per line; none: `prompt`) and seed -> (grid pictures, cells, report)."""
+        prompt_list = [line for line in (prompts or "").splitlines() if line.strip()] or [prompt or ""]
+        stacks = [as_stack(line) for line in (rows or "").splitlines() if line.strip()]
+        current = ui_stack(lora, strength, lora_2, strength_2, lora_3, strength_3, lora_4, strength_4)
+        stacks = stacks or ([tuple(current)] if current else [])
+        if not prompt_list or not stacks:
+            raise gr.Error("A grid needs a prompt (one per line) and a LoRA row (one stack per line, e.g. "
+                           "style:0.8+detail:0.5).", print_exception=False)  # fmt: skip
+        values, seed_list = parse_strengths(strengths), parse_seeds(seeds)
+        options = to_options(prompt_list[0], seed_list[0], steps, guidance, width, height)
+        for text in prompt_list[1:]:
+            check_request(to_options(text, seed_list[0], steps, guidance, width, height), 1, (), self.limits)
+        cells = len(prompt_list) * len(seed_list) * len(stacks) * len(values)
+        strengths_used = [c for stack in stacks for c in stack] + [LoraChoice("", s) for s in values]
+        result = self._run(
+            lambda m, c: grid(m, options, prompt_list, seed_list, stacks, values, controls=c, cache=self.cache),
+            options, cells, strengths_used, request, progress,
+        )  # fmt: skip
+        folder = self.runs.new()
+        files = {}
+        for n, cell in enumerate(result.report["cells"]):
+            files[cell["label"]] = self._png(folder / f"cell-{n + 1:03d}.png", result.images[cell["label"]], result,
+                                             cell["label"])  # fmt: skip
+        pictures = []
+        for p, (prompt, seed, picture) in enumerate(grid_pictures(result)):
+            path = folder / f"grid-p{p + 1}-seed{seed}.png"
+            picture.save(path)  # a picture of pictures: each cell's PNG carries its parameters
+            pictures.append((str(path), f"seed {seed} · {prompt[:60]}"))
+        history = self._remember(history, "grid", result, files)
+        cell_gallery = [(files[c["label"]], c["label"]) for c in result.report["cells"]]
+        run = {"tab": "grid", "files": [path for path, _ in pictures] + list(files.values())}
+        return pictures, cell_gallery, result.report, run, history
 
     def _run(
         self,
-        task: Callable[..., Result],
+        task: Callable[[ModelManager, Controls], Result],
         options: GenerateOptions,
-        lora: str | None,
-        strength: float | list[float],
+        images: int,
+        stack: Sequence[LoraChoice],
         request: gr.Request,
         progress: gr.Progress,
     ) -> Result:
-        strengths = strength if isinstance(strength, list) else [strength]
-        check_request(options, len(strengths) + (task is compare), strengths, self.limits)  # before any model work
+        """A library task on the GPU, with progress (image i of n, step x of y), previews, Cancel and the budget."""
+        check_request(options, images, [c.strength for c in stack], self.limits)  # before any model work
         session = request.session_hash or "no-session"
         cancelled = self.cancel_flags.begin(session)
+        at = {"image": (1, 1)}
+
+        def on_image(i: int, n: int, label: str) -> None:
+            at["image"] = (i, n)
 
         def on_step(stage: str, done: int, total: int) -> None:
-            progress((done, total), desc=f"{STAGE_LABELS.get(stage, stage)} {done}/{total}")
+            i, n = at["image"]
+            progress(((i - 1) * total + done, n * total),
+                     desc=f"image {i} of {n} · {STAGE_LABELS.get(stage, stage)} · step {done}/{total}")  # fmt: skip
+
+        def on_preview(stage: str, step: int, image: Image.Image) -> None:
+            self.previews[session] = (f"{STAGE_LABELS.get(stage, stage)} · step {step}", image)
 
         def stop() -> bool:  # Cancel pressed, or the client gone: nobody would see the rest
             return cancelled.is_set() or bool(self.admission and self.admission.client_gone(session))
 
         if not set(MODEL_COMPONENTS) <= set(self.manager.loaded()):
             progress(0, desc="Loading the model")
+        controls = Controls(on_step, stop, on_preview, PREVIEW_EVERY, on_image)
         try:
-            result = run_on_gpu(task, self.manager, options, lora, strength, Controls(on_step, stop))
+            result = run_on_gpu(task, self.manager, options, images, controls)
         finally:
             self.cancel_flags.end(session)
+            self.previews.pop(session, None)
         if self.public:
             result.report = for_visitor(result.report)
         return result
+
+    def _remember(self, history: list | None, kind: str, result: Result, files: dict[str, str]) -> list:
+        """The session's history with this run's images added (each with the parameters its PNG carries)."""
+        return add(history or [], kind, [(label, path, params_from_report(result.report, label))
+                                         for label, path in files.items()])  # fmt: skip
 
     def _png(self, path: Path, image: Image.Image, result: Result, label: str, role: str | None = None) -> str:
         """The image as a PNG carrying its parameters, so a download keeps them."""
@@ -448,6 +584,52 @@ class Studio:
             if getattr(e.__cause__, "errno", None) not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             raise FluxdemoError("The server's disk is full: the image was not saved (earlier ones are intact).") from e
+
+    # -- previews, history and A/B: instant, no model work ------------------------------------------------------------
+    def latest_preview(self, request: gr.Request):
+        """The newest live preview of this session's running job (the page polls it while a job runs)."""
+        latest = self.previews.get(request.session_hash or "no-session")
+        if latest is None:
+            return gr.skip()
+        caption, image = latest
+        return gr.Image(value=image, label=f"Live preview · {caption}")
+
+    @for_people
+    def show_pair(self, a_title: str | None, b_title: str | None, show_difference: bool, history: list | None):
+        """The slider over any two results of the session, labelled with what differs; and their difference."""
+        a, b = find(history or [], a_title), find(history or [], b_title)
+        if a is None or b is None:
+            return gr.skip(), gr.Image(visible=False)
+        for entry in (a, b):
+            if not Path(entry.path).is_file():
+                raise FluxdemoError(f"Result #{entry.number} has expired from the server's disk; run it again.")
+        slider = gr.ImageSlider(value=(a.path, b.path), label=slider_label(a, b))
+        if not show_difference:
+            return slider, gr.Image(visible=False)
+        left, right = Image.open(a.path), Image.open(b.path)
+        if left.size != right.size:
+            raise FluxdemoError(f"#{a.number} and #{b.number} differ in size; a difference needs two of one size.")
+        return slider, gr.Image(value=difference(left, right), visible=True,
+                                label=f"Where #{a.number} and #{b.number} differ (brighter: more)")  # fmt: skip
+
+    @for_people
+    def settings_from_png(self, file: str | None) -> tuple:
+        """The controls set from a PNG's parameters (fluxdemo's own, or A1111/Forge infotext)."""
+        if not file:
+            return (gr.skip(),) * (8 + 2 * len(EXTRA_ROWS))
+        params = read_params(Path(file))
+        loras = list(params.loras) + [("", None, 1.0)] * (1 + len(EXTRA_ROWS) - len(params.loras))
+        if len(params.loras) > 1 + len(EXTRA_ROWS):
+            raise FluxdemoError(f"The PNG names {len(params.loras)} LoRAs; the studio stacks at most "
+                                f"{1 + len(EXTRA_ROWS)}.")  # fmt: skip
+        known = {e.name for e in self.library.entries}
+        missing = [name for name, _, _ in params.loras if name not in known]
+        if missing:
+            gr.Warning(f"Not in the LoRA folder: {', '.join(missing)}. Upload them to reproduce the picture.")
+        gr.Info(f"Settings loaded from {Path(file).name}: seed {params.seed}, {params.steps} steps.")
+        rows = [value for name, _, s in loras[1:] for value in (name, s)]
+        return (params.prompt, params.seed, params.steps, params.guidance, params.width, params.height,
+                loras[0][0], loras[0][2], *rows)  # fmt: skip
 
     # -- LoRA files -------------------------------------------------------------------------------------------------
     def lora_choices(self, value: str | None = None) -> dict:
@@ -469,6 +651,13 @@ class Studio:
             if entry.refused:
                 logger.warning("LoRA folder: %s not listed: %s", entry.name, entry.refused)
         return gr.Dropdown(**self.lora_choices(current))
+
+    def refresh_pickers(self, first: str | None, *others: str | None) -> list:
+        """Every LoRA picker of the stack after a look at the folder; the rows below the first keep an empty
+        choice."""
+        names = self.lora_choices()["choices"]
+        return [self.refresh_loras(first)] + [gr.Dropdown(choices=names, value=v if v in names else "")
+                                              for v in others]  # fmt: skip
 
     @for_people
     def upload_lora(self, file: str | None) -> str:
@@ -503,20 +692,26 @@ def build_studio(
     defaults: GenerateOptions | None = None,
     limits: Limits = DEFAULT_LIMITS,
     public: bool = False,
+    cache_images: int = DEFAULT_CACHE_IMAGES,
 ) -> gr.Blocks:
     """The whole app over one model manager; the model loads on the first run, so building and launching are quick.
 
-    `limits` bound each request (fluxdemo.limits); a `public` app shows no facts about its host."""
-    studio = Studio(manager, max_upload_bytes, limits, public)
+    `limits` bound each request (fluxdemo.limits); a `public` app shows no facts about its host; `cache_images` bounds
+    the results cache that lets a run reuse what an earlier one made."""
+    studio = Studio(manager, max_upload_bytes, limits, public, cache_images)
     d = defaults or default_options(manager.preset)
     manager.adapters.library.refresh()
     side = dict(minimum=MIN_SIDE, maximum=MAX_SIDE, step=SIDE_MULTIPLE)
     gpu_event = dict(concurrency_limit=1, concurrency_id="gpu")  # one model job at a time, across all events
+    # Cheap events skip the queue from a page, and join it from gradio_client under a bound of their own
+    # (fluxdemo.admission): a full model queue never turns away a Cancel, an inspect, a refresh or an upload.
+    cheap = dict(queue=False, api_visibility="private")
+    choices = studio.lora_choices()
 
     # gradio's cache of uploads and results: files older than a day go, checked every hour
     with gr.Blocks(title="fluxdemo studio", delete_cache=(3600, 86400)) as demo:
         gr.Markdown(
-            "# fluxdemo studio\nThe base model and a LoRA, from the same seed, one slider apart. "
+            "# fluxdemo studio\nThe base model and a LoRA stack, from the same seed, one slider apart. "
             f"Model: **{manager.preset.name}**; it loads on the first run."
         )
         with gr.Row(equal_height=False):
@@ -530,11 +725,24 @@ def build_studio(
                 )
                 gr.Examples(examples=[[p] for p in EXAMPLES], inputs=[prompt], label="Examples")
                 # allow_custom_value: API callers may name a LoRA added since; the library checks every name
-                lora = gr.Dropdown(label="LoRA", allow_custom_value=True, **studio.lora_choices())
+                with gr.Row(equal_height=True):
+                    lora = gr.Dropdown(label="LoRA", allow_custom_value=True, scale=3, **choices)
+                    strength = gr.Slider(STRENGTH_MIN, STRENGTH_MAX, value=1.0, step=0.05, label="LoRA strength",
+                                         scale=2)  # fmt: skip
+                rows, extra, removers = [], [], []
+                for n in EXTRA_ROWS:  # the stack's further LoRAs, shown one by one
+                    with gr.Row(visible=False, equal_height=True) as row:
+                        name = gr.Dropdown(label=f"LoRA {n}", allow_custom_value=True, scale=3,
+                                           choices=choices["choices"], value="")  # fmt: skip
+                        value = gr.Slider(STRENGTH_MIN, STRENGTH_MAX, value=1.0, step=0.05, label=f"strength {n}",
+                                          scale=2)  # fmt: skip
+                        removers.append(gr.Button("✕", size="sm", scale=0, min_width=40))
+                    rows.append(row)
+                    extra += [name, value]
                 with gr.Row():
+                    add_lora = gr.Button("+ Stack another LoRA", size="sm")
                     refresh = gr.Button("Refresh the LoRA folder", size="sm")
                     upload = gr.UploadButton("Upload a .safetensors LoRA", file_types=[".safetensors"], size="sm")
-                strength = gr.Slider(STRENGTH_MIN, STRENGTH_MAX, value=1.0, step=0.05, label="LoRA strength")
                 with gr.Row(equal_height=False):
                     seed = gr.Number(d.seed, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=3)
                     dice = gr.Button("Random seed", scale=1, size="sm")
@@ -551,10 +759,25 @@ def build_studio(
                 with gr.Row():
                     generate_button = gr.Button("Generate one image", size="sm")
                     sweep_button = gr.Button("Sweep strengths", size="sm")
-                with gr.Accordion("Advanced", open=False):
+                    grid_button = gr.Button("Grid", size="sm")
+                with gr.Accordion("Sweep and grid axes", open=False):
                     strengths = gr.Textbox(
                         DEFAULT_SWEEP, label="Sweep strengths", info=f"up to {MAX_SWEEP_IMAGES}, between 0 and 2"
                     )
+                    grid_rows = gr.Textbox(
+                        label="Grid rows",
+                        lines=2,
+                        placeholder="one LoRA or stack per line, e.g. style:0.8+detail:0.5",
+                        info="empty: the LoRA stack above",
+                    )
+                    with gr.Row():
+                        grid_strengths = gr.Textbox(DEFAULT_GRID_STRENGTHS, label="Grid columns (strengths)",
+                                                    info="each multiplies every LoRA's strength")  # fmt: skip
+                        grid_seeds = gr.Textbox("0, 1", label="Grid seeds", info=f"up to {MAX_GRID_SEEDS}")
+                    grid_prompts = gr.Textbox(label="Grid prompts", lines=2, info="one per line; empty: the prompt")
+                png_drop = gr.File(label="Settings from a PNG (fluxdemo's, or one with A1111 parameters)",
+                                   file_types=[".png"], height=90)  # fmt: skip
+                with gr.Accordion("Advanced", open=False):
                     # Shown, not set: the strategy is global, so only the operator sets it (--strategy)
                     gr.Dropdown(
                         ["auto", *STRATEGIES],
@@ -570,6 +793,8 @@ def build_studio(
                 with gr.Accordion("LoRA report (JSON)", open=False):
                     report_json = gr.JSON(label="LoRA report")
             with gr.Column(scale=3, min_width=320):
+                note = gr.Markdown("")
+                preview = gr.Image(label="Live preview", visible=False, height=160, interactive=False)
                 with gr.Tabs() as tabs:
                     with gr.Tab("Compare", id="compare"):
                         slider = gr.ImageSlider(
@@ -579,12 +804,25 @@ def build_studio(
                             buttons=["download", "fullscreen"],
                             max_height=768,
                         )
+                        with gr.Row(equal_height=True):
+                            pick_a = gr.Dropdown(label="Left (A)", choices=[], scale=3)
+                            pick_b = gr.Dropdown(label="Right (B)", choices=[], scale=3)
+                            swap_button = gr.Button("Swap A/B", size="sm", scale=1)
+                            show_diff = gr.Checkbox(label="Show where they differ", scale=1)
+                        diff_image = gr.Image(visible=False, type="pil", format="png", interactive=False)
                     with gr.Tab("Strength sweep", id="sweep"):
                         gallery = gr.Gallery(
                             label="Same seed, rising strength", format="png", columns=3, object_fit="contain"
                         )
+                    with gr.Tab("Grid", id="grid"):
+                        grid_pics = gr.Gallery(label="Grids: LoRA rows x strength columns, per prompt and seed",
+                                               format="png", columns=1, object_fit="contain")  # fmt: skip
+                        grid_cells = gr.Gallery(label="Cells (each PNG carries its parameters)", format="png",
+                                                columns=6, object_fit="contain")  # fmt: skip
                     with gr.Tab("Single image", id="single"):
                         single = gr.Image(label="Image", type="filepath", format="png")
+                strip = gr.Gallery(label="History: every result of this session (click one to put it on the right)",
+                                   columns=8, height=150, allow_preview=False, format="png")  # fmt: skip
                 downloads = gr.File(label="Download PNGs (they carry their parameters)", file_count="multiple")
                 with gr.Accordion("Run", open=True):
                     run_md = gr.Markdown("Nothing run yet.")
@@ -599,49 +837,85 @@ def build_studio(
                     )
                 with gr.Accordion("Run report (JSON)", open=False):
                     info = gr.JSON(label="Run report")
-        last_run = gr.State()
+        last_run, history, shown, row_shown = gr.State(), gr.State([]), gr.State(), gr.State([False] * len(rows))
+        timer = gr.Timer(0.5, active=False)
 
         # -- events: the model jobs share one concurrency group; everything else is instant ---------------------
         params = [seed, steps, guidance, width, height]
-        jobs = [
-            gr.on(
-                [compare_button.click, prompt.submit],
-                studio.compare,
-                [prompt, lora, strength, *params],
-                [slider, info, last_run],
-                api_name="compare",
-                **gpu_event,
-            ),
-            generate_button.click(
-                studio.generate,
-                [prompt, lora, strength, *params],
-                [single, info, last_run],
-                api_name="generate",
-                **gpu_event,
-            ),
-            sweep_button.click(
-                studio.sweep,
-                [prompt, lora, strengths, *params],
-                [gallery, info, last_run],
-                api_name="sweep",
-                **gpu_event,
-            ),
-        ]
-        for job in jobs:
-            job.success(show_run, [info, last_run], [downloads, chart, run_md, tabs], api_visibility="private")
-        # Cheap events skip the queue from a page, and join it from gradio_client under a bound of their own
-        # (fluxdemo.admission): a full model queue never turns away a Cancel, an inspect, a refresh or an upload.
-        cheap = dict(queue=False)
-        cancel.click(studio.cancel, None, None, api_name="cancel", cancels=jobs, concurrency_limit=None, **cheap)
+        buttons = [compare_button, generate_button, sweep_button, grid_button]
 
+        def busy(tab: str | None):
+            """While a job runs: its tab in front, the live preview shown and polled, the job buttons off."""
+            on = tab is not None
+            return ([gr.Tabs(selected=tab) if on else gr.skip(), gr.Image(visible=on, value=None),
+                     gr.Timer(active=on)] + [gr.Button(interactive=not on) for _ in buttons])  # fmt: skip
+
+        busy_outputs = [tabs, preview, timer, *buttons]
+        specs = [
+            ([compare_button.click, prompt.submit], studio.compare, [prompt, lora, strength, *params, *extra],
+             [slider], "compare"),
+            ([generate_button.click], studio.generate, [prompt, lora, strength, *params, *extra], [single],
+             "generate"),
+            ([sweep_button.click], studio.sweep, [prompt, lora, strengths, *params, *extra], [gallery], "sweep"),
+            ([grid_button.click], studio.grid, [prompt, grid_prompts, grid_rows, grid_strengths, grid_seeds, steps,
+                                                guidance, width, height, lora, strength, *extra],
+             [grid_pics, grid_cells], "grid"),
+        ]  # fmt: skip
+        jobs = []
+        for triggers, fn, inputs, outputs, name in specs:
+            gr.on(triggers, lambda tab=("single" if name == "generate" else name): busy(tab), None, busy_outputs,
+                  **cheap)  # fmt: skip
+            job = gr.on(triggers, fn, [*inputs, history], [*outputs, info, last_run, history], api_name=name,
+                        **gpu_event)  # fmt: skip
+            job.then(lambda: busy(None), None, busy_outputs, **cheap)
+            job.success(show_run, [info, last_run, history], [downloads, chart, run_md, tabs, strip, pick_a, pick_b],
+                        api_visibility="private").then(
+                lambda run: (run.get("shown"), ""), last_run, [shown, note], **cheap)  # fmt: skip
+            if name == "compare":  # the slider names its two sides (its API value stays the plain pair)
+                job.success(lambda run: gr.ImageSlider(label=run["label"]), last_run, slider, **cheap)
+            jobs.append(job)
+        cancel.click(studio.cancel, None, None, api_name="cancel", cancels=jobs, concurrency_limit=None, queue=False)
+        cancel.click(lambda: busy(None), None, busy_outputs, **cheap)
+        timer.tick(studio.latest_preview, None, preview, **cheap)
+
+        # -- the result on screen: any two of the session's, and whether the controls still describe it ------------
+        pair = dict(fn=studio.show_pair, inputs=[pick_a, pick_b, show_diff, history], outputs=[slider, diff_image])
+        gr.on([pick_a.input, pick_b.input, show_diff.input], **pair, **cheap)
+        swap_button.click(swap, [pick_a, pick_b], [pick_a, pick_b], **cheap).then(**pair, **cheap)
+        strip.select(pick_from_strip, history, pick_b, **cheap).then(**pair, **cheap)
+        controls = [prompt, lora, strength, *params, *extra]
+        gr.on([c.change for c in controls], lambda was, *values: stale_note(was, controls_params(manager, *values)),
+              [shown, *controls], note, trigger_mode="always_last", **cheap)  # fmt: skip
+
+        # -- the LoRA stack's rows ----------------------------------------------------------------------------------
+        def show_rows(flags: list[bool]) -> list:
+            return [flags, *(gr.Row(visible=f) for f in flags)]
+
+        def add_row(flags: list[bool]) -> list:
+            if all(flags):
+                raise gr.Error(f"A stack holds at most {1 + len(rows)} LoRAs.", print_exception=False)
+            flags = list(flags)
+            flags[flags.index(False)] = True
+            return show_rows(flags)
+
+        add_lora.click(add_row, row_shown, [row_shown, *rows], **cheap)
+        for i, remove in enumerate(removers):
+            remove.click(lambda flags, i=i: [*show_rows([f and j != i for j, f in enumerate(flags)]), ""],
+                         row_shown, [row_shown, *rows, extra[2 * i]], **cheap)  # fmt: skip
+        loaded = png_drop.upload(studio.settings_from_png, png_drop, [prompt, *params, lora, strength, *extra],
+                                 **cheap)  # fmt: skip
+        loaded.success(lambda *names: show_rows([bool(n) for n in names]), extra[::2], [row_shown, *rows], **cheap)
+
+        # -- the LoRA folder and card -------------------------------------------------------------------------------
         inspect = dict(fn=studio.inspect_lora, inputs=lora, outputs=report_json)
-        shown = [lora.change(**inspect, api_name="inspect_lora", **cheap),
-                 demo.load(**inspect, api_visibility="private", **cheap)]  # fmt: skip
-        for event in shown:
+        shown_card = [lora.change(**inspect, api_name="inspect_lora", queue=False),
+                      demo.load(**inspect, **cheap)]  # fmt: skip
+        for event in shown_card:
             event.success(show_card, report_json, [card, trigger], api_visibility="private")
-        refresh.click(studio.refresh_loras, lora, lora, api_visibility="private", **cheap)
-        uploaded = upload.upload(studio.upload_lora, upload, lora, api_name="upload_lora", **cheap)
-        uploaded.success(studio.refresh_loras, lora, lora, api_visibility="private", **cheap)
+        pickers = [lora, *extra[::2]]
+        refresh.click(studio.refresh_pickers, pickers, pickers, **cheap)
+        uploaded = upload.upload(studio.upload_lora, upload, lora, api_name="upload_lora", queue=False)
+        uploaded.success(studio.refresh_pickers, pickers, pickers, **cheap)
         trigger.click(insert_trigger_words, [prompt, report_json], prompt, api_visibility="private")
         dice.click(random_seed, None, seed, api_visibility="private")
         size_preset.input(size_of, size_preset, [width, height], api_visibility="private")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from gradio_client import Client, handle_file
-from gradio_client.exceptions import AppError
+from gradio_client.exceptions import AppError, ValidationError
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -110,7 +110,7 @@ def test_upload_then_use_it(client, app, tiny_kit, kit_lora, tmp_path):
 @pytest.mark.parametrize(
     ("filename", "content", "message"),
     [
-        ("notes.safetensors", b"hello, not a LoRA", "not a usable safetensors file"),
+        ("notes.safetensors", b"hello, not a LoRA", "not a safetensors file at all"),
         ("big.safetensors", b"\0" * (MAX_UPLOAD + 1), "uploads are limited to"),
     ],
 )
@@ -132,8 +132,8 @@ def test_errors_are_sentences_and_the_next_call_works(client, tmp_path, expected
         "too large": (api_args(GenerateOptions("a cat", width=4096, height=64), kit_lora), "4096"),
         "empty prompt": (api_args(GenerateOptions(" ", steps=2, width=64, height=64), kit_lora), "`prompt`"),
     }
-    for case, (args, message) in bad.items():
-        with pytest.raises(AppError, match=message) as error:
+    for case, (args, message) in bad.items():  # the admission refuses what breaks a control's range before queueing
+        with pytest.raises((AppError, ValidationError), match=message) as error:
             client.predict(*args, api_name="/compare")
         assert "Traceback" not in str(error.value), case
     (baseline, adapted), _ = client.predict(*api_args(OPTS, kit_lora), api_name="/compare")
@@ -170,17 +170,16 @@ def test_ui_values_become_options():
 
 
 def test_zero_gpu_duration_grows_with_steps_size_and_images():
-    from fluxdemo.pipeline import generate, sweep
     from fluxdemo.spaces_gpu import FIXED_SECONDS, MAX_SECONDS, gpu_seconds
 
     one_megapixel = GenerateOptions("a cat", steps=28, width=1024, height=1024)
-    assert gpu_seconds(generate, None, one_megapixel, None, 1.0, None) == FIXED_SECONDS + 14
-    assert gpu_seconds(compare, None, one_megapixel, "x", 1.0, None) == FIXED_SECONDS + 28
-    assert gpu_seconds(sweep, None, one_megapixel, "x", [0.0, 0.5, 1.0], None) == FIXED_SECONDS + 42
-    assert (
-        gpu_seconds(sweep, None, GenerateOptions("a", steps=100, width=2048, height=2048), "x", [1.0] * 8, None)
-        == MAX_SECONDS
-    )
+    per_image = round(gpu_seconds(None, None, one_megapixel, 1, None) - FIXED_SECONDS)
+    assert per_image > 0
+    for images in (2, 3, 4):
+        got = gpu_seconds(None, None, one_megapixel, images, None)
+        want = min(MAX_SECONDS, FIXED_SECONDS + images * per_image)
+        assert abs(got - want) <= images  # each image's seconds were rounded
+    assert gpu_seconds(None, None, GenerateOptions("a", steps=100, width=2048, height=2048), 8, None) == MAX_SECONDS
 
 
 def test_error_sentences_reach_clients_without_the_machines_paths(tmp_path, tiny_kit, kit_lora):

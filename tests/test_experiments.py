@@ -108,7 +108,7 @@ def test_a_stack_is_checked_whole_before_anything_is_applied(stack_folder):
     manager = fresh(folder)
     with pytest.raises(OptionsError, match=r"The stack names the same LoRA twice \(a.safetensors\): give it once"):
         generate(manager, OPTS, "a.safetensors:0.5+a.safetensors:1")
-    with pytest.raises(LoraError, match=r"The LoRA stack a:1 \+ missing:1 was not applied: No LoRA named 'missing'"):
+    with pytest.raises(LoraError, match=r"The stack a:1 \+ missing:1 was not applied: No LoRA named 'missing'"):
         generate(manager, OPTS, "a.safetensors+missing")
     with pytest.raises(OptionsError, match=r"A LoRA strength must be a finite number between -4 and 4, but is nan"):
         generate(manager, OPTS, [("a.safetensors", float("nan"))])
@@ -192,7 +192,7 @@ def test_a_grid_of_two_loras_three_strengths_two_seeds_equals_its_cells(manager,
     options = GenerateOptions("grid", steps=2, width=32, height=32)
     seen = []
     result = grid(manager, options, ["a fox"], [1, 2], ["peft.safetensors", "xlabs.safetensors:0.5"], [0, 0.5, 1],
-                  on_image=lambda i, n, label: seen.append((i, n)))  # fmt: skip
+                  Controls(on_image=lambda i, n, label: seen.append((i, n))))  # fmt: skip
     cells = result.report["cells"]
     assert len(cells) == len(result.images) == 12
     assert seen == [(i, 10) for i in range(1, 11)]  # 12 cells, the two strength-0 columns of a seed one baseline

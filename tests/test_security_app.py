@@ -569,7 +569,8 @@ def test_cancel_inspect_and_upload_work_while_the_model_queue_is_full(app_manage
         with pytest.raises(AppError, match=r"^Cancelled during the baseline image, after step \d+ of 100\.") as error:
             job.result(timeout=30)
         stopped_at = int(str(error.value).split("after step ")[1].split(" ")[0])
-        assert stopped_at <= seen + 1, f"step {seen} when Cancel answered; it stopped after step {stopped_at}"
+        # the step it was in when Cancel answered, plus one: the progress this client reads lags by up to a step
+        assert stopped_at <= seen + 2, f"step {seen} when Cancel answered; it stopped after step {stopped_at}"
         for filler in fillers:  # the others' jobs were not touched: they run once the slot is free
             assert Path(filler.result(timeout=60)[0]).is_file()
 

@@ -21,6 +21,7 @@ import torch
 from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 from diffusers.utils.peft_utils import delete_adapter_layers, set_adapter_layers
 
+from fluxdemo import lycoris
 from fluxdemo.errors import LoraError
 from fluxdemo.flux_names import FluxDims
 from fluxdemo.lora import LoraLibrary, LoraReport, to_diffusers
@@ -114,10 +115,18 @@ class Adapters:
                 converted.text_encoder, network_alphas=None, text_encoder=self.manager.get("text_encoder"),
                 prefix="text_encoder", adapter_name=adapter,
             )  # fmt: skip
+        for component, parts in converted.factored.items():  # LoKr/LoHa, kept factored beside the LoRA layers
+            lycoris.attach(self.manager.get(component), parts, adapter)
         self._verify(adapter, converted)
 
     def _verify(self, adapter: str, converted) -> None:
         # diffusers warns and carries on when keys do not match; a LoRA that loads partly is a silent failure.
+        for component, parts in converted.factored.items():
+            if absent := lycoris.attached(self.manager.get(component), parts, adapter):
+                raise LoraError(
+                    f"The LoKr/LoHa part of the LoRA did not attach to {len(absent)} {component} modules (e.g. "
+                    f"{absent[:3]}); nothing was changed. Check it with `python -m fluxdemo inspect-lora`."
+                )
         for component, weights in (("transformer", converted.transformer), ("text_encoder", converted.text_encoder)):
             module = self.manager.get(component)
             targets = {k.removeprefix(f"{component}.").rsplit(".lora_", 1)[0] for k in weights}
@@ -186,6 +195,7 @@ class Adapters:
                     self._detach(loaded.adapter)
                     continue
                 transformer.load_lora_adapter(converted.transformer, prefix="transformer", adapter_name=loaded.adapter)
+                lycoris.attach(transformer, converted.factored.get("transformer", []), loaded.adapter)
         self._active["transformer"] = ()
         self.activate((), ("transformer",))
 

@@ -34,7 +34,8 @@ from fluxdemo.config import PACKAGE_CONFIGS
 from fluxdemo.errors import LoraError
 from fluxdemo.files import new_file_mode
 from fluxdemo.flux_names import FluxDims
-from fluxdemo.lora_formats import ModelTables, analyse_keys, factors, split_parts
+from fluxdemo.lora_formats import Adapter, ModelTables, analyse_keys, factors, split_parts
+from fluxdemo.lycoris import FactoredPart
 
 logger = logging.getLogger(__name__)
 
@@ -415,6 +416,9 @@ class ConvertedLora:
     transformer: dict[str, torch.Tensor]
     text_encoder: dict[str, torch.Tensor]
     report: LoraReport
+    # LoKr/LoHa modules, kept factored (fluxdemo.lycoris.attach): component -> parts. Each component with parts also
+    # has at least one (zero) LoRA pair above, so that PEFT registers the adapter and its strength drives them all.
+    factored: dict[str, list[FactoredPart]] = dataclasses.field(default_factory=dict)
 
 
 def to_diffusers(
@@ -455,10 +459,14 @@ def _convert(read, shapes, dtypes, meta, dims, clip_config, identity, dtype) -> 
         raise LoraError(f"{report.name} cannot be applied to {_model_label(dims)}: " + "; ".join(report.problems))
     out: dict[str, dict[str, torch.Tensor]] = {"transformer": {}, "text_encoder": {}}
     bad = []
+    factored: dict[str, list[FactoredPart]] = {}
     for adapter, scale in plan:
         # fp8 (e4m3fn, e5m2) upcast: every fp8 value is exact in float32, and torch has little fp8 arithmetic on CPU
         tensors = {k: _upcast(cached(k)) for r, k in adapter.keys.items() if r != "alpha"}
         bad += [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+        if adapter.kind in ("lokr", "loha"):
+            factored.setdefault(adapter.resolved.target.component, []).extend(_factored_parts(adapter, tensors, scale))
+            continue
         up, down = factors(adapter, tensors, scale)
         bias = tensors.get(adapter.keys.get("diff_b", ""))  # ComfyUI applies bias deltas at the strength, no alpha
         component = adapter.resolved.target.component
@@ -467,6 +475,11 @@ def _convert(read, shapes, dtypes, meta, dims, clip_config, identity, dtype) -> 
             out[component][f"{component}.{module}.lora_B.weight"] = b.to(dtype)
             if c is not None:
                 out[component][f"{component}.{module}.lora_B.bias"] = c.to(dtype)
+    for component, parts in factored.items():  # an anchor: a zero pair that only registers the adapter with PEFT
+        if not out[component]:
+            module = f"{component}.{parts[0].module}"
+            out[component][f"{module}.lora_A.weight"] = torch.zeros(1, parts[0].in_features, dtype=dtype)
+            out[component][f"{module}.lora_B.weight"] = torch.zeros(parts[0].out_features, 1, dtype=dtype)
     for part in out.values():  # PEFT's lora_bias is per adapter: every module then needs a lora_B bias, zero if none
         if any(k.endswith(".bias") for k in part):
             for key in [k for k in part if k.endswith("lora_B.weight")]:
@@ -486,7 +499,21 @@ def _convert(read, shapes, dtypes, meta, dims, clip_config, identity, dtype) -> 
         report.rank,
         report.scale,
     )
-    return ConvertedLora(out["transformer"], out["text_encoder"], report)
+    return ConvertedLora(out["transformer"], out["text_encoder"], report, factored)
+
+
+def _factored_parts(adapter: Adapter, tensors: Mapping[str, torch.Tensor], scale: float) -> list[FactoredPart]:
+    """A LoKr/LoHa module as parts per diffusers module: each the whole factors plus the rows that are its own."""
+    target = adapter.resolved.target
+    roles = {role: tensors[key] for role, key in adapter.keys.items() if role not in ("alpha", "diff_b")}
+    out, inp = target.shape
+    if target.swap_halves:  # diffusers' rows are BFL's halves swapped
+        return [FactoredPart(target.parts[0][0], adapter.kind, roles, scale, ((out // 2, out), (0, out // 2)), inp)]
+    parts, start = [], 0
+    for module, rows in target.parts:
+        parts.append(FactoredPart(module, adapter.kind, roles, scale, ((start, start + rows),), inp))
+        start += rows
+    return parts
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:

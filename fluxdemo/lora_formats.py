@@ -9,7 +9,8 @@ Naming families (found per key from its prefix): diffusers/PEFT (`transformer.<d
 kohya (`lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`, `lora_te1_` CLIP-L, `lora_te3_` T5), ComfyUI
 (`diffusion_model.<BFL module>`), bare BFL names (BFL control LoRAs), fal/Kontext (`base_model.model.<BFL>`), XLabs
 (`double_blocks.0.processor.qkv_lora1.down.weight`), and LyCORIS/kohya with diffusers names (`lycoris_`,
-`lora_transformer_`). Adapter kinds: LoRA, LyCORIS LoKr and LoHa (converted exactly), full deltas and DoRA (refused).
+`lora_transformer_`). Adapter kinds: LoRA, full and bias deltas (converted exactly), LyCORIS LoKr and LoHa (kept
+factored), DoRA (refused).
 """
 
 from __future__ import annotations
@@ -347,14 +348,6 @@ def group_keys(keys: list[str], tables: ModelTables) -> tuple[list[Adapter], lis
 # Shapes and exact factors. A delta is always returned as (B, A) with delta = B @ A, B (out, k), A (k, in).
 
 
-def _lokr_factor(w: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None) -> tuple:
-    """(P, Q) with P @ Q = the LoKr factor: its stored low-rank pair, or the full matrix against an identity."""
-    if w is None:
-        return a, b
-    rows, cols = w.shape
-    return (w, torch.eye(cols, dtype=w.dtype)) if cols <= rows else (torch.eye(rows, dtype=w.dtype), w)
-
-
 def _lokr_dims(keys: dict[str, str], shapes: Mapping[str, tuple[int, ...]], i: str) -> tuple[int, int, int] | None:
     """(rows, cols, inner rank) of LoKr factor w1 or w2 from the header alone, or None if its keys are incomplete."""
     names = [f"lokr_w{i}"] if f"lokr_w{i}" in keys else [f"lokr_w{i}_a", f"lokr_w{i}_b"]
@@ -412,11 +405,9 @@ def delta_shape(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]]) -> tupl
 
 
 def factors(adapter: Adapter, t: Mapping[str, torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact (B, A) with B @ A = scale * the module's delta, computed in float32 (float64 stays float64).
+    """The exact (B, A) with B @ A = scale * the delta of a LoRA, full or bias adapter, in float32 (float64 stays).
 
-    LoKr is kron(W1, W2) = kron(P1, P2) @ kron(Q1, Q2) for Wi = Pi @ Qi; LoHa is (a1 @ b1) * (a2 @ b2) =
-    (a1 (x)row a2) @ (b1 (x)col b2) (face-splitting product). Both are exact; where that rank would exceed in_features
-    the dense delta against an identity is smaller, and is what we return.
+    LoKr and LoHa are not turned into pairs: their exact rank can reach the layer's width; see fluxdemo.lycoris.
     """
     k = adapter.keys
     f = {
@@ -431,17 +422,7 @@ def factors(adapter: Adapter, t: Mapping[str, torch.Tensor], scale: float) -> tu
     if adapter.kind == "bias":  # PEFT adds lora_B's bias, times the strength, to the output: bias += s * diff_b
         out, inp = adapter.resolved.target.shape
         return torch.zeros(out, 1), torch.zeros(1, inp)
-    if adapter.kind == "loha":
-        a1, b1, a2, b2 = f["hada_w1_a"], f["hada_w1_b"], f["hada_w2_a"], f["hada_w2_b"]
-        up = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)
-        down = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
-    else:
-        p1, q1 = _lokr_factor(f.get("lokr_w1"), f.get("lokr_w1_a"), f.get("lokr_w1_b"))
-        p2, q2 = _lokr_factor(f.get("lokr_w2"), f.get("lokr_w2_a"), f.get("lokr_w2_b"))
-        up, down = torch.kron(p1, p2), torch.kron(q1, q2)
-    if up.shape[1] > down.shape[1]:
-        up, down = up @ down, torch.eye(down.shape[1], dtype=down.dtype)
-    return up * scale, down
+    raise ValueError(f"{adapter.module} is a {adapter.kind} adapter: applied in factored form (fluxdemo.lycoris)")
 
 
 def split_parts(
@@ -467,9 +448,9 @@ def split_parts(
 CONTROL_INPUTS = {128: "a FLUX.1 Canny/Depth control LoRA", 384: "a FLUX.1 Fill LoRA"}  # img_in input width
 SD_CONTEXT = {2048: "SDXL", 1024: "SD2.x", 768: "SD1.5"}  # cross-attention to_k input width -> base model
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig's default: what diffusers uses when lora_adapter_metadata omits lora_alpha
-# LoKr/LoHa become an exact (B, A) pair whose rank can reach in_features (a full-rank LoKr is a dense delta); above
-# this many float32 bytes in all we refuse rather than hold several GB of factors per adapter.
-LYCORIS_MAX_BYTES = 2**30
+# Full deltas become an exact (B, A) pair of rank min(out, in), in float32; above this many bytes in all (a whole-model
+# FULL_DIFF save is the model's size) we refuse rather than hold several GB per adapter. LoKr/LoHa stay factored.
+DENSE_MAX_BYTES = 2**30
 FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2"})  # upcast to float32 when read: every value is exact in float32
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"}) | FP8_DTYPES
 _NO_ADAPTER = "keys that form no adapter (an alpha without weights, or LoRA and LyCORIS keys on one module)"
@@ -536,7 +517,7 @@ class _Checker:
         self.unknown: list[Adapter] = []
         self.refused: Counter = Counter()
         self.owners: dict[str, str] = {}
-        self.t5_live = self.lycoris_bytes = self.fp8 = self.deltas = self.biases = 0
+        self.t5_live = self.dense_bytes = self.fp8 = self.deltas = self.biases = 0
 
     def run(self) -> KeyAnalysis:
         adapters, loose = group_keys(sorted(self.shapes), self.tables)
@@ -561,11 +542,11 @@ class _Checker:
                 f"full deltas applied as extra delta modules: {self.deltas} weight (.diff), "
                 f"{self.biases} bias (.diff_b)"
             )
-        if self.lycoris_bytes > LYCORIS_MAX_BYTES:
+        if self.dense_bytes > DENSE_MAX_BYTES:
             self.r.problems.append(
-                f"its LyCORIS and full-delta modules need {self.lycoris_bytes / 2**30:.1f} GB as exact LoRA factors "
-                f"(the limit is {LYCORIS_MAX_BYTES / 2**30:.0f} GB): a near-full-rank LoKr/LoHa or a whole-model "
-                "full delta is not supported; use a LoRA release of it"
+                f"its full deltas (.diff) need {self.dense_bytes / 2**30:.1f} GB as exact LoRA factors (the limit is "
+                f"{DENSE_MAX_BYTES / 2**30:.0f} GB): a whole-model full delta is not supported; extract a LoRA from "
+                "it (e.g. ComfyUI's LoraSave with a rank) and use that"
             )
         # The transformer's keys name the format; a file that adapts only text encoders is named by theirs.
         namings = Counter(a.resolved.naming for a in adapters if a.resolved.family == "flux") or Counter(
@@ -623,8 +604,8 @@ class _Checker:
         if target.shape is not None and (out, inp) != target.shape:
             self.misfits.append((a, out, inp))
             return False
-        if kind in ("lokr", "loha", "full"):
-            self.lycoris_bytes += 4 * exact_rank * (out + inp)
+        if kind == "full":
+            self.dense_bytes += 4 * exact_rank * (out + inp)
         for part, _ in target.parts:
             if part in self.owners:
                 self.r.problems.append(f"{part} is adapted twice, by {self.owners[part]} and {a.module}")

@@ -13,7 +13,7 @@ import lora_factory as lf
 import pytest
 import torch
 
-from fluxdemo import lora, lora_formats
+from fluxdemo import lora, lora_formats, lycoris
 from fluxdemo.errors import LoraError
 from fluxdemo.flux_names import FluxDims
 from fluxdemo.lora import LoraLibrary, inspect_lora, read_safetensors_header, save_upload, to_diffusers
@@ -70,6 +70,12 @@ def base_weight(out: int, inp: int) -> torch.Tensor:
 def _free_base_weights():
     yield
     base_weight.cache_clear()  # about 300 MB of real-width weights; the rest of the session does not need them
+
+
+def dense(part: lycoris.FactoredPart) -> torch.Tensor:
+    """A factored part's delta rows, read off its forward on the identity (what the layer adds to W @ x)."""
+    with torch.no_grad():
+        return lycoris._Factors(part)(torch.eye(part.in_features, dtype=torch.float64)).T.float()
 
 
 def assert_exact(converted, pairs: dict[str, Pair]) -> None:
@@ -156,12 +162,18 @@ def test_converted_weights_load_into_diffusers_at_scale_one(tmp_path):
     }
     converted = to_diffusers(tensors, TINY)
     model.load_lora_adapter(converted.transformer, prefix="transformer", adapter_name="x")
+    lycoris.attach(model, converted.factored["transformer"], "x")  # the LoHa, kept factored
     model.set_adapters(["x"], weights=[STRENGTH])
-    adapted = [(n, m) for n, m in model.named_modules() if "x" in getattr(m, "lora_A", {})]
+    adapted = [
+        (n, m)
+        for n, m in model.named_modules()
+        if "x" in getattr(m, "lora_A", {}) or "x" in getattr(m, "lycoris_factors", {})
+    ]
     assert len(adapted) == len(pairs) + 1
     for name, module in adapted:
         with torch.no_grad():  # the layer's effective weight: its output on the identity, less the bias
-            effective = (module(torch.eye(module.in_features)) - module.base_layer.bias).T
+            eye = torch.eye(module.get_base_layer().in_features)
+            effective = (module(eye) - module.get_base_layer().bias).T
         if name == "context_embedder":
             want = base[name] + STRENGTH * lf.loha_delta(hada, 2.0).float()
         else:
@@ -184,15 +196,10 @@ def test_diffusers_names_in_kohya_and_lycoris_spelling(tmp_path):
     tensors |= {f"lycoris_transformer_blocks_0_attn_to_out_0.{role}": t for role, t in lokr.items()}
     converted = to_diffusers(lf.save(tmp_path / "mixed.safetensors", tensors), TINY)
     assert converted.report.compatible and converted.report.naming == "kohya-diffusers"
-    assert_exact(
-        dataclasses.replace(
-            converted, transformer={k: v for k, v in converted.transformer.items() if "to_out" not in k}
-        ),
-        pairs,
-    )
-    out = "transformer.transformer_blocks.0.attn.to_out.0"
-    got = converted.transformer[f"{out}.lora_B.weight"] @ converted.transformer[f"{out}.lora_A.weight"]
-    assert lf.relative_error(got, lf.lokr_delta(lokr, None)) < 1e-6
+    assert_exact(converted, pairs)
+    (part,) = converted.factored["transformer"]
+    assert part.module == "transformer_blocks.0.attn.to_out.0"
+    assert lf.relative_error(dense(part), lf.lokr_delta(lokr, None)) < 1e-6
 
 
 def test_real_flux_dev_counts(tmp_path):
@@ -223,7 +230,7 @@ def test_lycoris_lokr_and_loha_are_exact(tmp_path, dims):
             2.0,
         ),
     }
-    if dims == TINY:  # at real width these two would need GB-sized dense references
+    if dims == TINY:  # at real width these two would need GB-sized dense references in the test
         # both LoKr factors full: no alpha scaling in LyCORIS
         specs["single_blocks.0.linear1"] = (
             "diffusion_model.single_blocks.0.linear1",
@@ -238,26 +245,24 @@ def test_lycoris_lokr_and_loha_are_exact(tmp_path, dims):
     report = inspect_lora(path, dims, clip_config=CLIP)
     assert report.compatible and report.format == "lycoris-lokr" and not report.unmatched, report.problems
     converted = to_diffusers(path, dims, CLIP)
+    parts = {f"transformer.{p.module}": p for p in converted.factored["transformer"]}
+    # Nothing dense is kept: the factors are the file's own tensors, shared by the parts of a fused module.
+    kept = {id(t): t.numel() * t.element_size() for p in parts.values() for t in p.tensors.values()}
+    assert sum(kept.values()) == sum(
+        t.numel() * t.element_size() for _, kind, _ in specs.values() for t in kind.values()
+    )
     for bfl, (_, kind, alpha) in specs.items():
         delta = lf.lokr_delta(kind, alpha) if "lokr_w1" in kind or "lokr_w1_a" in kind else lf.loha_delta(kind, alpha)
         for module, want in lf.split_delta(bfl, delta, dims).items():
-            w = base_weight(*want.shape)
-            got = lf.reference_merge({module: w}, converted, STRENGTH)[module]
-            assert lf.relative_error(got, w + STRENGTH * want.float()) < 1e-6, module
+            assert lf.relative_error(dense(parts.pop(module)), want.float()) < 1e-6, module
+    assert parts == {}
 
 
-def test_lycoris_over_budget_is_refused(tmp_path, monkeypatch):
-    g = torch.Generator().manual_seed(0)
-    kind = lf.lokr((TINY.inner, TINY.inner), (4, 4), None, None, g)
-    path = lf.save(
-        tmp_path / "lokr.safetensors", {f"lora_unet_double_blocks_0_img_attn_proj.{r}": t for r, t in kind.items()}
-    )
-    monkeypatch.setattr(lora_formats, "LYCORIS_MAX_BYTES", 1000)
-    report = inspect_lora(path, TINY, clip_config=CLIP)
-    assert (
-        not report.compatible
-        and "near-full-rank LoKr/LoHa or a whole-model full delta is not supported" in report.problems[0]
-    )
+def test_full_deltas_over_budget_are_refused(tmp_path, monkeypatch):
+    t = {"lora_unet_double_blocks_0_img_attn_proj.diff": torch.ones(TINY.inner, TINY.inner)}
+    monkeypatch.setattr(lora_formats, "DENSE_MAX_BYTES", 1000)
+    report = inspect_lora(lf.save(tmp_path / "full.safetensors", t), TINY, clip_config=CLIP)
+    assert not report.compatible and "a whole-model full delta is not supported" in report.problems[0]
 
 
 @pytest.mark.parametrize(
@@ -338,7 +343,7 @@ def test_blocks_the_model_lacks_are_unmatched_with_the_reason(tmp_path):
         (lambda p: p.write_bytes(b"<!DOCTYPE html><html>login</html>"), r"an HTML/XML page"),
         (
             lambda p: p.write_text("trigger: ohwx\nTrained 2000 steps on my dog.\n" * 40),
-            r"bad.safetensors is a text file \(it begins 'trigger: ohwx\\nTrained 20'\), not a safetensors file at all\.",
+            r"bad.safetensors is a text file \(it begins 'trigger: ohwx\\nTrained 20'\), not a safetensors file",
         ),
         (
             lambda p: p.write_bytes(bytes(range(200, 256)) * 4),

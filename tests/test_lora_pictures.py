@@ -56,3 +56,37 @@ def test_comfy_bias_and_full_deltas(tiny_kit, folder, strength, dtype):
     folder.mkdir()
     lf.save(folder / "comfy.safetensors", tensors)
     assert_picture_is_the_hand_merge(tiny_kit, folder, "comfy.safetensors", module_deltas(want, TINY), strength)
+
+
+def lycoris_file(g: torch.Generator) -> tuple[dict, dict]:
+    """SimpleTuner's documented FLUX LoKr (full w1 and w2, factor 16, diffusers names under `lycoris_`), kohya-named
+    LoKr with a decomposed w2, and a kohya-named LoHa; -> (tensors, per diffusers module (delta, None))."""
+    d, t, want = TINY.inner, {}, {}
+    for module, (out, inp) in {
+        "transformer_blocks.0.attn.to_q": (d, d),
+        "single_transformer_blocks.1.proj_out": (d, d + TINY.mlp),
+    }.items():
+        kind = lf.lokr((out, inp), (16, 16), None, None, g)
+        kind["lokr_w1"] = kind["lokr_w1"] * 0.1
+        t |= {f"lycoris_{module.replace('.', '_')}.{r}": v for r, v in kind.items()}
+        want[f"transformer.{module}"] = (lf.lokr_delta(kind, None), None)
+    kind = lf.lokr((3 * d, d), (4, 4), 2, None, g)
+    t |= {f"lora_unet_double_blocks_1_img_attn_qkv.{r}": v for r, v in kind.items()}
+    t["lora_unet_double_blocks_1_img_attn_qkv.alpha"] = torch.tensor(0.5)
+    want |= {
+        m: (x, None) for m, x in lf.split_delta("double_blocks.1.img_attn.qkv", lf.lokr_delta(kind, 0.5), TINY).items()
+    }
+    kind = lf.loha((2 * d, d), 3, g)
+    t |= {f"lora_unet_final_layer_adaLN_modulation_1.{r}": v for r, v in kind.items()}
+    t["lora_unet_final_layer_adaLN_modulation_1.alpha"] = torch.tensor(1.5)
+    delta = lf.loha_delta(kind, 1.5).float()
+    want |= {m: (x, None) for m, x in lf.split_delta("final_layer.adaLN_modulation.1", delta, TINY).items()}
+    return t, want
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_lokr_and_loha_factored(tiny_kit, folder, strength):
+    tensors, want = lycoris_file(torch.Generator().manual_seed(31))
+    folder.mkdir()
+    lf.save(folder / "lycoris.safetensors", tensors)
+    assert_picture_is_the_hand_merge(tiny_kit, folder, "lycoris.safetensors", want, strength)

@@ -12,8 +12,10 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -410,3 +412,160 @@ def _human(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{n} B"
+
+
+# --- LoRAs from the Hub ---------------------------------------------------------------------------------------------
+
+HUB_URL = re.compile(
+    r"https?://(?:www\.)?(?:huggingface\.co|hf\.co)/(?P<repo>[\w.-]+/[\w.-]+)"
+    r"(?:/(?:blob|resolve|tree)/(?P<rev>[^/?#]+))?(?:/(?P<file>[^?#]+?))?/?(?:[?#].*)?"
+)
+HUB_NAME = re.compile(r"(?P<repo>[\w][\w.-]*/[\w][\w.-]*)(?P<file>(?:/[\w.\- ]+)*)(?:@(?P<rev>[\w.\-/]+))?")
+MAX_LORA_CANDIDATES = 8  # safetensors files whose headers are read to find the LoRA among them
+
+
+@dataclass(frozen=True)
+class HubLoraRef:
+    """Where a LoRA lives on the Hub: a repo, optionally one file in it and a revision (branch, tag or commit)."""
+
+    repo_id: str
+    filename: str | None = None
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return (
+            self.repo_id
+            + (f"/{self.filename}" if self.filename else "")
+            + (f"@{self.revision}" if self.revision else "")
+        )
+
+
+@dataclass(frozen=True)
+class HubLora:
+    """A LoRA file downloaded into the Hugging Face cache, with what the repo's model card says about it."""
+
+    ref: HubLoraRef  # with filename and revision (the commit) filled in
+    path: Path
+    trigger_words: list[str]
+    example_prompts: list[str]
+
+
+def parse_hub_lora(name: str) -> HubLoraRef | None:
+    """A Hub reference in `name` (user/repo, user/repo/file.safetensors, user/repo@rev, or a huggingface.co URL),
+    or None when `name` is not one. A two-part name ending in .safetensors is a local path, never a repo."""
+    m = HUB_URL.fullmatch(name.strip())
+    if m:
+        return HubLoraRef(m["repo"], m["file"] or None, m["rev"])
+    m = HUB_NAME.fullmatch(name.strip())
+    if m is None or m["repo"].lower().endswith(".safetensors") or m["repo"].startswith(".") or ".." in name:
+        return None
+    filename = m["file"].lstrip("/") or None
+    if filename and not filename.lower().endswith(".safetensors"):
+        return None
+    return HubLoraRef(m["repo"], filename, m["rev"])
+
+
+def download_lora(
+    ref: HubLoraRef,
+    is_lora: Callable[[list[str]], bool],
+    max_bytes: int,
+    *,
+    token: str | None = None,
+    cache_dir: Path | None = None,
+    endpoint: str | None = None,
+) -> HubLora:
+    """Find the LoRA file in a Hub repo (the named one, or the one .safetensors file whose keys `is_lora` accepts),
+    check its size, and download it through huggingface_hub's cache; every failure is a HubError sentence."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint, token=token)
+    common = {"repo_id": ref.repo_id, "revision": ref.revision, "cache_dir": cache_dir, "token": token,
+              "endpoint": endpoint}  # fmt: skip
+    try:
+        if _offline_mode():  # only the cache: a file downloaded before, named exactly
+            if not ref.filename:
+                raise LocalEntryNotFoundError("offline: a repo without a file name cannot be listed")
+            path = Path(hf_hub_download(filename=ref.filename, local_files_only=True, **common))
+            return HubLora(ref, path, *_model_card(common, local_files_only=True))
+        files = {
+            f.path: f.size
+            for f in api.list_repo_tree(ref.repo_id, revision=ref.revision, recursive=True)
+            if getattr(f, "size", None) is not None and f.path.lower().endswith(".safetensors")
+        }
+        filename = ref.filename or _pick_lora(api, ref, files, is_lora)
+        if filename not in files:
+            raise HubError(
+                f"{ref.repo_id} has no file {filename}; its .safetensors files: {', '.join(sorted(files)) or 'none'}."
+            )
+        if files[filename] > max_bytes:
+            raise HubError(
+                f"{ref.repo_id}/{filename} is {_human(files[filename])}, over the {_human(max_bytes)} limit for a "
+                "LoRA; it is probably a whole model, not a LoRA."
+            )
+        path = Path(hf_hub_download(filename=filename, local_files_only=False, **common))
+        words, prompts = _model_card(common, local_files_only=False)
+    except HubError:
+        raise
+    except Exception as e:
+        raise _lora_hub_error(e, ref, token) from None
+    logger.info("LoRA %s from the Hub: %s (%s)", ref, path.name, _human(_size(path)))
+    return HubLora(HubLoraRef(ref.repo_id, filename, ref.revision), path, words, prompts)
+
+
+def _pick_lora(api, ref: HubLoraRef, files: dict[str, int], is_lora: Callable[[list[str]], bool]) -> str:
+    if not files:
+        raise HubError(f"{ref.repo_id} holds no .safetensors file, so no LoRA this app can load.")
+    candidates = sorted(files, key=lambda f: files[f])[:MAX_LORA_CANDIDATES]  # LoRAs are the small files
+    loras = [
+        f
+        for f in candidates
+        if is_lora(list(api.parse_safetensors_file_metadata(ref.repo_id, f, revision=ref.revision).tensors))
+    ]
+    if not loras:
+        raise HubError(f"{ref.repo_id} has no LoRA: none of its .safetensors files ({', '.join(candidates)}) holds "
+                       "LoRA weights.")  # fmt: skip
+    if len(loras) > 1:
+        choices = ", ".join(f"{ref.repo_id}/{f} ({_human(files[f])})" for f in loras)
+        raise HubError(f"{ref.repo_id} holds several LoRA files; name the one you want: {choices}.")
+    return loras[0]
+
+
+def _model_card(common: dict, local_files_only: bool) -> tuple[list[str], list[str]]:
+    """(trigger words, example prompts) from the repo's README.md front matter: instance_prompt, widget texts."""
+    try:
+        card = Path(hf_hub_download(filename="README.md", local_files_only=local_files_only, **common))
+        text = card.read_text(encoding="utf-8", errors="replace")[:200_000]
+    except Exception:  # no card, or not cached: the LoRA itself is what was asked for
+        return [], []
+    front = text.split("---", 2)[1] if text.startswith("---") and text.count("---") >= 2 else ""
+    words = [w.strip() for m in re.finditer(r"(?m)^instance_prompt:\s*(.+)$", front) for w in m[1].split(",")]
+    prompts = [m[1].strip() for m in re.finditer(r"(?m)^\s*-?\s*text:\s*['\"]?(.+?)['\"]?\s*$", front)]
+    return [w.strip("'\"") for w in words if w.strip("'\"")][:12], prompts[:8]
+
+
+def _lora_hub_error(error: Exception, ref: HubLoraRef, token: str | None) -> HubError:
+    page = f"https://huggingface.co/{ref.repo_id}"
+    if isinstance(error, GatedRepoError):
+        return HubError(
+            f"{ref.repo_id} is a gated repository: accept its terms at {page} while logged in, then set "
+            f"HF_TOKEN=<a token with read access> (create one at {TOKENS_URL})."
+        )
+    status = error.response.status_code if isinstance(error, HfHubHTTPError) and error.response is not None else None
+    # The Hub answers 401 for a missing repo and for a private one alike
+    if isinstance(error, RepositoryNotFoundError) or status == 401:
+        token = token or os.environ.get("HF_TOKEN")
+        private = "the token in use cannot see it" if token else "no token was sent; if it is private, set HF_TOKEN"
+        return HubError(f"There is no repository {ref.repo_id} on the Hub ({private}). Check the name at {page}.")
+    if isinstance(error, RevisionNotFoundError):
+        return HubError(f"{ref.repo_id} has no revision {ref.revision!r}; check its branches and tags at {page}.")
+    if isinstance(error, EntryNotFoundError) and not isinstance(error, LocalEntryNotFoundError):
+        return HubError(f"{ref.repo_id} has no file {ref.filename}; see its files at {page}/tree/main.")
+    if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.TransportError)):
+        why = "offline mode is on (HF_HUB_OFFLINE=1)" if _offline_mode() else "the Hub could not be reached"
+        return HubError(
+            f"{ref} is not in the Hugging Face cache and {why}. Download it where there is network (the same name "
+            "fills the cache), or put the .safetensors file in the LoRA folder."
+        )
+    if status is not None:
+        return HubError(f"The Hub answered HTTP {status} for {ref}; try again in a few minutes.")
+    return HubError(f"Getting {ref} from the Hub failed ({type(error).__name__}); try again.")

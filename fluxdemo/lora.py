@@ -34,7 +34,7 @@ from fluxdemo.config import PACKAGE_CONFIGS
 from fluxdemo.errors import LoraError
 from fluxdemo.files import new_file_mode
 from fluxdemo.flux_names import FluxDims
-from fluxdemo.lora_formats import Adapter, ModelTables, analyse_keys, factors, split_parts
+from fluxdemo.lora_formats import Adapter, ModelTables, analyse_keys, factors, split_parts, split_role
 from fluxdemo.lycoris import FactoredPart
 
 logger = logging.getLogger(__name__)
@@ -553,10 +553,22 @@ class LoraEntry:
 class LoraLibrary:
     """The LoRA folder, scanned recursively; entries are cached by (size, mtime) and re-inspected only on change."""
 
-    def __init__(self, folder: Path, dims: FluxDims | None = None, clip_config: Mapping | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        dims: FluxDims | None = None,
+        clip_config: Mapping | None = None,
+        *,
+        hub_max_bytes: int = MAX_UPLOAD_BYTES,
+        hub_endpoint: str | None = None,
+        hub_cache: Path | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.dims = dims or flux_dev_dims()
         self.clip_config = clip_config
+        # LoRAs named by a Hub repo id or URL: downloaded through huggingface_hub's cache (HF_TOKEN, HF_HUB_OFFLINE)
+        self.hub_max_bytes, self.hub_endpoint, self.hub_cache = hub_max_bytes, hub_endpoint, hub_cache
+        self._hub: dict[str, LoraEntry] = {}
         self._index: dict[str, LoraEntry] = {}
         self._lock = threading.Lock()
 
@@ -607,7 +619,8 @@ class LoraLibrary:
         return dataclasses.replace(entry, sha256=report.sha256, report=report)
 
     def get(self, name: str) -> LoraEntry:
-        """The entry for a name relative to the folder; unsafe or unknown names raise LoraError, opening nothing."""
+        """The entry for a name relative to the folder, or for a Hub reference (user/repo[/file.safetensors][@rev] or
+        a huggingface.co URL) not found in the folder; unsafe or unknown names raise LoraError, opening nothing."""
         pure = PurePosixPath(name)
         if not name or "\\" in name or "\x00" in name or pure.is_absolute() or ".." in pure.parts:
             raise LoraError(f"{name!r} is not a LoRA name: give a path inside the LoRA folder {self.folder.name!r}.")
@@ -616,6 +629,11 @@ class LoraLibrary:
             self.refresh()
         entry = self._index.get(key)
         if entry is None:
+            from fluxdemo.hub import parse_hub_lora
+
+            ref = parse_hub_lora(name)
+            if ref is not None:
+                return self._from_hub(name, ref)
             names = ", ".join(e.name for e in self.entries if e.usable)[:500] or "none"
             raise LoraError(f"No LoRA named {name!r} in the LoRA folder {self.folder.name!r}; available: {names}.")
         if not entry.path.resolve().is_relative_to(self.folder.resolve()):
@@ -623,6 +641,33 @@ class LoraLibrary:
         if entry.refused:
             raise LoraError(f"{name}: {entry.refused}")
         return entry
+
+    def _from_hub(self, name: str, ref) -> LoraEntry:
+        from fluxdemo.errors import HubError
+        from fluxdemo.hub import download_lora
+
+        cached = self._hub.get(name)
+        if cached is not None and not _changed(cached):
+            return cached
+        try:
+            got = download_lora(ref, _has_lora_keys, self.hub_max_bytes, cache_dir=self.hub_cache,
+                                endpoint=self.hub_endpoint)  # fmt: skip
+        except HubError as e:
+            raise LoraError(str(e)) from None
+        report = inspect_lora(got.path, self.dims, clip_config=self.clip_config)
+        # The file's own trigger words win; many Hub LoRAs carry theirs only in the model card (instance_prompt).
+        report = dataclasses.replace(
+            report, name=str(got.ref), trigger_words=report.trigger_words or got.trigger_words
+        )
+        st = got.path.stat()
+        entry = LoraEntry(name, got.path, st.st_size, st.st_mtime_ns, report.sha256, report)
+        self._hub[name] = entry
+        return entry
+
+
+def _has_lora_keys(keys: list[str]) -> bool:
+    """Whether tensor names look like an adapter's (any format we read), from a header alone."""
+    return any(split_role(k) is not None or ".processor." in k for k in keys)
 
 
 def _changed(entry: LoraEntry) -> bool:

@@ -1,0 +1,179 @@
+"""LoRAs named by a Hub repo id or URL, against test_hub's loopback fake Hub (the real huggingface_hub client):
+found, size-checked, downloaded into the cache, inspected and applied like a local file; every failure a sentence."""
+
+from __future__ import annotations
+
+import lora_factory as lf
+import pytest
+import test_hub as th
+from huggingface_hub import constants
+from test_lora_formats import CLIP, TINY, pairs_for
+
+from fluxdemo.errors import LoraError
+from fluxdemo.hub import HubLoraRef, parse_hub_lora
+from fluxdemo.lora import LoraLibrary
+from fluxdemo.tiny_loras import write_lora
+
+PRIVATE = "alice/private-lora"
+CARD = b"---\nbase_model: black-forest-labs/FLUX.1-dev\ninstance_prompt: zkz style\nwidget:\n- text: a zkz fox\n---\n"
+
+
+@pytest.fixture(scope="module")
+def lora_bytes(tmp_path_factory) -> dict[str, bytes]:
+    d = tmp_path_factory.mktemp("hub-loras")
+    files = {
+        fmt: write_lora(d / f"{fmt}.safetensors", fmt, pairs_for(fmt, TINY, seed=i), TINY).read_bytes()
+        for i, fmt in enumerate(("kohya", "peft"))
+    }
+    # no metadata, so no trigger words of its own: the model card's are used
+    files["plain"] = lf.save(d / "plain.safetensors", lf.load(d / "kohya.safetensors")).read_bytes()
+    return files
+
+
+class LoraHub(th.FakeHub):
+    """The fake Hub plus a private repo: without the granted token it is answered like a missing one, as on the Hub."""
+
+    def _route_hub(self, path, auth):
+        if f"/{PRIVATE}/" in path + "/" and auth != f"Bearer {th.GRANTED_TOKEN}":
+            return th._error(401, "RepositoryNotFound", "Repository not found")
+        return super()._route_hub(path, auth)
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch, lora_bytes):
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    full = th._safetensors({"model.embed.weight": 64, "model.norm.weight": 8})
+    repos = {
+        "bob/style-lora": {"style.safetensors": lora_bytes["plain"], "README.md": CARD, "preview.png": b"png"},
+        "bob/two-loras": {"a.safetensors": lora_bytes["kohya"], "b.safetensors": lora_bytes["peft"]},
+        "bob/lora-and-model": {"lora.safetensors": lora_bytes["peft"], "model.safetensors": full},
+        "bob/a-model": {"model.safetensors": full},
+        "bob/gated-lora": {"g.safetensors": lora_bytes["kohya"]},
+        PRIVATE: {"p.safetensors": lora_bytes["peft"]},
+    }
+    for repo, files in repos.items():
+        monkeypatch.setitem(th.FILES, repo, files)
+    monkeypatch.setattr(th, "GATED", th.GATED | {"bob/gated-lora"})
+    hub = LoraHub()
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def library(fake, tmp_path) -> LoraLibrary:
+    (tmp_path / "loras").mkdir()
+    return LoraLibrary(tmp_path / "loras", TINY, CLIP, hub_endpoint=fake.endpoint, hub_cache=tmp_path / "hf")
+
+
+@pytest.mark.parametrize(
+    "name, ref",
+    [
+        ("bob/style-lora", HubLoraRef("bob/style-lora")),
+        ("bob/style-lora/style.safetensors", HubLoraRef("bob/style-lora", "style.safetensors")),
+        ("bob/style-lora@v1.0", HubLoraRef("bob/style-lora", None, "v1.0")),
+        ("bob/style-lora/sub/x.safetensors@main", HubLoraRef("bob/style-lora", "sub/x.safetensors", "main")),
+        ("https://huggingface.co/bob/style-lora", HubLoraRef("bob/style-lora")),
+        (
+            "https://huggingface.co/bob/style-lora/blob/main/style.safetensors",
+            HubLoraRef("bob/style-lora", "style.safetensors", "main"),
+        ),  # fmt: skip
+        (
+            "https://hf.co/bob/style-lora/resolve/abc123/style.safetensors?download=true",
+            HubLoraRef("bob/style-lora", "style.safetensors", "abc123"),
+        ),  # fmt: skip
+        ("styles/b.safetensors", None),  # a local sub-folder path
+        ("my_lora.safetensors", None),
+        ("bob/repo/notes.txt", None),
+        ("../etc/passwd", None),
+    ],
+)
+def test_hub_names_are_parsed(name, ref):
+    assert parse_hub_lora(name) == ref
+
+
+def test_repo_id_downloads_inspects_and_takes_the_card_trigger_words(fake, library, lora_bytes):
+    entry = library.get("bob/style-lora")
+    assert entry.path.read_bytes() == lora_bytes["plain"] and entry.usable
+    assert entry.report.name == "bob/style-lora/style.safetensors" and entry.report.trigger_words == ["zkz style"]
+    assert ("GET", "/cdn/" + th._sha256(lora_bytes["plain"])) in fake.requests
+    assert not any("preview.png" in p for _, p in fake.requests)  # only what the LoRA needs
+    downloads = len(fake.requests)
+    assert library.get("bob/style-lora") is entry and len(fake.requests) == downloads  # known: no Hub round trip
+    assert library.get("https://huggingface.co/bob/style-lora/blob/main/style.safetensors").sha256 == entry.sha256
+
+
+def test_revision_file_and_several_files(fake, library, lora_bytes):
+    entry = library.get("bob/two-loras/b.safetensors@v2")
+    assert entry.path.read_bytes() == lora_bytes["peft"]
+    assert ("GET", "/bob/two-loras/resolve/v2/b.safetensors") in fake.requests or any(
+        "/resolve/v2/b.safetensors" in p for _, p in fake.requests
+    )
+    several = r"^bob/two-loras holds several LoRA files; name the one you want: bob/two-loras/a.safetensors \(.*\), "
+    with pytest.raises(LoraError, match=several + r"bob/two-loras/b.safetensors"):
+        library.get("bob/two-loras")
+    assert library.get("bob/lora-and-model").path.read_bytes() == lora_bytes["peft"]  # the model file is passed over
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        (
+            "bob/nope",
+            r"^There is no repository bob/nope on the Hub \(no token was sent; if it is private, set HF_TOKEN\)",
+        ),
+        (PRIVATE, r"^There is no repository alice/private-lora on the Hub \(no token was sent"),
+        ("bob/gated-lora", r"^bob/gated-lora is a gated repository: accept its terms at https://huggingface.co/bob/"),
+        ("bob/a-model", r"^bob/a-model has no LoRA: none of its .safetensors files \(model.safetensors\) holds LoRA"),
+        (
+            "bob/style-lora/other.safetensors",
+            r"^bob/style-lora has no file other.safetensors; its .safetensors files: "
+            r"style.safetensors\.",
+        ),  # fmt: skip
+    ],
+    ids=["no-repo", "private-no-token", "gated", "not-a-lora", "no-file"],
+)
+def test_failures_are_sentences(library, name, message):
+    with pytest.raises(LoraError, match=message):
+        library.get(name)
+
+
+def test_private_with_token_too_big_and_offline(fake, library, monkeypatch, lora_bytes):
+    monkeypatch.setenv("HF_TOKEN", th.GRANTED_TOKEN)
+    assert library.get(PRIVATE).path.read_bytes() == lora_bytes["peft"]
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    library._hub.clear()
+    with pytest.raises(LoraError, match=r"\(the token in use cannot see it\)"):
+        library.get(PRIVATE)
+    library.hub_max_bytes = 1000
+    with pytest.raises(
+        LoraError, match=r"^bob/style-lora/style.safetensors is .* over the 1 kB limit for a LoRA; it is probably"
+    ):
+        library.get("bob/style-lora")
+    library.hub_max_bytes = 2**30
+    cached = library.get("bob/two-loras/a.safetensors")
+    library._hub.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert library.get("bob/two-loras/a.safetensors").path == cached.path  # from the cache, named exactly
+    with pytest.raises(LoraError, match=r"^bob/style-lora is not in the Hugging Face cache and offline mode is on"):
+        library.get("bob/style-lora")
+
+
+def test_a_hub_lora_applies_like_the_same_file_in_the_folder(fake, tmp_path, tiny_kit, lora_bytes):
+    from fluxdemo.config import get_preset
+    from fluxdemo.manager import ModelManager
+    from fluxdemo.pipeline import GenerateOptions, generate
+
+    folder = tmp_path / "local"
+    folder.mkdir()
+    (folder / "style.safetensors").write_bytes(lora_bytes["plain"])
+    options = GenerateOptions("a fox", seed=2, steps=2, width=32, height=32)
+    manager = ModelManager(get_preset("tiny", use_env=False), device="cpu", lora_dir=folder)
+    manager.adapters.library.hub_endpoint, manager.adapters.library.hub_cache = fake.endpoint, tmp_path / "hf"
+    local = generate(manager, options, "style.safetensors", 0.5).images["lora"]
+    hub = generate(manager, options, "bob/style-lora", 0.5)
+    assert hub.images["lora"].tobytes() == local.tobytes()
+    assert generate(manager, options).images["baseline"].tobytes() != local.tobytes()

@@ -723,7 +723,14 @@ def build_studio(
                     autofocus=True,
                     placeholder="Describe the image. Enter runs Compare.",
                 )
-                gr.Examples(examples=[[p] for p in EXAMPLES], inputs=[prompt], label="Examples")
+                # the buttons right under the prompt: the results column's top stays in view while a job runs
+                with gr.Row():
+                    compare_button = gr.Button("Compare", variant="primary", scale=2)
+                    cancel = gr.Button("Cancel", variant="stop", scale=1)
+                with gr.Row():
+                    generate_button = gr.Button("Generate one image", size="sm")
+                    sweep_button = gr.Button("Sweep strengths", size="sm")
+                    grid_button = gr.Button("Grid", size="sm")
                 # allow_custom_value: API callers may name a LoRA added since; the library checks every name
                 with gr.Row(equal_height=True):
                     lora = gr.Dropdown(label="LoRA", allow_custom_value=True, scale=3, **choices)
@@ -753,13 +760,6 @@ def build_studio(
                 with gr.Row():
                     width = gr.Slider(value=d.width, label="Width", **side)
                     height = gr.Slider(value=d.height, label="Height", **side)
-                with gr.Row():
-                    compare_button = gr.Button("Compare", variant="primary", scale=2)
-                    cancel = gr.Button("Cancel", variant="stop", scale=1)
-                with gr.Row():
-                    generate_button = gr.Button("Generate one image", size="sm")
-                    sweep_button = gr.Button("Sweep strengths", size="sm")
-                    grid_button = gr.Button("Grid", size="sm")
                 with gr.Accordion("Sweep and grid axes", open=False):
                     strengths = gr.Textbox(
                         DEFAULT_SWEEP, label="Sweep strengths", info=f"up to {MAX_SWEEP_IMAGES}, between 0 and 2"
@@ -775,6 +775,7 @@ def build_studio(
                                                     info="each multiplies every LoRA's strength")  # fmt: skip
                         grid_seeds = gr.Textbox("0, 1", label="Grid seeds", info=f"up to {MAX_GRID_SEEDS}")
                     grid_prompts = gr.Textbox(label="Grid prompts", lines=2, info="one per line; empty: the prompt")
+                gr.Examples(examples=[[p] for p in EXAMPLES], inputs=[prompt], label="Examples")
                 png_drop = gr.File(label="Settings from a PNG (fluxdemo's, or one with A1111 parameters)",
                                    file_types=[".png"], height=90)  # fmt: skip
                 with gr.Accordion("Advanced", open=False):
@@ -863,11 +864,14 @@ def build_studio(
         ]  # fmt: skip
         jobs = []
         for triggers, fn, inputs, outputs, name in specs:
-            gr.on(triggers, lambda tab=("single" if name == "generate" else name): busy(tab), None, busy_outputs,
-                  **cheap)  # fmt: skip
-            job = gr.on(triggers, fn, [*inputs, history], [*outputs, info, last_run, history], api_name=name,
-                        **gpu_event)  # fmt: skip
+            # busy first, then the job: in parallel, a job refused at once could finish before busy() and leave
+            # the buttons off
+            started = gr.on(triggers, lambda tab=("single" if name == "generate" else name): busy(tab), None,
+                            busy_outputs, **cheap)  # fmt: skip
+            job = started.then(fn, [*inputs, history], [*outputs, info, last_run, history], api_name=name,
+                               **gpu_event)  # fmt: skip
             job.then(lambda: busy(None), None, busy_outputs, **cheap)
+            job.failure(lambda: busy(None), None, busy_outputs, **cheap)  # gradio 6.31's page skips .then on errors
             job.success(show_run, [info, last_run, history], [downloads, chart, run_md, tabs, strip, pick_a, pick_b],
                         api_visibility="private").then(
                 lambda run: (run.get("shown"), ""), last_run, [shown, note], **cheap)  # fmt: skip

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The README's screenshot is refreshed only on request (FLUXDEMO_SCREENSHOT=docs/screenshot.png), so a test run
 # never leaves the checkout modified.
 SCREENSHOT_ENV = "FLUXDEMO_SCREENSHOT"
+AB_SCREENSHOT_ENV = "FLUXDEMO_AB_SCREENSHOT"  # docs/ab-compare.png: two results of a session on the slider
 START_BUDGET_S = 15  # the issue's acceptance: a working page within 15 s of start
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
@@ -88,10 +89,87 @@ def test_compare_in_a_real_browser(served, tmp_path):
         loaded = page.wait_for_function(SLIDER_IMAGES, timeout=60_000).json_value()
         assert sorted(loaded) == [["baseline.png", 256, 256], ["lora.png", 256, 256]]
         expect(page.get_by_role("row", name=re.compile(r"^side_by_side\.png"))).to_be_visible()  # the downloads
-        expect(page.get_by_text("Seed 0")).to_be_visible()  # the run panel
+        expect(page.get_by_text("Seed 0", exact=True)).to_be_visible()  # the run panel
         page.wait_for_timeout(500)  # the stage chart draws after its data arrives
         screenshot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "screenshot.png")
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=screenshot, full_page=True)
         assert screenshot.stat().st_size > 10_000
+        browser.close()
+
+
+def slider_sources(page) -> list[str]:
+    return page.locator("img[src$='.png']").evaluate_all(
+        "images => images.filter(i => i.closest('.image-slider, [class*=slider]') && i.complete && i.naturalWidth)"
+        ".map(i => i.src)"
+    )
+
+
+def test_history_ab_errors_cancel_and_progress_in_a_real_browser(served, tmp_path):
+    """Three runs, then run 1's LoRA image against run 3's on the slider; an error and a Cancel leave that on screen;
+    Sweep and Grid show their progress in view, at 1280x800, without scrolling."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("chromium is not installed: as root run `apt-get install -y chromium` (CI does this).")
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = served
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(url)
+        page.get_by_label("Prompt").fill("a lighthouse on a rocky island")
+        compare = page.get_by_role("button", name="Compare", exact=True)
+        for seed in (0, 1, 2):
+            page.get_by_label("Seed").fill(str(seed))
+            compare.click()
+            page.get_by_text(f"Seed {seed}", exact=True).wait_for(timeout=60_000)
+        # Run 1 made #1 (baseline) and #2 (LoRA); run 3 made #5 and #6, which the slider shows now.
+        page.get_by_label("Left (A)").click()
+        page.get_by_role("option", name=re.compile(r"^#2 · run 1 ")).click()
+        label = re.compile(r"left #2: \S+ · right #6: \S+ — seed: 0 → 2$")
+        expect(page.get_by_text(label)).to_be_visible()
+        page.get_by_label("Show where they differ").check()
+        expect(page.get_by_text("Where #2 and #6 differ (brighter: more)")).to_be_visible()
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(500)
+        shot = Path(os.environ.get(AB_SCREENSHOT_ENV) or tmp_path / "ab.png")
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=shot, full_page=True)
+        assert shot.stat().st_size > 10_000
+        shown = page.get_by_text(label)
+
+        # An error: the sentence appears, and the pair on screen stays.
+        lora = page.get_by_label("LoRA", exact=True)
+        chosen = lora.input_value()
+        lora.fill("no-such-lora.safetensors")
+        lora.press("Enter")
+        compare.click()
+        expect(page.get_by_text(re.compile("No LoRA named 'no-such-lora.safetensors'"))).to_be_visible(timeout=30_000)
+        expect(shown).to_be_visible()
+        lora.fill(chosen)
+        lora.press("Enter")
+
+        # Cancel mid-run: the buttons say a job runs, and afterwards the pair on screen is still there.
+        steps = page.get_by_label("number input for Steps")
+        steps.fill("100")
+        steps.press("Tab")
+        expect(page.get_by_text(re.compile("The result on screen belongs to other settings"))).to_be_visible()
+        compare.click()
+        expect(compare).to_be_disabled()
+        progress = page.get_by_text(re.compile(r"image \d+ of 2 · \S+ · step \d+/100"))
+        expect(progress.first).to_be_in_viewport(timeout=30_000)
+        page.get_by_role("button", name="Cancel").click()
+        expect(compare).to_be_enabled(timeout=30_000)
+        expect(shown).to_be_visible()
+
+        # Sweep and Grid: progress where the user is looking, the page not scrolled by the test.
+        for button, total in (("Sweep strengths", 6), ("Grid", 6)):
+            page.evaluate("window.scrollTo(0, 0)")
+            page.get_by_role("button", name=button, exact=True).click()
+            progress = page.get_by_text(re.compile(rf"image \d+ of {total} · .* · step \d+/100"))
+            expect(progress.first).to_be_in_viewport(timeout=30_000)
+            assert page.evaluate("window.scrollY") == 0
+            page.get_by_role("button", name="Cancel").click()
+            expect(compare).to_be_enabled(timeout=30_000)
         browser.close()

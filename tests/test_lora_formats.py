@@ -659,3 +659,20 @@ def test_full_delta_on_a_norm_is_refused_with_the_reason(tmp_path):
     report = inspect_lora(lf.save(tmp_path / "norm.safetensors", t), TINY, clip_config=CLIP)
     assert not report.compatible
     assert "would have to change the base weights, which this app never does (1 module)" in report.problems[-1]
+
+
+def test_simpletuner_full_factor_16_lokr_at_real_width(tmp_path):
+    """SimpleTuner's documented FLUX LoKr (lycoris_ names, full w1 and w2, factor 16) and the same in kohya naming on a
+    fused real-width qkv: kept as the file's own factors (16x16 and 192x192 / 576x192), exact per part."""
+    g, d = torch.Generator().manual_seed(3), WIDE.inner
+    q, qkv = lf.lokr((d, d), (16, 16), None, None, g), lf.lokr((3 * d, d), (16, 16), None, None, g)
+    tensors = {f"lycoris_transformer_blocks_0_attn_to_q.{r}": v for r, v in q.items()}
+    tensors |= {f"lora_unet_double_blocks_0_txt_attn_qkv.{r}": v for r, v in qkv.items()}
+    converted = to_diffusers(lf.save(tmp_path / "st.safetensors", tensors), WIDE, CLIP)
+    parts = {f"transformer.{p.module}": p for p in converted.factored["transformer"]}
+    assert {tuple(t.shape) for p in parts.values() for t in p.tensors.values()} == {(16, 16), (192, 192), (576, 192)}
+    want = {"transformer.transformer_blocks.0.attn.to_q": lf.lokr_delta(q, None)}
+    want |= lf.split_delta("double_blocks.0.txt_attn.qkv", lf.lokr_delta(qkv, None), WIDE)
+    assert parts.keys() == want.keys()
+    for module, delta in want.items():
+        assert lf.relative_error(dense(parts[module]), delta) < 1e-6, module

@@ -18,6 +18,7 @@ from fluxdemo import spaces_gpu
 from fluxdemo.cli import add_model_flags, manager_from_args
 from fluxdemo.config import DEFAULT_PRESET
 from fluxdemo.errors import FluxdemoError
+from fluxdemo.experiments import DEFAULT_CACHE_IMAGES
 from fluxdemo.limits import DEFAULT_MAX_JOBS_PER_CLIENT, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_WORK, Limits
 from fluxdemo.manager import STRATEGIES
 from fluxdemo.studio import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_QUEUE_SIZE, build_studio
@@ -29,7 +30,8 @@ LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 EPILOG = """\
 environment (flags win): FLUXDEMO_MODEL, FLUXDEMO_LORA_DIR, FLUXDEMO_STRATEGY, FLUXDEMO_AUTH=user:pass,
 FLUXDEMO_QUEUE_SIZE, FLUXDEMO_MAX_UPLOAD_MB, FLUXDEMO_MAX_PROMPT_CHARS, FLUXDEMO_MAX_WORK,
-FLUXDEMO_MAX_JOBS_PER_CLIENT, GRADIO_SERVER_NAME, GRADIO_SERVER_PORT; HF_TOKEN for the gated FLUX.1-dev files.
+FLUXDEMO_MAX_JOBS_PER_CLIENT, FLUXDEMO_CACHE_IMAGES, GRADIO_SERVER_NAME, GRADIO_SERVER_PORT; HF_TOKEN for the
+gated FLUX.1-dev files.
 --model tiny runs fully offline on random weights built locally.
 """
 
@@ -89,6 +91,13 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
         default=env.get("FLUXDEMO_MAX_JOBS_PER_CLIENT", str(DEFAULT_MAX_JOBS_PER_CLIENT)),
         help="model jobs one client may have queued or running (default: %(default)s)",
     )
+    g.add_argument(
+        "--cache-images",
+        type=int,
+        default=env.get("FLUXDEMO_CACHE_IMAGES", str(DEFAULT_CACHE_IMAGES)),
+        help="images the results cache keeps in RAM so that a run reuses what an earlier one made, e.g. the baseline "
+        "of a compare that changed only the strength; 0 turns it off (default: %(default)s)",
+    )
     # Parser-level defaults override add_model_flags' own, so a Space can choose the model, folder and strategy by
     # variable; the strategy is global, so it is the operator's, never a visitor's.
     parser.set_defaults(
@@ -119,6 +128,10 @@ def check_flags(args: argparse.Namespace) -> Limits:
     if args.strategy not in ("auto", *STRATEGIES):
         choices = ", ".join(("auto", *STRATEGIES))
         raise FluxdemoError(f"--strategy (or FLUXDEMO_STRATEGY) must be one of {choices}, but is {args.strategy!r}.")
+    if args.cache_images < 0:
+        raise FluxdemoError(
+            f"--cache-images (or FLUXDEMO_CACHE_IMAGES) must be 0 or more, but is {args.cache_images}."
+        )
     return Limits(
         max_prompt_chars=args.max_prompt_chars, max_work=args.max_work, max_jobs_per_client=args.max_jobs_per_client
     )
@@ -176,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         queue_size=args.queue_size,
         limits=limits,
         public=is_public(args),
+        cache_images=args.cache_images,
     )
     demo.launch(**launch_options(args, auth))
     return 0

@@ -634,6 +634,7 @@ def test_a_public_app_shows_no_facts_about_its_host(app_manager) -> None:
         (("--auth", " : "), {}, "--auth (or FLUXDEMO_AUTH) must be USER:PASS, both parts non-empty, e.g. me:s3cret."),
         (("--max-work", "nan"), {}, "--max-work must be a finite number > 0, but is nan."),
         ((), {"FLUXDEMO_MAX_JOBS_PER_CLIENT": "0"}, "--max-jobs-per-client must be a whole number >= 1, but is 0."),
+        (("--cache-images", "-1"), {}, "--cache-images (or FLUXDEMO_CACHE_IMAGES) must be 0 or more, but is -1."),
         (
             (),
             {"FLUXDEMO_STRATEGY": "fast"},

@@ -90,3 +90,18 @@ def test_lokr_and_loha_factored(tiny_kit, folder, strength):
     folder.mkdir()
     lf.save(folder / "lycoris.safetensors", tensors)
     assert_picture_is_the_hand_merge(tiny_kit, folder, "lycoris.safetensors", want, strength)
+
+
+def test_a_clip_only_lokr_changes_the_picture_and_is_off_at_zero(tiny_kit, folder):
+    """A LoKr on CLIP-L alone: no transformer keys, so a zero anchor pair registers the adapter; the text encoder
+    is adapted (the prompt encoded again) and strength 0 gives the base picture bit for bit."""
+    kind = lf.lokr((32, 32), (4, 4), None, None, torch.Generator().manual_seed(0))
+    folder.mkdir()
+    prefix = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    lf.save(folder / "clip.safetensors", {f"{prefix}.{r}": v * 3 for r, v in kind.items()})
+    manager = ModelManager(get_preset("tiny", use_env=False), device="cpu", lora_dir=folder)
+    base = pixels(generate(manager, OPTS).images["baseline"])
+    adapted = generate(manager, OPTS, "clip.safetensors", 1.0)
+    assert adapted.report["text_encoder_lora"] is True
+    assert np.abs(pixels(adapted.images["lora"]) - base).mean() > 1.0
+    assert np.array_equal(pixels(generate(manager, OPTS, "clip.safetensors", 0.0).images["lora"]), base)

@@ -39,7 +39,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tiny_kit, tmp_path_factory):
-    """The app in its own process on a free port: (url, seconds until the page answered)."""
+    """The app in its own process on a free port: (url, seconds until the page answered, its log file)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     log = (tmp_path_factory.mktemp("app") / "app.log").open("w")
@@ -57,7 +57,7 @@ def served(tiny_kit, tmp_path_factory):
                 assert app.poll() is None, f"app.py exited with {app.returncode}; see {log.name}"
                 assert time.monotonic() - start < 60, f"app.py did not answer within 60 s; see {log.name}"
                 time.sleep(0.1)
-        yield url, time.monotonic() - start
+        yield url, time.monotonic() - start, Path(log.name)
     finally:
         app.terminate()
         app.wait(timeout=30)
@@ -65,7 +65,7 @@ def served(tiny_kit, tmp_path_factory):
 
 
 def test_page_is_up_within_the_start_budget(served):
-    _, seconds = served
+    _, seconds, _ = served
     assert seconds < START_BUDGET_S, f"the page answered after {seconds:.1f} s"
 
 
@@ -75,7 +75,7 @@ def test_compare_in_a_real_browser(served, tmp_path):
         pytest.fail("chromium is not installed: as root run `apt-get install -y chromium` (CI does this).")
     from playwright.sync_api import expect, sync_playwright
 
-    url, _ = served
+    url, _, _ = served
     with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
             tmp_path / "profile", executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
@@ -98,11 +98,15 @@ def test_compare_in_a_real_browser(served, tmp_path):
         browser.close()
 
 
-def slider_sources(page) -> list[str]:
-    return page.locator("img[src$='.png']").evaluate_all(
-        "images => images.filter(i => i.closest('.image-slider, [class*=slider]') && i.complete && i.naturalWidth)"
-        ".map(i => i.src)"
-    )
+def wait_for_line(log: Path, pattern: re.Pattern, timeout: float = 30.0) -> str:
+    """The first line of the app's log that matches, waiting for it to be written."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [line for line in log.read_text().splitlines() if pattern.search(line)]
+        if found:
+            return found[-1]
+        time.sleep(0.1)
+    raise AssertionError(f"no line matching {pattern.pattern!r} in {log} within {timeout} s")
 
 
 def test_history_ab_errors_cancel_and_progress_in_a_real_browser(served, tmp_path):
@@ -113,7 +117,7 @@ def test_history_ab_errors_cancel_and_progress_in_a_real_browser(served, tmp_pat
         pytest.fail("chromium is not installed: as root run `apt-get install -y chromium` (CI does this).")
     from playwright.sync_api import expect, sync_playwright
 
-    url, _ = served
+    url, _, log = served
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
@@ -151,25 +155,31 @@ def test_history_ab_errors_cancel_and_progress_in_a_real_browser(served, tmp_pat
         lora.press("Enter")
 
         # Cancel mid-run: the buttons say a job runs, and afterwards the pair on screen is still there.
-        steps = page.get_by_label("number input for Steps")
-        steps.fill("100")
-        steps.press("Tab")
+        # 100 steps at 768x768: long enough on any machine for the Cancel to land mid-run
+        for name, value in (("Steps", "100"), ("Width", "768"), ("Height", "768")):
+            field = page.get_by_label(f"number input for {name}")
+            field.fill(value)
+            field.press("Tab")
         expect(page.get_by_text(re.compile("The result on screen belongs to other settings"))).to_be_visible()
         compare.click()
         expect(compare).to_be_disabled()
         progress = page.get_by_text(re.compile(r"image \d+ of 2 · \S+ · step \d+/100"))
         expect(progress.first).to_be_in_viewport(timeout=30_000)
         page.get_by_role("button", name="Cancel").click()
+        wait_for_line(log, re.compile(r"Cancelled during the \w+ image, after step \d+ of 100\."))  # the work stopped
         expect(compare).to_be_enabled(timeout=30_000)
         expect(shown).to_be_visible()
 
         # Sweep and Grid: progress where the user is looking, the page not scrolled by the test.
-        for button, total in (("Sweep strengths", 6), ("Grid", 6)):
+        for button, total, first in (("Sweep strengths", 6, "strength 0"), ("Grid", 6, "p1 seed 0 row 1 x0")):
             page.evaluate("window.scrollTo(0, 0)")
             page.get_by_role("button", name=button, exact=True).click()
             progress = page.get_by_text(re.compile(rf"image \d+ of {total} · .* · step \d+/100"))
             expect(progress.first).to_be_in_viewport(timeout=30_000)
             assert page.evaluate("window.scrollY") == 0
             page.get_by_role("button", name="Cancel").click()
+            wait_for_line(log, re.compile(rf"Cancelled during the {first} image, after step \d+ of 100\."))
             expect(compare).to_be_enabled(timeout=30_000)
+        page.get_by_role("tab", name="Compare").click()
+        expect(shown).to_be_visible()  # after an error and three Cancels, run 1 against run 3 is still on the slider
         browser.close()

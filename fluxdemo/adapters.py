@@ -167,10 +167,10 @@ class Adapters:
                     set_adapters_for_text_encoder(names, module, weights)
             self._active[component] = tuple(mine)
 
-    def deactivate(self) -> None:
-        """The base model on every component."""
+    def deactivate(self, components: Sequence[str] = COMPONENTS) -> None:
+        """The base model on the given components (all by default)."""
         if self._loaded:
-            self.activate(())
+            self.activate((), components)
 
     def active(self, component: str = "transformer") -> tuple[tuple[LoadedLora, float], ...]:
         """The (LoRA, strength) pairs active on a component now."""

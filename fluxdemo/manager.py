@@ -156,8 +156,8 @@ class ModelManager:
 
     def _cleanup(self, failed: bool) -> None:
         try:
-            if "transformer" in self._components:  # a dropped transformer took its adapter state with it
-                self.adapters.deactivate()
+            # a dropped transformer took its adapter state with it; CLIP keeps its adapters under every strategy
+            self.adapters.deactivate([c for c in ("transformer", "text_encoder") if c in self._components])
         finally:
             if failed:
                 self._unstick()

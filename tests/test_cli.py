@@ -137,8 +137,8 @@ def test_tiny_into_a_non_empty_folder(tmp_path, fluxdemo_cache):
 def test_unknown_lora_name(tmp_path, fluxdemo_cache, tiny_kit):
     done = run("compare", *ARGS, "--lora", "nosuch", "--out", str(tmp_path / "out"), cache=fluxdemo_cache)
     assert user_error(done) == (
-        "error: The LoRA stack nosuch:1 was not applied: No LoRA named 'nosuch.safetensors' in the LoRA folder "
-        "'loras'; available: comfy.safetensors, kohya.safetensors, peft.safetensors, xlabs.safetensors."
+        "error: No LoRA named 'nosuch.safetensors' in the LoRA folder 'loras'; available: comfy.safetensors, "
+        "kohya.safetensors, peft.safetensors, xlabs.safetensors."
     )
     assert not (tmp_path / "out").exists()
 

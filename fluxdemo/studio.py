@@ -670,6 +670,25 @@ class Studio:
         return path.name
 
     @for_people
+    def hub_lora(self, ref: str | None) -> str:
+        """A LoRA from the Hugging Face Hub (user/repo, user/repo/file.safetensors, @revision, or its URL): found,
+        size-checked, downloaded into the Hub cache and inspected -> the name that picks it."""
+        ref = (ref or "").strip()
+        if not ref:
+            raise gr.Error("Type a Hub repo id such as user/repo (or user/repo/file.safetensors), or its URL.",
+                           print_exception=False)  # fmt: skip
+        entry = self.library.get(ref)
+        gr.Info(f"{ref}: a {entry.report.format} LoRA, ready to pick.")
+        return ref
+
+    def pick(self, name: str, first: str | None, *others: str | None) -> list:
+        """The pickers after an upload or a Hub download: the folder listed again, the new LoRA in the first one."""
+        pickers = self.refresh_pickers(first, *others)
+        names = self.lora_choices()["choices"]
+        pickers[0] = gr.Dropdown(choices=names if name in names else [*names, name], value=name)
+        return pickers
+
+    @for_people
     def inspect_lora(self, lora: str | None) -> dict:
         """The LoRA report (format, rank, alpha, targets, trigger words, problems, ...) of a name in the folder."""
         if not lora:
@@ -750,6 +769,11 @@ def build_studio(
                     add_lora = gr.Button("+ Stack another LoRA", size="sm")
                     refresh = gr.Button("Refresh the LoRA folder", size="sm")
                     upload = gr.UploadButton("Upload a .safetensors LoRA", file_types=[".safetensors"], size="sm")
+                with gr.Row(equal_height=True):
+                    hub_ref = gr.Textbox(placeholder="user/repo, user/repo/file.safetensors@revision, or its URL",
+                                         show_label=False, scale=3, max_lines=1)  # fmt: skip
+                    hub_button = gr.Button("Use a LoRA from the Hub", size="sm", scale=2)
+                picked = gr.Textbox(visible=False)  # an upload's or download's result; its errors show as toasts
                 with gr.Row(equal_height=False):
                     seed = gr.Number(d.seed, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=3)
                     dice = gr.Button("Random seed", scale=1, size="sm")
@@ -912,14 +936,29 @@ def build_studio(
 
         # -- the LoRA folder and card -------------------------------------------------------------------------------
         inspect = dict(fn=studio.inspect_lora, inputs=lora, outputs=report_json)
-        shown_card = [lora.change(**inspect, api_name="inspect_lora", queue=False),
+        shown_card = [lora.change(**inspect, api_name="inspect_lora", concurrency_limit=4, concurrency_id="files"),
                       demo.load(**inspect, **cheap)]  # fmt: skip
         for event in shown_card:
             event.success(show_card, report_json, [card, trigger], api_visibility="private")
         pickers = [lora, *extra[::2]]
         refresh.click(studio.refresh_pickers, pickers, pickers, **cheap)
-        uploaded = upload.upload(studio.upload_lora, upload, lora, api_name="upload_lora", queue=False)
-        uploaded.success(studio.refresh_pickers, pickers, pickers, **cheap)
+        # The list is current on every page load; an upload or a Hub download that fails leaves the pickers alone.
+        demo.load(studio.refresh_pickers, pickers, pickers, **cheap)
+        # Queued (in a group of its own, which the admission bounds apart from the model's): gradio's page shows the
+        # errors of queued events only, and an upload's sentence must reach the person who sent the file.
+        uploaded = upload.upload(studio.upload_lora, upload, picked, api_name="upload_lora", concurrency_limit=4,
+                                 concurrency_id="files")  # fmt: skip
+        fetched = gr.on(
+            [hub_button.click, hub_ref.submit],
+            studio.hub_lora,
+            hub_ref,
+            picked,
+            api_name="hub_lora",
+            concurrency_limit=1,
+            concurrency_id="hub",
+        )  # a download: queued, but never behind the GPU
+        for event in (uploaded, fetched):
+            event.success(studio.pick, [picked, *pickers], pickers, **cheap)
         trigger.click(insert_trigger_words, [prompt, report_json], prompt, api_visibility="private")
         dice.click(random_seed, None, seed, api_visibility="private")
         size_preset.input(size_of, size_preset, [width, height], api_visibility="private")

@@ -42,11 +42,13 @@ def served(tiny_kit, tmp_path_factory):
     """The app in its own process on a free port: (url, seconds until the page answered, its log file)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    log = (tmp_path_factory.mktemp("app") / "app.log").open("w")
+    folder = tmp_path_factory.mktemp("app")
+    log = (folder / "app.log").open("w")
+    shutil.copytree(tiny_kit / "loras", folder / "loras")  # uploads land in a copy, never in the shared kit
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}  # FLUXDEMO_CACHE: conftest's
     start = time.monotonic()
-    app = subprocess.Popen([sys.executable, "app.py", "--model", "tiny", "--port", str(port)], cwd=ROOT, env=env,
-                           stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    command = [sys.executable, "app.py", "--model", "tiny", "--port", str(port), "--lora-dir", str(folder / "loras")]
+    app = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         while True:
             try:
@@ -182,4 +184,41 @@ def test_history_ab_errors_cancel_and_progress_in_a_real_browser(served, tmp_pat
             expect(compare).to_be_enabled(timeout=30_000)
         page.get_by_role("tab", name="Compare").click()
         expect(shown).to_be_visible()  # after an error and three Cancels, run 1 against run 3 is still on the slider
+        browser.close()
+
+
+def test_uploads_keep_the_picker_and_the_list_is_current_in_a_real_browser(served, tmp_path, tiny_kit):
+    """A file that is not safetensors: its sentence, and the LoRA picker as it was. A good upload: picked, and listed
+    again after a reload of the page."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("chromium is not installed: as root run `apt-get install -y chromium` (CI does this).")
+    from playwright.sync_api import expect, sync_playwright
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "notes.safetensors"
+    bad.write_text("trigger: ohwx, trained on my dog")
+    good = tmp_path / "my_style.safetensors"
+    save_file(load_file(tiny_kit / "loras" / "peft.safetensors"), good, metadata={"ss_output_name": "my style"})
+    url, _, _ = served
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(url)
+        lora = page.get_by_label("LoRA", exact=True)
+        before = lora.input_value()
+        assert before.endswith(".safetensors")
+        for file in (bad, good):
+            with page.expect_file_chooser() as chooser:
+                page.get_by_role("button", name="Upload a .safetensors LoRA").click()
+            chooser.value.set_files(file)
+            if file is bad:
+                expect(page.get_by_text("not a safetensors file at all").first).to_be_visible(timeout=30_000)
+                expect(lora).to_have_value(before)
+                expect(lora).to_be_enabled()
+        expect(lora).to_have_value("my_style.safetensors", timeout=30_000)
+        page.reload()
+        lora = page.get_by_label("LoRA", exact=True)
+        lora.click()
+        expect(page.get_by_role("option", name="my_style.safetensors")).to_be_visible()
         browser.close()

@@ -177,3 +177,33 @@ def test_a_hub_lora_applies_like_the_same_file_in_the_folder(fake, tmp_path, tin
     hub = generate(manager, options, "bob/style-lora", 0.5)
     assert hub.images["lora"].tobytes() == local.tobytes()
     assert generate(manager, options).images["baseline"].tobytes() != local.tobytes()
+
+
+def test_the_studio_takes_a_lora_from_the_hub(fake, tmp_path, tiny_kit):
+    """The studio's Hub box (its /hub_lora endpoint): a repo id gives a LoRA to pick, compare with and stack; a repo
+    without a LoRA gives its sentence."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from fluxdemo.config import get_preset
+    from fluxdemo.manager import ModelManager
+    from fluxdemo.studio import build_studio
+
+    (tmp_path / "loras").mkdir()
+    manager = ModelManager(get_preset("tiny", use_env=False), device="cpu", lora_dir=tmp_path / "loras")
+    manager.adapters.library.hub_endpoint, manager.adapters.library.hub_cache = fake.endpoint, tmp_path / "hf"
+    demo = build_studio(manager)
+    demo.launch(prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        assert client.predict("https://huggingface.co/bob/style-lora", api_name="/hub_lora") == (
+            "https://huggingface.co/bob/style-lora"
+        )
+        assert client.predict("bob/style-lora", api_name="/inspect_lora")["trigger_words"] == ["zkz style"]
+        with pytest.raises(AppError, match=r"bob/a-model has no LoRA: none of its .safetensors files"):
+            client.predict("bob/a-model", api_name="/hub_lora")
+        _, report = client.predict("a zkz fox", "bob/style-lora:0.5", 1.0, 2, 2, 3.5, 32, 32, api_name="/compare")
+        assert report["images"]["lora"]["loras"][0]["name"] == "bob/style-lora"
+        assert report["images"]["lora"]["loras"][0]["strength"] == 0.5
+    finally:
+        demo.close()

@@ -65,6 +65,9 @@ def _add_image_flags(p: argparse.ArgumentParser, *, lora_required: bool, grid: b
                        help="one grid row: a LoRA name or file, NAME:STRENGTH, or a stack such as a:0.8+b:0.5; "
                             "repeat it for more rows")  # fmt: skip
         g.add_argument("--seeds", type=_numbers(int), default=[0], help="comma-separated seeds, one grid each")
+        g.add_argument("--batch", type=int, default=1,
+                       help="cells of one row and column (other seeds or prompts) denoised together, up to this many: "
+                            "about 2x faster on a CPU, within 1/255 of one at a time (default 1: exact)")  # fmt: skip
         g.add_argument(
             "--strengths",
             type=_numbers(float),
@@ -283,7 +286,7 @@ def cmd_grid(args) -> int:
     manager, stacks = manager_from_args(args)
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise OptionsError(f"{args.out} is not empty; choose another --out or pass --overwrite.")
-    result = grid(manager, _options(args), args.prompt, args.seeds, stacks, args.strengths)
+    result = grid(manager, _options(args), args.prompt, args.seeds, stacks, args.strengths, batch=args.batch)
     args.out.mkdir(parents=True, exist_ok=True)
     prompts = result.report["grid"]["prompts"]
     for cell in result.report["cells"]:

@@ -74,12 +74,13 @@ def sweep(
 def grid(
     manager: ModelManager, options: GenerateOptions, prompts: Sequence[str], seeds: Sequence[int],
     rows: Sequence[LoraArg], strengths: Sequence[float], controls: Controls = Controls(),
-    cache: ResultsCache | None = None,
+    cache: ResultsCache | None = None, batch: int = 1,
 ) -> Result:  # fmt: skip
     """Forge's X/Y plot for LoRAs: per prompt and seed, one row per LoRA stack and one column per strength (which
     multiplies each LoRA's own). Images are keyed by their cell's label; report["cells"] lists every cell as
     {prompt, seed, loras: [{name, strength}], strength, row, column, label}. Cells at strength 0 are the baseline,
-    made once per prompt and seed."""
+    made once per prompt and seed. batch > 1 sends the cells of one row and column (their seeds and prompts) through
+    the transformer together (see experiments.run)."""
     prompts, seeds = list(dict.fromkeys(prompts)), list(dict.fromkeys(seeds))
     strengths = list(dict.fromkeys(strengths))
     stacks = [as_stack(row) for row in rows]
@@ -104,7 +105,7 @@ def grid(
                     cells.append({"prompt": prompt, "seed": seed, "strength": strength, "row": r, "column": c,
                                   "loras": [{"name": x.name, "strength": x.strength} for x in cell_stack],
                                   "label": label})  # fmt: skip
-    result = run(manager, specs, controls, cache)
+    result = run(manager, specs, controls, cache, batch)
     result.report["cells"] = cells
     result.report["grid"] = {"prompts": prompts, "seeds": seeds, "rows": [stack_label(s) for s in stacks],
                              "strengths": strengths}  # fmt: skip

@@ -162,13 +162,19 @@ def latent_preview(packed: torch.Tensor, width: int, height: int) -> Image.Image
 def denoise(
     manager: ModelManager,
     transformer: torch.nn.Module,
-    embeddings: Embeddings,
-    noise: torch.Tensor,
+    embeddings: Embeddings | list[Embeddings],
+    noise: torch.Tensor | list[torch.Tensor],
     options: GenerateOptions,
     label: str,
     controls: Controls,
 ) -> torch.Tensor:
-    """The flow-matching loop for one image, with the transformer already on the device. Returns packed latents."""
+    """The flow-matching loop, with the transformer already on the device. Returns packed latents: for one image, or
+    for a batch (lists of embeddings and noises, one per image, that share options but for prompt and seed) in one
+    pass through the transformer per step, batch first."""
+    if isinstance(embeddings, list):  # a batch: one transformer pass per step for all of its images
+        embeddings = Embeddings(torch.cat([e.prompt_embeds for e in embeddings]),
+                                torch.cat([e.pooled for e in embeddings]), 0)  # fmt: skip
+        noise = torch.cat(noise)
     view = pipeline_view(manager, scheduler=manager.scheduler(), transformer=transformer)
     view.set_progress_bar_config(disable=True)  # our timeline logs each step, with its seconds
     last = time.perf_counter()

@@ -239,3 +239,21 @@ def test_previews_come_every_few_steps_at_an_eighth_of_the_size(manager):
                         preview_every=2)  # fmt: skip
     sweep(manager, options, "peft.safetensors", [0.5, 1.0], controls)
     assert previews == [(f"strength {s}", step, (8, 6)) for s in ("0.5", "1") for step in (2, 4)]
+
+
+def test_a_batched_grid_is_within_one_level_of_one_cell_at_a_time(manager):
+    """Seeds of one row and column share a transformer pass; each cell stays within 1/255 of its own generate, the
+    report says so in the timeline, and the strength-0 column is the baseline within the same bound."""
+    options = GenerateOptions("batched", steps=2, width=32, height=32)
+    seen = []
+    result = grid(manager, options, ["a fox", "a hen"], [1, 2], ["peft.safetensors"], [0, 1],
+                  Controls(on_image=lambda i, n, label: seen.append((i, n))), batch=4)  # fmt: skip
+    assert seen == [(1, 8), (5, 8)]  # two passes of four: the strength-0 cells, then the strength-1 cells
+    assert sum(n.startswith("denoise ") for n in names(result.report)) == 2
+    for cell in result.report["cells"]:
+        one = generate(manager, GenerateOptions(cell["prompt"], seed=cell["seed"], steps=2, width=32, height=32),
+                       [(x["name"], x["strength"]) for x in cell["loras"]])  # fmt: skip
+        worst = np.abs(pixels(result.images[cell["label"]]) - pixels(next(iter(one.images.values())))).max()
+        assert worst <= 1, (cell["label"], worst)
+    with pytest.raises(OptionsError, match=r"`batch` must be a whole number from 1 to 8, but is 9"):
+        grid(manager, options, ["a fox"], [1], ["peft.safetensors"], [1], batch=9)

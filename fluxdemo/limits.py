@@ -122,7 +122,7 @@ def check_request(options, images: int, strengths: Iterable[object] = (), limits
 
 
 # Facts about the machine a public visitor has no business reading (free RAM, free VRAM, the server's RSS).
-_HOST_MEMORY_KEYS = ("plan", "peak_rss_bytes")
+_HOST_MEMORY_KEYS = ("plan", "peak_rss_bytes", "peak_anon_rss_bytes", "peak_file_rss_bytes", "predicted_ram_bytes")
 
 
 def for_visitor(report: dict) -> dict:

@@ -128,8 +128,9 @@ def encode(
     if embeds is None:
         with manager.timeline.stage("encode t5"), manager.on_device("text_encoder_2") as t5:
             view.register_modules(text_encoder_2=t5)
+            # dtype given: diffusers would take it from CLIP, which this view holds only when CLIP ran too
             embeds = view._get_t5_prompt_embeds(prompt, max_sequence_length=max_sequence_length,
-                                                device=manager.device).cpu()  # fmt: skip
+                                                device=manager.device, dtype=manager.dtype).cpu()  # fmt: skip
         manager.embedding_cache.put(t5_key, embeds)
     return Embeddings(embeds, pooled, truncated, reused)
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError, ValidationError
 from PIL import Image
-from safetensors.torch import save_file
+from PIL.PngImagePlugin import PngInfo
+from safetensors.torch import load_file, save_file
 
 from fluxdemo.images import read_params
 from fluxdemo.pipeline import GenerateOptions, compare
@@ -205,3 +208,50 @@ def test_without_paths_keeps_repo_ids_and_numbers():
     assert without_paths(message) == (
         "tokenizer (black-forest-labs/FLUX.1-dev/tokenizer) is not in the cache (.../hub): 3/4 done"
     )
+
+
+def test_a_second_compare_with_a_new_strength_reuses_the_baseline(client, kit_lora):
+    """The studio keeps a results cache: only the LoRA image is denoised again, and the baseline is the same PNG
+    content pixel for pixel."""
+    options = GenerateOptions("a reused baseline", seed=7, steps=3, width=48, height=32)
+    (first_base, _), _ = client.predict(*api_args(options, kit_lora, 1.0), api_name="/compare")
+    (second_base, second_lora), report = client.predict(*api_args(options, kit_lora, 0.5), api_name="/compare")
+    assert report["reused"] == ["encode", "baseline"]
+    names = [s["name"] for s in report["timeline"]]
+    assert "baseline (cached)" in names and not any(n.startswith("baseline step") for n in names)
+    assert sum(n.startswith("lora step") for n in names) == 3
+    assert np.array_equal(pixels(first_base), pixels(second_base))
+    assert read_params(second_lora).loras == ((kit_lora, report["loras"][0]["sha256"], 0.5),)
+
+
+def test_settings_come_back_from_a_png(manager, tmp_path, kit_lora):
+    """A PNG the studio made, and one with only A1111 parameters, set every control they name."""
+    from fluxdemo.images import params_from_report, save_png
+    from fluxdemo.studio import Studio
+
+    studio = Studio(manager)
+    result = compare(manager, GenerateOptions("a cat", seed=11, steps=2, width=32, height=48), kit_lora, 0.7)
+    png = save_png(result.images["lora"], params_from_report(result.report, "lora"), tmp_path / "lora.png")
+    values = studio.settings_from_png(str(png))
+    assert values == ("a cat", 11, 2, 3.5, 32, 48, kit_lora, 0.7, *("", 1.0) * 3)
+    info = PngInfo()
+    info.add_text("parameters", "a fox <lora:peft:0.8> <lora:kohya:0.4>\nNegative prompt: blur\nSteps: 20, Sampler: "
+                                "Euler, Distilled CFG Scale: 3, Seed: 5, Size: 512x768, Model: flux1-dev")  # fmt: skip
+    Image.new("RGB", (8, 8)).save(tmp_path / "forge.png", pnginfo=info)
+    values = studio.settings_from_png(str(tmp_path / "forge.png"))
+    assert values == ("a fox", 5, 20, 3.0, 512, 768, "peft.safetensors", 0.8, "kohya.safetensors", 0.4,
+                      *("", 1.0) * 2)  # fmt: skip
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    with pytest.raises(gr.Error, match=r"plain.png carries no fluxdemo parameters .* and no A1111 `parameters`"):
+        studio.settings_from_png(str(tmp_path / "plain.png"))
+
+
+def test_a_huge_trigger_phrase_reaches_a_visitor_as_a_small_report(client, app, tmp_path):
+    """A 150,000-word trigger phrase (1.8 MB of metadata) in the folder: a visitor's /inspect_lora answer stays under
+    100 kB."""
+    phrase = ", ".join(f"word{i}" for i in range(150_000))
+    save_file(load_file(app[1] / "peft.safetensors"), app[1] / "wordy.safetensors",
+              metadata={"modelspec.trigger_phrase": phrase})  # fmt: skip
+    report = client.predict("wordy.safetensors", api_name="/inspect_lora")
+    assert len(json.dumps(report)) < 100_000
+    assert report["trigger_words"][:2] == ["word0", "word1"]

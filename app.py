@@ -18,7 +18,7 @@ from fluxdemo import spaces_gpu
 from fluxdemo.cli import add_model_flags, manager_from_args
 from fluxdemo.config import DEFAULT_PRESET
 from fluxdemo.errors import FluxdemoError
-from fluxdemo.experiments import DEFAULT_CACHE_IMAGES
+from fluxdemo.experiments import DEFAULT_CACHE_IMAGES, MAX_BATCH
 from fluxdemo.limits import DEFAULT_MAX_JOBS_PER_CLIENT, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_WORK, Limits
 from fluxdemo.manager import STRATEGIES
 from fluxdemo.studio import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_QUEUE_SIZE, build_studio
@@ -98,6 +98,13 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
         help="images the results cache keeps in RAM so that a run reuses what an earlier one made, e.g. the baseline "
         "of a compare that changed only the strength; 0 turns it off (default: %(default)s)",
     )
+    g.add_argument(
+        "--batch",
+        type=int,
+        default=env.get("FLUXDEMO_BATCH", "1"),
+        help=f"images denoised together in compares, sweeps and grids, 1 to {MAX_BATCH}: faster on a CPU "
+        "(bench/RESULTS.md), within 1/255 of one at a time, more activation memory (default: %(default)s, exact)",
+    )
     # Parser-level defaults override add_model_flags' own, so a Space can choose the model, folder and strategy by
     # variable; the strategy is global, so it is the operator's, never a visitor's.
     parser.set_defaults(
@@ -132,6 +139,8 @@ def check_flags(args: argparse.Namespace) -> Limits:
         raise FluxdemoError(
             f"--cache-images (or FLUXDEMO_CACHE_IMAGES) must be 0 or more, but is {args.cache_images}."
         )
+    if not 1 <= args.batch <= MAX_BATCH:
+        raise FluxdemoError(f"--batch (or FLUXDEMO_BATCH) must be from 1 to {MAX_BATCH}, but is {args.batch}.")
     return Limits(
         max_prompt_chars=args.max_prompt_chars, max_work=args.max_work, max_jobs_per_client=args.max_jobs_per_client
     )
@@ -190,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         limits=limits,
         public=is_public(args),
         cache_images=args.cache_images,
+        batch=args.batch,
     )
     demo.launch(**launch_options(args, auth))
     return 0

@@ -6,14 +6,14 @@ Issue 9: "Where it pays, cells go through the transformer together as one batch 
 sample); keep batching only if the benchmark shows it faster and the pixels stay within 1/255 of the unbatched run."
 
 Two kinds of batch, each against the same cells made one at a time by fluxdemo.stages.denoise (what
-fluxdemo.experiments does today), from the same prompt embeddings and initial noise, and decoded by the same
+fluxdemo.experiments does with batch=1), from the same prompt embeddings and initial noise, and decoded by the same
 fluxdemo.stages.decode:
 
 * seeds: one stack (LoRA A at 1.0), B seeds in one FluxPipeline call (latents [B, tokens, 64], the embeddings
   repeated B times);
-* adapters: one seed, the base model and LoRAs in one call, each sample with its own PEFT adapter (PEFT's
-  mixed-batch inference: `adapter_names` given to every LoRA layer by a forward pre-hook, "__base__" for the base
-  model): [base, A] is a compare, [base, A, B] a grid column.
+* adapters: one seed, the base model and LoRAs in one call, each sample with its own PEFT adapter
+  (fluxdemo.adapters.Adapters.per_sample, PEFT's mixed-batch inference, which fluxdemo.experiments uses with
+  batch > 1): [base, A] is a compare, [base, A, B] a grid column.
 
 Printed per size and batch: denoising seconds one at a time and batched (medians of --repeat, interleaved),
 batched / one at a time, the largest pixel difference of the decoded images (0-255) and of the latents between
@@ -28,7 +28,7 @@ import logging
 import statistics
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -45,23 +45,6 @@ T5_TOKENS = {"tiny": 64, "tiny-wide": 32}  # as bench/speed.py
 STEPS = {"tiny": 4, "tiny-wide": 2}
 
 
-@contextmanager
-def per_sample_adapters(transformer: torch.nn.Module, names: list[str]):
-    """Every PEFT LoRA layer of the transformer runs sample i with adapter names[i] ("__base__": none)."""
-    from peft.tuners.lora import LoraLayer
-
-    def hook(module, args, kwargs):
-        return args, {**kwargs, "adapter_names": names}
-
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in transformer.modules()
-               if isinstance(m, LoraLayer)]  # fmt: skip
-    try:
-        yield len(handles)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def one_at_a_time(manager, transformer, embeddings, cells, options) -> list[torch.Tensor]:
     """fluxdemo's way: per cell, activate its stack, then denoise it alone. cells: (seed, stack) pairs."""
     latents = []
@@ -72,19 +55,17 @@ def one_at_a_time(manager, transformer, embeddings, cells, options) -> list[torc
     return latents
 
 
-def batched(manager, transformer, embeddings, cells, options, adapter_names=None) -> list[torch.Tensor]:
-    """Every cell in one FluxPipeline call. Same stack for all (adapter_names None: the first cell's stack active),
-    or one adapter per sample (adapter_names, with every adapter active at its strength)."""
+def batched(manager, transformer, embeddings, cells, options, mixed=False) -> list[torch.Tensor]:
+    """Every cell in one FluxPipeline call. Same stack for all (the first cell's stack active), or (mixed) one
+    adapter per sample, as fluxdemo.experiments does (Adapters.per_sample)."""
     n = len(cells)
-    if adapter_names is None:
+    if not mixed:
         manager.adapters.activate(cells[0][1], ("transformer",))
-    else:
-        manager.adapters.activate([pair for _, stack in cells for pair in stack], ("transformer",))
     noise = torch.cat([initial_noise(seed, options.width, options.height) for seed, _ in cells])
     view = pipeline_view(manager, scheduler=manager.scheduler(), transformer=transformer)
     view.set_progress_bar_config(disable=True)
     dtype, device = manager.dtype, manager.device
-    with per_sample_adapters(transformer, adapter_names) if adapter_names else _nothing():
+    with manager.adapters.per_sample([stack for _, stack in cells]) if mixed else nullcontext():
         (latents,) = view(
             prompt_embeds=embeddings.prompt_embeds.repeat(n, 1, 1).to(device, dtype),
             pooled_prompt_embeds=embeddings.pooled.repeat(n, 1).to(device, dtype),
@@ -100,23 +81,18 @@ def batched(manager, transformer, embeddings, cells, options, adapter_names=None
     return [latents[i : i + 1] for i in range(n)]
 
 
-@contextmanager
-def _nothing():
-    yield 0
-
-
 def pixels(image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
-def measure(manager, transformer, embeddings, options, cells, adapter_names, repeat) -> dict:
+def measure(manager, transformer, embeddings, options, cells, mixed, repeat) -> dict:
     alone_s, batch_s = [], []
     for _ in range(repeat):  # interleaved, so a burst of load on the shared machine hits both alike
         start = time.perf_counter()
         alone = one_at_a_time(manager, transformer, embeddings, cells, options)
         alone_s.append(time.perf_counter() - start)
         start = time.perf_counter()
-        together = batched(manager, transformer, embeddings, cells, options, adapter_names)
+        together = batched(manager, transformer, embeddings, cells, options, mixed)
         batch_s.append(time.perf_counter() - start)
     manager.adapters.deactivate()
     images_alone = decode(manager, alone, [options] * len(cells))
@@ -154,13 +130,13 @@ def main() -> None:
                                       height=size, max_sequence_length=T5_TOKENS[args.kind])  # fmt: skip
             embeddings = encode(manager, options.prompt, options.max_sequence_length)
             one_at_a_time(manager, transformer, embeddings, [(1, ())], options)  # warm-up at this size
-            cases = [(f"seeds x{n}, stack {la.name}", [(seed, ((la, 1.0),)) for seed in range(1, n + 1)], None)
+            cases = [(f"seeds x{n}, stack {la.name}", [(seed, ((la, 1.0),)) for seed in range(1, n + 1)], False)
                      for n in args.batch]  # fmt: skip
-            cases.append((f"[base, {la.name}] (compare)", [(1, ()), (1, ((la, 1.0),))], ["__base__", la.adapter]))
+            cases.append((f"[base, {la.name}] (compare)", [(1, ()), (1, ((la, 1.0),))], True))
             cases.append((f"[base, {la.name}, {lb.name}] (grid column)", [(1, ()), (1, ((la, 0.5),)),
-                          (1, ((lb, 0.5),))], ["__base__", la.adapter, lb.adapter]))  # fmt: skip
-            for label, cells, adapter_names in cases:
-                timing = measure(manager, transformer, embeddings, options, cells, adapter_names, args.repeat)
+                          (1, ((lb, 0.5),))], True))  # fmt: skip
+            for label, cells, mixed in cases:
+                timing = measure(manager, transformer, embeddings, options, cells, mixed, args.repeat)
                 row = {"size": size, "steps": options.steps, "case": label, "cells": len(cells), **timing}
                 rows.append(row)
                 print(f"{size:>4}px {label:42} alone {row['alone_s']:7.2f} s  batched {row['batched_s']:7.2f} s  "

@@ -13,13 +13,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 from diffusers.utils.peft_utils import delete_adapter_layers, set_adapter_layers
+from peft.tuners.lora import LoraLayer
 
 from fluxdemo import lycoris
 from fluxdemo.errors import LoraError
@@ -44,6 +46,7 @@ class LoadedLora:
     report: LoraReport
     affects_text_encoder: bool
     seconds: float  # what loading it cost
+    per_sample: bool  # its transformer part is PEFT LoRA layers only (no factored LoKr/LoHa): it can run per sample
 
     def summary(self) -> dict:
         r = self.report
@@ -88,7 +91,7 @@ class Adapters:
                 self._detach(adapter)  # never leave a half-loaded adapter behind
                 raise
             loaded = LoadedLora(entry.name, adapter, entry.sha256, converted.report, bool(converted.text_encoder),
-                                time.perf_counter() - start)  # fmt: skip
+                                time.perf_counter() - start, not converted.factored.get("transformer"))  # fmt: skip
         self._loaded[entry.sha256] = loaded
         spare = {loaded.sha256, *(lora.sha256 for lora in self._loaded.values() if lora.name in set(keep))}
         for sha256, old in list(self._loaded.items()):
@@ -166,6 +169,30 @@ class Adapters:
                 else:
                     set_adapters_for_text_encoder(names, module, weights)
             self._active[component] = tuple(mine)
+
+    @contextmanager
+    def per_sample(self, stacks: Sequence[Stack]) -> Iterator[None]:
+        """Inside, sample i of every transformer pass runs with stacks[i]: the base model or one LoRA at its strength
+        (PEFT's mixed-batch inference: `adapter_names` handed to each LoRA layer; diffusers' transformer does not
+        pass it down, hence the hooks). Each LoRA must be per_sample, at one strength across the stacks."""
+        strengths = {lora.adapter: s for stack in stacks for lora, s in stack}
+        if any(len(stack) > 1 or not lora.per_sample or strengths[lora.adapter] != s
+               for stack in stacks for lora, s in stack):  # fmt: skip
+            raise ValueError(f"Not one plain LoRA per sample at one strength each: {stacks}")
+        self.activate(list({lora.adapter: (lora, s) for stack in stacks for lora, s in stack}.values()),
+                      ("transformer",))  # fmt: skip
+        names = [stack[0][0].adapter if stack else "__base__" for stack in stacks]
+
+        def hand_down(module, args, kwargs):
+            return args, {**kwargs, "adapter_names": names}
+
+        layers = [m for m in self.manager.get("transformer").modules() if isinstance(m, LoraLayer)]
+        handles = [layer.register_forward_pre_hook(hand_down, with_kwargs=True) for layer in layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def deactivate(self, components: Sequence[str] = COMPONENTS) -> None:
         """The base model on the given components (all by default)."""

@@ -14,6 +14,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -182,9 +183,12 @@ def run(
     """Make every image of an experiment; what the cache holds (or another image of the same run) is reused.
     controls.on_image hears when each image to make starts (reused images are not counted).
 
-    batch > 1 sends up to that many images with the same stack, size, steps and guidance (other seeds or prompts)
-    through the transformer together: about 2x faster on a CPU (bench/RESULTS.md), within 1/255 of one at a time
-    but not bit-identical, so batched images are cached apart from unbatched ones."""
+    batch > 1 sends up to that many images of one size, step count and guidance through the transformer together:
+    images with the same stack (other seeds or prompts), and images whose stacks are the base model or one LoRA
+    each, every sample with its own adapter (PEFT's mixed batches; each LoRA at one strength per batch, LoKr/LoHa
+    kept factored only with their own stack). About 1.3-2.6x faster on a CPU (bench/RESULTS.md), within 1/255 of
+    one at a time but not bit-identical, so batched images are cached apart from unbatched ones; the report lists
+    the batches."""
     if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
         raise OptionsError(f"`batch` must be a whole number from 1 to {MAX_BATCH}, but is {batch!r}.")
     specs = [replace(spec, options=spec.options.validate()) for spec in specs]
@@ -219,12 +223,14 @@ def run(
                 timeline.add(f"{spec.label} (cached)", 0.0)
             elif keys[spec.label] not in {keys[t.label] for t in todo}:
                 todo.append(spec)
-        embeddings = _make(manager, todo, resolved, keys, made, controls, batch) if todo else {}
+        passes: list[list[str]] = []
+        embeddings = _make(manager, todo, resolved, keys, made, controls, batch, passes) if todo else {}
         if cache is not None:
             for spec in todo:
                 cache.put(keys[spec.label], made[keys[spec.label]])
         images = {spec.label: made[keys[spec.label]] for spec in specs}
         report = _report(manager, specs, resolved, embeddings, reused, todo, timeline, start)
+        report["batches"] = passes
     return Result(images, report)
 
 
@@ -261,9 +267,10 @@ def _key(identity: tuple, options: GenerateOptions, resolved: _Resolved) -> tupl
     return (identity, *asdict(options).values(), resolved.key())
 
 
-def _make(manager, todo, resolved, keys, made, controls, batch) -> dict[str, Embeddings]:
+def _make(manager, todo, resolved, keys, made, controls, batch, passes) -> dict[str, Embeddings]:
     """Load, encode, denoise and decode the images not reused; each stage under the manager's out-of-memory
-    fallback (freed, one strategy lighter, run again once: a stage's work is all or nothing)."""
+    fallback (freed, one strategy lighter, run again once: a stage's work is all or nothing). `passes` receives the
+    labels of each transformer batch."""
     adapters = manager.adapters
     names = list(dict.fromkeys(entry.name for spec in todo for entry, _ in resolved[spec.stack].active))
     loaded: dict[str, LoadedLora] = {}
@@ -289,16 +296,20 @@ def _make(manager, todo, resolved, keys, made, controls, batch) -> dict[str, Emb
     def denoise_all() -> list[tuple[ImageSpec, torch.Tensor]]:
         made_latents = []
         order = sorted(todo, key=lambda s: [r.key() for r in resolved.values()].index(resolved[s.stack].key()))
+        chunks = _batches(order, resolved, batch, loaded)
+        passes[:] = [[s.label for s in chunk] for chunk in chunks]
         with manager.on_device("transformer") as transformer:
-            for chunk in _batches(order, resolved, batch):
+            for chunk in chunks:
                 first, o = chunk[0], chunk[0].options
-                if adapters.loaded():
+                mixed = len({resolved[s.stack].key() for s in chunk}) > 1
+                if adapters.loaded() and not mixed:
                     adapters.activate(applied(first), ("transformer",))
                 if controls.on_image:
                     controls.on_image(len(made_latents) + 1, len(order), first.label)
                 label = first.label if len(chunk) == 1 else f"{first.label} (+{len(chunk) - 1})"
                 noises = [initial_noise(s.options.seed, o.width, o.height) for s in chunk]
-                with manager.timeline.stage(f"denoise {label}"):
+                per_sample = adapters.per_sample([applied(s) for s in chunk]) if mixed else nullcontext()
+                with manager.timeline.stage(f"denoise {label}"), per_sample:
                     latents = denoise(manager, transformer, [embeddings[s.label] for s in chunk], noises, o, label,
                                       controls)  # fmt: skip
                 made_latents += zip(chunk, latents.split(1), strict=True)
@@ -313,22 +324,36 @@ def _make(manager, todo, resolved, keys, made, controls, batch) -> dict[str, Emb
     return embeddings
 
 
-def _batches(order: list[ImageSpec], resolved: dict, size: int) -> list[list[ImageSpec]]:
-    """Consecutive images that can share a transformer pass (same stack, size, steps, guidance, T5 length), at most
-    `size` together."""
+def _batches(
+    order: list[ImageSpec], resolved: dict, size: int, loaded: dict[str, LoadedLora]
+) -> list[list[ImageSpec]]:
+    """Images that can share a transformer pass, at most `size` together, each put in the first pass it fits."""
     chunks: list[list[ImageSpec]] = []
     for spec in order:
-        last = chunks[-1] if chunks else None
-        if last and len(last) < size and _shape(last[0], resolved) == _shape(spec, resolved):
-            last.append(spec)
-        else:
+        chunk = next((c for c in chunks if len(c) < size and _fits(c, spec, resolved, loaded)), None)
+        if chunk is None:
             chunks.append([spec])
+        else:
+            chunk.append(spec)
     return chunks
 
 
-def _shape(spec: ImageSpec, resolved: dict) -> tuple:
+def _fits(chunk: list[ImageSpec], spec: ImageSpec, resolved: dict, loaded: dict[str, LoadedLora]) -> bool:
+    """Same size, steps, guidance and T5 length, and either one stack for all, or each stack the base model or one
+    per-sample LoRA at one strength across the pass (PEFT's mixed batches give a sample one adapter, not a sum)."""
     o = spec.options
-    return resolved[spec.stack].key(), o.width, o.height, o.steps, o.guidance, o.max_sequence_length
+    shape = (o.width, o.height, o.steps, o.guidance, o.max_sequence_length)
+    if any((c.options.width, c.options.height, c.options.steps, c.options.guidance, c.options.max_sequence_length)
+           != shape for c in chunk):  # fmt: skip
+        return False
+    stacks = {resolved[s.stack].key(): resolved[s.stack].active for s in (*chunk, spec)}
+    if len(stacks) == 1:
+        return True
+    strengths: dict[str, float] = {}
+    return all(
+        len(active) <= 1 and all(loaded[e.name].per_sample and strengths.setdefault(e.name, s) == s for e, s in active)
+        for active in stacks.values()
+    )
 
 
 def lora_summary(entry: LoraEntry) -> dict:

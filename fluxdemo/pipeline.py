@@ -44,13 +44,14 @@ def generate(
 
 def compare(
     manager: ModelManager, options: GenerateOptions, lora: LoraArg, strength: float = 1.0,
-    controls: Controls = Controls(), cache: ResultsCache | None = None,
+    controls: Controls = Controls(), cache: ResultsCache | None = None, batch: int = 1,
 ) -> Result:  # fmt: skip
-    """The base model's image ("baseline") and the stack's ("lora"), from one seed and one encoding."""
+    """The base model's image ("baseline") and the stack's ("lora"), from one seed and one encoding; batch=2 makes
+    both in one transformer pass when the stack is one LoRA (see experiments.run)."""
     stack = as_stack(lora, strength)
     if not stack:
         raise OptionsError("Compare needs a LoRA: pick one (or a stack) to set against the base model.")
-    return run(manager, [ImageSpec("baseline", options), ImageSpec("lora", options, stack)], controls, cache)
+    return run(manager, [ImageSpec("baseline", options), ImageSpec("lora", options, stack)], controls, cache, batch)
 
 
 def scaled(stack: Stack, strength: float) -> Stack:
@@ -60,15 +61,16 @@ def scaled(stack: Stack, strength: float) -> Stack:
 
 def sweep(
     manager: ModelManager, options: GenerateOptions, lora: LoraArg, strengths: Sequence[float],
-    controls: Controls = Controls(), cache: ResultsCache | None = None,
+    controls: Controls = Controls(), cache: ResultsCache | None = None, batch: int = 1,
 ) -> Result:  # fmt: skip
     """One image per strength, same seed: images keyed "strength 0.5" etc., in the order given. For a stack, each
-    strength multiplies every LoRA's own."""
+    strength multiplies every LoRA's own. With batch > 1 the strength-0 image shares a pass with another (a LoRA
+    runs at one strength per pass)."""
     stack = as_stack(lora)
     if not stack:
         raise OptionsError("A sweep needs a LoRA: pick one (or a stack) to sweep.")
     specs = [ImageSpec(f"strength {s:g}", options, scaled(stack, s)) for s in dict.fromkeys(strengths)]
-    return run(manager, specs, controls, cache)
+    return run(manager, specs, controls, cache, batch)
 
 
 def grid(
@@ -79,8 +81,9 @@ def grid(
     """Forge's X/Y plot for LoRAs: per prompt and seed, one row per LoRA stack and one column per strength (which
     multiplies each LoRA's own). Images are keyed by their cell's label; report["cells"] lists every cell as
     {prompt, seed, loras: [{name, strength}], strength, row, column, label}. Cells at strength 0 are the baseline,
-    made once per prompt and seed. batch > 1 sends the cells of one row and column (their seeds and prompts) through
-    the transformer together (see experiments.run)."""
+    made once per prompt and seed. batch > 1 sends cells through the transformer together: those of one row and
+    column (their seeds and prompts), and those of one column whose rows are single LoRAs, with the baseline (see
+    experiments.run)."""
     prompts, seeds = list(dict.fromkeys(prompts)), list(dict.fromkeys(seeds))
     strengths = list(dict.fromkeys(strengths))
     stacks = [as_stack(row) for row in rows]

@@ -395,6 +395,7 @@ class Studio:
         limits: Limits = DEFAULT_LIMITS,
         public: bool = False,
         cache_images: int = DEFAULT_CACHE_IMAGES,
+        batch: int = 1,
     ) -> None:
         self.manager = manager
         self.library = manager.adapters.library
@@ -405,6 +406,7 @@ class Studio:
         self.cancel_flags = CancelFlags()
         self.runs = RunFolders()
         self.cache = ResultsCache(cache_images)  # shared by every session: the same request is the same picture
+        self.batch = batch  # images per transformer pass (experiments.run): the operator's, like the strategy
         self.previews: dict[str, tuple[str, Image.Image]] = {}  # session -> newest live preview of its job
 
     # -- model work -----------------------------------------------------------------------------------------------
@@ -421,8 +423,9 @@ class Studio:
             raise gr.Error("Pick a LoRA to compare with the base model, or upload one.", print_exception=False)
         options = to_options(prompt, seed, steps, guidance, width, height)
         result = self._run(
-            lambda m, c: compare(m, options, stack, controls=c, cache=self.cache), options, 2, stack, request, progress
-        )
+            lambda m, c: compare(m, options, stack, controls=c, cache=self.cache, batch=self.batch), options, 2, stack,
+            request, progress,
+        )  # fmt: skip
         folder = self.runs.new()
         base, adapted = result.images["baseline"], result.images["lora"]
         both = side_by_side(base, adapted, ("base model", stack_label(stack)))
@@ -479,7 +482,8 @@ class Studio:
         values = parse_strengths(strengths)
         options = to_options(prompt, seed, steps, guidance, width, height)
         result = self._run(
-            lambda m, c: sweep(m, options, stack, values, controls=c, cache=self.cache), options, len(values),
+            lambda m, c: sweep(m, options, stack, values, controls=c, cache=self.cache, batch=self.batch), options,
+            len(values),
             [*stack, *(LoraChoice("", s) for s in values)], request, progress,
         )  # fmt: skip
         folder = self.runs.new()
@@ -512,7 +516,8 @@ class Studio:
         cells = len(prompt_list) * len(seed_list) * len(stacks) * len(values)
         strengths_used = [c for stack in stacks for c in stack] + [LoraChoice("", s) for s in values]
         result = self._run(
-            lambda m, c: grid(m, options, prompt_list, seed_list, stacks, values, controls=c, cache=self.cache),
+            lambda m, c: grid(m, options, prompt_list, seed_list, stacks, values, controls=c, cache=self.cache,
+                               batch=self.batch),
             options, cells, strengths_used, request, progress,
         )  # fmt: skip
         folder = self.runs.new()
@@ -712,12 +717,14 @@ def build_studio(
     limits: Limits = DEFAULT_LIMITS,
     public: bool = False,
     cache_images: int = DEFAULT_CACHE_IMAGES,
+    batch: int = 1,
 ) -> gr.Blocks:
     """The whole app over one model manager; the model loads on the first run, so building and launching are quick.
 
     `limits` bound each request (fluxdemo.limits); a `public` app shows no facts about its host; `cache_images` bounds
-    the results cache that lets a run reuse what an earlier one made."""
-    studio = Studio(manager, max_upload_bytes, limits, public, cache_images)
+    the results cache that lets a run reuse what an earlier one made; `batch` is how many images may share a
+    transformer pass."""
+    studio = Studio(manager, max_upload_bytes, limits, public, cache_images, batch)
     d = defaults or default_options(manager.preset)
     manager.adapters.library.refresh()
     side = dict(minimum=MIN_SIDE, maximum=MAX_SIDE, step=SIDE_MULTIPLE)

@@ -69,6 +69,20 @@ def test_report_and_png_parameters(compared, kit_lora):
     assert read_params(out / "baseline.png").lora_name is None
 
 
+def test_a_batched_compare_makes_both_images_in_one_pass(compared, tmp_path, fluxdemo_cache, kit_lora):
+    """--batch 2: baseline and LoRA image share the transformer's passes, each within 1/255 of the exact run."""
+    out = tmp_path / "out"
+    done = run("compare", *ARGS, "--lora", kit_lora, "--batch", "2", "--out", str(out), cache=fluxdemo_cache)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["batches"] == [["baseline", "lora"]]
+    assert [s["name"] for s in report["timeline"] if " step " in s["name"]] == [
+        f"baseline (+1) step {i}/3" for i in (1, 2, 3)
+    ]
+    for name in ("baseline.png", "lora.png"):
+        assert np.abs(pixels(out / name) - pixels(compared[0] / name)).max() <= 1, name
+
+
 def test_existing_output_is_not_overwritten(compared, fluxdemo_cache, kit_lora):
     out, _ = compared
     before = (out / "lora.png").read_bytes()

@@ -257,3 +257,28 @@ def test_a_batched_grid_is_within_one_level_of_one_cell_at_a_time(manager):
         assert worst <= 1, (cell["label"], worst)
     with pytest.raises(OptionsError, match=r"`batch` must be a whole number from 1 to 8, but is 9"):
         grid(manager, options, ["a fox"], [1], ["peft.safetensors"], [1], batch=9)
+
+
+def test_a_grid_column_shares_a_pass_with_one_adapter_per_sample(manager):
+    """PEFT's mixed batches: the baseline and one LoRA per sample in one transformer pass, each LoRA at one strength
+    a pass (kohya's CLIP part through its own prompt embedding); a stack of two runs only with its own stack. Every
+    cell stays within 1/255 of its own generate, and the LoRA cells differ from the baseline, so each sample really
+    ran its own adapter."""
+    options = GenerateOptions("a fox", seed=3, steps=2, width=32, height=32)
+    result = grid(manager, options, ["a fox"], [3], ["peft.safetensors", "kohya.safetensors"], [0, 0.5, 1], batch=4)
+    assert result.report["batches"] == [["p1 seed 3 row 1 x0", "p1 seed 3 row 1 x0.5", "p1 seed 3 row 2 x0.5"],
+                                        ["p1 seed 3 row 1 x1", "p1 seed 3 row 2 x1"]]  # fmt: skip
+    alone = {}
+    for cell in result.report["cells"]:
+        one = generate(manager, options, [(x["name"], x["strength"]) for x in cell["loras"]])
+        alone[cell["label"]] = pixels(next(iter(one.images.values())))
+        image = pixels(result.images[cell["label"]])
+        assert np.abs(image - alone[cell["label"]]).max() <= 1, cell["label"]
+        assert cell["strength"] == 0 or np.abs(image - alone["p1 seed 3 row 1 x0"]).mean() > 1.0, cell["label"]
+    stacked = grid(manager, options, ["a fox"], [3], ["peft.safetensors+kohya.safetensors", "comfy.safetensors"],
+                   [0, 1], batch=4)  # fmt: skip
+    assert stacked.report["batches"] == [["p1 seed 3 row 1 x0", "p1 seed 3 row 2 x1"], ["p1 seed 3 row 1 x1"]]
+    pair = compare(manager, options, "peft.safetensors", 0.5, batch=2)
+    assert pair.report["batches"] == [["baseline", "lora"]]
+    for label, cell in (("baseline", "p1 seed 3 row 1 x0"), ("lora", "p1 seed 3 row 1 x0.5")):
+        assert np.abs(pixels(pair.images[label]) - alone[cell]).max() <= 1, label

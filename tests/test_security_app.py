@@ -636,6 +636,7 @@ def test_a_public_app_shows_no_facts_about_its_host(app_manager) -> None:
         (("--max-work", "nan"), {}, "--max-work must be a finite number > 0, but is nan."),
         ((), {"FLUXDEMO_MAX_JOBS_PER_CLIENT": "0"}, "--max-jobs-per-client must be a whole number >= 1, but is 0."),
         (("--cache-images", "-1"), {}, "--cache-images (or FLUXDEMO_CACHE_IMAGES) must be 0 or more, but is -1."),
+        ((), {"FLUXDEMO_BATCH": "9"}, "--batch (or FLUXDEMO_BATCH) must be from 1 to 8, but is 9."),
         (
             (),
             {"FLUXDEMO_STRATEGY": "fast"},

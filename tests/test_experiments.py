@@ -152,6 +152,10 @@ def test_a_new_strength_reuses_the_baseline_bit_for_bit(tiny_kit, strategy):
                           pixels(second.images["lora"]))  # fmt: skip
     again = compare(manager, OPTS, "peft.safetensors", 0.5, cache=cache)
     assert again.report["reused"] == ["baseline", "lora"] and not any(" step " in n for n in names(again.report))
+    mixed = compare(manager, OPTS, "peft.safetensors", 0.5, batch=2)  # one pass, an adapter per sample
+    assert mixed.report["batches"] == [["baseline", "lora"]]
+    for label in ("baseline", "lora"):
+        assert np.abs(pixels(mixed.images[label]) - pixels(second.images[label])).max() <= 1, label
     # The cache holds PIL images in RAM; the components are where the strategy keeps them between requests.
     kept = {"resident": {"text_encoder", "text_encoder_2", "transformer", "vae"}}.get(strategy, set())
     assert set(manager.on_device_now()) == kept

@@ -16,11 +16,12 @@ from pathlib import Path
 # Before anything that may touch CUDA: on ZeroGPU the `spaces` package must patch torch first.
 from fluxdemo import spaces_gpu
 from fluxdemo.cli import add_model_flags, manager_from_args
-from fluxdemo.config import DEFAULT_PRESET
+from fluxdemo.config import DEFAULT_PRESET, PRESETS
 from fluxdemo.errors import FluxdemoError
 from fluxdemo.experiments import DEFAULT_CACHE_IMAGES, MAX_BATCH
 from fluxdemo.limits import DEFAULT_MAX_JOBS_PER_CLIENT, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_WORK, Limits
 from fluxdemo.manager import STRATEGIES
+from fluxdemo.previews import preview_drawer
 from fluxdemo.studio import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_QUEUE_SIZE, build_studio
 
 logger = logging.getLogger("fluxdemo")
@@ -105,6 +106,14 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
         help=f"images denoised together in compares, sweeps and grids, 1 to {MAX_BATCH}: faster on a CPU "
         "(bench/RESULTS.md), within 1/255 of one at a time, more activation memory (default: %(default)s, exact)",
     )
+    g.add_argument(
+        "--preview-decoder",
+        default=env.get("FLUXDEMO_PREVIEW_DECODER"),
+        metavar="FOLDER|off",
+        help="how live previews are drawn: a folder with TAEF1 (full-size pictures), or off (the latent projection, "
+        "1/8 size); default: TAEF1 from the Hugging Face cache if `hf download madebyollin/taef1` put it there, else "
+        "the projection (a tiny model always uses the projection)",
+    )
     # Parser-level defaults override add_model_flags' own, so a Space can choose the model, folder and strategy by
     # variable; the strategy is global, so it is the operator's, never a visitor's.
     parser.set_defaults(
@@ -186,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         zero_gpu = spaces_gpu.on_zero_gpu()
         if zero_gpu:  # ZeroGPU's placement: everything on cuda from start-up, nothing moved in a task (spaces_gpu.py)
             args.device, args.strategy = spaces_gpu.ZERO_GPU_DEVICE, spaces_gpu.ZERO_GPU_STRATEGY
+        # a tiny model's steps take milliseconds: TAEF1's picture would cost more than the whole step
+        draw = preview_drawer(args.preview_decoder or ("off" if PRESETS[args.model].transformer.kit else None))
         manager, _ = manager_from_args(args)  # the one model manager of the app; it loads the model on the first run
         if zero_gpu:
-            spaces_gpu.preload_for_zero_gpu(manager)
+            spaces_gpu.preload_for_zero_gpu(manager, draw)
     except FluxdemoError as e:
         logger.error("%s", e)
         return 2
@@ -200,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         public=is_public(args),
         cache_images=args.cache_images,
         batch=args.batch,
+        draw_preview=draw,
     )
     demo.launch(**launch_options(args, auth))
     return 0

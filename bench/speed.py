@@ -36,7 +36,8 @@ from fluxdemo.config import get_preset  # noqa: E402
 from fluxdemo.experiments import ResultsCache  # noqa: E402
 from fluxdemo.manager import ModelManager, default_device  # noqa: E402
 from fluxdemo.pipeline import GenerateOptions, compare, generate, grid, pipeline_view  # noqa: E402
-from fluxdemo.stages import Controls, initial_noise, latent_preview  # noqa: E402
+from fluxdemo.previews import latent_preview  # noqa: E402
+from fluxdemo.stages import Controls, initial_noise  # noqa: E402
 from fluxdemo.tiny import ensure_kit  # noqa: E402
 
 SETTINGS = {  # real width on a CPU is ~1 s per step at 128 px with a short T5 sequence

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from fluxdemo.manager import MODEL_COMPONENTS, ModelManager
 from fluxdemo.pipeline import Controls, GenerateOptions, Result
+from fluxdemo.previews import DrawPreview, TinyDecoder, latent_preview
 
 try:  # preinstalled on Spaces; optional anywhere else
     import spaces
@@ -86,12 +87,14 @@ def run_on_gpu(
     return task(manager, controls)
 
 
-def preload_for_zero_gpu(manager: ModelManager) -> None:
+def preload_for_zero_gpu(manager: ModelManager, draw: DrawPreview = latent_preview) -> None:
     """Load every component in the main process and place it on the device for good (a manager built with
-    ZERO_GPU_DEVICE and ZERO_GPU_STRATEGY). ZeroGPU runs each task in a fresh fork, so whatever a task loads is gone
-    when it returns, and moves inside a task are slow: placed here, once, the forks inherit everything and move
-    nothing."""
+    ZERO_GPU_DEVICE and ZERO_GPU_STRATEGY), the preview decoder too. ZeroGPU runs each task in a fresh fork, so
+    whatever a task loads is gone when it returns, and moves inside a task are slow: placed here, once, the forks
+    inherit everything and move nothing."""
     logger.info("ZeroGPU: every component to %s at start-up (%s); GPU tasks move nothing", manager.device,
                 manager.strategy)  # fmt: skip
     for name in MODEL_COMPONENTS:
         manager.get(name)
+    if isinstance(draw, TinyDecoder):
+        draw.vae.to(manager.device)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from fluxdemo.errors import CancelledError, OptionsError
 from fluxdemo.manager import ModelManager
+from fluxdemo.previews import PREVIEW_BUDGET, DrawPreview, cost, latent_preview
 
 logger = logging.getLogger(__name__)
 
@@ -25,22 +26,11 @@ MAX_STEPS = 100
 MAX_SEED = 2**32 - 1
 MAX_T5_TOKENS = 512
 LATENT_CHANNELS = 16
-VAE_FACTOR = 8
 
 # (stage, done, total): e.g. ("baseline", 12, 28). The UI maps it to gr.Progress, the CLI to a log line.
 ProgressFn = Callable[[str, int, int], None]
 # (stage, step, preview image): a cheap look at the latents while an image denoises.
 PreviewFn = Callable[[str, int, Image.Image], None]
-
-# FLUX.1's 16 latent channels -> RGB, a linear fit to the VAE's decodes (ComfyUI's latent_formats.Flux): a preview
-# for the cost of one small matmul, with nothing to download.
-FLUX_LATENT_RGB = (
-    (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
-    (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
-    (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
-    (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778),
-)  # fmt: skip
-FLUX_LATENT_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
 
 
 @dataclass(frozen=True)
@@ -91,7 +81,8 @@ class Controls:
     progress: ProgressFn | None = None
     cancelled: Callable[[], bool] | None = None  # polled after each step; True stops the run cleanly
     preview: PreviewFn | None = None
-    preview_every: int = 4  # steps between previews (each costs one latent-to-RGB projection)
+    preview_every: int = 4  # steps between previews, skipped while they have cost more than PREVIEW_BUDGET
+    draw: DrawPreview = latent_preview  # how a preview is drawn (fluxdemo.previews: the projection or TAEF1)
     on_image: Callable[[int, int, str], None] | None = None  # (i, n, label): the i-th of n images to make starts
 
 
@@ -149,17 +140,6 @@ def pipeline_view(manager: ModelManager, *components: str, **modules):
     return FluxPipeline(**parts)
 
 
-def latent_preview(packed: torch.Tensor, width: int, height: int) -> Image.Image:
-    """A rough RGB picture of packed latents at 1/8 of the image's size (one pixel per latent)."""
-    from diffusers import FluxPipeline
-
-    latents = FluxPipeline._unpack_latents(packed[:1].float().cpu(), height, width, VAE_FACTOR)[0]  # [16, h, w]
-    factors = torch.tensor(FLUX_LATENT_RGB, dtype=torch.float32)
-    rgb = torch.einsum("chw,cr->hwr", latents, factors) + torch.tensor(FLUX_LATENT_RGB_BIAS)
-    pixels = ((rgb + 1) * 127.5).clamp(0, 255).to(torch.uint8)
-    return Image.fromarray(pixels.numpy(), "RGB")
-
-
 def denoise(
     manager: ModelManager,
     transformer: torch.nn.Module,
@@ -179,6 +159,7 @@ def denoise(
     view = pipeline_view(manager, scheduler=manager.scheduler(), transformer=transformer)
     view.set_progress_bar_config(disable=True)  # our timeline logs each step, with its seconds
     last = time.perf_counter()
+    spent = {"steps": 0.0, "previews": 0.0}
 
     def on_step(pipe, i: int, t, kwargs: dict) -> dict:
         nonlocal last
@@ -186,12 +167,16 @@ def denoise(
             torch.cuda.synchronize(manager.device)  # honest per-step seconds; the loop syncs each step anyway
         now = time.perf_counter()
         manager.timeline.add(f"{label} step {i + 1}/{options.steps}", now - last)
+        spent["steps"] += now - last
         if controls.progress:
             controls.progress(label, i + 1, options.steps)
         if controls.cancelled and controls.cancelled():
             raise CancelledError(f"Cancelled during the {label} image, after step {i + 1} of {options.steps}.")
-        if controls.preview and controls.preview_every > 0 and (i + 1) % controls.preview_every == 0:
-            controls.preview(label, i + 1, latent_preview(kwargs["latents"], options.width, options.height))
+        due = controls.preview and controls.preview_every > 0 and (i + 1) % controls.preview_every == 0
+        afford = PREVIEW_BUDGET * spent["steps"] - spent["previews"]
+        if due and cost(controls.draw, options.width, options.height) <= afford:
+            controls.preview(label, i + 1, controls.draw(kwargs["latents"], options.width, options.height))
+            spent["previews"] += time.perf_counter() - now
         last = time.perf_counter()  # a preview's cost is its own, not the next step's
         return kwargs
 

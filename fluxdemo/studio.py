@@ -49,6 +49,7 @@ from fluxdemo.pipeline import (
     stack_label,
     sweep,
 )
+from fluxdemo.previews import DrawPreview, latent_preview
 from fluxdemo.spaces_gpu import run_on_gpu
 
 logger = logging.getLogger(__name__)
@@ -396,6 +397,7 @@ class Studio:
         public: bool = False,
         cache_images: int = DEFAULT_CACHE_IMAGES,
         batch: int = 1,
+        draw_preview: DrawPreview = latent_preview,
     ) -> None:
         self.manager = manager
         self.library = manager.adapters.library
@@ -407,6 +409,7 @@ class Studio:
         self.runs = RunFolders()
         self.cache = ResultsCache(cache_images)  # shared by every session: the same request is the same picture
         self.batch = batch  # images per transformer pass (experiments.run): the operator's, like the strategy
+        self.draw_preview = draw_preview  # fluxdemo.previews: the latent projection or TAEF1
         self.previews: dict[str, tuple[str, Image.Image]] = {}  # session -> newest live preview of its job
 
     # -- model work -----------------------------------------------------------------------------------------------
@@ -566,7 +569,7 @@ class Studio:
 
         if not set(MODEL_COMPONENTS) <= set(self.manager.loaded()):
             progress(0, desc="Loading the model")
-        controls = Controls(on_step, stop, on_preview, PREVIEW_EVERY, on_image)
+        controls = Controls(on_step, stop, on_preview, PREVIEW_EVERY, on_image, self.draw_preview)
         try:
             result = run_on_gpu(task, self.manager, options, images, controls)
         finally:
@@ -718,13 +721,14 @@ def build_studio(
     public: bool = False,
     cache_images: int = DEFAULT_CACHE_IMAGES,
     batch: int = 1,
+    draw_preview: DrawPreview = latent_preview,
 ) -> gr.Blocks:
     """The whole app over one model manager; the model loads on the first run, so building and launching are quick.
 
     `limits` bound each request (fluxdemo.limits); a `public` app shows no facts about its host; `cache_images` bounds
     the results cache that lets a run reuse what an earlier one made; `batch` is how many images may share a
-    transformer pass."""
-    studio = Studio(manager, max_upload_bytes, limits, public, cache_images, batch)
+    transformer pass; `draw_preview` draws the live previews."""
+    studio = Studio(manager, max_upload_bytes, limits, public, cache_images, batch, draw_preview)
     d = defaults or default_options(manager.preset)
     manager.adapters.library.refresh()
     side = dict(minimum=MIN_SIDE, maximum=MAX_SIDE, step=SIDE_MULTIPLE)

@@ -638,6 +638,12 @@ def test_a_public_app_shows_no_facts_about_its_host(app_manager) -> None:
         (("--cache-images", "-1"), {}, "--cache-images (or FLUXDEMO_CACHE_IMAGES) must be 0 or more, but is -1."),
         ((), {"FLUXDEMO_BATCH": "9"}, "--batch (or FLUXDEMO_BATCH) must be from 1 to 8, but is 9."),
         (
+            ("--preview-decoder", "/nowhere/taef1"),
+            {},
+            "The preview decoder /nowhere/taef1 is not a folder with config.json and safetensors weights: download "
+            "TAEF1 with `hf download madebyollin/taef1 --local-dir /nowhere/taef1`, or pass `off`.",
+        ),
+        (
             (),
             {"FLUXDEMO_STRATEGY": "fast"},
             "--strategy (or FLUXDEMO_STRATEGY) must be one of auto, resident, "

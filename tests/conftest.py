@@ -31,6 +31,14 @@ def tiny_kit(fluxdemo_cache: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_wide_kit(fluxdemo_cache: Path) -> Path:
+    """The real-width kit (0.7 GB, about 30 s to build on 2 CPU cores): built once, for the slow tests that need it."""
+    from fluxdemo.tiny import ensure_kit
+
+    return ensure_kit("tiny-wide", cache_dir=fluxdemo_cache / "kits")
+
+
+@pytest.fixture(scope="session")
 def manager(tiny_kit: Path):
     """One ModelManager over the tiny preset, on the CPU, shared like the app shares its one manager."""
     from fluxdemo.config import get_preset

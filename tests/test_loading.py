@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from fluxdemo import loading
 from fluxdemo.errors import ModelFileError
 from fluxdemo.flux_names import FluxDims
-from fluxdemo.tiny import TINY_TRANSFORMER, ensure_kit, to_bfl_state_dict
+from fluxdemo.tiny import TINY_TRANSFORMER, to_bfl_state_dict
 
 
 def write_bfl_gguf(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -244,11 +244,6 @@ def test_a_write_to_a_mapped_weight_never_reaches_the_file(tiny_kit, tmp_path):
 
 def test_images_equal_the_copying_loader_on_the_tiny_kit(tiny_kit):
     assert_same_as_copying_loader(tiny_kit / "gguf" / "flux1-tiny-Q8_0.gguf", tiny_kit)
-
-
-@pytest.fixture(scope="module")
-def tiny_wide_kit(fluxdemo_cache: Path) -> Path:
-    return ensure_kit("tiny-wide", cache_dir=fluxdemo_cache / "kits")
 
 
 @pytest.mark.slow

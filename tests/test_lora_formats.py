@@ -590,7 +590,10 @@ def _effective(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 def comfy_save(dims: FluxDims, g: torch.Generator, dtype=torch.float16, size: float = 1.0) -> tuple[dict, dict]:
     """What ComfyUI's LoraSave writes (bias_diff=True, its default): lora_up/down per changed weight, diff_b per bias;
-    the FULL_DIFF type writes .diff instead. Returns the tensors and, per BFL module, (delta, bias delta)."""
+    the FULL_DIFF type writes .diff instead. Returns the tensors and, per BFL module, (delta, bias delta).
+
+    Entries shrink with the input width no faster than fp8 can follow: e4m3 holds nothing below 2**-9, so a
+    real-width delta of size 1/width would be all zeros in it, and an fp8 file would test nothing."""
     d = dims.inner
     shapes = {"double_blocks.0.img_attn.qkv": (3 * d, d), "single_blocks.0.linear2": (d, d + dims.mlp),
               "final_layer.adaLN_modulation.1": (2 * d, d), "txt_in": (d, dims.joint_attention_dim),
@@ -601,12 +604,12 @@ def comfy_save(dims: FluxDims, g: torch.Generator, dtype=torch.float16, size: fl
         bias = (torch.randn(out, generator=g) * 0.1 * size).to(dtype)
         t[f"{p}.diff_b"] = bias
         if i % 3 == 0:  # a LoRA plus its bias delta
-            up = (torch.randn(out, 2, generator=g) * size).to(dtype)
-            down = (torch.randn(2, inp, generator=g) / inp).to(dtype)
+            up = (torch.randn(out, 2, generator=g) * size / inp**0.5).to(dtype)
+            down = (torch.randn(2, inp, generator=g) / inp**0.5).to(dtype)
             t |= {f"{p}.lora_up.weight": up, f"{p}.lora_down.weight": down}
             want[bfl] = (up.float() @ down.float(), bias.float())
         elif i % 3 == 1:  # FULL_DIFF: the whole weight delta
-            diff = (torch.randn(out, inp, generator=g) * size / inp).to(dtype)
+            diff = (torch.randn(out, inp, generator=g) * size / inp**0.75).to(dtype)
             t[f"{p}.diff"] = diff
             want[bfl] = (diff.float(), bias.float())
         else:  # only the bias changed

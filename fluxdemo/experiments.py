@@ -341,10 +341,11 @@ def _batches(
 def _fits(chunk: list[ImageSpec], spec: ImageSpec, resolved: dict, loaded: dict[str, LoadedLora]) -> bool:
     """Same size, steps, guidance and T5 length, and either one stack for all, or each stack the base model or one
     per-sample LoRA at one strength across the pass (PEFT's mixed batches give a sample one adapter, not a sum)."""
-    o = spec.options
-    shape = (o.width, o.height, o.steps, o.guidance, o.max_sequence_length)
-    if any((c.options.width, c.options.height, c.options.steps, c.options.guidance, c.options.max_sequence_length)
-           != shape for c in chunk):  # fmt: skip
+
+    def shape(o: GenerateOptions) -> tuple:
+        return o.width, o.height, o.steps, o.guidance, o.max_sequence_length
+
+    if shape(chunk[0].options) != shape(spec.options):  # every image of a pass has the first one's shape
         return False
     stacks = {resolved[s.stack].key(): resolved[s.stack].active for s in (*chunk, spec)}
     if len(stacks) == 1:

@@ -569,7 +569,8 @@ class Studio:
 
         if not set(MODEL_COMPONENTS) <= set(self.manager.loaded()):
             progress(0, desc="Loading the model")
-        controls = Controls(on_step, stop, on_preview, PREVIEW_EVERY, on_image, self.draw_preview)
+        controls = Controls(progress=on_step, cancelled=stop, preview=on_preview, preview_every=PREVIEW_EVERY,
+                            draw=self.draw_preview, on_image=on_image)  # fmt: skip
         try:
             result = run_on_gpu(task, self.manager, options, images, controls)
         finally:

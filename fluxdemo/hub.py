@@ -557,7 +557,8 @@ def _lora_hub_error(error: Exception, ref: HubLoraRef, token: str | None) -> Hub
         private = "the token in use cannot see it" if token else "no token was sent; if it is private, set HF_TOKEN"
         return HubError(f"There is no repository {ref.repo_id} on the Hub ({private}). Check the name at {page}.")
     if isinstance(error, RevisionNotFoundError):
-        return HubError(f"{ref.repo_id} has no revision {ref.revision!r}; check its branches and tags at {page}.")
+        return HubError(f"{ref.repo_id} has no revision {ref.revision!r} (no branch, tag or commit of that name); see "
+                        f"its branches and tags at {page}/tree/main.")  # fmt: skip
     if isinstance(error, EntryNotFoundError) and not isinstance(error, LocalEntryNotFoundError):
         return HubError(f"{ref.repo_id} has no file {ref.filename}; see its files at {page}/tree/main.")
     if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.TransportError)):

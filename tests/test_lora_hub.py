@@ -3,6 +3,8 @@ found, size-checked, downloaded into the cache, inspected and applied like a loc
 
 from __future__ import annotations
 
+import re
+
 import lora_factory as lf
 import pytest
 import test_hub as th
@@ -31,12 +33,20 @@ def lora_bytes(tmp_path_factory) -> dict[str, bytes]:
 
 
 class LoraHub(th.FakeHub):
-    """The fake Hub plus a private repo: without the granted token it is answered like a missing one, as on the Hub."""
+    """The fake Hub plus a private repo (without the granted token it is answered like a missing one) and revisions:
+    every repo has the branch main, the tag v2 and its commit; any other revision is answered as the Hub does."""
+
+    REVISIONS = {"main", "v2", th.COMMIT}
+    REVISION = re.compile(r"/api/models/[^/]+/[^/]+/(?:revision|tree)/([^/]+)(?:/.*)?|/[^/]+/[^/]+/resolve/([^/]+)/.+")
 
     def _route_hub(self, path, auth):
         if f"/{PRIVATE}/" in path + "/" and auth != f"Bearer {th.GRANTED_TOKEN}":
             return th._error(401, "RepositoryNotFound", "Repository not found")
-        return super()._route_hub(path, auth)
+        answer = super()._route_hub(path, auth)  # a missing, gated or private repo is refused before its revision
+        revision = self.REVISION.fullmatch(path)
+        if answer[0] < 400 and revision and (revision[1] or revision[2]) not in self.REVISIONS:
+            return th._error(404, "RevisionNotFound", f"Invalid rev id: {revision[1] or revision[2]}")
+        return answer
 
 
 @pytest.fixture
@@ -53,6 +63,7 @@ def fake(tmp_path, monkeypatch, lora_bytes):
         "bob/lora-and-model": {"lora.safetensors": lora_bytes["peft"], "model.safetensors": full},
         "bob/a-model": {"model.safetensors": full},
         "bob/gated-lora": {"g.safetensors": lora_bytes["kohya"]},
+        "bob/pickled-lora": {"lora.ckpt": b"a pickle", "README.md": CARD},
         PRIVATE: {"p.safetensors": lora_bytes["peft"]},
     }
     for repo, files in repos.items():
@@ -133,8 +144,27 @@ def test_revision_file_and_several_files(fake, library, lora_bytes):
             r"^bob/style-lora has no file other.safetensors; its .safetensors files: "
             r"style.safetensors\.",
         ),  # fmt: skip
+        ("bob/pickled-lora", r"^bob/pickled-lora holds no .safetensors file, so no LoRA this app can load\.$"),
+        (
+            "bob/style-lora@v3",
+            r"^bob/style-lora has no revision 'v3' \(no branch, tag or commit of that name\); see its branches "
+            r"and tags at https://huggingface.co/bob/style-lora/tree/main\.$",
+        ),  # fmt: skip
+        (
+            "https://huggingface.co/bob/style-lora/blob/v3/style.safetensors",
+            r"^bob/style-lora has no revision 'v3' \(no branch, tag or commit of that name\)",
+        ),  # fmt: skip
     ],
-    ids=["no-repo", "private-no-token", "gated", "not-a-lora", "no-file"],
+    ids=[
+        "no-repo",
+        "private-no-token",
+        "gated",
+        "not-a-lora",
+        "no-file",
+        "no-safetensors",
+        "no-revision",
+        "no-revision-url",
+    ],
 )
 def test_failures_are_sentences(library, name, message):
     with pytest.raises(LoraError, match=message):

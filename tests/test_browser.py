@@ -13,7 +13,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import lora_factory as lf
 import pytest
+import test_hub as th
+from test_lora_hub import CARD
 
 ROOT = Path(__file__).resolve().parents[1]
 # The README's screenshot is refreshed only on request (FLUXDEMO_SCREENSHOT=docs/screenshot.png), so a test run
@@ -38,14 +41,38 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_kit, tmp_path_factory):
-    """The app in its own process on a free port: (url, seconds until the page answered, its log file)."""
+def fake_hub(tiny_kit, tmp_path_factory):
+    """test_hub's loopback fake Hub with a LoRA repo (a kit LoRA whose trigger words are in the model card) and a
+    repo holding only a model, for the studio's Hub box."""
+    plain = tmp_path_factory.mktemp("hub-lora") / "style.safetensors"
+    lf.save(plain, lf.load(tiny_kit / "loras" / "peft.safetensors"))  # no metadata: the card's trigger words count
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(th.FILES, "bob/style-lora", {"style.safetensors": plain.read_bytes(), "README.md": CARD})
+        mp.setitem(th.FILES, "bob/a-model", {"model.safetensors": th._safetensors({"model.embed.weight": 64})})
+        hub = th.FakeHub()
+        yield hub
+        hub.stop()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_kit, fake_hub, tmp_path_factory):
+    """The app in its own process on a free port: (url, seconds until the page answered, its log file). Its Hub is
+    the fake one on loopback, with a cache of its own and no token: nothing leaves the machine, nothing of the
+    machine's Hugging Face setup comes in."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     folder = tmp_path_factory.mktemp("app")
     log = (folder / "app.log").open("w")
     shutil.copytree(tiny_kit / "loras", folder / "loras")  # uploads land in a copy, never in the shared kit
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}  # FLUXDEMO_CACHE: conftest's
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env |= {  # FLUXDEMO_CACHE: conftest's
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "0",
+        "HF_ENDPOINT": fake_hub.endpoint,
+        "HF_HUB_CACHE": str(folder / "hf-cache"),
+        "HF_TOKEN_PATH": str(folder / "no-token"),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
     start = time.monotonic()
     command = [sys.executable, "app.py", "--model", "tiny", "--port", str(port), "--lora-dir", str(folder / "loras")]
     app = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -222,3 +249,38 @@ def test_uploads_keep_the_picker_and_the_list_is_current_in_a_real_browser(serve
         lora.click()
         expect(page.get_by_role("option", name="my_style.safetensors")).to_be_visible()
         browser.close()
+
+
+def test_the_hub_box_in_a_real_browser(served, fake_hub):
+    """A repo without a LoRA: its sentence, and the picker as it was. A Hub URL: downloaded from the (fake) Hub,
+    picked, its card shows the model card's trigger words, and they go into the prompt."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("chromium is not installed: as root run `apt-get install -y chromium` (CI does this).")
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _, _ = served
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(url)
+        lora = page.get_by_label("LoRA", exact=True)
+        before = lora.input_value()
+        box = page.get_by_placeholder("user/repo, user/repo/file.safetensors@revision, or its URL")
+        box.fill("bob/a-model")
+        box.press("Enter")
+        expect(page.get_by_text("bob/a-model has no LoRA: none of its .safetensors files").first).to_be_visible(
+            timeout=30_000
+        )
+        expect(lora).to_have_value(before)
+
+        box.fill("https://huggingface.co/bob/style-lora")
+        page.get_by_role("button", name="Use a LoRA from the Hub").click()
+        expect(lora).to_have_value("https://huggingface.co/bob/style-lora", timeout=30_000)
+        expect(page.get_by_role("heading", name="bob/style-lora/style.safetensors")).to_be_visible()
+        expect(page.get_by_text(re.compile(r"^Trigger words: zkz style$"))).to_be_visible()
+        page.get_by_role("button", name="Insert trigger words into the prompt").click()
+        expect(page.get_by_label("Prompt")).to_have_value(re.compile("zkz style"))
+        browser.close()
+    lora_file = th.FILES["bob/style-lora"]["style.safetensors"]
+    assert ("GET", f"/cdn/{th._sha256(lora_file)}") in fake_hub.requests  # the app's Hub was the fake one

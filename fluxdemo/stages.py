@@ -82,8 +82,8 @@ class Controls:
     cancelled: Callable[[], bool] | None = None  # polled after each step; True stops the run cleanly
     preview: PreviewFn | None = None
     preview_every: int = 4  # steps between previews, skipped while they have cost more than PREVIEW_BUDGET
-    draw: DrawPreview = latent_preview  # how a preview is drawn (fluxdemo.previews: the projection or TAEF1)
     on_image: Callable[[int, int, str], None] | None = None  # (i, n, label): the i-th of n images to make starts
+    draw: DrawPreview = latent_preview  # how a preview is drawn (fluxdemo.previews: the projection or TAEF1)
 
 
 def initial_noise(seed: int, width: int, height: int) -> torch.Tensor:

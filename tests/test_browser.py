@@ -93,21 +93,38 @@ def served(tiny_kit, fake_hub, tmp_path_factory):
         log.close()
 
 
+def chromium_path() -> str:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("chromium is not installed: as root run `apt-get install -y chromium` (CI does this).")
+    return chromium
+
+
+@pytest.fixture
+def page(served):
+    """The served app's page in a headless chromium, 1280x800."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(served[0])
+        yield page
+        browser.close()
+
+
 def test_page_is_up_within_the_start_budget(served):
     _, seconds, _ = served
     assert seconds < START_BUDGET_S, f"the page answered after {seconds:.1f} s"
 
 
 def test_compare_in_a_real_browser(served, tmp_path):
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("chromium is not installed: as root run `apt-get install -y chromium` (CI does this).")
     from playwright.sync_api import expect, sync_playwright
 
     url, _, _ = served
     with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
-            tmp_path / "profile", executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
+            tmp_path / "profile", executable_path=chromium_path(), headless=True, args=CHROMIUM_FLAGS,
             viewport={"width": 1280, "height": 900},
         )  # fmt: skip
         page = browser.new_page()
@@ -138,149 +155,123 @@ def wait_for_line(log: Path, pattern: re.Pattern, timeout: float = 30.0) -> str:
     raise AssertionError(f"no line matching {pattern.pattern!r} in {log} within {timeout} s")
 
 
-def test_history_ab_errors_cancel_and_progress_in_a_real_browser(served, tmp_path):
+def test_history_ab_errors_cancel_and_progress_in_a_real_browser(served, page, tmp_path):
     """Three runs, then run 1's LoRA image against run 3's on the slider; an error and a Cancel leave that on screen;
     Sweep and Grid show their progress in view, at 1280x800, without scrolling."""
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("chromium is not installed: as root run `apt-get install -y chromium` (CI does this).")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    url, _, log = served
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
-        page.goto(url)
-        page.get_by_label("Prompt").fill("a lighthouse on a rocky island")
-        compare = page.get_by_role("button", name="Compare", exact=True)
-        for seed in (0, 1, 2):
-            page.get_by_label("Seed").fill(str(seed))
-            compare.click()
-            page.get_by_text(f"Seed {seed}", exact=True).wait_for(timeout=60_000)
-        # Run 1 made #1 (baseline) and #2 (LoRA); run 3 made #5 and #6, which the slider shows now.
-        page.get_by_label("Left (A)").click()
-        page.get_by_role("option", name=re.compile(r"^#2 · run 1 ")).click()
-        label = re.compile(r"left #2: \S+ · right #6: \S+ — seed: 0 → 2$")
-        expect(page.get_by_text(label)).to_be_visible()
-        page.get_by_label("Show where they differ").check()
-        expect(page.get_by_text("Where #2 and #6 differ (brighter: more)")).to_be_visible()
-        page.keyboard.press("Escape")
-        page.wait_for_timeout(500)
-        shot = Path(os.environ.get(AB_SCREENSHOT_ENV) or tmp_path / "ab.png")
-        shot.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=shot, full_page=True)
-        assert shot.stat().st_size > 10_000
-        shown = page.get_by_text(label)
-
-        # An error: the sentence appears, and the pair on screen stays.
-        lora = page.get_by_label("LoRA", exact=True)
-        chosen = lora.input_value()
-        lora.fill("no-such-lora.safetensors")
-        lora.press("Enter")
+    log = served[2]
+    page.get_by_label("Prompt").fill("a lighthouse on a rocky island")
+    compare = page.get_by_role("button", name="Compare", exact=True)
+    for seed in (0, 1, 2):
+        page.get_by_label("Seed").fill(str(seed))
         compare.click()
-        expect(page.get_by_text(re.compile("No LoRA named 'no-such-lora.safetensors'"))).to_be_visible(timeout=30_000)
-        expect(shown).to_be_visible()
-        lora.fill(chosen)
-        lora.press("Enter")
+        page.get_by_text(f"Seed {seed}", exact=True).wait_for(timeout=60_000)
+    # Run 1 made #1 (baseline) and #2 (LoRA); run 3 made #5 and #6, which the slider shows now.
+    page.get_by_label("Left (A)").click()
+    page.get_by_role("option", name=re.compile(r"^#2 · run 1 ")).click()
+    label = re.compile(r"left #2: \S+ · right #6: \S+ — seed: 0 → 2$")
+    expect(page.get_by_text(label)).to_be_visible()
+    page.get_by_label("Show where they differ").check()
+    expect(page.get_by_text("Where #2 and #6 differ (brighter: more)")).to_be_visible()
+    page.keyboard.press("Escape")
+    page.wait_for_timeout(500)
+    shot = Path(os.environ.get(AB_SCREENSHOT_ENV) or tmp_path / "ab.png")
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=shot, full_page=True)
+    assert shot.stat().st_size > 10_000
+    shown = page.get_by_text(label)
 
-        # Cancel mid-run: the buttons say a job runs, and afterwards the pair on screen is still there.
-        # 100 steps at 768x768: long enough on any machine for the Cancel to land mid-run
-        for name, value in (("Steps", "100"), ("Width", "768"), ("Height", "768")):
-            field = page.get_by_label(f"number input for {name}")
-            field.fill(value)
-            field.press("Tab")
-        expect(page.get_by_text(re.compile("The result on screen belongs to other settings"))).to_be_visible()
-        compare.click()
-        expect(compare).to_be_disabled()
-        progress = page.get_by_text(re.compile(r"image \d+ of 2 · \S+ · step \d+/100"))
+    # An error: the sentence appears, and the pair on screen stays.
+    lora = page.get_by_label("LoRA", exact=True)
+    chosen = lora.input_value()
+    lora.fill("no-such-lora.safetensors")
+    lora.press("Enter")
+    compare.click()
+    expect(page.get_by_text(re.compile("No LoRA named 'no-such-lora.safetensors'"))).to_be_visible(timeout=30_000)
+    expect(shown).to_be_visible()
+    lora.fill(chosen)
+    lora.press("Enter")
+
+    # Cancel mid-run: the buttons say a job runs, and afterwards the pair on screen is still there.
+    # 100 steps at 768x768: long enough on any machine for the Cancel to land mid-run
+    for name, value in (("Steps", "100"), ("Width", "768"), ("Height", "768")):
+        field = page.get_by_label(f"number input for {name}")
+        field.fill(value)
+        field.press("Tab")
+    expect(page.get_by_text(re.compile("The result on screen belongs to other settings"))).to_be_visible()
+    compare.click()
+    expect(compare).to_be_disabled()
+    progress = page.get_by_text(re.compile(r"image \d+ of 2 · \S+ · step \d+/100"))
+    expect(progress.first).to_be_in_viewport(timeout=30_000)
+    page.get_by_role("button", name="Cancel").click()
+    wait_for_line(log, re.compile(r"Cancelled during the \w+ image, after step \d+ of 100\."))  # the work stopped
+    expect(compare).to_be_enabled(timeout=30_000)
+    expect(shown).to_be_visible()
+
+    # Sweep and Grid: progress where the user is looking, the page not scrolled by the test.
+    for button, total, first in (("Sweep strengths", 6, "strength 0"), ("Grid", 6, "p1 seed 0 row 1 x0")):
+        page.evaluate("window.scrollTo(0, 0)")
+        page.get_by_role("button", name=button, exact=True).click()
+        progress = page.get_by_text(re.compile(rf"image \d+ of {total} · .* · step \d+/100"))
         expect(progress.first).to_be_in_viewport(timeout=30_000)
+        assert page.evaluate("window.scrollY") == 0
         page.get_by_role("button", name="Cancel").click()
-        wait_for_line(log, re.compile(r"Cancelled during the \w+ image, after step \d+ of 100\."))  # the work stopped
+        wait_for_line(log, re.compile(rf"Cancelled during the {first} image, after step \d+ of 100\."))
         expect(compare).to_be_enabled(timeout=30_000)
-        expect(shown).to_be_visible()
-
-        # Sweep and Grid: progress where the user is looking, the page not scrolled by the test.
-        for button, total, first in (("Sweep strengths", 6, "strength 0"), ("Grid", 6, "p1 seed 0 row 1 x0")):
-            page.evaluate("window.scrollTo(0, 0)")
-            page.get_by_role("button", name=button, exact=True).click()
-            progress = page.get_by_text(re.compile(rf"image \d+ of {total} · .* · step \d+/100"))
-            expect(progress.first).to_be_in_viewport(timeout=30_000)
-            assert page.evaluate("window.scrollY") == 0
-            page.get_by_role("button", name="Cancel").click()
-            wait_for_line(log, re.compile(rf"Cancelled during the {first} image, after step \d+ of 100\."))
-            expect(compare).to_be_enabled(timeout=30_000)
-        page.get_by_role("tab", name="Compare").click()
-        expect(shown).to_be_visible()  # after an error and three Cancels, run 1 against run 3 is still on the slider
-        browser.close()
+    page.get_by_role("tab", name="Compare").click()
+    expect(shown).to_be_visible()  # after an error and three Cancels, run 1 against run 3 is still on the slider
 
 
-def test_uploads_keep_the_picker_and_the_list_is_current_in_a_real_browser(served, tmp_path, tiny_kit):
+def test_uploads_keep_the_picker_and_the_list_is_current_in_a_real_browser(page, tmp_path, tiny_kit):
     """A file that is not safetensors: its sentence, and the LoRA picker as it was. A good upload: picked, and listed
     again after a reload of the page."""
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("chromium is not installed: as root run `apt-get install -y chromium` (CI does this).")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
     from safetensors.torch import load_file, save_file
 
     bad = tmp_path / "notes.safetensors"
     bad.write_text("trigger: ohwx, trained on my dog")
     good = tmp_path / "my_style.safetensors"
     save_file(load_file(tiny_kit / "loras" / "peft.safetensors"), good, metadata={"ss_output_name": "my style"})
-    url, _, _ = served
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
-        page.goto(url)
-        lora = page.get_by_label("LoRA", exact=True)
-        before = lora.input_value()
-        assert before.endswith(".safetensors")
-        for file in (bad, good):
-            with page.expect_file_chooser() as chooser:
-                page.get_by_role("button", name="Upload a .safetensors LoRA").click()
-            chooser.value.set_files(file)
-            if file is bad:
-                expect(page.get_by_text("not a safetensors file at all").first).to_be_visible(timeout=30_000)
-                expect(lora).to_have_value(before)
-                expect(lora).to_be_enabled()
-        expect(lora).to_have_value("my_style.safetensors", timeout=30_000)
-        page.reload()
-        lora = page.get_by_label("LoRA", exact=True)
-        lora.click()
-        expect(page.get_by_role("option", name="my_style.safetensors")).to_be_visible()
-        browser.close()
+    lora = page.get_by_label("LoRA", exact=True)
+    before = lora.input_value()
+    assert before.endswith(".safetensors")
+    for file in (bad, good):
+        with page.expect_file_chooser() as chooser:
+            page.get_by_role("button", name="Upload a .safetensors LoRA").click()
+        chooser.value.set_files(file)
+        if file is bad:
+            expect(page.get_by_text("not a safetensors file at all").first).to_be_visible(timeout=30_000)
+            expect(lora).to_have_value(before)
+            expect(lora).to_be_enabled()
+    expect(lora).to_have_value("my_style.safetensors", timeout=30_000)
+    page.reload()
+    lora = page.get_by_label("LoRA", exact=True)
+    lora.click()
+    expect(page.get_by_role("option", name="my_style.safetensors")).to_be_visible()
 
 
-def test_the_hub_box_in_a_real_browser(served, fake_hub):
+def test_the_hub_box_in_a_real_browser(page, fake_hub):
     """A repo without a LoRA: its sentence, and the picker as it was. A Hub URL: downloaded from the (fake) Hub,
     picked, its card shows the model card's trigger words, and they go into the prompt."""
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("chromium is not installed: as root run `apt-get install -y chromium` (CI does this).")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    url, _, _ = served
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
-        page.goto(url)
-        lora = page.get_by_label("LoRA", exact=True)
-        before = lora.input_value()
-        box = page.get_by_placeholder("user/repo, user/repo/file.safetensors@revision, or its URL")
-        box.fill("bob/a-model")
-        box.press("Enter")
-        expect(page.get_by_text("bob/a-model has no LoRA: none of its .safetensors files").first).to_be_visible(
-            timeout=30_000
-        )
-        expect(lora).to_have_value(before)
+    lora = page.get_by_label("LoRA", exact=True)
+    before = lora.input_value()
+    box = page.get_by_placeholder("user/repo, user/repo/file.safetensors@revision, or its URL")
+    box.fill("bob/a-model")
+    box.press("Enter")
+    expect(page.get_by_text("bob/a-model has no LoRA: none of its .safetensors files").first).to_be_visible(
+        timeout=30_000
+    )
+    expect(lora).to_have_value(before)
 
-        box.fill("https://huggingface.co/bob/style-lora")
-        page.get_by_role("button", name="Use a LoRA from the Hub").click()
-        expect(lora).to_have_value("https://huggingface.co/bob/style-lora", timeout=30_000)
-        expect(page.get_by_role("heading", name="bob/style-lora/style.safetensors")).to_be_visible()
-        expect(page.get_by_text(re.compile(r"^Trigger words: zkz style$"))).to_be_visible()
-        page.get_by_role("button", name="Insert trigger words into the prompt").click()
-        expect(page.get_by_label("Prompt")).to_have_value(re.compile("zkz style"))
-        browser.close()
+    box.fill("https://huggingface.co/bob/style-lora")
+    page.get_by_role("button", name="Use a LoRA from the Hub").click()
+    expect(lora).to_have_value("https://huggingface.co/bob/style-lora", timeout=30_000)
+    expect(page.get_by_role("heading", name="bob/style-lora/style.safetensors")).to_be_visible()
+    expect(page.get_by_text(re.compile(r"^Trigger words: zkz style$"))).to_be_visible()
+    page.get_by_role("button", name="Insert trigger words into the prompt").click()
+    expect(page.get_by_label("Prompt")).to_have_value(re.compile("zkz style"))
     lora_file = th.FILES["bob/style-lora"]["style.safetensors"]
     assert ("GET", f"/cdn/{th._sha256(lora_file)}") in fake_hub.requests  # the app's Hub was the fake one

@@ -9,8 +9,8 @@ Two kinds of batch, each against the same cells made one at a time by fluxdemo.s
 fluxdemo.experiments does with batch=1), from the same prompt embeddings and initial noise, and decoded by the same
 fluxdemo.stages.decode:
 
-* seeds: one stack (LoRA A at 1.0), B seeds in one FluxPipeline call (latents [B, tokens, 64], the embeddings
-  repeated B times);
+* seeds: one stack (LoRA A at 1.0), B seeds in one transformer pass per step (fluxdemo.stages.denoise given the
+  batch: latents [B, tokens, 64], the embeddings repeated B times);
 * adapters: one seed, the base model and LoRAs in one call, each sample with its own PEFT adapter
   (fluxdemo.adapters.Adapters.per_sample, PEFT's mixed-batch inference, which fluxdemo.experiments uses with
   batch > 1): [base, A] is a compare, [base, A, B] a grid column.
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fluxdemo.config import get_preset  # noqa: E402
 from fluxdemo.manager import ModelManager, default_device  # noqa: E402
 from fluxdemo.pipeline import GenerateOptions  # noqa: E402
-from fluxdemo.stages import Controls, decode, denoise, encode, initial_noise, pipeline_view  # noqa: E402
+from fluxdemo.stages import Controls, decode, denoise, encode, initial_noise  # noqa: E402
 from fluxdemo.tiny import ensure_kit  # noqa: E402
 
 T5_TOKENS = {"tiny": 64, "tiny-wide": 32}  # as bench/speed.py
@@ -56,29 +56,14 @@ def one_at_a_time(manager, transformer, embeddings, cells, options) -> list[torc
 
 
 def batched(manager, transformer, embeddings, cells, options, mixed=False) -> list[torch.Tensor]:
-    """Every cell in one FluxPipeline call. Same stack for all (the first cell's stack active), or (mixed) one
-    adapter per sample, as fluxdemo.experiments does (Adapters.per_sample)."""
-    n = len(cells)
+    """Every cell in one pass per step (fluxdemo.stages.denoise given a batch). Same stack for all (the first cell's
+    stack active), or (mixed) one adapter per sample, as fluxdemo.experiments does (Adapters.per_sample)."""
     if not mixed:
         manager.adapters.activate(cells[0][1], ("transformer",))
-    noise = torch.cat([initial_noise(seed, options.width, options.height) for seed, _ in cells])
-    view = pipeline_view(manager, scheduler=manager.scheduler(), transformer=transformer)
-    view.set_progress_bar_config(disable=True)
-    dtype, device = manager.dtype, manager.device
+    noises = [initial_noise(seed, options.width, options.height) for seed, _ in cells]
     with manager.adapters.per_sample([stack for _, stack in cells]) if mixed else nullcontext():
-        (latents,) = view(
-            prompt_embeds=embeddings.prompt_embeds.repeat(n, 1, 1).to(device, dtype),
-            pooled_prompt_embeds=embeddings.pooled.repeat(n, 1).to(device, dtype),
-            latents=noise.to(device, dtype),
-            num_inference_steps=options.steps,
-            guidance_scale=options.guidance,
-            height=options.height,
-            width=options.width,
-            max_sequence_length=options.max_sequence_length,
-            output_type="latent",
-            return_dict=False,
-        )
-    return [latents[i : i + 1] for i in range(n)]
+        latents = denoise(manager, transformer, [embeddings] * len(cells), noises, options, "batch", Controls())
+    return [latents[i : i + 1] for i in range(len(cells))]
 
 
 def pixels(image) -> np.ndarray:

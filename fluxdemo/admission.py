@@ -23,7 +23,7 @@ from typing import Any
 import gradio as gr
 
 from fluxdemo.errors import OptionsError
-from fluxdemo.limits import Limits, check_number
+from fluxdemo.limits import Limits, check_number, check_text, describe
 
 GPU = "gpu"  # the concurrency group of every model job
 CHEAP_QUEUE_SIZE = 64  # waiting events per other handler (inspect, refresh, upload): each runs in milliseconds
@@ -104,13 +104,7 @@ def check_input(component: gr.components.Component, name: str, value: object, li
     if value is None:
         return  # an empty field: the handler says which one and what to enter
     if isinstance(component, gr.Textbox):
-        if not isinstance(value, str):
-            raise OptionsError(f"`{name}` must be text, but is {_a(value)}.")
-        if len(value) > limits.max_prompt_chars:
-            raise OptionsError(
-                f"`{name}` is {len(value):,} characters; the limit is {limits.max_prompt_chars:,} "
-                "(the operator can raise it with --max-prompt-chars or FLUXDEMO_MAX_PROMPT_CHARS)."
-            )
+        check_text(name, value, limits)
     elif isinstance(component, gr.Slider | gr.Number):
         number = check_number(name, value)
         low, high = component.minimum, component.maximum
@@ -118,14 +112,9 @@ def check_input(component: gr.components.Component, name: str, value: object, li
             raise OptionsError(f"`{name}` must be between {_num(low)} and {_num(high)}, but is {_num(number)}.")
     elif isinstance(component, gr.Dropdown) and not component.multiselect:
         if not isinstance(value, str):
-            raise OptionsError(f"`{name}` must be one name (text), but is {_a(value)}.")
+            raise OptionsError(f"`{name}` must be one name (text), but is {describe(value)}.")
         if len(value) > limits.max_prompt_chars:
             raise OptionsError(f"`{name}` is {len(value):,} characters; no name is longer than a prompt.")
-
-
-def _a(value: object) -> str:
-    kind = {bool: "a yes/no", int: "a number", float: "a number", list: "a list", dict: "an object"}
-    return kind.get(type(value), f"a {type(value).__name__}")
 
 
 def _num(value: float | None) -> str:

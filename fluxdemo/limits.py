@@ -55,24 +55,27 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-def check_prompt(prompt: object, limits: Limits = DEFAULT_LIMITS) -> str:
-    """The prompt, if it is text within the length limit; checked before anything tokenizes it."""
-    if prompt is None:
-        return ""
-    if not isinstance(prompt, str):
-        raise OptionsError(f"`prompt` must be text, but is a {type(prompt).__name__}.")
-    if len(prompt) > limits.max_prompt_chars:
+def check_text(name: str, value: object, limits: Limits = DEFAULT_LIMITS) -> str:
+    """Text within the length limit; checked before anything tokenizes it."""
+    if not isinstance(value, str):
+        raise OptionsError(f"`{name}` must be text, but is {describe(value)}.")
+    if len(value) > limits.max_prompt_chars:
         raise OptionsError(
-            f"`prompt` is {len(prompt):,} characters; the limit is {limits.max_prompt_chars:,} "
+            f"`{name}` is {len(value):,} characters; the limit is {limits.max_prompt_chars:,} "
             "(the operator can raise it with --max-prompt-chars or FLUXDEMO_MAX_PROMPT_CHARS)."
         )
-    return prompt
+    return value
+
+
+def check_prompt(prompt: object, limits: Limits = DEFAULT_LIMITS) -> str:
+    """The prompt (None: empty), if it is text within the length limit."""
+    return "" if prompt is None else check_text("prompt", prompt, limits)
 
 
 def check_number(name: str, value: object) -> float:
     """A finite real number (True/False, text, NaN and infinities are refused) -> the value as a float."""
     if not _real(value):
-        raise OptionsError(f"`{name}` must be a number, but is {_kind(value)}.")
+        raise OptionsError(f"`{name}` must be a number, but is {describe(value)}.")
     if not math.isfinite(value):
         raise OptionsError(f"`{name}` must be a finite number, but is {value}.")
     return float(value)
@@ -136,9 +139,11 @@ def _units(cost: float) -> str:
     return f"{cost:,.0f}" if cost >= 10 else f"{cost:.2g}"  # 3,200; or 0.2 for a tiny test image
 
 
-def _kind(value: object) -> str:
+def describe(value: object) -> str:
+    """What a wrong value is, in a visitor's words: "a number", "a list", "text ('1.0')"."""
     if isinstance(value, bool):
         return f"{value} (a yes/no)"
     if isinstance(value, str):
         return f"text ({value[:40]!r})"
-    return f"a {type(value).__name__}"
+    kind = {int: "a number", float: "a number", list: "a list", dict: "an object"}
+    return kind.get(type(value), f"a {type(value).__name__}")

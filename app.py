@@ -23,6 +23,7 @@ from fluxdemo.limits import DEFAULT_MAX_JOBS_PER_CLIENT, DEFAULT_MAX_PROMPT_CHAR
 from fluxdemo.manager import STRATEGIES
 from fluxdemo.previews import preview_drawer
 from fluxdemo.studio import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_QUEUE_SIZE, build_studio
+from fluxdemo.timeline import quiet_libraries
 
 logger = logging.getLogger("fluxdemo")
 
@@ -187,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
     if not args.verbose:
-        for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub", "gguf"):  # gguf: lines per file written
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+        quiet_libraries()
     try:
         auth = parse_auth(args.auth)
         limits = check_flags(args)

@@ -18,6 +18,7 @@ from typing import NoReturn
 
 from fluxdemo.config import CLI_FLAGS, DEFAULT_PRESET, ENV_OVERRIDES, PRESETS, get_preset
 from fluxdemo.errors import FluxdemoError, LoraError, OptionsError
+from fluxdemo.timeline import quiet_libraries
 
 logger = logging.getLogger("fluxdemo")
 
@@ -381,10 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(relativeCreated)7.0f ms  %(message)s"
     )
     if not args.verbose:
-        # transformers logs through its own handler, configured from the environment at import.
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub", "gguf"):  # gguf: lines per file written
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+        quiet_libraries()
     try:
         return VERBS[args.verb](args)
     except (FluxdemoError, OSError) as e:

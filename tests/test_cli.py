@@ -243,3 +243,7 @@ def test_default_log_is_quiet(tmp_path, fluxdemo_cache):
     done = run("generate", *ARGS, "--out", str(tmp_path / "cat.png"), cache=fluxdemo_cache)
     assert done.returncode == 0, done.stderr
     assert "reusing" not in done.stderr  # the kit is looked up once per component: -v only
+    stacked = run("compare", *ARGS, "--lora", "peft:0.8", "--lora", "comfy:0.5", "--out", str(tmp_path / "stack"),
+                  cache=fluxdemo_cache)  # fmt: skip
+    assert stacked.returncode == 0, stacked.stderr
+    assert "Warning" not in stacked.stderr  # PEFT warns for each adapter beside another, which is what a stack is

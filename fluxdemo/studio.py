@@ -836,6 +836,7 @@ def build_studio(
                     with gr.Tab("Compare", id="compare"):
                         slider = gr.ImageSlider(
                             label="left: baseline · right: LoRA",
+                            elem_id="slider",  # the page's tests find its two images apart from the history's
                             type="filepath",
                             format="png",
                             buttons=["download", "fullscreen"],

@@ -9,9 +9,19 @@ from pathlib import Path
 
 import pytest
 
+FAILED = pytest.StashKey[bool]()  # set on a test whose call failed, for fixtures that add what they saw
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than 20 s (e.g. builds the real-width tiny-wide kit)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if report.when == "call" and report.failed:
+        item.stash[FAILED] = True
+    return report
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import lora_factory as lf
 import pytest
 import test_hub as th
+from conftest import FAILED
 from test_lora_hub import CARD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +28,9 @@ START_BUDGET_S = 15  # the issue's acceptance: a working page within 15 s of sta
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 
+# The slider's own two images: the history strip below it shows the same files, a moment later or sooner.
 SLIDER_IMAGES = """() => {
-    const images = [...document.querySelectorAll("img[src$='/baseline.png'], img[src$='/lora.png']")];
+    const images = [...document.querySelectorAll("#slider img[src$='/baseline.png'], #slider img[src$='/lora.png']")];
     const ready = images.length === 2 && images.every(i => i.complete && i.naturalWidth > 0);
     return ready && images.map(i => [i.src.split("/").pop(), i.naturalWidth, i.naturalHeight]);
 }"""
@@ -91,6 +93,14 @@ def served(tiny_kit, fake_hub, tmp_path_factory):
         app.terminate()
         app.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(autouse=True)
+def app_log_on_failure(request, served):
+    """A failed browser test shows the end of the app's log: on CI it is all there is to go on."""
+    yield
+    if request.node.stash.get(FAILED, False):
+        print(f"--- the last lines of {served[2]} ---", *served[2].read_text().splitlines()[-60:], sep="\n")
 
 
 def chromium_path() -> str:

@@ -59,8 +59,11 @@ def test_taef1_comes_from_the_hugging_face_cache_only_when_it_is_there(tmp_path,
 
 
 def test_a_bad_preview_decoder_is_a_sentence(tmp_path):
-    with pytest.raises(OptionsError, match=r"^The preview decoder .*nowhere is not a folder with config.json and "
-                                           r"safetensors weights: download TAEF1 with `hf download madebyollin/taef1"):
+    with pytest.raises(
+        OptionsError,
+        match=r"^The preview decoder .*nowhere is not a folder with config.json and "
+        r"safetensors weights: download TAEF1 with `hf download madebyollin/taef1",
+    ):
         preview_drawer(str(tmp_path / "nowhere"))
     save_tiny_vae(tmp_path / "sd", latent_channels=4)
     with pytest.raises(OptionsError, match=r"takes 4 latent channels, FLUX.1 has 16: use TAEF1"):

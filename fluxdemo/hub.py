@@ -482,7 +482,7 @@ def download_lora(
     common = {"repo_id": ref.repo_id, "revision": ref.revision, "cache_dir": cache_dir, "token": token,
               "endpoint": endpoint}  # fmt: skip
     try:
-        if _offline_mode():  # only the cache: a file downloaded before, named exactly
+        if _offline_mode() or not _hub_answers(api, ref):  # only the cache: a file downloaded before, named exactly
             if not ref.filename:
                 raise LocalEntryNotFoundError("offline: a repo without a file name cannot be listed")
             path = Path(hf_hub_download(filename=ref.filename, local_files_only=True, **common))
@@ -510,6 +510,18 @@ def download_lora(
         raise _lora_hub_error(e, ref, token) from None
     logger.info("LoRA %s from the Hub: %s (%s)", ref, path.name, _human(_size(path)))
     return HubLora(HubLoraRef(ref.repo_id, filename, ref.revision), path, words, prompts)
+
+
+def _hub_answers(api, ref: HubLoraRef) -> bool:
+    """False when the Hub cannot be reached: one plain request, because huggingface_hub's listing retries an
+    unreachable Hub five times with back-off (23 s) before it gives up. A missing, private or gated repo raises."""
+    try:
+        api.model_info(ref.repo_id, revision=ref.revision or constants.DEFAULT_REVISION,
+                       timeout=constants.HF_HUB_ETAG_TIMEOUT)  # fmt: skip
+    except httpx2.TransportError as e:
+        logger.info("The Hub could not be reached (%s); looking in the Hugging Face cache", e)
+        return False
+    return True
 
 
 def _pick_lora(api, ref: HubLoraRef, files: dict[str, int], is_lora: Callable[[list[str]], bool]) -> str:

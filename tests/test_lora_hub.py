@@ -4,6 +4,8 @@ found, size-checked, downloaded into the cache, inspected and applied like a loc
 from __future__ import annotations
 
 import re
+import socket
+import time
 
 import lora_factory as lf
 import pytest
@@ -190,6 +192,21 @@ def test_private_with_token_too_big_and_offline(fake, library, monkeypatch, lora
     assert library.get("bob/two-loras/a.safetensors").path == cached.path  # from the cache, named exactly
     with pytest.raises(LoraError, match=r"^bob/style-lora is not in the Hugging Face cache and offline mode is on"):
         library.get("bob/style-lora")
+
+
+def test_an_unreachable_hub_is_a_sentence_at_once_and_the_cache_still_serves(fake, library, tmp_path, lora_bytes):
+    """No network (a port nobody listens on): huggingface_hub's listing would retry for 23 s; one request says so."""
+    cached = library.get("bob/two-loras/a.safetensors")
+    with socket.socket() as s:  # a free port, closed again: connections to it are refused
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    away = LoraLibrary(library.folder, TINY, CLIP, hub_endpoint=closed, hub_cache=tmp_path / "hf")
+    start = time.monotonic()
+    assert away.get("bob/two-loras/a.safetensors").path.read_bytes() == lora_bytes["kohya"] == cached.path.read_bytes()
+    with pytest.raises(LoraError, match=r"^bob/style-lora is not in the Hugging Face cache and the Hub could not be "
+                                        r"reached\. Download it where there is network"):  # fmt: skip
+        away.get("bob/style-lora")
+    assert time.monotonic() - start < 5
 
 
 def test_a_hub_lora_applies_like_the_same_file_in_the_folder(fake, tmp_path, tiny_kit, lora_bytes):

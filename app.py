@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -213,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         batch=args.batch,
         draw_preview=draw,
     )
+    # How Spaces and container hosts stop an app: exit as on Ctrl+C, so the atexit clean-ups (run folders) run
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     demo.launch(**launch_options(args, auth))
     return 0
 

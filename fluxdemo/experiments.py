@@ -211,7 +211,9 @@ def run(
         start = time.perf_counter()
         identity = manager.file_identity()
         batched = ("batch", batch) if batch > 1 else ()
-        keys = {spec.label: (*_key(identity, spec.options, resolved[spec.stack]), *batched) for spec in specs}
+        scope = (controls.cache_scope,) if controls.cache_scope else ()  # a visitor's results apart from another's
+        # the stack's (sha256, strength) pairs stay last: ResultsCache.saw() reads them there
+        keys = {spec.label: (*scope, *batched, *_key(identity, spec.options, resolved[spec.stack])) for spec in specs}
         made: dict[tuple, Image.Image] = {}
         reused: list[str] = []
         todo: list[ImageSpec] = []
@@ -288,8 +290,9 @@ def _make(manager, todo, resolved, keys, made, controls, batch, passes) -> dict[
             if (o.prompt, o.max_sequence_length, clip_key) not in done:
                 if adapters.loaded():  # CLIP runs as the base model unless the stack has a CLIP part
                     adapters.activate(applied(spec, text_encoder=True), ("text_encoder",))
-                done[o.prompt, o.max_sequence_length, clip_key] = encode(manager, o.prompt, o.max_sequence_length,
-                                                                         clip_key)  # fmt: skip
+                done[o.prompt, o.max_sequence_length, clip_key] = encode(
+                    manager, o.prompt, o.max_sequence_length, clip_key, controls.cache_scope
+                )
         return {s.label: done[s.options.prompt, s.options.max_sequence_length, resolved[s.stack].clip_key()]
                 for s in todo}  # fmt: skip
 

@@ -1,13 +1,13 @@
 """The bounds on what one request may ask for, in one place, for the studio, the API, the CLI and the library alike.
 
 A public link puts one GPU in front of strangers: every input is bounded here (prompt length, strengths, every number
-finite), and so is the work one request may ask for, counted as images x steps x megapixels, so that an absurd request
-is refused at once instead of holding the only model slot for hours. Each refusal is an OptionsError whose sentence
-names the value, the limit and the flag (or environment variable) that raises it: a visitor reads what to change, an
-operator reads what to set.
+finite), and so is the work one request may ask for, counted in units of one megapixel of tokens through one
+denoising step, so that an absurd request is refused at once instead of holding the only model slot for hours. Each
+refusal is an OptionsError whose sentence names the value, the limit and the flag (or environment variable) that
+raises it: a visitor reads what to change, an operator reads what to set.
 
-The defaults admit every ordinary request: a 28-step 1024x1024 compare (56 units), the default 6-strength sweep (168)
-and a default grid of 2 LoRAs x 3 strengths x 2 seeds (336).
+The defaults admit every ordinary request: a 28-step 1024x1024 compare (71 units), the default 6-strength sweep (212)
+and a default grid of 2 LoRAs x 3 strengths x 2 seeds (425).
 """
 
 from __future__ import annotations
@@ -20,6 +20,11 @@ from numbers import Real
 from fluxdemo.errors import OptionsError
 
 MEGAPIXEL = 2**20  # 1024x1024 is one megapixel of work
+# What a step costs besides the image's own tokens (one per 16x16 pixels): the 512 T5 tokens and the per-step work
+# that does not grow with the image. Measured on the real-width kit as 935 image tokens' worth (bench/budget.py), so
+# a 16x16 image costs a fifth of a 1024x1024 one per step, not nothing.
+STEP_FIXED_PIXELS = 935 * 256
+DECODE_STEPS = 1.0  # decoding and writing an image: about one step at its size (an estimate, to be measured on a GPU)
 DEFAULT_MAX_PROMPT_CHARS = 2000  # T5 reads at most 512 tokens (about 2,000 characters of English); CLIP 77
 DEFAULT_MAX_WORK = 512  # images x steps x megapixels: a 6-strength sweep at 50 steps and 1024x1024 is 300
 DEFAULT_MAX_JOBS_PER_CLIENT = 2  # one running and one waiting: a page never needs more
@@ -96,8 +101,10 @@ def check_strengths(values: Iterable[object], limits: Limits = DEFAULT_LIMITS) -
 
 
 def work(images: int, steps: int, width: int, height: int) -> float:
-    """A request's cost in units of one 1024x1024 denoising step: images x steps x megapixels."""
-    return images * steps * width * height / MEGAPIXEL
+    """A request's cost in megapixels of tokens through one step: per image, `steps` steps over the image's and the
+    text's tokens, and its decode."""
+    pixels = width * height
+    return images * (steps * (pixels + STEP_FIXED_PIXELS) + DECODE_STEPS * pixels) / MEGAPIXEL
 
 
 def check_work(images: int, steps: int, width: int, height: int, limits: Limits = DEFAULT_LIMITS) -> float:
@@ -105,8 +112,8 @@ def check_work(images: int, steps: int, width: int, height: int, limits: Limits 
     cost = work(images, steps, width, height)
     if cost > limits.max_work:
         raise OptionsError(
-            f"This request is {images} image{'s' * (images != 1)} x {steps} steps x "
-            f"{width * height / MEGAPIXEL:.2f} megapixels = {_units(cost)} units of work; the limit is "
+            f"This request is {images} image{'s' * (images != 1)} x {steps} steps at {width}x{height} "
+            f"(with the prompt's tokens and the decode) = {_units(cost)} units of work; the limit is "
             f"{limits.max_work:,g} (the operator can raise it with --max-work or FLUXDEMO_MAX_WORK). "
             "Ask for fewer images, fewer steps or a smaller size."
         )

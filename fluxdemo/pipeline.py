@@ -29,6 +29,7 @@ from fluxdemo.stages import initial_noise as initial_noise
 from fluxdemo.stages import pipeline_view as pipeline_view
 
 MAX_GRID_CELLS = 64  # images in one grid call (prompts x seeds x rows x strengths)
+MAX_GRID_PICTURE_PIXELS = 4096 * 4096  # one grid picture's cells together: 64 cells at 2048x2048 would be 268 MP
 
 LoraArg = str | LoraChoice | tuple | list | None
 
@@ -123,7 +124,19 @@ def grid_pictures(result: Result) -> list[tuple[str, int, Image.Image]]:
         for seed in layout["seeds"]:
             mine = [c for c in cells if c["prompt"] == prompt and c["seed"] == seed]
             rows = [[result.images[c["label"]] for c in mine if c["row"] == r] for r in range(len(layout["rows"]))]
+            rows = _fit_cells(rows)
             columns = [f"× {s:g}" for s in layout["strengths"]]
             title = f"seed {seed} · {prompt}"
             pictures.append((prompt, seed, grid_image(rows, layout["rows"], columns, title)))
     return pictures
+
+
+def _fit_cells(rows: list[list[Image.Image]]) -> list[list[Image.Image]]:
+    """The cells scaled down, all by one factor, until the grid holds at most MAX_GRID_PICTURE_PIXELS (each cell's
+    own PNG keeps its full size)."""
+    total = sum(cell.width * cell.height for row in rows for cell in row)
+    if total <= MAX_GRID_PICTURE_PIXELS:
+        return rows
+    scale = (MAX_GRID_PICTURE_PIXELS / total) ** 0.5
+    return [[cell.resize((max(1, int(cell.width * scale)), max(1, int(cell.height * scale))), Image.LANCZOS)
+             for cell in row] for row in rows]  # fmt: skip

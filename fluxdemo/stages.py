@@ -84,6 +84,7 @@ class Controls:
     preview_every: int = 4  # steps between previews, skipped while they have cost more than PREVIEW_BUDGET
     on_image: Callable[[int, int, str], None] | None = None  # (i, n, label): the i-th of n images to make starts
     draw: DrawPreview = latent_preview  # how a preview is drawn (fluxdemo.previews: the projection or TAEF1)
+    cache_scope: str = ""  # whose caches: "" shares them; a public app gives each visitor its own
 
 
 def initial_noise(seed: int, width: int, height: int) -> torch.Tensor:
@@ -98,11 +99,16 @@ def initial_noise(seed: int, width: int, height: int) -> torch.Tensor:
 
 
 def encode(
-    manager: ModelManager, prompt: str, max_sequence_length: int = MAX_T5_TOKENS, clip_state: tuple = ()
+    manager: ModelManager,
+    prompt: str,
+    max_sequence_length: int = MAX_T5_TOKENS,
+    clip_state: tuple = (),
+    scope: str = "",
 ) -> Embeddings:
     """T5 + CLIP embeddings of a prompt. Each encoder has its own cache entry: T5 never carries a LoRA, so a CLIP
-    LoRA (`clip_state`: the active CLIP adapters and their strengths, already set) re-encodes CLIP only."""
-    t5_key, clip_key = ("t5", prompt, max_sequence_length), ("clip", prompt, clip_state)
+    LoRA (`clip_state`: the active CLIP adapters and their strengths, already set) re-encodes CLIP only. `scope`
+    keeps one visitor's cached embeddings apart from another's (Controls.cache_scope)."""
+    t5_key, clip_key = ("t5", scope, prompt, max_sequence_length), ("clip", scope, prompt, clip_state)
     embeds, pooled = manager.embedding_cache.get(t5_key), manager.embedding_cache.get(clip_key)
     reused = tuple(name for name, hit in (("t5", embeds), ("clip", pooled)) if hit is not None)
     if len(reused) == 2:

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -27,13 +28,22 @@ from PIL import Image
 from fluxdemo.admission import CHEAP_QUEUE_SIZE, Admission
 from fluxdemo.config import PRESETS, Preset
 from fluxdemo.errors import CancelledError, FluxdemoError, OptionsError
-from fluxdemo.experiments import DEFAULT_CACHE_IMAGES, LoraChoice, ResultsCache, as_stack
+from fluxdemo.experiments import (
+    DEFAULT_CACHE_IMAGES,
+    MAX_LORAS_PER_RUN,
+    MAX_STACK,
+    LoraChoice,
+    ResultsCache,
+    Stack,
+    as_stack,
+)
 from fluxdemo.history import add, describe_loras, find, slider_label, stale_note
 from fluxdemo.images import ImageParams, difference, params_from_report, read_params, save_png, side_by_side
-from fluxdemo.limits import DEFAULT_LIMITS, Limits, check_request, for_visitor
-from fluxdemo.lora import save_upload
+from fluxdemo.limits import DEFAULT_LIMITS, Limits, check_prompt, check_request, for_visitor
+from fluxdemo.lora import LoraLibrary, save_upload
 from fluxdemo.manager import MODEL_COMPONENTS, STRATEGIES, ModelManager
 from fluxdemo.pipeline import (
+    MAX_GRID_CELLS,
     MAX_SEED,
     MAX_SIDE,
     MAX_STEPS,
@@ -51,6 +61,7 @@ from fluxdemo.pipeline import (
 )
 from fluxdemo.previews import DrawPreview, latent_preview
 from fluxdemo.spaces_gpu import run_on_gpu
+from fluxdemo.untrusted import MAX_LIST_ITEMS, MAX_SENTENCE_CHARS, markdown_text, names_list
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +74,7 @@ MAX_SWEEP_IMAGES = 8  # each image is one more denoising loop on the one shared 
 DEFAULT_GRID_STRENGTHS = "0, 0.5, 1"
 MAX_GRID_SEEDS = 4
 EXTRA_ROWS = (2, 3, 4)  # the LoRA rows below the first: a stack holds up to four LoRAs
+HUB_DOWNLOADS = 2  # Hub LoRA downloads at once, for every visitor together
 PREVIEW_EVERY = 2  # steps between live previews; bench/speed.py measures what they cost
 KEEP_RUNS = 16  # run folders kept on disk; gradio serves its own copies of what it has shown
 SIZE_PRESETS = {
@@ -155,6 +167,81 @@ def ui_stack(lora: str | None, strength: float, *rows) -> list[LoraChoice]:
     return stack
 
 
+@dataclass(frozen=True)
+class Ask:
+    """One model request as read from the page's values, checked whole before it is queued and again before it runs."""
+
+    kind: str  # compare | generate | sweep | grid
+    options: GenerateOptions  # a grid's first prompt and seed
+    stacks: tuple[Stack, ...]  # one for compare, generate and sweep; a grid's rows
+    columns: tuple[float, ...] = ()  # a sweep's or a grid's strengths
+    prompts: tuple[str, ...] = ()  # a grid's prompts
+    seeds: tuple[int, ...] = ()  # a grid's seeds
+
+    @property
+    def images(self) -> int:
+        if self.kind == "grid":
+            return len(self.prompts) * len(self.seeds) * len(self.stacks) * len(self.columns)
+        return {"compare": 2, "generate": 1}.get(self.kind, len(self.columns))
+
+    @property
+    def lora_names(self) -> list[str]:
+        """Every LoRA the request names, each once, in order."""
+        return list(dict.fromkeys(choice.name for stack in self.stacks for choice in stack))
+
+
+def read_request(kind: str, values: Sequence, limits: Limits = DEFAULT_LIMITS) -> Ask:
+    """A model request from its handler's values, in the handler's order, with every check that needs no file and
+    no network: numbers, strengths, the counts of LoRAs and images, the work budget. The admission runs it before a
+    request is queued (nothing is downloaded for a request it refuses), and the handler again before the model."""
+    if kind == "grid":
+        prompt, prompts, rows, strengths, seeds, steps, guidance, width, height, first, strength, *pickers = values
+        prompt_list = tuple(line for line in (prompts or "").splitlines() if line.strip()) or (prompt or "",)
+        stacks = tuple(as_stack(line) for line in (rows or "").splitlines() if line.strip())
+        stacks = stacks or (tuple(ui_stack(first, strength, *pickers)),)
+        if not stacks[0]:
+            raise OptionsError("A grid needs a LoRA row (one stack per line, e.g. style:0.8+detail:0.5), or a LoRA "
+                               "picked above.")  # fmt: skip
+        seed_list = tuple(parse_seeds(seeds))
+        options = to_options(prompt_list[0], seed_list[0], steps, guidance, width, height)
+        ask = Ask(kind, options, stacks, tuple(parse_strengths(strengths)), prompt_list, seed_list)
+        for text in prompt_list[1:]:
+            check_prompt(text, limits)
+    else:
+        prompt, first, strength, seed, steps, guidance, width, height, *pickers = values
+        stack = tuple(ui_stack(first, 1.0 if kind == "sweep" else strength, *pickers))
+        if kind != "generate" and not stack:
+            goal = "sweep its strength" if kind == "sweep" else "compare with the base model"
+            raise OptionsError(f"Pick a LoRA to {goal}, or upload one.")
+        columns = tuple(parse_strengths(strength)) if kind == "sweep" else ()
+        ask = Ask(kind, to_options(prompt, seed, steps, guidance, width, height), (stack,), columns)
+    _check_counts(ask)
+    strengths = [choice.strength for stack in ask.stacks for choice in stack]
+    check_request(ask.options, ask.images, [*strengths, *ask.columns], limits)
+    return ask
+
+
+def _check_counts(ask: Ask) -> None:
+    """At most MAX_STACK LoRAs a stack, MAX_LORAS_PER_RUN in all, MAX_GRID_CELLS images: counted from the names."""
+    longest = max(len(stack) for stack in ask.stacks)
+    if longest > MAX_STACK:
+        raise OptionsError(f"A stack holds at most {MAX_STACK} LoRAs, but one here has {longest}.")
+    names = ask.lora_names
+    if len(names) > MAX_LORAS_PER_RUN:
+        raise OptionsError(f"One run can use at most {MAX_LORAS_PER_RUN} different LoRAs, but this one names "
+                           f"{len(names)}: split it into smaller runs.")  # fmt: skip
+    if ask.kind == "grid" and ask.images > MAX_GRID_CELLS:
+        raise OptionsError(
+            f"A grid of {len(ask.prompts)} prompts x {len(ask.seeds)} seeds x {len(ask.stacks)} rows x "
+            f"{len(ask.columns)} strengths is {ask.images} images; at most {MAX_GRID_CELLS} fit in one grid."
+        )
+
+
+def unfetched_hub_loras(library: LoraLibrary, ask: Ask) -> list[str]:
+    """The request's Hub LoRAs not downloaded yet: a model job never downloads, so these must be fetched first."""
+    return [name for name in ask.lora_names if library.is_hub_name(name) and not library.fetched(name)]
+
+
 def controls_params(manager: ModelManager, prompt, lora, strength, seed, steps, guidance, width, height,
                     *rows) -> ImageParams | None:  # fmt: skip
     """What the controls would make, as ImageParams (to compare with the result on screen); None while a control
@@ -185,21 +272,25 @@ def insert_trigger_words(prompt: str | None, report: dict | None) -> str:
 
 
 def lora_card(report: dict | None) -> str:
-    """The LoRA report as a few lines of Markdown: what it is, what it adapts, its trigger words, what is wrong."""
+    """The LoRA report as a few lines of Markdown: what it is, what it adapts, its trigger words, what is wrong.
+    Everything a file chose (names, metadata, trigger words) is escaped: it shows as text, never as a tag or link."""
     if not report:
         return "No LoRA selected: pick one from the folder, or upload a `.safetensors` file."
-    modules = ", ".join(f"{group} {n}" for group, n in report["modules"].items())
+    text = markdown_text
+    modules = ", ".join(f"{text(group)} {n}" for group, n in report["modules"].items())
     verdict = "fits the loaded model" if report["compatible"] else "**does not fit** the loaded model"
+    words = ", ".join(text(w) for w in report["trigger_words"][:MAX_LIST_ITEMS])
     lines = [
-        f"### {report['name']}",
-        f"**{report['format']}** LoRA, {verdict} · rank {report['rank']} · alpha {report['alpha']} · "
-        f"{report['size'] / 1e6:.1f} MB",
-        f"Adapts {report['targets']} modules ({modules or 'none'}); CLIP text encoder: "
+        f"### {text(report['name'])}",
+        f"**{text(report['format'])}** LoRA, {verdict} · rank {text(report['rank'])} · "
+        f"alpha {text(report['alpha'])} · {report['size'] / 1e6:.1f} MB",
+        f"Adapts {text(report['targets'])} modules ({modules or 'none'}); CLIP text encoder: "
         f"{'yes' if report['text_encoder'] else 'no'}",
-        f"Base model: {report['base_model_hint'] or 'unknown'}",
-        "Trigger words: " + (", ".join(f"`{w}`" for w in report["trigger_words"]) or "none listed"),
+        f"Base model: {text(report['base_model_hint'] or 'unknown')}",
+        "Trigger words: " + (words or "none listed"),
     ]
-    lines += [f"- **Problem:** {p}" for p in report["problems"]] + [f"- Warning: {w}" for w in report["warnings"]]
+    lines += [f"- **Problem:** {text(p, MAX_SENTENCE_CHARS)}" for p in report["problems"][:MAX_LIST_ITEMS]]
+    lines += [f"- Warning: {text(w, MAX_SENTENCE_CHARS)}" for w in report["warnings"][:MAX_LIST_ITEMS]]
     return "\n\n".join(lines)
 
 
@@ -335,31 +426,36 @@ def for_people(fn: Callable) -> Callable:
 
 
 class CancelFlags:
-    """One threading.Event per browser session: Cancel sets it, the session's running job polls it after each step.
+    """threading.Events per browser session: Cancel sets them, the session's running work polls them (after each
+    step, between a download's chunks).
 
     gradio's own `cancels=` stops the page waiting, but not the worker thread; this stops the work itself.
     """
 
     def __init__(self) -> None:
-        self._events: dict[str, threading.Event] = {}
+        self._events: dict[str, set[threading.Event]] = {}
         self._lock = threading.Lock()
 
     def begin(self, session: str) -> threading.Event:
+        event = threading.Event()
         with self._lock:
-            event = self._events[session] = threading.Event()
-            return event
+            self._events.setdefault(session, set()).add(event)
+        return event
 
-    def end(self, session: str) -> None:
+    def end(self, session: str, event: threading.Event) -> None:
         with self._lock:
-            self._events.pop(session, None)
+            mine = self._events.get(session, set())
+            mine.discard(event)
+            if not mine:
+                self._events.pop(session, None)
 
     def cancel(self, session: str) -> bool:
-        """Ask the session's running job to stop; False when it has none."""
+        """Ask the session's running work to stop; False when it has none."""
         with self._lock:
-            event = self._events.get(session)
-        if event is not None:
+            events = list(self._events.get(session, ()))
+        for event in events:
             event.set()
-        return event is not None
+        return bool(events)
 
 
 class RunFolders:
@@ -421,12 +517,12 @@ class Studio:
         progress: gr.Progress = gr.Progress(),
     ) -> tuple:  # fmt: skip
         """Baseline and the LoRA stack's image from one seed -> ((baseline.png, lora.png), report)."""
-        stack = ui_stack(lora, strength, lora_2, strength_2, lora_3, strength_3, lora_4, strength_4)
-        if not stack:
-            raise gr.Error("Pick a LoRA to compare with the base model, or upload one.", print_exception=False)
-        options = to_options(prompt, seed, steps, guidance, width, height)
+        values = (prompt, lora, strength, seed, steps, guidance, width, height, lora_2, strength_2, lora_3,
+                  strength_3, lora_4, strength_4)  # fmt: skip
+        ask = self.read("compare", values)
+        (stack,) = ask.stacks
         result = self._run(
-            lambda m, c: compare(m, options, stack, controls=c, cache=self.cache, batch=self.batch), options, 2, stack,
+            lambda m, c: compare(m, ask.options, stack, controls=c, cache=self.cache, batch=self.batch), ask,
             request, progress,
         )  # fmt: skip
         folder = self.runs.new()
@@ -437,8 +533,7 @@ class Studio:
                  self._png(folder / "side_by_side.png", both, result, "lora", "side_by_side")]  # fmt: skip
         history = self._remember(history, "compare", result, {"baseline": files[0], "lora": files[1]})
         a, b = history[-2], history[-1]
-        shown = controls_params(self.manager, prompt, lora, strength, seed, steps, guidance, width, height, lora_2,
-                                strength_2, lora_3, strength_3, lora_4, strength_4)  # fmt: skip
+        shown = controls_params(self.manager, *values)
         run = {
             "tab": "compare",
             "files": files,
@@ -457,17 +552,17 @@ class Studio:
         progress: gr.Progress = gr.Progress(),
     ) -> tuple:  # fmt: skip
         """One image, with the LoRA stack (none: the base model) -> (image.png, report)."""
-        stack = ui_stack(lora, strength, lora_2, strength_2, lora_3, strength_3, lora_4, strength_4)
-        options = to_options(prompt, seed, steps, guidance, width, height)
+        values = (prompt, lora, strength, seed, steps, guidance, width, height, lora_2, strength_2, lora_3,
+                  strength_3, lora_4, strength_4)  # fmt: skip
+        ask = self.read("generate", values)
+        (stack,) = ask.stacks
         result = self._run(
-            lambda m, c: generate(m, options, stack, controls=c, cache=self.cache), options, 1, stack, request,
-            progress,
-        )  # fmt: skip
+            lambda m, c: generate(m, ask.options, stack, controls=c, cache=self.cache), ask, request, progress
+        )
         ((label, image),) = result.images.items()
         path = self._png(self.runs.new() / f"{label}.png", image, result, label)
         history = self._remember(history, "generate", result, {label: path})
-        shown = controls_params(self.manager, prompt, lora, strength, seed, steps, guidance, width, height, lora_2,
-                                strength_2, lora_3, strength_3, lora_4, strength_4)  # fmt: skip
+        shown = controls_params(self.manager, *values)
         return path, result.report, {"tab": "single", "files": [path], "shown": shown}, history
 
     @for_people
@@ -479,15 +574,12 @@ class Studio:
     ) -> tuple:  # fmt: skip
         """One image per strength (multiplying each LoRA's own), same seed -> ([(png, "strength 0.5"), ...],
         report)."""
-        stack = ui_stack(lora, 1.0, lora_2, strength_2, lora_3, strength_3, lora_4, strength_4)
-        if not stack:
-            raise gr.Error("Pick a LoRA to sweep its strength.", print_exception=False)
-        values = parse_strengths(strengths)
-        options = to_options(prompt, seed, steps, guidance, width, height)
+        ask = self.read("sweep", (prompt, lora, strengths, seed, steps, guidance, width, height, lora_2, strength_2,
+                                  lora_3, strength_3, lora_4, strength_4))  # fmt: skip
+        (stack,) = ask.stacks
         result = self._run(
-            lambda m, c: sweep(m, options, stack, values, controls=c, cache=self.cache, batch=self.batch), options,
-            len(values),
-            [*stack, *(LoraChoice("", s) for s in values)], request, progress,
+            lambda m, c: sweep(m, ask.options, stack, ask.columns, controls=c, cache=self.cache, batch=self.batch),
+            ask, request, progress,
         )  # fmt: skip
         folder = self.runs.new()
         files = {label: self._png(folder / f"{label.replace(' ', '-')}.png", image, result, label)
@@ -505,23 +597,12 @@ class Studio:
     ) -> tuple:  # fmt: skip
         """LoRA rows (one stack per line; none: the stack of the LoRA pickers) x strength columns, for each prompt
         (one per line; none: `prompt`) and seed -> (grid pictures, cells, report)."""
-        prompt_list = [line for line in (prompts or "").splitlines() if line.strip()] or [prompt or ""]
-        stacks = [as_stack(line) for line in (rows or "").splitlines() if line.strip()]
-        current = ui_stack(lora, strength, lora_2, strength_2, lora_3, strength_3, lora_4, strength_4)
-        stacks = stacks or ([tuple(current)] if current else [])
-        if not prompt_list or not stacks:
-            raise gr.Error("A grid needs a prompt (one per line) and a LoRA row (one stack per line, e.g. "
-                           "style:0.8+detail:0.5).", print_exception=False)  # fmt: skip
-        values, seed_list = parse_strengths(strengths), parse_seeds(seeds)
-        options = to_options(prompt_list[0], seed_list[0], steps, guidance, width, height)
-        for text in prompt_list[1:]:
-            check_request(to_options(text, seed_list[0], steps, guidance, width, height), 1, (), self.limits)
-        cells = len(prompt_list) * len(seed_list) * len(stacks) * len(values)
-        strengths_used = [c for stack in stacks for c in stack] + [LoraChoice("", s) for s in values]
+        ask = self.read("grid", (prompt, prompts, rows, strengths, seeds, steps, guidance, width, height, lora,
+                                 strength, lora_2, strength_2, lora_3, strength_3, lora_4, strength_4))  # fmt: skip
         result = self._run(
-            lambda m, c: grid(m, options, prompt_list, seed_list, stacks, values, controls=c, cache=self.cache,
-                               batch=self.batch),
-            options, cells, strengths_used, request, progress,
+            lambda m, c: grid(m, ask.options, ask.prompts, ask.seeds, ask.stacks, ask.columns, controls=c,
+                              cache=self.cache, batch=self.batch),
+            ask, request, progress,
         )  # fmt: skip
         folder = self.runs.new()
         files = {}
@@ -538,17 +619,52 @@ class Studio:
         run = {"tab": "grid", "files": [path for path, _ in pictures] + list(files.values())}
         return pictures, cell_gallery, result.report, run, history
 
+    def read(self, kind: str, values: Sequence) -> Ask:
+        """The request checked whole (read_request), and its Hub LoRAs already fetched."""
+        ask = read_request(kind, values, self.limits)
+        missing = unfetched_hub_loras(self.library, ask)
+        if missing:
+            raise OptionsError(
+                f"The Hub LoRA {names_list(missing)} is not downloaded yet: a model job never downloads. Use "
+                '"Use a LoRA from the Hub" (the /hub_lora endpoint) with each name first, then run again.'
+            )
+        return ask
+
+    def admit(self, kind: str) -> Callable[[list], None]:
+        """The admission's rule for a model event: the request read and checked before it is queued."""
+        return lambda data: self.read(kind, data[:-1])  # the last value is the session's history
+
+    def fetcher(self, kind: str) -> Callable:
+        """fetch_loras for one kind of request, as an event handler (gradio hands `request` in by its annotation)."""
+
+        def fetch(request: gr.Request, *values) -> None:
+            self.fetch_loras(kind, values, request)
+
+        return fetch
+
+    @for_people
+    def fetch_loras(self, kind: str, values: Sequence, request: gr.Request) -> None:
+        """A model request's Hub LoRAs downloaded before it joins the GPU queue, in the Hub's own queue group;
+        Cancel stops a download between its chunks."""
+        ask = read_request(kind, values, self.limits)
+        names = unfetched_hub_loras(self.library, ask)
+        if not names:
+            return
+        session = request.session_hash or "no-session"
+        cancelled = self.cancel_flags.begin(session)
+        try:
+            self.library.prefetch(names, cancelled.is_set)
+        finally:
+            self.cancel_flags.end(session, cancelled)
+
     def _run(
         self,
         task: Callable[[ModelManager, Controls], Result],
-        options: GenerateOptions,
-        images: int,
-        stack: Sequence[LoraChoice],
+        ask: Ask,
         request: gr.Request,
         progress: gr.Progress,
     ) -> Result:
         """A library task on the GPU, with progress (image i of n, step x of y), previews, Cancel and the budget."""
-        check_request(options, images, [c.strength for c in stack], self.limits)  # before any model work
         session = request.session_hash or "no-session"
         cancelled = self.cancel_flags.begin(session)
         at = {"image": (1, 1)}
@@ -569,12 +685,14 @@ class Studio:
 
         if not set(MODEL_COMPONENTS) <= set(self.manager.loaded()):
             progress(0, desc="Loading the model")
+        # A public app's caches are each visitor's own: what another visitor made must not show as "reused"
+        scope = session if self.public else ""
         controls = Controls(progress=on_step, cancelled=stop, preview=on_preview, preview_every=PREVIEW_EVERY,
-                            draw=self.draw_preview, on_image=on_image)  # fmt: skip
+                            draw=self.draw_preview, on_image=on_image, cache_scope=scope)  # fmt: skip
         try:
-            result = run_on_gpu(task, self.manager, options, images, controls)
+            result = run_on_gpu(task, self.manager, ask.options, ask.images, controls)
         finally:
-            self.cancel_flags.end(session)
+            self.cancel_flags.end(session, cancelled)
             self.previews.pop(session, None)
         if self.public:
             result.report = for_visitor(result.report)
@@ -679,14 +797,20 @@ class Studio:
         return path.name
 
     @for_people
-    def hub_lora(self, ref: str | None) -> str:
+    def hub_lora(self, ref: str | None, request: gr.Request) -> str:
         """A LoRA from the Hugging Face Hub (user/repo, user/repo/file.safetensors, @revision, or its URL): found,
-        size-checked, downloaded into the Hub cache and inspected -> the name that picks it."""
+        size-checked, downloaded into the app's Hub LoRA cache and inspected -> the name that picks it. Cancel stops
+        the download."""
         ref = (ref or "").strip()
         if not ref:
             raise gr.Error("Type a Hub repo id such as user/repo (or user/repo/file.safetensors), or its URL.",
                            print_exception=False)  # fmt: skip
-        entry = self.library.get(ref)
+        session = request.session_hash or "no-session"
+        cancelled = self.cancel_flags.begin(session)
+        try:
+            (entry,) = self.library.prefetch([ref], cancelled.is_set)
+        finally:
+            self.cancel_flags.end(session, cancelled)
         gr.Info(f"{ref}: a {entry.report.format} LoRA, ready to pick.")
         return ref
 
@@ -702,6 +826,8 @@ class Studio:
         """The LoRA report (format, rank, alpha, targets, trigger words, problems, ...) of a name in the folder."""
         if not lora:
             return {}
+        if self.library.is_hub_name(lora) and not self.library.fetched(lora):  # inspecting never downloads
+            raise OptionsError(f'{lora} is a Hub LoRA not downloaded yet: press "Use a LoRA from the Hub" first.')
         return self.library.get(lora).report.to_dict()
 
     def cancel(self, request: gr.Request) -> None:
@@ -734,6 +860,8 @@ def build_studio(
     manager.adapters.library.refresh()
     side = dict(minimum=MIN_SIDE, maximum=MAX_SIDE, step=SIDE_MULTIPLE)
     gpu_event = dict(concurrency_limit=1, concurrency_id="gpu")  # one model job at a time, across all events
+    # Hub downloads: a group of their own, apart from the model's and the uploads'
+    hub_event = dict(concurrency_limit=HUB_DOWNLOADS, concurrency_id="hub", api_visibility="private")
     # Cheap events skip the queue from a page, and join it from gradio_client under a bound of their own
     # (fluxdemo.admission): a full model queue never turns away a Cancel, an inspect, a refresh or an upload.
     cheap = dict(queue=False, api_visibility="private")
@@ -899,14 +1027,17 @@ def build_studio(
                                                 guidance, width, height, lora, strength, *extra],
              [grid_pics, grid_cells], "grid"),
         ]  # fmt: skip
-        jobs = []
+        jobs, checked = [], []
         for triggers, fn, inputs, outputs, name in specs:
             # busy first, then the job: in parallel, a job refused at once could finish before busy() and leave
             # the buttons off
             started = gr.on(triggers, lambda tab=("single" if name == "generate" else name): busy(tab), None,
                             busy_outputs, **cheap)  # fmt: skip
-            job = started.then(fn, [*inputs, history], [*outputs, info, last_run, history], api_name=name,
-                               **gpu_event)  # fmt: skip
+            # Hub LoRAs are downloaded in the Hub's queue group, so the job that follows never downloads in the slot
+            fetched = started.then(studio.fetcher(name), inputs, None, **hub_event)
+            job = fetched.success(fn, [*inputs, history], [*outputs, info, last_run, history], api_name=name,
+                                  **gpu_event)  # fmt: skip
+            fetched.failure(lambda: busy(None), None, busy_outputs, **cheap)
             job.then(lambda: busy(None), None, busy_outputs, **cheap)
             job.failure(lambda: busy(None), None, busy_outputs, **cheap)  # gradio 6.31's page skips .then on errors
             job.success(show_run, [info, last_run, history], [downloads, chart, run_md, tabs, strip, pick_a, pick_b],
@@ -914,7 +1045,8 @@ def build_studio(
                 lambda run: (run.get("shown"), ""), last_run, [shown, note], **cheap)  # fmt: skip
             if name == "compare":  # the slider names its two sides (its API value stays the plain pair)
                 job.success(lambda run: gr.ImageSlider(label=run["label"]), last_run, slider, **cheap)
-            jobs.append(job)
+            jobs += [fetched, job]
+            checked += [(fetched, lambda data, kind=name: read_request(kind, data, limits)), (job, studio.admit(name))]
         cancel.click(studio.cancel, None, None, api_name="cancel", cancels=jobs, concurrency_limit=None, queue=False)
         cancel.click(lambda: busy(None), None, busy_outputs, **cheap)
         timer.tick(studio.latest_preview, None, preview, **cheap)
@@ -943,8 +1075,9 @@ def build_studio(
         for i, remove in enumerate(removers):
             remove.click(lambda flags, i=i: [*show_rows([f and j != i for j, f in enumerate(flags)]), ""],
                          row_shown, [row_shown, *rows, extra[2 * i]], **cheap)  # fmt: skip
+        # Queued in a group of its own: reading a PNG is bounded, but many at once must wait their turn
         loaded = png_drop.upload(studio.settings_from_png, png_drop, [prompt, *params, lora, strength, *extra],
-                                 **cheap)  # fmt: skip
+                                 concurrency_limit=2, concurrency_id="png", api_visibility="private")  # fmt: skip
         loaded.success(lambda *names: show_rows([bool(n) for n in names]), extra[::2], [row_shown, *rows], **cheap)
 
         # -- the LoRA folder and card -------------------------------------------------------------------------------
@@ -967,7 +1100,7 @@ def build_studio(
             hub_ref,
             picked,
             api_name="hub_lora",
-            concurrency_limit=1,
+            concurrency_limit=HUB_DOWNLOADS,
             concurrency_id="hub",
         )  # a download: queued, but never behind the GPU
         for event in (uploaded, fetched):
@@ -982,4 +1115,6 @@ def build_studio(
     # api_open=False: model jobs only through the queue, never by a direct POST that would skip its bounds.
     demo.queue(max_size=queue_size + CHEAP_QUEUE_SIZE * len(demo.fns), api_open=False)
     studio.admission = Admission(demo, limits, queue_size)
+    for event, rule in checked:
+        studio.admission.check(event, rule)
     return demo

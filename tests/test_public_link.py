@@ -130,4 +130,4 @@ def test_file_derived_text_on_the_lora_card_is_text_not_markup() -> None:
 
 def test_the_lora_card_lists_a_bounded_number_of_trigger_words() -> None:
     card = lora_card(card_report(trigger_words=[f"word{i}" for i in range(5000)]))
-    assert card.count("word") == 12
+    assert card.endswith("Trigger words: " + ", ".join(f"word{i}" for i in range(12)))

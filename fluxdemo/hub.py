@@ -225,15 +225,41 @@ def _offline_mode() -> bool:
     )
 
 
+def _failure(error: BaseException) -> tuple[str, int | None]:
+    """(kind, HTTP status) of a Hub failure: the one classification that the model-file and the LoRA translators
+    each word in their own sentence. Kinds: disk-full, gated, no-repo, no-revision, no-file, unreachable,
+    unauthorized, http, permission, other."""
+    status = error.response.status_code if isinstance(error, HfHubHTTPError) and error.response is not None else None
+    if _disk_full(error):
+        kind = "disk-full"
+    elif isinstance(error, GatedRepoError):  # before no-repo: a GatedRepoError is a RepositoryNotFoundError
+        kind = "gated"
+    elif isinstance(error, RepositoryNotFoundError):
+        kind = "no-repo"
+    elif isinstance(error, RevisionNotFoundError):
+        kind = "no-revision"
+    elif isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.TransportError)):
+        kind = "unreachable"  # before no-file: a LocalEntryNotFoundError is an EntryNotFoundError
+    elif isinstance(error, EntryNotFoundError):
+        kind = "no-file"
+    elif status is not None:
+        kind = "unauthorized" if status == 401 else "http"
+    elif isinstance(error, PermissionError):
+        kind = "permission"
+    else:
+        kind = "other"
+    return kind, status
+
+
 def _hub_error(
     error: Exception, source: Source, component: str, preset: str, offline: bool, cache_dir: Path | None
 ) -> HubError:
     """The HubError that says what to do about a failure of huggingface_hub."""
     what = _what(source, component)
     cache = Path(cache_dir or constants.HF_HUB_CACHE)
-    status = error.response.status_code if isinstance(error, HfHubHTTPError) and error.response is not None else None
+    kind, status = _failure(error)
 
-    if _disk_full(error):
+    if kind == "disk-full":
         need = _human(source.approx_bytes) if source.approx_bytes else "an unknown amount"
         return HubError(
             f"Disk full while downloading {what}: it needs about {need}, and the Hugging Face cache at {cache} "
@@ -241,10 +267,7 @@ def _hub_error(
             "set HF_HOME=/path/on/a/bigger/disk/huggingface (and move the old cache folder there to keep what is "
             "already downloaded)."
         )
-    gated = isinstance(error, GatedRepoError) or (
-        isinstance(error, RepositoryNotFoundError) and status == 401 and source.gated
-    )
-    if gated:
+    if kind == "gated" or (kind == "no-repo" and status == 401 and source.gated):
         licence = (
             source.licence if source.licence.startswith("https://") else f"https://huggingface.co/{source.repo_id}"
         )
@@ -254,38 +277,36 @@ def _hub_error(
             f"Accept the licence at {licence} while logged in to your Hugging Face account, then set "
             f"HF_TOKEN=<a token with read access> (create one at {TOKENS_URL})."
         )
-    if isinstance(error, RepositoryNotFoundError):
+    if kind == "no-repo":
         return HubError(
             f"{what}: the repository {source.repo_id} was not found on the Hub (or it is private and the token in "
             f"use cannot see it). Check the repo id at https://huggingface.co/{source.repo_id}; if the preset is out "
             f"of date, point {_override(component)} at a local copy."
         )
-    if isinstance(error, (RevisionNotFoundError, EntryNotFoundError)) and not isinstance(
-        error, LocalEntryNotFoundError
-    ):
+    if kind in ("no-revision", "no-file"):
         return HubError(
             f"{what}: the repository {source.repo_id} has no file {source.path}. Check the name at "
             f"https://huggingface.co/{source.repo_id}/tree/main; if the preset is out of date, point "
             f"{_override(component)} at a local copy."
         )
-    if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.TransportError)):
+    if kind == "unreachable":
         why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the Hub could not be reached"
         return HubError(
             f"{what} is not in the Hugging Face cache ({cache}) and {why}. Run `python -m fluxdemo download "
             f"--model {preset}` on a machine with network (files land in the Hugging Face cache, HF_HOME), or point "
             f"{_override(component)} at a local {'folder' if source.folder else 'file'}."
         )
-    if status == 401:
+    if kind == "unauthorized":
         return HubError(
             f"The Hub rejected the token in use (HTTP 401) for {what}. Set HF_TOKEN=<a token with read access> "
             f"(create one at {TOKENS_URL}), or unset HF_TOKEN for public files."
         )
-    if status is not None:
+    if kind == "http":
         return HubError(
             f"The Hub answered HTTP {status} for {what}; it may be down or rate-limiting. Try again in a few "
             f"minutes, or point {_override(component)} at a local copy."
         )
-    if isinstance(error, PermissionError):
+    if kind == "permission":
         return HubError(
             f"Cannot write {what} into the Hugging Face cache at {cache} ({error.strerror}). Make that folder "
             "writable, or set HF_HOME to a folder you can write to."

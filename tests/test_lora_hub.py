@@ -114,6 +114,10 @@ def test_repo_id_downloads_inspects_and_takes_the_card_trigger_words(fake, libra
     assert entry.report.name == "bob/style-lora/style.safetensors" and entry.report.trigger_words == ["zkz style"]
     assert ("GET", "/cdn/" + th._sha256(lora_bytes["plain"])) in fake.requests
     assert not any("preview.png" in p for _, p in fake.requests)  # only what the LoRA needs
+    # pinned: the branch is resolved once, then the listing, headers, file and card are all read at that commit
+    assert [p for _, p in fake.requests if "/cdn/" not in p and th.COMMIT not in p] == [
+        "/api/models/bob/style-lora/revision/main"
+    ]
     downloads = len(fake.requests)
     assert library.get("bob/style-lora") is entry and len(fake.requests) == downloads  # known: no Hub round trip
     assert library.get("https://huggingface.co/bob/style-lora/blob/main/style.safetensors").sha256 == entry.sha256
@@ -122,9 +126,10 @@ def test_repo_id_downloads_inspects_and_takes_the_card_trigger_words(fake, libra
 def test_revision_file_and_several_files(fake, library, lora_bytes):
     entry = library.get("bob/two-loras/b.safetensors@v2")
     assert entry.path.read_bytes() == lora_bytes["peft"]
-    assert ("GET", "/bob/two-loras/resolve/v2/b.safetensors") in fake.requests or any(
-        "/resolve/v2/b.safetensors" in p for _, p in fake.requests
-    )
+    # the tag is resolved once, then everything is read at its commit
+    assert ("GET", "/api/models/bob/two-loras/revision/v2") in fake.requests
+    assert ("GET", f"/bob/two-loras/resolve/{th.COMMIT}/b.safetensors") in fake.requests
+    assert not any("/resolve/v2/" in p or "/tree/v2" in p for _, p in fake.requests)
     several = r"^bob/two-loras holds several LoRA files; name the one you want: bob/two-loras/a.safetensors \(.*\), "
     with pytest.raises(LoraError, match=several + r"bob/two-loras/b.safetensors"):
         library.get("bob/two-loras")
@@ -134,12 +139,9 @@ def test_revision_file_and_several_files(fake, library, lora_bytes):
 @pytest.mark.parametrize(
     "name, message",
     [
-        (
-            "bob/nope",
-            r"^There is no repository bob/nope on the Hub \(no token was sent; if it is private, set HF_TOKEN\)",
-        ),
-        (PRIVATE, r"^There is no repository alice/private-lora on the Hub \(no token was sent"),
-        ("bob/gated-lora", r"^bob/gated-lora is a gated repository: accept its terms at https://huggingface.co/bob/"),
+        ("bob/nope", r"^There is no repository bob/nope on the Hub \(or it is private\)\. Check the name at https"),
+        (PRIVATE, r"^There is no repository alice/private-lora on the Hub \(or it is private\)\. Check the name"),
+        ("bob/gated-lora", r"^bob/gated-lora is a gated repository, which this app does not open: accept its terms"),
         ("bob/a-model", r"^bob/a-model has no LoRA: none of its .safetensors files \(model.safetensors\) holds LoRA"),
         (
             "bob/style-lora/other.safetensors",
@@ -173,13 +175,36 @@ def test_failures_are_sentences(library, name, message):
         library.get(name)
 
 
-def test_private_with_token_too_big_and_offline(fake, library, monkeypatch, lora_bytes):
-    monkeypatch.setenv("HF_TOKEN", th.GRANTED_TOKEN)
-    assert library.get(PRIVATE).path.read_bytes() == lora_bytes["peft"]
-    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
-    library._hub.clear()
-    with pytest.raises(LoraError, match=r"\(the token in use cannot see it\)"):
+def test_the_operators_token_is_never_sent_and_a_lora_token_is_opt_in(fake, library, monkeypatch, tmp_path):
+    """HF_TOKEN and the login file are the operator's, for gated model files: a visitor's Hub name must not use them
+    (they could list and apply the operator's private LoRAs), and no sentence may tell whether the server has one."""
+    with pytest.raises(LoraError) as without:
         library.get(PRIVATE)
+    monkeypatch.setenv("HF_TOKEN", th.GRANTED_TOKEN)
+    token_file = tmp_path / "token"
+    token_file.write_text(th.GRANTED_TOKEN)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(token_file))
+    fake.auths.clear()
+    with pytest.raises(LoraError) as with_token:
+        library.get(PRIVATE)
+    assert str(with_token.value) == str(without.value)
+    assert str(with_token.value).startswith("There is no repository alice/private-lora on the Hub (or it is private)")
+    library.get("bob/style-lora")
+    assert fake.auths and all(auth is None for _, auth in fake.auths)
+
+    def lora_library(token):
+        return LoraLibrary(library.folder, TINY, CLIP, hub_endpoint=fake.endpoint, hub_cache=tmp_path / "hub-loras",
+                           hub_token=token)  # fmt: skip
+
+    assert lora_library(th.GRANTED_TOKEN).get(PRIVATE).usable  # a token for LoRAs only, when the operator sets one
+    with pytest.raises(LoraError) as wrong:
+        lora_library("hf_wrong").get(PRIVATE)
+    assert str(wrong.value) == str(without.value)
+    cdn = [auth for path, auth in fake.auths if path.startswith("/cdn/")]
+    assert cdn and all(auth is None for auth in cdn)  # the LoRA token goes to the Hub, never on to its CDN
+
+
+def test_too_big_and_offline_from_this_apps_own_cache(fake, library, monkeypatch, tmp_path, lora_bytes):
     library.hub_max_bytes = 1000
     with pytest.raises(
         LoraError, match=r"^bob/style-lora/style.safetensors is .* over the 1 kB limit for a LoRA; it is probably"
@@ -187,11 +212,24 @@ def test_private_with_token_too_big_and_offline(fake, library, monkeypatch, lora
         library.get("bob/style-lora")
     library.hub_max_bytes = 2**30
     cached = library.get("bob/two-loras/a.safetensors")
+    assert cached.path.is_relative_to(tmp_path / "hf") and cached.path.read_bytes() == lora_bytes["kohya"]
     library._hub.clear()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fake.requests.clear()
     assert library.get("bob/two-loras/a.safetensors").path == cached.path  # from the cache, named exactly
-    with pytest.raises(LoraError, match=r"^bob/style-lora is not in the Hugging Face cache and offline mode is on"):
+    with pytest.raises(LoraError, match=r"^bob/style-lora is not among the Hub LoRAs this app downloaded before, "
+                                        r"and offline mode is on \(HF_HUB_OFFLINE=1\)\. Try again once"):  # fmt: skip
         library.get("bob/style-lora")
+    assert fake.requests == []
+
+
+def test_the_default_cache_is_fluxdemos_not_huggingfaces(fake, tmp_path, monkeypatch):
+    from fluxdemo.hub import hub_lora_cache_dir
+
+    monkeypatch.setenv("FLUXDEMO_CACHE", str(tmp_path / "fx"))
+    assert hub_lora_cache_dir() == tmp_path / "fx" / "hub-loras"
+    library = LoraLibrary(tmp_path / "loras", TINY, CLIP, hub_endpoint=fake.endpoint)
+    assert library.get("bob/two-loras/a.safetensors").path.is_relative_to(tmp_path / "fx" / "hub-loras")
 
 
 def test_an_unreachable_hub_is_a_sentence_at_once_and_the_cache_still_serves(fake, library, tmp_path, lora_bytes):
@@ -203,8 +241,8 @@ def test_an_unreachable_hub_is_a_sentence_at_once_and_the_cache_still_serves(fak
     away = LoraLibrary(library.folder, TINY, CLIP, hub_endpoint=closed, hub_cache=tmp_path / "hf")
     start = time.monotonic()
     assert away.get("bob/two-loras/a.safetensors").path.read_bytes() == lora_bytes["kohya"] == cached.path.read_bytes()
-    with pytest.raises(LoraError, match=r"^bob/style-lora is not in the Hugging Face cache and the Hub could not be "
-                                        r"reached\. Download it where there is network"):  # fmt: skip
+    with pytest.raises(LoraError, match=r"^bob/style-lora is not among the Hub LoRAs this app downloaded before, and "
+                                        r"the Hub could not be reached\. Try again once"):  # fmt: skip
         away.get("bob/style-lora")
     assert time.monotonic() - start < 5
 

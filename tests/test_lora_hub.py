@@ -3,6 +3,7 @@ found, size-checked, downloaded into the cache, inspected and applied like a loc
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
@@ -292,3 +293,143 @@ def test_the_studio_takes_a_lora_from_the_hub(fake, tmp_path, tiny_kit):
         assert report["images"]["lora"]["loras"][0]["strength"] == 0.5
     finally:
         demo.close()
+
+
+def test_hub_loras_can_be_turned_off_without_any_request(fake, tmp_path):
+    off = LoraLibrary(tmp_path / "loras", TINY, CLIP, hub=False, hub_endpoint=fake.endpoint, hub_cache=tmp_path / "hf")
+    with pytest.raises(LoraError, match=r"^LoRAs from the Hub are turned off on this app; put the .safetensors file"):
+        off.get("bob/style-lora")
+    with pytest.raises(LoraError, match=r"^LoRAs from the Hub are turned off"):
+        off.prefetch(["bob/style-lora"])
+    assert fake.requests == []
+
+
+def _cached(root) -> list:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.parent.name != "refs")
+
+
+def test_the_cache_keeps_its_quota_by_evicting_the_least_recently_used(fake, library, tmp_path, lora_bytes):
+    library.hub_quota_bytes = len(lora_bytes["kohya"]) + len(lora_bytes["peft"]) + 100
+    a = library.get("bob/two-loras/a.safetensors")
+    b = library.get("bob/two-loras/b.safetensors")
+    time.sleep(0.01)
+    library.get("bob/two-loras/a.safetensors")  # used again: b is now the least recently used
+    style = library.get("bob/style-lora")
+    assert not b.path.exists() and a.path.exists() and style.path.exists()
+    assert sum(p.stat().st_size for p in _cached(tmp_path / "hf")) <= library.hub_quota_bytes
+    library.hub_quota_bytes = 1000
+    with pytest.raises(LoraError, match=r"is .*, more than the 1 kB this app keeps for Hub LoRAs; put the file in"):
+        library.get("bob/two-loras/b.safetensors")
+
+
+class LyingHub(LoraHub):
+    """bob/liar's file is listed as 1,000 bytes and, with `served_lie`, announced so too; its CDN sends all of it."""
+
+    served_lie = True
+
+    def _route_hub(self, path, auth):
+        status, headers, body = super()._route_hub(path, auth)
+        if path.startswith("/api/models/bob/liar/tree/"):
+            body = json.dumps(
+                [e | {"size": 1000, "lfs": e["lfs"] | {"size": 1000}} for e in json.loads(body)]
+            ).encode()
+        elif path.startswith("/bob/liar/resolve/") and self.served_lie:
+            headers = headers | {"X-Linked-Size": "1000"}
+        return status, headers, body
+
+
+@pytest.mark.parametrize("served_lie", [False, True], ids=["stopped-by-the-served-size", "stopped-while-counting"])
+def test_a_file_larger_than_listed_is_stopped_and_leaves_nothing(fake, tmp_path, monkeypatch, lora_bytes, served_lie):
+    monkeypatch.setitem(th.FILES, "bob/liar", {"l.safetensors": lora_bytes["kohya"] + bytes(3 * 2**20)})
+    liar = LyingHub()
+    liar.served_lie = served_lie
+    library = LoraLibrary(tmp_path / "loras", TINY, CLIP, hub_endpoint=liar.endpoint, hub_cache=tmp_path / "hf",
+                          hub_max_bytes=2**20)  # fmt: skip
+    try:
+        with pytest.raises(LoraError) as refused:
+            library.get("bob/liar/l.safetensors")  # named: no header read before the download
+    finally:
+        liar.stop()
+    if served_lie:
+        assert str(refused.value).startswith(
+            "bob/liar/l.safetensors sent more than the 1.05 MB limit for a LoRA; the download was"
+        )
+    else:
+        assert re.match(r"bob/liar/l.safetensors is 3.\d+ MB, over the 1.05 MB limit", str(refused.value))
+        assert not any(p.startswith("/cdn/") for _, p in liar.requests)  # refused before the download
+    assert not [p for p in (tmp_path / "hf").rglob("*") if p.is_file()]
+
+
+def test_files_that_fail_inspection_are_deleted(fake, library, monkeypatch, tmp_path):
+    garbage = {f"g{i}.safetensors": bytes([i]) * 3000 for i in range(15)}
+    garbage["bad-header.safetensors"] = th._safetensors({"not.a.lora": 4})[:-3] + b"xyz" + bytes(900)
+    monkeypatch.setitem(th.FILES, "bob/garbage", garbage)
+    hub = LoraHub()
+    library.hub_endpoint, library.hub_max_bytes, library.hub_quota_bytes = hub.endpoint, 4000, 10_000
+    try:
+        for name in garbage:
+            with pytest.raises(
+                LoraError, match=r"^bob/garbage/\S+ is not a usable safetensors file: .* It was deleted"
+            ):
+                library.get(f"bob/garbage/{name}")
+    finally:
+        hub.stop()
+    assert _cached(tmp_path / "hf") == []
+
+
+def test_listings_sentences_and_the_memo_are_bounded(fake, library, monkeypatch, lora_bytes):
+    import fluxdemo.lora
+
+    files = {f"f{i:04d}.bin": b"x" for i in range(1001)} | {"zz/lora.safetensors": lora_bytes["kohya"]}
+    monkeypatch.setitem(th.FILES, "bob/huge", files)
+    hub = LoraHub()
+    library.hub_endpoint = hub.endpoint
+    try:
+        with pytest.raises(LoraError, match=r"^bob/huge holds more than 1,000 files; name the LoRA file: "
+                                            r"bob/huge/file.safetensors\.$"):  # fmt: skip
+            library.get("bob/huge")
+        assert library.get("bob/huge/zz/lora.safetensors").usable  # past the listing's bound: the served size rules
+        long = "bob/style-lora/" + "x" * 5_000_000 + ".safetensors"
+        for name in (long, "x" * 5_000_000 + ".safetensors"):
+            with pytest.raises(LoraError) as wrong:
+                library.get(name)
+            assert len(str(wrong.value)) < 1000
+        monkeypatch.setattr(fluxdemo.lora, "HUB_MEMO_ENTRIES", 2)
+        for name in ("bob/huge/zz/lora.safetensors", "bob/two-loras/a.safetensors", "bob/two-loras/b.safetensors"):
+            library.get(name)
+    finally:
+        hub.stop()
+    assert list(library._hub) == ["bob/two-loras/a.safetensors", "bob/two-loras/b.safetensors"]
+
+
+def test_a_large_model_card_is_no_card_and_never_fetched(fake, library, monkeypatch, lora_bytes):
+    from fluxdemo.untrusted import MAX_CARD_BYTES
+
+    big = CARD + b"\n" * MAX_CARD_BYTES
+    monkeypatch.setitem(th.FILES, "bob/big-card", {"s.safetensors": lora_bytes["plain"], "README.md": big})
+    hub = LoraHub()
+    library.hub_endpoint = hub.endpoint
+    try:
+        assert library.get("bob/big-card").report.trigger_words == []
+    finally:
+        hub.stop()
+    assert not any(p.endswith("README.md") for _, p in hub.requests)
+
+
+def test_is_hub_name_and_prefetch_fetch_before_the_gpu_work(fake, library, lora_bytes):
+    from fluxdemo.errors import CancelledError
+
+    (library.folder / "local.safetensors").write_bytes(lora_bytes["kohya"])
+    assert library.is_hub_name("bob/style-lora") and library.is_hub_name("https://huggingface.co/bob/style-lora")
+    assert not library.is_hub_name("local.safetensors") and not library.is_hub_name("../x/y")
+    assert fake.requests == []
+    with pytest.raises(CancelledError):
+        library.prefetch(["bob/style-lora"], cancelled=lambda: True)
+    calls = iter(range(100))
+    with pytest.raises(CancelledError):  # asked again between requests and chunks: cancelled part way
+        library.prefetch(["bob/two-loras/b.safetensors"], cancelled=lambda: next(calls) >= 2)
+    assert _cached(library.hub_cache) == []
+    (entry,) = library.prefetch(["local.safetensors", "bob/style-lora"])
+    assert entry.name == "bob/style-lora"
+    fake.requests.clear()
+    assert library.get("bob/style-lora") is entry and fake.requests == []

@@ -4,6 +4,9 @@ Everything Hub-related goes through huggingface_hub (hf_hub_download for files, 
 its cache (HF_HOME / HF_HUB_CACHE), its tqdm progress bars, HF_TOKEN and HF_HUB_OFFLINE all work as users expect.
 Every Hub failure becomes a HubError whose message says what to do; a file that arrives but is not what the preset
 expects becomes a ModelFileError. One log line per file says where it came from, how big it is and how long it took.
+
+LoRAs a visitor names on the Hub are another matter (download_lora): they never use the operator's HF_TOKEN, are
+read at one pinned commit, counted while they stream, and kept in this app's own cache folder under a quota.
 """
 
 from __future__ import annotations
@@ -263,10 +266,8 @@ def _hub_error(
     error: Exception, source: Source, component: str, preset: str, offline: bool, cache_dir: Path | None
 ) -> HubError:
     """The HubError that says what to do about a failure of huggingface_hub."""
-    what = _what(source, component)
-    cache = Path(cache_dir or constants.HF_HUB_CACHE)
+    what, cache = _what(source, component), Path(cache_dir or constants.HF_HUB_CACHE)
     kind, status = _failure(error)
-
     if kind == "disk-full":
         need = _human(source.approx_bytes) if source.approx_bytes else "an unknown amount"
         return HubError(
@@ -785,11 +786,15 @@ def _response(hub: _LoraHub, url: str) -> Iterator[httpx2.Response]:
         with get_session().stream("GET", url, headers=headers, follow_redirects=False,
                                   timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:  # fmt: skip
             location = response.headers.get("Location")
-            if not (response.is_redirect and location and on_hub):
-                hf_raise_for_status(response)
-                yield response
-                return
-        url = urljoin(url, location)
+            if response.is_redirect and location and on_hub:
+                url = urljoin(url, location)
+                continue
+            if response.is_redirect:
+                raise HubError(f"The Hub's download server sent {_shown(hub.ref)} on to another address, which this "
+                               "app does not follow; try again in a few minutes.")  # fmt: skip
+            hf_raise_for_status(response)
+            yield response
+            return
     raise HubError(f"The Hub redirected {_shown(hub.ref)} too many times; try again in a few minutes.")
 
 

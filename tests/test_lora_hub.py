@@ -433,3 +433,22 @@ def test_is_hub_name_and_prefetch_fetch_before_the_gpu_work(fake, library, lora_
     assert entry.name == "bob/style-lora"
     fake.requests.clear()
     assert library.get("bob/style-lora") is entry and fake.requests == []
+
+
+def test_a_redirect_off_the_cdn_is_not_followed(fake, library, monkeypatch):
+    """The Hub may send a download on to its CDN, once; a further hop (to any other host) is never taken."""
+    elsewhere = th.FakeHub()
+
+    class Bouncing(LoraHub):
+        def _route_cdn(self, path, auth):
+            return 302, {"Location": f"{elsewhere.endpoint}/internal/secret"}, b""
+
+    bouncing = Bouncing()
+    library.hub_endpoint = bouncing.endpoint
+    try:
+        with pytest.raises(LoraError, match=r"^The Hub's download server sent bob/two-loras/a.safetensors on"):
+            library.get("bob/two-loras/a.safetensors")
+    finally:
+        bouncing.stop()
+        elsewhere.stop()
+    assert elsewhere.requests == []

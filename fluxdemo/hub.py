@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urljoin, urlsplit
@@ -547,7 +547,7 @@ def download_lora(
                 f"{_shown(ref.repo_id)} has no file {_shown(filename)}; its .safetensors files: "
                 f"{names_list(sorted(f for f in files if f.lower().endswith('.safetensors')))}."
             )
-        path = cache.fetch(hub, filename, min(files.get(filename, max_bytes), max_bytes), max_bytes, lora=True)
+        path = cache.fetch(hub, filename, files.get(filename), max_bytes, lora=True)
         words, prompts = _model_card(hub, cache, files.get("README.md"), complete)
         cache.remember(ref.revision, commit)
     except (HubError, CancelledError):
@@ -632,7 +632,7 @@ def _model_card(hub: _LoraHub, cache: _LoraCache, listed: int | None, complete: 
     if (listed is None and complete) or (listed or 0) > MAX_CARD_BYTES:
         return [], []
     try:
-        path = cache.fetch(hub, "README.md", listed or MAX_CARD_BYTES, MAX_CARD_BYTES, lora=False)
+        path = cache.fetch(hub, "README.md", listed, MAX_CARD_BYTES, lora=False)
     except CancelledError:
         raise
     except Exception:  # no card, or an unusable one: the LoRA itself is what was asked for
@@ -686,22 +686,20 @@ class _LoraCache:
             return None
         return commit if is_commit(commit) else None
 
-    def fetch(self, hub: _LoraHub, filename: str, expected: int, limit: int, *, lora: bool) -> Path:
-        """The file at the pinned commit: from this cache, or downloaded when its served size is within `limit`."""
+    def fetch(self, hub: _LoraHub, filename: str, listed: int | None, limit: int, *, lora: bool) -> Path:
+        """The file at the pinned commit: from this cache, or downloaded when its listed and served sizes are within
+        `limit` (and then counted, as sizes can lie)."""
         path = self.path(hub.commit, filename)
         if path.is_file():
             mark_used(path)
             return path
         hub.check_cancelled()
         url = hf_hub_url(hub.ref.repo_id, filename, revision=hub.commit, endpoint=hub.endpoint)
+        what = f"{_shown(hub.ref.repo_id)}/{_shown(filename)}"
+        _within(what, listed, limit, lora)  # the listing first: a whole model costs no further request
         served = get_hf_file_metadata(url, token=hub.token or False, endpoint=hub.endpoint).size
-        size = served if served is not None else expected
-        if size > limit:
-            raise HubError(
-                f"{_shown(hub.ref.repo_id)}/{_shown(filename)} is {_human(size)}, over the {_human(limit)} limit "
-                f"for {'a LoRA; it is probably a whole model, not a LoRA' if lora else 'a model card'}."
-            )
-        with self._room(size, f"{_shown(hub.ref.repo_id)}/{_shown(filename)}"):
+        _within(what, served, limit, lora)
+        with self._room(served or listed or limit, what):
             _stream(hub, url, path, limit, lora)
         return path
 
@@ -728,12 +726,23 @@ class _LoraCache:
                 _RESERVED[self.root] -= size
 
 
+def _within(what: str, size: int | None, limit: int, lora: bool) -> None:
+    if size is not None and size > limit:
+        raise HubError(
+            f"{what} is {_human(size)}, over the {_human(limit)} limit for "
+            f"{'a LoRA; it is probably a whole model, not a LoRA' if lora else 'a model card'}."
+        )
+
+
 def _cached_files(root: Path) -> list[tuple[Path, os.stat_result]]:
     """The cache's files (not its refs); a partial download older than an hour is a crashed one, and deleted."""
     found = []
     for path in root.glob("*/*/**/*"):
-        st = path.lstat()
-        if not stat.S_ISREG(st.st_mode) or path.parent.name == "refs":
+        try:
+            st = path.lstat()
+        except OSError:  # deleted meanwhile by another download's eviction
+            continue
+        if not stat.S_ISREG(st.st_mode) or path.relative_to(root).parts[1] == "refs":
             continue
         if path.name.startswith(_PARTIAL):
             if time.time() - st.st_mtime > _STALE_PARTIAL_SECONDS:
@@ -745,7 +754,8 @@ def _cached_files(root: Path) -> list[tuple[Path, os.stat_result]]:
 
 def mark_used(path: Path) -> None:
     """Mark a use: the access time orders eviction; the modification time stays, as it identifies the file."""
-    os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
+    with suppress(OSError):  # evicted meanwhile: it is downloaded again when next asked for
+        os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
 
 
 def _stream(hub: _LoraHub, url: str, dest: Path, limit: int, lora: bool) -> None:

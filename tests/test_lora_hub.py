@@ -211,6 +211,7 @@ def test_too_big_and_offline_from_this_apps_own_cache(fake, library, monkeypatch
         LoraError, match=r"^bob/style-lora/style.safetensors is .* over the 1 kB limit for a LoRA; it is probably"
     ):
         library.get("bob/style-lora")
+    assert not any(method == "HEAD" for method, _ in fake.requests)  # the listing's size refused it already
     library.hub_max_bytes = 2**30
     cached = library.get("bob/two-loras/a.safetensors")
     assert cached.path.is_relative_to(tmp_path / "hf") and cached.path.read_bytes() == lora_bytes["kohya"]

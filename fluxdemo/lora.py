@@ -22,7 +22,7 @@ import stat
 import tempfile
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,16 +31,19 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from fluxdemo.config import PACKAGE_CONFIGS
-from fluxdemo.errors import LoraError
+from fluxdemo.errors import CancelledError, HubError, LoraError
 from fluxdemo.files import new_file_mode
 from fluxdemo.flux_names import FluxDims
+from fluxdemo.hub import HUB_LORA_QUOTA_BYTES, HubLoraRef, download_lora, mark_used, parse_hub_lora
 from fluxdemo.lora_formats import Adapter, ModelTables, analyse_keys, factors, split_parts, split_role
 from fluxdemo.lycoris import FactoredPart
+from fluxdemo.untrusted import MAX_FIELD_CHARS, capped, names_list
 
 logger = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit; a LoRA header is a few hundred KB
 MAX_UPLOAD_BYTES = 2 * 2**30  # a rank-128 LoRA on every FLUX.1 linear is about 1.2 GB in bf16
+HUB_MEMO_ENTRIES = 64  # Hub LoRAs remembered by name (a visitor can name as many as they like)
 # Quotas for what visitors can store: files per upload request, and the LoRA folder's file count and total size.
 MAX_UPLOAD_FILES = 4
 MAX_FOLDER_FILES = 200
@@ -559,16 +562,23 @@ class LoraLibrary:
         dims: FluxDims | None = None,
         clip_config: Mapping | None = None,
         *,
+        hub: bool = True,
         hub_max_bytes: int = MAX_UPLOAD_BYTES,
         hub_endpoint: str | None = None,
         hub_cache: Path | None = None,
+        hub_quota_bytes: int = HUB_LORA_QUOTA_BYTES,
+        hub_token: str | None = None,
     ) -> None:
+        """`hub`: whether names of Hub repos are fetched at all (HF_HUB_OFFLINE aside); `hub_max_bytes`: one Hub
+        LoRA's limit; `hub_cache` (default hub_lora_cache_dir()) and `hub_quota_bytes`: their own cache folder and its
+        total; `hub_token`: a token for LoRAs only (None: none is sent; HF_TOKEN is the operator's, never used)."""
         self.folder = Path(folder)
         self.dims = dims or flux_dev_dims()
         self.clip_config = clip_config
-        # LoRAs named by a Hub repo id or URL: downloaded through huggingface_hub's cache (HF_TOKEN, HF_HUB_OFFLINE)
-        self.hub_max_bytes, self.hub_endpoint, self.hub_cache = hub_max_bytes, hub_endpoint, hub_cache
-        self._hub: dict[str, LoraEntry] = {}
+        self.hub, self.hub_max_bytes, self.hub_endpoint, self.hub_cache = hub, hub_max_bytes, hub_endpoint, hub_cache
+        self.hub_quota_bytes, self.hub_token = hub_quota_bytes, hub_token
+        self._hub: OrderedDict[str, LoraEntry] = OrderedDict()  # name -> entry, least recently used first
+        self._hub_lock = threading.Lock()
         self._index: dict[str, LoraEntry] = {}
         self._lock = threading.Lock()
 
@@ -621,47 +631,87 @@ class LoraLibrary:
     def get(self, name: str) -> LoraEntry:
         """The entry for a name relative to the folder, or for a Hub reference (user/repo[/file.safetensors][@rev] or
         a huggingface.co URL) not found in the folder; unsafe or unknown names raise LoraError, opening nothing."""
-        pure = PurePosixPath(name)
-        if not name or "\\" in name or "\x00" in name or pure.is_absolute() or ".." in pure.parts:
-            raise LoraError(f"{name!r} is not a LoRA name: give a path inside the LoRA folder {self.folder.name!r}.")
-        key = pure.as_posix()
-        if key not in self._index or _changed(self._index[key]):  # new, edited or deleted since the last scan
-            self.refresh()
-        entry = self._index.get(key)
+        entry = self._local(name)
         if entry is None:
-            from fluxdemo.hub import parse_hub_lora
-
             ref = parse_hub_lora(name)
             if ref is not None:
                 return self._from_hub(name, ref)
-            names = ", ".join(e.name for e in self.entries if e.usable)[:500] or "none"
-            raise LoraError(f"No LoRA named {name!r} in the LoRA folder {self.folder.name!r}; available: {names}.")
+            names = names_list([e.name for e in self.entries if e.usable])
+            raise LoraError(f"No LoRA named {capped(name, MAX_FIELD_CHARS)!r} in the LoRA folder "
+                            f"{self.folder.name!r}; available: {names}.")  # fmt: skip
         if not entry.path.resolve().is_relative_to(self.folder.resolve()):
             raise LoraError(f"{name!r} is a link leading outside the LoRA folder {self.folder.name!r}; not opened.")
         if entry.refused:
             raise LoraError(f"{name}: {entry.refused}")
         return entry
 
-    def _from_hub(self, name: str, ref) -> LoraEntry:
-        from fluxdemo.errors import HubError
-        from fluxdemo.hub import download_lora
+    def _local(self, name: str) -> LoraEntry | None:
+        """The folder's entry for a name, rescanning when it is new or changed; LoraError for an unsafe name."""
+        pure = PurePosixPath(name)
+        if not name or "\\" in name or "\x00" in name or pure.is_absolute() or ".." in pure.parts:
+            raise LoraError(f"{capped(name, MAX_FIELD_CHARS)!r} is not a LoRA name: give a path inside the LoRA "
+                            f"folder {self.folder.name!r}.")  # fmt: skip
+        key = pure.as_posix()
+        if key not in self._index or _changed(self._index[key]):  # new, edited or deleted since the last scan
+            self.refresh()
+        return self._index.get(key)
 
-        cached = self._hub.get(name)
-        if cached is not None and not _changed(cached):
-            return cached
+    def is_hub_name(self, name: str) -> bool:
+        """Whether get(name) goes to the Hub: a Hub reference that names no file in the LoRA folder. No network,
+        so a caller can fetch Hub LoRAs (prefetch) before it queues the GPU work that uses them."""
         try:
-            got = download_lora(ref, _has_lora_keys, self.hub_max_bytes, cache_dir=self.hub_cache,
-                                endpoint=self.hub_endpoint)  # fmt: skip
+            return self._local(name) is None and parse_hub_lora(name) is not None
+        except LoraError:
+            return False
+
+    def prefetch(self, names: Iterable[str], cancelled: Callable[[], bool] | None = None) -> list[LoraEntry]:
+        """Download and inspect the Hub LoRAs among `names` (folder names are skipped), so that get() later finds
+        them without network; `cancelled` is asked between files and between chunks (CancelledError)."""
+        entries = []
+        for name in names:
+            if cancelled is not None and cancelled():
+                raise CancelledError("Cancelled while getting LoRAs from the Hub.")
+            if self.is_hub_name(name):
+                entries.append(self._from_hub(name, parse_hub_lora(name), cancelled))
+        return entries
+
+    def _from_hub(self, name: str, ref: HubLoraRef, cancelled: Callable[[], bool] | None = None) -> LoraEntry:
+        if not self.hub:
+            raise LoraError(f"LoRAs from the Hub are turned off on this app; put the .safetensors file of "
+                            f"{capped(name, MAX_FIELD_CHARS)} in the LoRA folder (or upload it) instead.")  # fmt: skip
+        with self._hub_lock:
+            cached = self._hub.get(name)
+            if cached is not None and not _changed(cached):
+                self._hub.move_to_end(name)
+                mark_used(cached.path)
+                return cached
+        try:
+            got = download_lora(ref, _has_lora_keys, self.hub_max_bytes, token=self.hub_token,
+                                cache_dir=self.hub_cache, endpoint=self.hub_endpoint,
+                                quota_bytes=self.hub_quota_bytes, cancelled=cancelled)  # fmt: skip
         except HubError as e:
             raise LoraError(str(e)) from None
-        report = inspect_lora(got.path, self.dims, clip_config=self.clip_config)
+        try:
+            report = inspect_lora(got.path, self.dims, clip_config=self.clip_config)
+        except LoraError:
+            got.path.unlink(missing_ok=True)  # a file that fails inspection must not fill the cache
+            raise
         # The file's own trigger words win; many Hub LoRAs carry theirs only in the model card (instance_prompt).
         report = dataclasses.replace(
-            report, name=str(got.ref), trigger_words=report.trigger_words or got.trigger_words
+            report,
+            name=str(dataclasses.replace(got.ref, revision=ref.revision)),
+            trigger_words=report.trigger_words or got.trigger_words,
+            # what every client is shown anyway: a file with a million keys made each memo entry 90 MiB
+            matched=bounded(report.matched, REPORT_MAX_ITEMS - 1),
+            unmatched=bounded(report.unmatched, REPORT_MAX_ITEMS - 1),
         )
         st = got.path.stat()
         entry = LoraEntry(name, got.path, st.st_size, st.st_mtime_ns, report.sha256, report)
-        self._hub[name] = entry
+        with self._hub_lock:
+            self._hub[name] = entry
+            self._hub.move_to_end(name)
+            while len(self._hub) > HUB_MEMO_ENTRIES:
+                self._hub.popitem(last=False)
         return entry
 
 

@@ -85,6 +85,7 @@ class FakeHub:
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str]] = []
+        self.auths: list[tuple[str, str | None]] = []  # (path, Authorization header) of every call
         self.blobs = {_sha256(b): b for files in FILES.values() for b in files.values()}
         self.hub = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, self._route_hub))
         self.cdn = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, self._route_cdn))
@@ -175,6 +176,7 @@ def _handler(fake: FakeHub, route):
         def _answer(self, send_body: bool) -> None:
             path = urlsplit(self.path).path
             fake.requests.append((self.command, path))
+            fake.auths.append((path, self.headers.get("Authorization")))
             status, headers, body = route(path, self.headers.get("Authorization"))
             self.send_response(status)
             for k, v in headers.items():

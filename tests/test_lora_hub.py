@@ -3,6 +3,7 @@ found, size-checked, downloaded into the cache, inspected and applied like a loc
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
@@ -114,6 +115,10 @@ def test_repo_id_downloads_inspects_and_takes_the_card_trigger_words(fake, libra
     assert entry.report.name == "bob/style-lora/style.safetensors" and entry.report.trigger_words == ["zkz style"]
     assert ("GET", "/cdn/" + th._sha256(lora_bytes["plain"])) in fake.requests
     assert not any("preview.png" in p for _, p in fake.requests)  # only what the LoRA needs
+    # pinned: the branch is resolved once, then the listing, headers, file and card are all read at that commit
+    assert [p for _, p in fake.requests if "/cdn/" not in p and th.COMMIT not in p] == [
+        "/api/models/bob/style-lora/revision/main"
+    ]
     downloads = len(fake.requests)
     assert library.get("bob/style-lora") is entry and len(fake.requests) == downloads  # known: no Hub round trip
     assert library.get("https://huggingface.co/bob/style-lora/blob/main/style.safetensors").sha256 == entry.sha256
@@ -122,9 +127,10 @@ def test_repo_id_downloads_inspects_and_takes_the_card_trigger_words(fake, libra
 def test_revision_file_and_several_files(fake, library, lora_bytes):
     entry = library.get("bob/two-loras/b.safetensors@v2")
     assert entry.path.read_bytes() == lora_bytes["peft"]
-    assert ("GET", "/bob/two-loras/resolve/v2/b.safetensors") in fake.requests or any(
-        "/resolve/v2/b.safetensors" in p for _, p in fake.requests
-    )
+    # the tag is resolved once, then everything is read at its commit
+    assert ("GET", "/api/models/bob/two-loras/revision/v2") in fake.requests
+    assert ("GET", f"/bob/two-loras/resolve/{th.COMMIT}/b.safetensors") in fake.requests
+    assert not any("/resolve/v2/" in p or "/tree/v2" in p for _, p in fake.requests)
     several = r"^bob/two-loras holds several LoRA files; name the one you want: bob/two-loras/a.safetensors \(.*\), "
     with pytest.raises(LoraError, match=several + r"bob/two-loras/b.safetensors"):
         library.get("bob/two-loras")
@@ -134,12 +140,9 @@ def test_revision_file_and_several_files(fake, library, lora_bytes):
 @pytest.mark.parametrize(
     "name, message",
     [
-        (
-            "bob/nope",
-            r"^There is no repository bob/nope on the Hub \(no token was sent; if it is private, set HF_TOKEN\)",
-        ),
-        (PRIVATE, r"^There is no repository alice/private-lora on the Hub \(no token was sent"),
-        ("bob/gated-lora", r"^bob/gated-lora is a gated repository: accept its terms at https://huggingface.co/bob/"),
+        ("bob/nope", r"^There is no repository bob/nope on the Hub \(or it is private\)\. Check the name at https"),
+        (PRIVATE, r"^There is no repository alice/private-lora on the Hub \(or it is private\)\. Check the name"),
+        ("bob/gated-lora", r"^bob/gated-lora is a gated repository, which this app does not open: accept its terms"),
         ("bob/a-model", r"^bob/a-model has no LoRA: none of its .safetensors files \(model.safetensors\) holds LoRA"),
         (
             "bob/style-lora/other.safetensors",
@@ -173,25 +176,62 @@ def test_failures_are_sentences(library, name, message):
         library.get(name)
 
 
-def test_private_with_token_too_big_and_offline(fake, library, monkeypatch, lora_bytes):
-    monkeypatch.setenv("HF_TOKEN", th.GRANTED_TOKEN)
-    assert library.get(PRIVATE).path.read_bytes() == lora_bytes["peft"]
-    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
-    library._hub.clear()
-    with pytest.raises(LoraError, match=r"\(the token in use cannot see it\)"):
+def test_the_operators_token_is_never_sent_and_a_lora_token_is_opt_in(fake, library, monkeypatch, tmp_path):
+    """HF_TOKEN and the login file are the operator's, for gated model files: a visitor's Hub name must not use them
+    (they could list and apply the operator's private LoRAs), and no sentence may tell whether the server has one."""
+    with pytest.raises(LoraError) as without:
         library.get(PRIVATE)
+    monkeypatch.setenv("HF_TOKEN", th.GRANTED_TOKEN)
+    token_file = tmp_path / "token"
+    token_file.write_text(th.GRANTED_TOKEN)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(token_file))
+    fake.auths.clear()
+    with pytest.raises(LoraError) as with_token:
+        library.get(PRIVATE)
+    assert str(with_token.value) == str(without.value)
+    assert str(with_token.value).startswith("There is no repository alice/private-lora on the Hub (or it is private)")
+    library.get("bob/style-lora")
+    assert fake.auths and all(auth is None for _, auth in fake.auths)
+
+    def lora_library(token):
+        return LoraLibrary(library.folder, TINY, CLIP, hub_endpoint=fake.endpoint, hub_cache=tmp_path / "hub-loras",
+                           hub_token=token)  # fmt: skip
+
+    assert lora_library(th.GRANTED_TOKEN).get(PRIVATE).usable  # a token for LoRAs only, when the operator sets one
+    with pytest.raises(LoraError) as wrong:
+        lora_library("hf_wrong").get(PRIVATE)
+    assert str(wrong.value) == str(without.value)
+    cdn = [auth for path, auth in fake.auths if path.startswith("/cdn/")]
+    assert cdn and all(auth is None for auth in cdn)  # the LoRA token goes to the Hub, never on to its CDN
+
+
+def test_too_big_and_offline_from_this_apps_own_cache(fake, library, monkeypatch, tmp_path, lora_bytes):
     library.hub_max_bytes = 1000
     with pytest.raises(
         LoraError, match=r"^bob/style-lora/style.safetensors is .* over the 1 kB limit for a LoRA; it is probably"
     ):
         library.get("bob/style-lora")
+    assert not any(method == "HEAD" for method, _ in fake.requests)  # the listing's size refused it already
     library.hub_max_bytes = 2**30
     cached = library.get("bob/two-loras/a.safetensors")
+    assert cached.path.is_relative_to(tmp_path / "hf") and cached.path.read_bytes() == lora_bytes["kohya"]
     library._hub.clear()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fake.requests.clear()
     assert library.get("bob/two-loras/a.safetensors").path == cached.path  # from the cache, named exactly
-    with pytest.raises(LoraError, match=r"^bob/style-lora is not in the Hugging Face cache and offline mode is on"):
+    with pytest.raises(LoraError, match=r"^bob/style-lora is not among the Hub LoRAs this app downloaded before, "
+                                        r"and offline mode is on \(HF_HUB_OFFLINE=1\)\. Try again once"):  # fmt: skip
         library.get("bob/style-lora")
+    assert fake.requests == []
+
+
+def test_the_default_cache_is_fluxdemos_not_huggingfaces(fake, tmp_path, monkeypatch):
+    from fluxdemo.hub import hub_lora_cache_dir
+
+    monkeypatch.setenv("FLUXDEMO_CACHE", str(tmp_path / "fx"))
+    assert hub_lora_cache_dir() == tmp_path / "fx" / "hub-loras"
+    library = LoraLibrary(tmp_path / "loras", TINY, CLIP, hub_endpoint=fake.endpoint)
+    assert library.get("bob/two-loras/a.safetensors").path.is_relative_to(tmp_path / "fx" / "hub-loras")
 
 
 def test_an_unreachable_hub_is_a_sentence_at_once_and_the_cache_still_serves(fake, library, tmp_path, lora_bytes):
@@ -203,8 +243,8 @@ def test_an_unreachable_hub_is_a_sentence_at_once_and_the_cache_still_serves(fak
     away = LoraLibrary(library.folder, TINY, CLIP, hub_endpoint=closed, hub_cache=tmp_path / "hf")
     start = time.monotonic()
     assert away.get("bob/two-loras/a.safetensors").path.read_bytes() == lora_bytes["kohya"] == cached.path.read_bytes()
-    with pytest.raises(LoraError, match=r"^bob/style-lora is not in the Hugging Face cache and the Hub could not be "
-                                        r"reached\. Download it where there is network"):  # fmt: skip
+    with pytest.raises(LoraError, match=r"^bob/style-lora is not among the Hub LoRAs this app downloaded before, and "
+                                        r"the Hub could not be reached\. Try again once"):  # fmt: skip
         away.get("bob/style-lora")
     assert time.monotonic() - start < 5
 
@@ -254,3 +294,162 @@ def test_the_studio_takes_a_lora_from_the_hub(fake, tmp_path, tiny_kit):
         assert report["images"]["lora"]["loras"][0]["strength"] == 0.5
     finally:
         demo.close()
+
+
+def test_hub_loras_can_be_turned_off_without_any_request(fake, tmp_path):
+    off = LoraLibrary(tmp_path / "loras", TINY, CLIP, hub=False, hub_endpoint=fake.endpoint, hub_cache=tmp_path / "hf")
+    with pytest.raises(LoraError, match=r"^LoRAs from the Hub are turned off on this app; put the .safetensors file"):
+        off.get("bob/style-lora")
+    with pytest.raises(LoraError, match=r"^LoRAs from the Hub are turned off"):
+        off.prefetch(["bob/style-lora"])
+    assert fake.requests == []
+
+
+def _cached(root) -> list:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.parent.name != "refs")
+
+
+def test_the_cache_keeps_its_quota_by_evicting_the_least_recently_used(fake, library, tmp_path, lora_bytes):
+    library.hub_quota_bytes = len(lora_bytes["kohya"]) + len(lora_bytes["peft"]) + 100
+    a = library.get("bob/two-loras/a.safetensors")
+    b = library.get("bob/two-loras/b.safetensors")
+    time.sleep(0.01)
+    library.get("bob/two-loras/a.safetensors")  # used again: b is now the least recently used
+    style = library.get("bob/style-lora")
+    assert not b.path.exists() and a.path.exists() and style.path.exists()
+    assert sum(p.stat().st_size for p in _cached(tmp_path / "hf")) <= library.hub_quota_bytes
+    library.hub_quota_bytes = 1000
+    with pytest.raises(LoraError, match=r"is .*, more than the 1 kB this app keeps for Hub LoRAs; put the file in"):
+        library.get("bob/two-loras/b.safetensors")
+
+
+class LyingHub(LoraHub):
+    """bob/liar's file is listed as 1,000 bytes and, with `served_lie`, announced so too; its CDN sends all of it."""
+
+    served_lie = True
+
+    def _route_hub(self, path, auth):
+        status, headers, body = super()._route_hub(path, auth)
+        if path.startswith("/api/models/bob/liar/tree/"):
+            body = json.dumps(
+                [e | {"size": 1000, "lfs": e["lfs"] | {"size": 1000}} for e in json.loads(body)]
+            ).encode()
+        elif path.startswith("/bob/liar/resolve/") and self.served_lie:
+            headers = headers | {"X-Linked-Size": "1000"}
+        return status, headers, body
+
+
+@pytest.mark.parametrize("served_lie", [False, True], ids=["stopped-by-the-served-size", "stopped-while-counting"])
+def test_a_file_larger_than_listed_is_stopped_and_leaves_nothing(fake, tmp_path, monkeypatch, lora_bytes, served_lie):
+    monkeypatch.setitem(th.FILES, "bob/liar", {"l.safetensors": lora_bytes["kohya"] + bytes(3 * 2**20)})
+    liar = LyingHub()
+    liar.served_lie = served_lie
+    library = LoraLibrary(tmp_path / "loras", TINY, CLIP, hub_endpoint=liar.endpoint, hub_cache=tmp_path / "hf",
+                          hub_max_bytes=2**20)  # fmt: skip
+    try:
+        with pytest.raises(LoraError) as refused:
+            library.get("bob/liar/l.safetensors")  # named: no header read before the download
+    finally:
+        liar.stop()
+    if served_lie:
+        assert str(refused.value).startswith(
+            "bob/liar/l.safetensors sent more than the 1.05 MB limit for a LoRA; the download was"
+        )
+    else:
+        assert re.match(r"bob/liar/l.safetensors is 3.\d+ MB, over the 1.05 MB limit", str(refused.value))
+        assert not any(p.startswith("/cdn/") for _, p in liar.requests)  # refused before the download
+    assert not [p for p in (tmp_path / "hf").rglob("*") if p.is_file()]
+
+
+def test_files_that_fail_inspection_are_deleted(fake, library, monkeypatch, tmp_path):
+    garbage = {f"g{i}.safetensors": bytes([i]) * 3000 for i in range(15)}
+    garbage["bad-header.safetensors"] = th._safetensors({"not.a.lora": 4})[:-3] + b"xyz" + bytes(900)
+    monkeypatch.setitem(th.FILES, "bob/garbage", garbage)
+    hub = LoraHub()
+    library.hub_endpoint, library.hub_max_bytes, library.hub_quota_bytes = hub.endpoint, 4000, 10_000
+    try:
+        for name in garbage:
+            with pytest.raises(
+                LoraError, match=r"^bob/garbage/\S+ is not a usable safetensors file: .* It was deleted"
+            ):
+                library.get(f"bob/garbage/{name}")
+    finally:
+        hub.stop()
+    assert _cached(tmp_path / "hf") == []
+
+
+def test_listings_sentences_and_the_memo_are_bounded(fake, library, monkeypatch, lora_bytes):
+    import fluxdemo.lora
+
+    files = {f"f{i:04d}.bin": b"x" for i in range(1001)} | {"zz/lora.safetensors": lora_bytes["kohya"]}
+    monkeypatch.setitem(th.FILES, "bob/huge", files)
+    hub = LoraHub()
+    library.hub_endpoint = hub.endpoint
+    try:
+        with pytest.raises(LoraError, match=r"^bob/huge holds more than 1,000 files; name the LoRA file: "
+                                            r"bob/huge/file.safetensors\.$"):  # fmt: skip
+            library.get("bob/huge")
+        assert library.get("bob/huge/zz/lora.safetensors").usable  # past the listing's bound: the served size rules
+        long = "bob/style-lora/" + "x" * 5_000_000 + ".safetensors"
+        for name in (long, "x" * 5_000_000 + ".safetensors"):
+            with pytest.raises(LoraError) as wrong:
+                library.get(name)
+            assert len(str(wrong.value)) < 1000
+        monkeypatch.setattr(fluxdemo.lora, "HUB_MEMO_ENTRIES", 2)
+        for name in ("bob/huge/zz/lora.safetensors", "bob/two-loras/a.safetensors", "bob/two-loras/b.safetensors"):
+            library.get(name)
+    finally:
+        hub.stop()
+    assert list(library._hub) == ["bob/two-loras/a.safetensors", "bob/two-loras/b.safetensors"]
+
+
+def test_a_large_model_card_is_no_card_and_never_fetched(fake, library, monkeypatch, lora_bytes):
+    from fluxdemo.untrusted import MAX_CARD_BYTES
+
+    big = CARD + b"\n" * MAX_CARD_BYTES
+    monkeypatch.setitem(th.FILES, "bob/big-card", {"s.safetensors": lora_bytes["plain"], "README.md": big})
+    hub = LoraHub()
+    library.hub_endpoint = hub.endpoint
+    try:
+        assert library.get("bob/big-card").report.trigger_words == []
+    finally:
+        hub.stop()
+    assert not any(p.endswith("README.md") for _, p in hub.requests)
+
+
+def test_is_hub_name_and_prefetch_fetch_before_the_gpu_work(fake, library, lora_bytes):
+    from fluxdemo.errors import CancelledError
+
+    (library.folder / "local.safetensors").write_bytes(lora_bytes["kohya"])
+    assert library.is_hub_name("bob/style-lora") and library.is_hub_name("https://huggingface.co/bob/style-lora")
+    assert not library.is_hub_name("local.safetensors") and not library.is_hub_name("../x/y")
+    assert fake.requests == []
+    with pytest.raises(CancelledError):
+        library.prefetch(["bob/style-lora"], cancelled=lambda: True)
+    calls = iter(range(100))
+    with pytest.raises(CancelledError):  # asked again between requests and chunks: cancelled part way
+        library.prefetch(["bob/two-loras/b.safetensors"], cancelled=lambda: next(calls) >= 2)
+    assert _cached(library.hub_cache) == []
+    (entry,) = library.prefetch(["local.safetensors", "bob/style-lora"])
+    assert entry.name == "bob/style-lora"
+    fake.requests.clear()
+    assert library.get("bob/style-lora") is entry and fake.requests == []
+
+
+def test_a_redirect_off_the_cdn_is_not_followed(fake, library, monkeypatch):
+    """The Hub may send a download on to its CDN, once; a further hop (to any other host) is never taken."""
+    elsewhere = th.FakeHub()
+
+    class Bouncing(LoraHub):
+        def _route_cdn(self, path, auth):
+            return 302, {"Location": f"{elsewhere.endpoint}/internal/secret"}, b""
+
+    bouncing = Bouncing()
+    library.hub_endpoint = bouncing.endpoint
+    try:
+        with pytest.raises(LoraError, match=r"^The Hub's download server sent bob/two-loras/a.safetensors on"):
+            library.get("bob/two-loras/a.safetensors")
+    finally:
+        bouncing.stop()
+        elsewhere.stop()
+    assert elsewhere.requests == []

@@ -20,7 +20,9 @@ from fluxdemo.cli import add_model_flags, manager_from_args
 from fluxdemo.config import DEFAULT_PRESET, PRESETS
 from fluxdemo.errors import FluxdemoError
 from fluxdemo.experiments import DEFAULT_CACHE_IMAGES, MAX_BATCH
+from fluxdemo.hub import HUB_LORA_QUOTA_BYTES
 from fluxdemo.limits import DEFAULT_MAX_JOBS_PER_CLIENT, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_WORK, Limits
+from fluxdemo.lora import HubLoras
 from fluxdemo.manager import STRATEGIES
 from fluxdemo.previews import preview_drawer
 from fluxdemo.studio import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_QUEUE_SIZE, build_studio
@@ -29,12 +31,15 @@ from fluxdemo.timeline import quiet_libraries
 logger = logging.getLogger("fluxdemo")
 
 MB = 2**20
+GB = 2**30
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 EPILOG = """\
 environment (flags win): FLUXDEMO_MODEL, FLUXDEMO_LORA_DIR, FLUXDEMO_STRATEGY, FLUXDEMO_AUTH=user:pass,
 FLUXDEMO_QUEUE_SIZE, FLUXDEMO_MAX_UPLOAD_MB, FLUXDEMO_MAX_PROMPT_CHARS, FLUXDEMO_MAX_WORK,
-FLUXDEMO_MAX_JOBS_PER_CLIENT, FLUXDEMO_CACHE_IMAGES, GRADIO_SERVER_NAME, GRADIO_SERVER_PORT; HF_TOKEN for the
-gated FLUX.1-dev files.
+FLUXDEMO_MAX_JOBS_PER_CLIENT, FLUXDEMO_CACHE_IMAGES, FLUXDEMO_BATCH, FLUXDEMO_PREVIEW_DECODER,
+FLUXDEMO_HUB_LORAS, FLUXDEMO_HUB_LORA_QUOTA_GB, GRADIO_SERVER_NAME, GRADIO_SERVER_PORT; HF_TOKEN for the gated
+FLUX.1-dev files (never sent for a visitor's LoRA); FLUXDEMO_HUB_LORA_TOKEN, a separate token for Hub LoRAs only
+(a secret: any visitor can use what it can read).
 --model tiny runs fully offline on random weights built locally.
 """
 
@@ -72,7 +77,20 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
         "--max-upload-mb",
         type=int,
         default=env.get("FLUXDEMO_MAX_UPLOAD_MB", str(DEFAULT_MAX_UPLOAD_BYTES // MB)),
-        help="largest LoRA upload in MiB (default: %(default)s)",
+        help="largest LoRA, uploaded or from the Hub, in MiB (default: %(default)s)",
+    )
+    g.add_argument(
+        "--hub-loras",
+        choices=("on", "off"),
+        default=env.get("FLUXDEMO_HUB_LORAS", "on"),
+        help="whether visitors may name LoRAs on the Hugging Face Hub; off leaves the model's own download alone, "
+        "unlike HF_HUB_OFFLINE=1 (default: %(default)s)",
+    )
+    g.add_argument(
+        "--hub-lora-quota-gb",
+        type=float,
+        default=env.get("FLUXDEMO_HUB_LORA_QUOTA_GB", str(HUB_LORA_QUOTA_BYTES / GB)),
+        help="the Hub LoRA cache's total; the least recently used files go first (default: %(default)s)",
     )
     g = parser.add_argument_group("limits per request (fluxdemo/limits.py; SECURITY.md)")
     g.add_argument(
@@ -85,8 +103,8 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
         "--max-work",
         type=float,
         default=env.get("FLUXDEMO_MAX_WORK", str(DEFAULT_MAX_WORK)),
-        help="most work per request, as images x steps x megapixels; a 28-step 1024x1024 compare is 56 "
-        "(default: %(default)s)",
+        help="most work per request, in megapixels of tokens through one step (the prompt's tokens and the decode "
+        "included); a 28-step 1024x1024 compare is 71 (default: %(default)s)",
     )
     g.add_argument(
         "--max-jobs-per-client",
@@ -152,8 +170,25 @@ def check_flags(args: argparse.Namespace) -> Limits:
         )
     if not 1 <= args.batch <= MAX_BATCH:
         raise FluxdemoError(f"--batch (or FLUXDEMO_BATCH) must be from 1 to {MAX_BATCH}, but is {args.batch}.")
+    if args.hub_loras not in ("on", "off"):  # argparse checks a flag's choices, not a variable's
+        raise FluxdemoError(f"--hub-loras (or FLUXDEMO_HUB_LORAS) must be on or off, but is {args.hub_loras!r}.")
+    if not 0 < args.hub_lora_quota_gb < float("inf"):
+        raise FluxdemoError(
+            f"--hub-lora-quota-gb (or FLUXDEMO_HUB_LORA_QUOTA_GB) must be a number above 0, but is "
+            f"{args.hub_lora_quota_gb}."
+        )
     return Limits(
         max_prompt_chars=args.max_prompt_chars, max_work=args.max_work, max_jobs_per_client=args.max_jobs_per_client
+    )
+
+
+def hub_loras(args: argparse.Namespace) -> HubLoras:
+    """Visitors' Hub LoRAs as the operator set them: never HF_TOKEN, the app's size limit, a cache quota."""
+    return HubLoras(
+        enabled=args.hub_loras == "on",
+        max_bytes=args.max_upload_mb * MB,
+        quota_bytes=int(args.hub_lora_quota_gb * GB),
+        token=os.environ.get("FLUXDEMO_HUB_LORA_TOKEN") or None,
     )
 
 
@@ -198,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             args.device, args.strategy = spaces_gpu.ZERO_GPU_DEVICE, spaces_gpu.ZERO_GPU_STRATEGY
         # a tiny model's steps take milliseconds: TAEF1's picture would cost more than the whole step
         draw = preview_drawer(args.preview_decoder or ("off" if PRESETS[args.model].transformer.kit else None))
-        manager, _ = manager_from_args(args)  # the one model manager of the app; it loads the model on the first run
+        # the one model manager of the app; it loads the model on the first run
+        manager, _ = manager_from_args(args, hub_loras(args))
         if zero_gpu:
             spaces_gpu.preload_for_zero_gpu(manager, draw)
     except FluxdemoError as e:

@@ -14,11 +14,14 @@ import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from fluxdemo.config import CLI_FLAGS, DEFAULT_PRESET, ENV_OVERRIDES, PRESETS, get_preset
 from fluxdemo.errors import FluxdemoError, LoraError, OptionsError
 from fluxdemo.timeline import quiet_libraries
+
+if TYPE_CHECKING:  # the CLI imports torch's side lazily, so that --help answers at once
+    from fluxdemo.lora import HubLoras
 
 logger = logging.getLogger("fluxdemo")
 
@@ -162,11 +165,14 @@ def _numbers(kind: type) -> Callable[[str], list]:
     return parse
 
 
-def manager_from_args(args: argparse.Namespace):
+def manager_from_args(args: argparse.Namespace, hub_loras: HubLoras | None = None):
     """The ModelManager the model flags describe, and each --lora value as a stack of names in its LoRA folder
-    (one stack for generate and compare; one per grid row)."""
+    (one stack for generate and compare; one per grid row). `hub_loras`: the app's policy for Hub LoRAs; the CLI's
+    user is the operator, so theirs may use their own token (FLUXDEMO_HUB_LORA_TOKEN, else HF_TOKEN)."""
     import torch
+    from huggingface_hub import get_token
 
+    from fluxdemo.lora import HubLoras
     from fluxdemo.manager import ModelManager, default_device
 
     overrides = {c: getattr(args, c) for c in CLI_FLAGS}
@@ -175,7 +181,10 @@ def manager_from_args(args: argparse.Namespace):
     device = torch.device(args.device) if args.device else default_device()
     if device.type == "cpu" and not preset.transformer.kit:
         _warn_real_model_on_cpu(preset)
-    return ModelManager(preset, device=device, strategy=args.strategy, lora_dir=lora_dir), stacks
+    if hub_loras is None:
+        hub_loras = HubLoras(token=os.environ.get("FLUXDEMO_HUB_LORA_TOKEN") or get_token())
+    manager = ModelManager(preset, device=device, strategy=args.strategy, lora_dir=lora_dir, hub_loras=hub_loras)
+    return manager, stacks
 
 
 def _warn_real_model_on_cpu(preset) -> None:

@@ -553,6 +553,23 @@ class LoraEntry:
         }
 
 
+@dataclass(frozen=True)
+class HubLoras:
+    """The operator's policy for LoRAs named by a Hub repo (app.py's flags, never a visitor's): LoraLibrary's hub
+    arguments, carried as one value from the flags to the library."""
+
+    enabled: bool = True
+    max_bytes: int = MAX_UPLOAD_BYTES
+    quota_bytes: int = HUB_LORA_QUOTA_BYTES
+    token: str | None = None  # for LoRAs only; the operator's HF_TOKEN is never sent for a visitor's LoRA
+    cache: Path | None = None  # default: hub_lora_cache_dir()
+    endpoint: str | None = None  # default: HF_ENDPOINT
+
+    def library_args(self) -> dict:
+        return dict(hub=self.enabled, hub_max_bytes=self.max_bytes, hub_endpoint=self.endpoint, hub_cache=self.cache,
+                    hub_quota_bytes=self.quota_bytes, hub_token=self.token)  # fmt: skip
+
+
 class LoraLibrary:
     """The LoRA folder, scanned recursively; entries are cached by (size, mtime) and re-inspected only on change."""
 
@@ -656,13 +673,21 @@ class LoraLibrary:
             self.refresh()
         return self._index.get(key)
 
-    def is_hub_name(self, name: str) -> bool:
+    def is_hub_name(self, name: str, scan: bool = True) -> bool:
         """Whether get(name) goes to the Hub: a Hub reference that names no file in the LoRA folder. No network,
-        so a caller can fetch Hub LoRAs (prefetch) before it queues the GPU work that uses them."""
+        so a caller can fetch Hub LoRAs (prefetch) before it queues the GPU work that uses them; with scan=False
+        not even the disk (the folder as last scanned), for callers in the server's event loop."""
+        if not scan:
+            return PurePosixPath(name).as_posix() not in self._index and parse_hub_lora(name) is not None
         try:
             return self._local(name) is None and parse_hub_lora(name) is not None
         except LoraError:
             return False
+
+    def fetched(self, name: str) -> bool:
+        """Whether a Hub name is downloaded and inspected already (prefetch), so get() needs no network."""
+        with self._hub_lock:
+            return _memo_key(name) in self._hub
 
     def prefetch(self, names: Iterable[str], cancelled: Callable[[], bool] | None = None) -> list[LoraEntry]:
         """Download and inspect the Hub LoRAs among `names` (folder names are skipped), so that get() later finds
@@ -679,10 +704,11 @@ class LoraLibrary:
         if not self.hub:
             raise LoraError(f"LoRAs from the Hub are turned off on this app; put the .safetensors file of "
                             f"{capped(name, MAX_FIELD_CHARS)} in the LoRA folder (or upload it) instead.")  # fmt: skip
+        key = _memo_key(name)
         with self._hub_lock:
-            cached = self._hub.get(name)
+            cached = self._hub.get(key)
             if cached is not None and not _changed(cached):
-                self._hub.move_to_end(name)
+                self._hub.move_to_end(key)
                 mark_used(cached.path)
                 return cached
         try:
@@ -708,11 +734,17 @@ class LoraLibrary:
         st = got.path.stat()
         entry = LoraEntry(name, got.path, st.st_size, st.st_mtime_ns, report.sha256, report)
         with self._hub_lock:
-            self._hub[name] = entry
-            self._hub.move_to_end(name)
+            self._hub[key] = entry
+            self._hub.move_to_end(key)
             while len(self._hub) > HUB_MEMO_ENTRIES:
                 self._hub.popitem(last=False)
         return entry
+
+
+def _memo_key(name: str) -> str:
+    """One memo entry for the spellings of one Hub reference (a repo id and its URL)."""
+    ref = parse_hub_lora(name)
+    return name if ref is None else str(ref)
 
 
 def _has_lora_keys(keys: list[str]) -> bool:

@@ -37,7 +37,7 @@ from fluxdemo import hub, loading, planner
 from fluxdemo.adapters import Adapters
 from fluxdemo.config import Preset, Source
 from fluxdemo.errors import OptionsError, OutOfMemoryError
-from fluxdemo.lora import LoraLibrary
+from fluxdemo.lora import HubLoras, LoraLibrary
 from fluxdemo.timeline import Timeline
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class ModelManager:
     dtype: torch.dtype | None = None  # compute dtype: bf16 on accelerators, fp32 on CPU unless set
     token: str | None = None
     lora_dir: Path = Path("loras")
+    hub_loras: HubLoras = HubLoras()  # what LoRAs named by a Hub repo may be fetched, and how
     moves: list[Move] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -115,7 +116,8 @@ class ModelManager:
         self.embedding_cache = LRU(maxsize=64)  # T5 and CLIP outputs, each under its own key
         # LoRAs are judged against this preset's model (a tiny kit's LoRAs fit the tiny model, not FLUX.1-dev).
         dims, clip_config = loading.model_dims(self.config_dir())
-        self.adapters = Adapters(self, LoraLibrary(Path(self.lora_dir), dims, clip_config))
+        library = LoraLibrary(Path(self.lora_dir), dims, clip_config, **self.hub_loras.library_args())
+        self.adapters = Adapters(self, library)
         # A first plan from the preset's figures alone (reading nothing); each request plans again with real sizes.
         self.plan = self._plan(planner.FLUX_DEV, self._sizes(files=False))
         self.strategy = self.plan.strategy

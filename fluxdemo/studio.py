@@ -237,9 +237,10 @@ def _check_counts(ask: Ask) -> None:
         )
 
 
-def unfetched_hub_loras(library: LoraLibrary, ask: Ask) -> list[str]:
-    """The request's Hub LoRAs not downloaded yet: a model job never downloads, so these must be fetched first."""
-    return [name for name in ask.lora_names if library.is_hub_name(name) and not library.fetched(name)]
+def unfetched_hub_loras(library: LoraLibrary, ask: Ask, scan: bool = True) -> list[str]:
+    """The request's Hub LoRAs not downloaded yet: a model job never downloads, so these must be fetched first.
+    scan=False reads the LoRA folder as last scanned (the admission runs in the server's event loop)."""
+    return [name for name in ask.lora_names if library.is_hub_name(name, scan) and not library.fetched(name)]
 
 
 def controls_params(manager: ModelManager, prompt, lora, strength, seed, steps, guidance, width, height,
@@ -619,10 +620,10 @@ class Studio:
         run = {"tab": "grid", "files": [path for path, _ in pictures] + list(files.values())}
         return pictures, cell_gallery, result.report, run, history
 
-    def read(self, kind: str, values: Sequence) -> Ask:
+    def read(self, kind: str, values: Sequence, scan: bool = True) -> Ask:
         """The request checked whole (read_request), and its Hub LoRAs already fetched."""
         ask = read_request(kind, values, self.limits)
-        missing = unfetched_hub_loras(self.library, ask)
+        missing = unfetched_hub_loras(self.library, ask, scan)
         if missing:
             raise OptionsError(
                 f"The Hub LoRA {names_list(missing)} is not downloaded yet: a model job never downloads. Use "
@@ -632,7 +633,7 @@ class Studio:
 
     def admit(self, kind: str) -> Callable[[list], None]:
         """The admission's rule for a model event: the request read and checked before it is queued."""
-        return lambda data: self.read(kind, data[:-1])  # the last value is the session's history
+        return lambda data: self.read(kind, data[:-1], scan=False)  # the last value is the session's history
 
     def fetcher(self, kind: str) -> Callable:
         """fetch_loras for one kind of request, as an event handler (gradio hands `request` in by its annotation)."""

@@ -442,7 +442,8 @@ def _number(name: str, value: object, bounds: tuple[float, float], notes: list[s
     else:
         checked, rule = float(checked), ""
     if checked != number:
-        notes.append(f"{name}: {_shown(number)} is not {rule}between {low:g} and {high:g}; set to {checked:g}.")
+        notes.append(f"{name}: {_shown(number)} is not {rule}between {_shown(low)} and {_shown(high)}; set to "
+                     f"{_shown(checked)}.")  # fmt: skip
     return checked
 
 

@@ -76,7 +76,7 @@ def model_card(text: str) -> ModelCard:
         if not sep:
             continue
         if key == "instance_prompt" and not line[:1].isspace():
-            words += [w for w in (_unquote(part) for part in value.split(",")) if w]
+            words += [w for w in (_unquote(part) for part in _unquote(value).split(",")) if w]  # "a, b" too
         elif key == "text":
             prompt = _unquote(value)
             if prompt:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from fluxdemo.flux_names import FluxDims
 from fluxdemo.hub import HUB_LORA_QUOTA_BYTES, HubLoraRef, download_lora, mark_used, parse_hub_lora
 from fluxdemo.lora_formats import Adapter, ModelTables, analyse_keys, factors, split_parts, split_role
 from fluxdemo.lycoris import FactoredPart
-from fluxdemo.untrusted import MAX_FIELD_CHARS, capped, names_list
+from fluxdemo.untrusted import MAX_COUNTED_TAGS, MAX_FIELD_CHARS, MAX_TAG_FREQUENCY_CHARS, capped, names_list
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +277,7 @@ def format_report(r: LoraReport) -> str:
     lines.append(f"  base model: {r.base_model_hint or 'unknown'}; trigger words: {', '.join(r.trigger_words) or '-'}")
     lines.append(
         f"  keys: {len(r.matched)} matched, {len(r.unmatched)} unmatched"
-        + (f" (e.g. {', '.join(r.unmatched[:3])})" if r.unmatched else "")
+        + (f" (e.g. {names_list(r.unmatched, 3)})" if r.unmatched else "")
     )
     lines += [f"  problem: {p}" for p in r.problems] + [f"  warning: {w}" for w in r.warnings]
     return "\n".join(lines)
@@ -299,12 +300,17 @@ def _parse_trigger_words(meta: Mapping[str, str]) -> list[str]:
     if meta.get("modelspec.trigger_phrase"):
         phrase = meta["modelspec.trigger_phrase"][: TRIGGER_MAX_WORDS * (TRIGGER_MAX_CHARS + 2)]
         return [w.strip() for w in phrase.split(",") if w.strip()]
+    text = meta.get("ss_tag_frequency") or "{}"
+    if len(text) > MAX_TAG_FREQUENCY_CHARS:  # far past any real one: no trigger words rather than a long parse
+        return []
+    counts: Counter[str] = Counter()  # one Counter updated in place: summing Counters copied one per folder
     try:  # kohya: {dataset folder: {caption tag: count}}; the most frequent tags carry the trigger
-        folders = json.loads(meta.get("ss_tag_frequency") or "{}")
-        counts = sum((Counter({str(t): int(n) for t, n in tags.items()}) for tags in folders.values()), Counter())
+        pairs = (pair for tags in json.loads(text).values() for pair in tags.items())
+        for tag, n in itertools.islice(pairs, MAX_COUNTED_TAGS):
+            counts[str(tag)] += int(n)
     except (ValueError, TypeError, AttributeError, RecursionError, OverflowError):  # OverflowError: int(1e400)
         return []
-    return [tag.strip() for tag, _ in counts.most_common(5)]
+    return [tag.strip() for tag, n in counts.most_common(5) if n > 0]  # as Counter sums kept them: positive only
 
 
 def _model_label(dims: FluxDims) -> str:

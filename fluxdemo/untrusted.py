@@ -8,13 +8,28 @@ takes. What reaches a page goes through `markdown_text`, so a LoRA's metadata ca
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+
+from fluxdemo.errors import FluxdemoError
 
 MAX_CARD_BYTES = 256 * 2**10  # a model card's README.md: real ones are a few kB; the front matter is at its top
 MAX_FIELD_CHARS = 200  # one trigger word, one example prompt, one name shown on a page
 MAX_LIST_ITEMS = 12  # trigger words, example prompts, files named in one sentence
 MAX_SENTENCE_CHARS = 600  # a list of names inside an error sentence
+MAX_PNG_BYTES = 64 * 2**20  # a 2048x2048 RGB PNG is at most 12 MiB, so a larger file is not an image to read
+MAX_PNG_CHUNKS = 2**14  # chunks walked before giving up: 64 MiB of IDAT in 4 kB chunks, far more than any encoder
+MAX_PNG_TEXT_BYTES = 256 * 2**10  # one PNG text chunk, inflated: fluxdemo's own are under 4 kB
+MAX_PARAMETERS_CHARS = 16 * 2**10  # A1111 infotext: a 2,000-character prompt, its negative and 40 settings fit
+MAX_TAG_FREQUENCY_CHARS = 256 * 2**10  # kohya's ss_tag_frequency: real ones are a few kB to 100 kB
+MAX_COUNTED_TAGS = 10_000  # caption tags counted from it; the trigger words are the few most frequent
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_TEXT_KINDS = (b"tEXt", b"zTXt", b"iTXt")
 
 
 @dataclass(frozen=True)
@@ -61,7 +76,7 @@ def model_card(text: str) -> ModelCard:
         if not sep:
             continue
         if key == "instance_prompt" and not line[:1].isspace():
-            words += [w for w in (_unquote(part) for part in value.split(",")) if w]
+            words += [w for w in (_unquote(part) for part in _unquote(value).split(",")) if w]  # "a, b" too
         elif key == "text":
             prompt = _unquote(value)
             if prompt:
@@ -90,3 +105,57 @@ def markdown_text(text: object, limit: int = MAX_FIELD_CHARS) -> str:
     so metadata shows as the words it is and never as a tag, a link or a heading."""
     flat = " ".join(capped(str(text), limit).split())
     return "".join(_HTML.get(c) or ("\\" + c if c in _MARKDOWN_SPECIAL else c) for c in flat)
+
+
+def png_text(source: Path | str | bytes, keywords: Collection[str]) -> dict[str, str | None]:
+    """The text chunks (tEXt, zTXt, iTXt) named `keywords` of a PNG file or its bytes, read without decoding a pixel:
+    the walk reads chunk headers and skips every other chunk up to IEND. A text over MAX_PNG_TEXT_BYTES, compressed
+    or inflated, comes back as None (never inflated whole); the last chunk of a keyword wins, as in Pillow."""
+    what = "These PNG bytes" if isinstance(source, bytes) else Path(source).name
+    size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
+    if size > MAX_PNG_BYTES:
+        raise FluxdemoError(
+            f"{what} is {size:,} bytes; a PNG to read settings from may be at most {MAX_PNG_BYTES:,} bytes. "
+            "Choose the PNG fluxdemo or your tool saved, not a larger file."
+        )
+    found: dict[str, str | None] = {}
+    with io.BytesIO(source) if isinstance(source, bytes) else Path(source).open("rb") as f:
+        if f.read(8) != PNG_SIGNATURE:
+            raise FluxdemoError(f"{what} is not a PNG file; choose a PNG that fluxdemo or A1111/Forge saved.")
+        for _ in range(MAX_PNG_CHUNKS):
+            head = f.read(8)
+            if len(head) < 8 or head[4:] == b"IEND":
+                break
+            length, kind = struct.unpack(">I4s", head)
+            body = f.read(min(length, MAX_PNG_TEXT_BYTES + 1)) if kind in _PNG_TEXT_KINDS else b""
+            f.seek(length - len(body) + 4, io.SEEK_CUR)  # the rest of the chunk, then its CRC
+            keyword = body[:80].partition(b"\0")[0].decode("latin-1")  # PNG keywords are 1-79 Latin-1 bytes
+            if keyword in keywords:
+                found[keyword] = None if length > MAX_PNG_TEXT_BYTES else _chunk_text(kind, body, what)
+    return found
+
+
+def _chunk_text(kind: bytes, body: bytes, what: str) -> str | None:
+    """One text chunk's text; None when it inflates past MAX_PNG_TEXT_BYTES."""
+    rest = body.partition(b"\0")[2]
+    if kind == b"tEXt":
+        return rest.decode("latin-1")
+    if kind == b"zTXt":
+        data = _inflate(rest[1:], what)  # rest[0] is the compression method, always zlib
+        return None if data is None else data.decode("latin-1")
+    compressed, rest = rest[:1] == b"\1", rest[2:]  # iTXt: flag, method, language, translated keyword, text
+    data = rest.split(b"\0", 2)[-1] if rest.count(b"\0") >= 2 else b""
+    if compressed:
+        data = _inflate(data, what)
+    return None if data is None else data.decode("utf-8", errors="replace")
+
+
+def _inflate(data: bytes, what: str) -> bytes | None:
+    """zlib data inflated to at most MAX_PNG_TEXT_BYTES; None beyond (a small chunk can hold a huge text)."""
+    try:
+        out = zlib.decompressobj().decompress(data, MAX_PNG_TEXT_BYTES + 1)
+    except zlib.error:
+        raise FluxdemoError(
+            f"{what} has a damaged compressed text chunk; save the image again from the tool that made it."
+        ) from None
+    return None if len(out) > MAX_PNG_TEXT_BYTES else out

@@ -5,24 +5,32 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from fluxdemo.errors import FluxdemoError, OptionsError
 from fluxdemo.images import (
+    GUIDANCE_MAX,
     LABEL_BAND,
     ImageParams,
     a1111_parameters,
     difference,
+    parse_a1111,
     png_bytes,
     read_params,
     save_png,
+    settings_from_png,
     side_by_side,
 )
+from fluxdemo.stages import MAX_SIDE
+from fluxdemo.untrusted import MAX_PARAMETERS_CHARS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,3 +174,120 @@ def test_disk_full_leaves_no_partial_file(tiny_disk):
     )
     assert result["files"] == ["first.png"]
     assert result["first_intact"]
+
+
+# --- settings from a PNG, checked like any input (issue 16) --------------------------------------------------------
+
+
+def _png_with(text_chunks: dict[str, str], size: tuple[int, int] = (16, 16), zip_itxt: bool = False) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    for key, value in text_chunks.items():
+        info.add_itxt(key, value, zip=True) if zip_itxt else info.add_text(key, value)
+    buffer = io.BytesIO()
+    Image.new("RGB", size).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_bomb(side: int = 12_992) -> bytes:
+    """A 1-bit PNG of side x side pixels (21 MB once decoded) in a few tens of kB, with A1111 parameters."""
+    row, deflate = b"\0" * (1 + (side + 7) // 8), zlib.compressobj(9)
+    idat = b"".join(deflate.compress(row) for _ in range(side)) + deflate.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    text = b"parameters\0a bomb\nSteps: 20, Seed: 5, Size: 512x512"
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"tEXt", text) + _chunk(b"IDAT", idat)
+            + _chunk(b"IEND", b""))  # fmt: skip
+
+
+def test_a1111_quoted_values_hold_commas_and_colons():
+    params = parse_a1111(
+        'a fox, in snow <lora:fox:0.7>\nSteps: 30, Lora hashes: "fox: 0123456789, owl: 9876543210", Seed: 9, '
+        'Model: "flux, dev", Size: 512x768, Distilled CFG Scale: 2.5'
+    )
+    assert (params.prompt, params.steps, params.seed, params.model) == ("a fox, in snow", 30, 9, "flux, dev")
+    assert (params.width, params.height, params.guidance) == (512, 768, 2.5)
+    assert params.loras == (("fox.safetensors", None, 0.7),)
+
+
+def test_a1111_negative_prompt_lines_stay_out_of_the_prompt():
+    params = parse_a1111("a fox\nin snow\nNegative prompt: blurry,\nugly\nSteps: 4, Seed: 3")
+    assert (params.prompt, params.steps, params.seed) == ("a fox\nin snow", 4, 3)
+
+
+def test_a1111_parts_without_a_key_and_an_unclosed_quote_are_skipped():
+    params = parse_a1111('p\nSteps: 5, junk, Model: "unclosed, Seed: 8')
+    assert (params.steps, params.seed, params.model) == (5, 8, '"unclosed')
+
+
+def test_long_parameters_text_is_cut_before_it_is_parsed():
+    """The 32 kB infotext the old pattern took 28 s over: read up to MAX_PARAMETERS_CHARS, values as they stand."""
+    settings = settings_from_png(_png_with({"parameters": "a\nSteps: 1, " + "a" * 32_000}))
+    assert (settings.params.prompt, settings.params.steps, settings.params.seed) == ("a", 1, 0)
+    assert settings.notes == (f"The A1111 parameters are 32,012 characters; only the first {MAX_PARAMETERS_CHARS:,} "
+                              "were read.",)  # fmt: skip
+
+
+def test_settings_are_read_without_decoding_pixels(monkeypatch):
+    bomb = _png_bomb()
+    assert len(bomb) < 512 * 2**10
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: pytest.fail("the pixels were decoded"))
+    tracemalloc.start()
+    try:
+        params = read_params(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (params.prompt, params.steps, params.width) == ("a bomb", 20, 512)
+    assert peak < 20 * 2**20
+
+
+def test_fluxdemo_chunk_values_are_clamped_with_notes():
+    data = {"schema": 1, "prompt": "p" * 100_000, "seed": -3, "steps": -5, "guidance": float("nan"), "width": 1000,
+            "height": 99_999_999, "model": "m", "quant": "q", "role": "lora", "loras": [["x", None, 7.5]]}  # fmt: skip
+    settings = settings_from_png(_png_with({"fluxdemo": json.dumps(data)}))
+    p = settings.params
+    assert (len(p.prompt), p.seed, p.steps, p.guidance, p.width, p.height) == (2000, 0, 1, 3.5, 992, MAX_SIDE)
+    assert p.loras == (("x", None, 2.0),)
+    assert settings.notes == (
+        "prompt: 100,000 characters, over the limit of 2,000; cut to its start.",
+        "seed: -3 is not a whole number between 0 and 4,294,967,295; set to 0.",
+        "steps: -5 is not a whole number between 1 and 100; set to 1.",
+        "guidance: not a finite number; set to the default 3.5.",
+        "width: 1,000 is not a multiple of 16 between 16 and 2,048; set to 992.",
+        "height: 99,999,999 is not a multiple of 16 between 16 and 2,048; set to 2,048.",
+        "strength: 7.5 is not between 0 and 2; set to 2.",
+    )
+
+
+def test_a_huge_compressed_fluxdemo_chunk_is_refused_without_inflating_it():
+    """52 MB of prompt compress to about 50 kB: refused with a sentence, never inflated whole."""
+    png = _png_with({"fluxdemo": '{"prompt": "' + "p" * 52_000_000 + '", "steps": -5}'}, zip_itxt=True)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FluxdemoError, match=r"The PNG's 'fluxdemo' text is over 262,144 bytes, far more than"):
+            read_params(png)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20
+
+
+def test_damaged_fluxdemo_json_is_a_sentence():
+    with pytest.raises(FluxdemoError, match=r"'fluxdemo' text is not the JSON object fluxdemo writes"):
+        read_params(_png_with({"fluxdemo": "[" * 100_000}))
+
+
+def test_a_file_that_is_not_a_png_is_a_sentence(tmp_path):
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8)).save(path, format="JPEG")
+    with pytest.raises(FluxdemoError, match=r"^photo.png is not a PNG file; choose a PNG"):
+        read_params(path)
+
+
+def test_guidance_bound_is_the_studios():
+    from fluxdemo import studio
+
+    assert studio.GUIDANCE_MAX == GUIDANCE_MAX

@@ -699,15 +699,29 @@ _ATTN_Q = re.compile(r"transformer_blocks[._]\d+[._]attn[._]to_q$")
 _FLUX2_MLP = ((re.compile(r"single_blocks[._]\d+[._]linear1$"), 9), (re.compile(r"(?:img|txt)_mlp[._]0$"), 6))
 _WIDTHS = {3072: "FLUX.2 klein 4B", 4096: "FLUX.2 klein 9B", 6144: "FLUX.2 dev"}  # FLUX.2 hidden sizes
 SD3_WIDTHS = {1536: "SD3 Medium / SD3.5 Medium", 2432: "SD3.5 Large"}
-# (pattern in modelspec.architecture / ss_base_model_version, family, format); the first match wins.
-_META_FAMILIES = (
-    (re.compile(r"flux[-_. ]?2.*klein|klein"), "FLUX.2 klein", "flux2-klein"),
-    (re.compile(r"flux[-_. ]?2"), "FLUX.2", "flux2"),
-    (re.compile(r"flux.*kontext|kontext"), "FLUX.1 Kontext", "flux1-kontext"),
-    (re.compile(r"flux.*fill"), "FLUX.1 Fill", "flux1-fill"),
-    (re.compile(r"flux.*canny"), "FLUX.1 Canny", "flux1-canny"),
-    (re.compile(r"flux.*depth"), "FLUX.1 Depth", "flux1-depth"),
-    (re.compile(r"chroma"), "Chroma", "chroma"),
+_FLUX2 = re.compile(r"flux[-_. ]?2")
+
+
+def _in_order(text: str, *words: str) -> bool:
+    """Whether the words occur in `text` in this order: what `a.*b` asks, without its backtracking."""
+    at = 0
+    for word in words:
+        at = text.find(word, at)
+        if at < 0:
+            return False
+        at += len(word)
+    return True
+
+
+# (test of modelspec.architecture / ss_base_model_version, family, format); the first match wins.
+_META_FAMILIES: tuple[tuple[Callable[[str], bool], str, str], ...] = (
+    (lambda spec: "klein" in spec, "FLUX.2 klein", "flux2-klein"),
+    (lambda spec: _FLUX2.search(spec) is not None, "FLUX.2", "flux2"),
+    (lambda spec: "kontext" in spec, "FLUX.1 Kontext", "flux1-kontext"),
+    (lambda spec: _in_order(spec, "flux", "fill"), "FLUX.1 Fill", "flux1-fill"),
+    (lambda spec: _in_order(spec, "flux", "canny"), "FLUX.1 Canny", "flux1-canny"),
+    (lambda spec: _in_order(spec, "flux", "depth"), "FLUX.1 Depth", "flux1-depth"),
+    (lambda spec: "chroma" in spec, "Chroma", "chroma"),
 )
 
 
@@ -728,7 +742,7 @@ def _family(adapters: list[Adapter], shapes: Mapping[str, tuple], meta: Mapping[
             if io and pattern.search(a.module) and io[0] == ratio * io[1]:
                 flux2, evidence = a.module, f"its {a.module} has {io[0]} rows for width {io[1]}, FLUX.2's SwiGLU MLP"
     spec = " ".join(meta.get(k, "") for k in ("modelspec.architecture", "ss_base_model_version")).lower()
-    found = next(((name, fmt) for pattern, name, fmt in _META_FAMILIES if pattern.search(spec)), None)
+    found = next(((name, fmt) for names, name, fmt in _META_FAMILIES if names(spec)), None)
     if found and found[1] != "flux2":  # the metadata names a FLUX.1 look-alike: the keys cannot tell them apart
         return found[1], found[0], f"its metadata names {spec.strip()[:80]!r}"
     if flux2 or found:

@@ -38,7 +38,15 @@ from fluxdemo.experiments import (
     as_stack,
 )
 from fluxdemo.history import add, describe_loras, find, slider_label, stale_note
-from fluxdemo.images import ImageParams, difference, params_from_report, read_params, save_png, side_by_side
+from fluxdemo.images import (
+    GUIDANCE_MAX,
+    ImageParams,
+    difference,
+    params_from_report,
+    save_png,
+    settings_from_png,
+    side_by_side,
+)
 from fluxdemo.limits import DEFAULT_LIMITS, Limits, check_prompt, check_request, for_visitor
 from fluxdemo.lora import LoraLibrary, save_upload
 from fluxdemo.manager import MODEL_COMPONENTS, STRATEGIES, ModelManager
@@ -68,7 +76,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 2**20
 DEFAULT_QUEUE_SIZE = 16
 STRENGTH_MIN, STRENGTH_MAX = 0.0, 2.0
-GUIDANCE_MAX = 10.0  # FLUX.1-dev's distilled guidance: 3.5 by default, rarely useful past 10
 DEFAULT_SWEEP = "0, 0.25, 0.5, 0.75, 1, 1.25"
 MAX_SWEEP_IMAGES = 8  # each image is one more denoising loop on the one shared GPU
 DEFAULT_GRID_STRENGTHS = "0, 0.5, 1"
@@ -742,22 +749,31 @@ class Studio:
 
     @for_people
     def settings_from_png(self, file: str | None) -> tuple:
-        """The controls set from a PNG's parameters (fluxdemo's own, or A1111/Forge infotext)."""
+        """The controls set from a PNG's parameters (fluxdemo's own, or A1111/Forge infotext), each value checked
+        like the controls' own; what was changed, and LoRAs this app lacks, are said beside the confirmation."""
         if not file:
             return (gr.skip(),) * (8 + 2 * len(EXTRA_ROWS))
-        params = read_params(Path(file))
-        loras = list(params.loras) + [("", None, 1.0)] * (1 + len(EXTRA_ROWS) - len(params.loras))
+        settings = settings_from_png(Path(file), self.limits)
+        params = settings.params
         if len(params.loras) > 1 + len(EXTRA_ROWS):
             raise FluxdemoError(f"The PNG names {len(params.loras)} LoRAs; the studio stacks at most "
                                 f"{1 + len(EXTRA_ROWS)}.")  # fmt: skip
-        known = {e.name for e in self.library.entries}
-        missing = [name for name, _, _ in params.loras if name not in known]
+        loras = list(params.loras) + [("", None, 1.0)] * (1 + len(EXTRA_ROWS) - len(params.loras))
+        missing = [name for name, _, _ in params.loras if not self._listed(name) and not self.library.fetched(name)]
+        for note in settings.notes:
+            gr.Warning(note)
         if missing:
-            gr.Warning(f"Not in the LoRA folder: {', '.join(missing)}. Upload them to reproduce the picture.")
-        gr.Info(f"Settings loaded from {Path(file).name}: seed {params.seed}, {params.steps} steps.")
+            gr.Warning(f"Not in the LoRA folder: {names_list(missing)}. Upload them (or fetch them from the Hub) to "
+                       "reproduce the picture.")  # fmt: skip
+        stack = stack_label(tuple(LoraChoice(name, s) for name, _, s in params.loras))
+        gr.Info(f"Set from the PNG: seed {params.seed}, {params.steps} steps, guidance {params.guidance:g}, "
+                f"{params.width}x{params.height}, LoRAs {stack}.")  # fmt: skip
         rows = [value for name, _, s in loras[1:] for value in (name, s)]
         return (params.prompt, params.seed, params.steps, params.guidance, params.width, params.height,
                 loras[0][0], loras[0][2], *rows)  # fmt: skip
+
+    def _listed(self, name: str) -> bool:
+        return any(entry.name == name and entry.usable for entry in self.library.entries)
 
     # -- LoRA files -------------------------------------------------------------------------------------------------
     def lora_choices(self, value: str | None = None) -> dict:

@@ -34,13 +34,6 @@ TIMEOUT_S = 120  # per pattern, every input and call included; a linear pattern 
 # characters a pattern spells literally are added to its own list (see _inputs).
 UNITS = (" ", "\t", "\n", "a", "0", "_", ".", "-", "/", "a/", "\\", "a\\", ":", "a:", "a: ", "<lora:", '"', '\\"',
          "a,", "a ", "~/", "a.", "a_", "a-", "a=")  # fmt: skip
-KNOWN_QUADRATIC = {  # in files other engineers own (issue 16 lists them); strict: remove an entry once it is fixed
-    "fluxdemo/hub.py:554": "a model card's widget text: a run of tabs (untrusted.model_card reads it linearly)",
-    "fluxdemo/lora_formats.py:706": "a LoRA's modelspec.architecture: 'flux' repeated without 'kontext'",
-    "fluxdemo/lora_formats.py:707": "a LoRA's modelspec.architecture: 'flux' repeated without 'fill'",
-    "fluxdemo/lora_formats.py:708": "a LoRA's modelspec.architecture: 'flux' repeated without 'canny'",
-    "fluxdemo/lora_formats.py:709": "a LoRA's modelspec.architecture: 'flux' repeated without 'depth'",
-}
 
 
 @dataclass(frozen=True)
@@ -185,11 +178,7 @@ def test_every_pattern_is_found():
     assert by_where[("lora.py", r"[^A-Za-z0-9._-]+")] == ("findall",)  # re.sub
 
 
-@pytest.mark.parametrize(
-    "found",
-    [pytest.param(f, id=f.where, marks=[pytest.mark.xfail(reason=KNOWN_QUADRATIC[f.where], strict=True)]
-                  if f.where in KNOWN_QUADRATIC else []) for f in PATTERNS],
-)  # fmt: skip
+@pytest.mark.parametrize("found", [pytest.param(f, id=f.where) for f in PATTERNS])
 def test_pattern_is_linear_on_hostile_input(found: Found):
     slow = _slow(measure(found.pattern, found.flags, found.calls))
     assert not slow, f"{found.where}: {found.pattern!r} is super-linear: " + "; ".join(slow)

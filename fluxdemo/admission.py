@@ -54,7 +54,7 @@ class Admission:
     def check(self, event, rule: Callable[[list], None]) -> None:
         """Run `rule` on an event's values before it is queued; a FluxdemoError it raises refuses the request with
         its sentence. Rules run in the server's event loop, so they must not read files or the network."""
-        self._checks[id(event.fn)] = rule
+        self._checks[event["id"]] = rule  # by the event's index: gradio copies each session's functions
 
     async def admit(self, body, request, username) -> tuple[bool, Any, str]:
         if body.fn_index is None:
@@ -63,7 +63,7 @@ class Admission:
 
         fn = route_utils.get_fn(self.blocks, None, body)
         problems = input_problems(fn, body.data or [], self.limits)
-        rule = self._checks.get(id(fn))
+        rule = self._checks.get(fn._id)
         if not problems and rule is not None:
             try:
                 rule(list(body.data or []))

@@ -716,7 +716,7 @@ class LoraLibrary:
             if cached is not None and not _changed(cached):
                 self._hub.move_to_end(key)
                 mark_used(cached.path)
-                return cached
+                return cached if cached.name == name else dataclasses.replace(cached, name=name)  # as spelt here
         try:
             got = download_lora(ref, _has_lora_keys, self.hub_max_bytes, token=self.hub_token,
                                 cache_dir=self.hub_cache, endpoint=self.hub_endpoint,

@@ -266,34 +266,72 @@ def test_a_hub_lora_applies_like_the_same_file_in_the_folder(fake, tmp_path, tin
     assert generate(manager, options).images["baseline"].tobytes() != local.tobytes()
 
 
-def test_the_studio_takes_a_lora_from_the_hub(fake, tmp_path, tiny_kit):
-    """The studio's Hub box (its /hub_lora endpoint): a repo id gives a LoRA to pick, compare with and stack; a repo
-    without a LoRA gives its sentence."""
-    from gradio_client import Client
-    from gradio_client.exceptions import AppError
-
+@pytest.fixture
+def studio_url(fake, tmp_path, monkeypatch):
+    """The studio over an empty LoRA folder, its Hub the fake one; the operator holds HF_TOKEN, as on a Space."""
     from fluxdemo.config import get_preset
+    from fluxdemo.lora import HubLoras
     from fluxdemo.manager import ModelManager
     from fluxdemo.studio import build_studio
 
+    monkeypatch.setenv("HF_TOKEN", th.GRANTED_TOKEN)
     (tmp_path / "loras").mkdir()
-    manager = ModelManager(get_preset("tiny", use_env=False), device="cpu", lora_dir=tmp_path / "loras")
-    manager.adapters.library.hub_endpoint, manager.adapters.library.hub_cache = fake.endpoint, tmp_path / "hf"
+    hub = HubLoras(endpoint=fake.endpoint, cache=tmp_path / "hub-loras")
+    manager = ModelManager(get_preset("tiny", use_env=False), device="cpu", lora_dir=tmp_path / "loras", hub_loras=hub)
     demo = build_studio(manager)
     demo.launch(prevent_thread_lock=True, quiet=True)
     try:
-        client = Client(demo.local_url, verbose=False)
-        assert client.predict("https://huggingface.co/bob/style-lora", api_name="/hub_lora") == (
-            "https://huggingface.co/bob/style-lora"
-        )
-        assert client.predict("bob/style-lora", api_name="/inspect_lora")["trigger_words"] == ["zkz style"]
-        with pytest.raises(AppError, match=r"bob/a-model has no LoRA: none of its .safetensors files"):
-            client.predict("bob/a-model", api_name="/hub_lora")
-        _, report = client.predict("a zkz fox", "bob/style-lora:0.5", 1.0, 2, 2, 3.5, 32, 32, api_name="/compare")
-        assert report["images"]["lora"]["loras"][0]["name"] == "bob/style-lora"
-        assert report["images"]["lora"]["loras"][0]["strength"] == 0.5
+        yield demo.local_url
     finally:
         demo.close()
+
+
+def test_the_studio_takes_a_lora_from_the_hub(fake, studio_url):
+    """The studio's Hub box (its /hub_lora endpoint): a repo id gives a LoRA to pick, compare with and stack; a repo
+    without a LoRA gives its sentence; the operator's HF_TOKEN is never sent."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(studio_url, verbose=False)
+    assert client.predict("https://huggingface.co/bob/style-lora", api_name="/hub_lora") == (
+        "https://huggingface.co/bob/style-lora"
+    )
+    assert client.predict("bob/style-lora", api_name="/inspect_lora")["trigger_words"] == ["zkz style"]
+    with pytest.raises(AppError, match=r"bob/a-model has no LoRA: none of its .safetensors files"):
+        client.predict("bob/a-model", api_name="/hub_lora")
+    _, report = client.predict("a zkz fox", "bob/style-lora:0.5", 1.0, 2, 2, 3.5, 32, 32, api_name="/compare")
+    assert report["images"]["lora"]["loras"][0]["name"] == "bob/style-lora"
+    assert report["images"]["lora"]["loras"][0]["strength"] == 0.5
+    assert fake.auths and all(auth is None for _, auth in fake.auths)
+
+
+def test_a_model_job_never_downloads_a_hub_lora(fake, studio_url):
+    """From the API a Hub name must be fetched first (/hub_lora, or the page's own step before the job): the job
+    is refused before it is queued, and nothing is requested from the Hub."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError, ValidationError
+
+    client = Client(studio_url, verbose=False)
+    with pytest.raises(ValidationError, match=r"The Hub LoRA bob/style-lora is not downloaded yet: a model job never"):
+        client.predict("a fox", "bob/style-lora", 1.0, 2, 2, 3.5, 32, 32, api_name="/compare")
+    with pytest.raises(AppError, match=r"bob/style-lora is a Hub LoRA not downloaded yet"):
+        client.predict("bob/style-lora", api_name="/inspect_lora")
+    assert fake.requests == []
+
+
+def test_a_grid_of_64_rows_of_hub_names_is_refused_before_any_request(fake, studio_url):
+    from gradio_client import Client
+    from gradio_client.exceptions import ValidationError
+
+    rows = "\n".join("+".join(f"u/{r}.{i}" for i in range(4)) for r in range(64))  # within the text limit
+    pickers = ("", 1.0, "", 1.0, "", 1.0)
+    with pytest.raises(ValidationError) as error:
+        Client(studio_url, verbose=False).predict("a fox", "", rows, "1", "1", 2, 3.5, 16, 16, "", 1.0, *pickers,
+                                                  api_name="/grid")  # fmt: skip
+    assert "One run can use at most 8 different LoRAs, but this one names 256: split it into smaller runs." in str(
+        error.value
+    )
+    assert fake.requests == []
 
 
 def test_hub_loras_can_be_turned_off_without_any_request(fake, tmp_path):

@@ -15,6 +15,8 @@ import importlib.util
 import logging
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -667,3 +669,59 @@ def test_operator_flags_and_variables_set_the_limits(monkeypatch) -> None:
         ["--max-jobs-per-client", "4"]
     )
     assert app.check_flags(args) == Limits(max_prompt_chars=500, max_work=2000.0, max_jobs_per_client=4)
+
+
+def test_one_client_may_not_fill_a_cheap_queue_group(url, tiny_kit, lora_dir) -> None:
+    """Uploads (the `files` group) while one is stuck: the client's first four wait or run, a fifth is refused with
+    a sentence, another client still gets in."""
+    from fluxdemo import lora
+
+    source = tiny_kit / "loras" / "peft.safetensors"
+    client = Client(url, verbose=False)
+    with lora._UPLOAD_LOCK:  # every upload stops where it would store its file
+        jobs = [client.submit(handle_file(source), api_name="/upload_lora") for _ in range(4)]
+        for job in jobs:
+            while job.status().code.name in ("STARTING", "JOINING_QUEUE"):
+                time.sleep(0.01)
+        with pytest.raises(ValidationError, match=r"You have 4 requests of this kind waiting; wait for them to fin"):
+            client.predict(handle_file(source), api_name="/upload_lora")
+        other = Client(url, verbose=False).submit(handle_file(source), api_name="/upload_lora")
+        while other.status().code.name in ("STARTING", "JOINING_QUEUE"):
+            time.sleep(0.01)
+    for job in [*jobs, other]:
+        assert (lora_dir / job.result(timeout=60)).is_file()
+
+
+def test_sigterm_removes_the_run_folders_as_ctrl_c_does(tmp_path) -> None:
+    """How Spaces stop an app: SIGTERM. The app exits with 0 and its run folders are gone."""
+    with socket_port() as port:
+        pass
+    env = {**os.environ, "TMPDIR": str(tmp_path), "GRADIO_ANALYTICS_ENABLED": "False"}
+    app = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--port", str(port)], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300  # a hang guard for imports on a busy machine, not a speed limit
+        while not _answers(f"http://127.0.0.1:{port}/gradio_api/info"):
+            assert app.poll() is None and time.monotonic() < deadline, "the app never came up"
+            time.sleep(0.5)
+        assert list(tmp_path.glob("fluxdemo-studio-*"))
+        app.send_signal(signal.SIGTERM)
+        assert app.wait(timeout=120) == 0
+    finally:
+        app.kill()
+    assert list(tmp_path.glob("fluxdemo-studio-*")) == []
+
+
+def _answers(address: str) -> bool:
+    try:
+        return httpx.get(address, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def socket_port() -> Iterator[int]:
+    """A free TCP port on loopback (closed again before it is used)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]

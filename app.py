@@ -14,19 +14,19 @@ import signal
 import sys
 from pathlib import Path
 
-# Before anything that may touch CUDA: on ZeroGPU the `spaces` package must patch torch first.
-from fluxdemo import spaces_gpu
 from fluxdemo.cli import add_model_flags, manager_from_args
-from fluxdemo.config import DEFAULT_PRESET, PRESETS
 from fluxdemo.errors import FluxdemoError
-from fluxdemo.experiments import DEFAULT_CACHE_IMAGES, MAX_BATCH
-from fluxdemo.hub import HUB_LORA_QUOTA_BYTES
-from fluxdemo.limits import DEFAULT_MAX_JOBS_PER_CLIENT, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_WORK, Limits
 from fluxdemo.lora import HubLoras
-from fluxdemo.manager import STRATEGIES
-from fluxdemo.previews import preview_drawer
-from fluxdemo.studio import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_QUEUE_SIZE, build_studio
-from fluxdemo.timeline import quiet_libraries
+from fluxdemo.model.files import HUB_LORA_QUOTA_BYTES
+from fluxdemo.model.manager import STRATEGIES
+from fluxdemo.model.presets import DEFAULT_PRESET, PRESETS
+from fluxdemo.model.timeline import quiet_libraries
+from fluxdemo.pipeline.experiments import DEFAULT_CACHE_IMAGES, MAX_BATCH
+from fluxdemo.pipeline.limits import DEFAULT_MAX_JOBS_PER_CLIENT, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_WORK, Limits
+from fluxdemo.pipeline.previews import preview_drawer
+
+# Before anything that may touch CUDA: on ZeroGPU the `spaces` package must patch torch first.
+from fluxdemo.studio import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_QUEUE_SIZE, build_studio, zero_gpu
 
 logger = logging.getLogger("fluxdemo")
 
@@ -228,15 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         auth = parse_auth(args.auth)
         limits = check_flags(args)
-        zero_gpu = spaces_gpu.on_zero_gpu()
-        if zero_gpu:  # ZeroGPU's placement: everything on cuda from start-up, nothing moved in a task (spaces_gpu.py)
-            args.device, args.strategy = spaces_gpu.ZERO_GPU_DEVICE, spaces_gpu.ZERO_GPU_STRATEGY
+        on_zero_gpu = zero_gpu.on_zero_gpu()
+        if on_zero_gpu:  # ZeroGPU's placement: everything on cuda from start-up, nothing moved in a task (zero_gpu.py)
+            args.device, args.strategy = zero_gpu.ZERO_GPU_DEVICE, zero_gpu.ZERO_GPU_STRATEGY
         # a tiny model's steps take milliseconds: TAEF1's picture would cost more than the whole step
         draw = preview_drawer(args.preview_decoder or ("off" if PRESETS[args.model].transformer.kit else None))
         # the one model manager of the app; it loads the model on the first run
         manager, _ = manager_from_args(args, hub_loras(args))
-        if zero_gpu:
-            spaces_gpu.preload_for_zero_gpu(manager, draw)
+        if on_zero_gpu:
+            zero_gpu.preload_for_zero_gpu(manager, draw)
     except FluxdemoError as e:
         logger.error("%s", e)
         return 2

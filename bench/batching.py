@@ -6,13 +6,13 @@ Issue 9: "Where it pays, cells go through the transformer together as one batch 
 sample); keep batching only if the benchmark shows it faster and the pixels stay within 1/255 of the unbatched run."
 
 Two kinds of batch, each against the same cells made one at a time by fluxdemo.stages.denoise (what
-fluxdemo.experiments does with batch=1), from the same prompt embeddings and initial noise, and decoded by the same
+experiments.run does with batch=1), from the same prompt embeddings and initial noise, and decoded by the same
 fluxdemo.stages.decode:
 
 * seeds: one stack (LoRA A at 1.0), B seeds in one transformer pass per step (fluxdemo.stages.denoise given the
   batch: latents [B, tokens, 64], the embeddings repeated B times);
 * adapters: one seed, the base model and LoRAs in one call, each sample with its own PEFT adapter
-  (fluxdemo.adapters.Adapters.per_sample, PEFT's mixed-batch inference, which fluxdemo.experiments uses with
+  (fluxdemo.adapters.Adapters.per_sample, PEFT's mixed-batch inference, which fluxdemo.pipeline.experiments uses with
   batch > 1): [base, A] is a compare, [base, A, B] a grid column.
 
 Printed per size and batch: denoising seconds one at a time and batched (medians of --repeat, interleaved),
@@ -35,11 +35,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, without installing fluxdemo
-from fluxdemo.config import get_preset  # noqa: E402
-from fluxdemo.manager import ModelManager, default_device  # noqa: E402
-from fluxdemo.pipeline import GenerateOptions  # noqa: E402
-from fluxdemo.stages import Controls, decode, denoise, encode, initial_noise  # noqa: E402
-from fluxdemo.tiny import ensure_kit  # noqa: E402
+from fluxdemo.model.manager import default_device  # noqa: E402
+from fluxdemo.model.presets import get_preset  # noqa: E402
+from fluxdemo.model.tiny import ensure_kit  # noqa: E402
+from fluxdemo.pipeline import (
+    GenerateOptions,  # noqa: E402
+    Model,  # noqa: E402
+)
+from fluxdemo.pipeline.stages import Controls, decode, denoise, encode, initial_noise  # noqa: E402
 
 T5_TOKENS = {"tiny": 64, "tiny-wide": 32}  # as bench/speed.py
 STEPS = {"tiny": 4, "tiny-wide": 2}
@@ -57,7 +60,7 @@ def one_at_a_time(manager, transformer, embeddings, cells, options) -> list[torc
 
 def batched(manager, transformer, embeddings, cells, options, mixed=False) -> list[torch.Tensor]:
     """Every cell in one pass per step (fluxdemo.stages.denoise given a batch). Same stack for all (the first cell's
-    stack active), or (mixed) one adapter per sample, as fluxdemo.experiments does (Adapters.per_sample)."""
+    stack active), or (mixed) one adapter per sample, as fluxdemo.pipeline.experiments does (Adapters.per_sample)."""
     if not mixed:
         manager.adapters.activate(cells[0][1], ("transformer",))
     noises = [initial_noise(seed, options.width, options.height) for seed, _ in cells]
@@ -104,7 +107,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     kit = ensure_kit(args.kind)
-    manager = ModelManager(get_preset(args.kind, use_env=False), device=default_device(), strategy="resident",
+    manager = Model(get_preset(args.kind, use_env=False), device=default_device(), strategy="resident",
                            lora_dir=kit / "loras")  # fmt: skip
     names = sorted(e.name for e in manager.adapters.library.refresh() if e.report and e.report.compatible)
     rows = []

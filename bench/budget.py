@@ -16,16 +16,15 @@ import time
 
 import torch
 
-from fluxdemo.config import get_preset
-from fluxdemo.limits import MEGAPIXEL, STEP_FIXED_PIXELS
-from fluxdemo.manager import ModelManager
-from fluxdemo.pipeline import GenerateOptions, generate
-from fluxdemo.tiny import ensure_kit
+from fluxdemo.model.presets import get_preset
+from fluxdemo.model.tiny import ensure_kit
+from fluxdemo.pipeline import GenerateOptions, Model, generate
+from fluxdemo.pipeline.limits import MEGAPIXEL, STEP_FIXED_PIXELS
 
 PIXELS_PER_TOKEN = 256
 
 
-def seconds(manager: ModelManager, side: int, steps: int, seed: int) -> float:
+def seconds(manager: Model, side: int, steps: int, seed: int) -> float:
     """One image's wall time, its prompt already encoded (the encoders are not part of a step)."""
     options = GenerateOptions("budget", seed=seed, steps=steps, width=side, height=side)
     start = time.perf_counter()
@@ -33,7 +32,7 @@ def seconds(manager: ModelManager, side: int, steps: int, seed: int) -> float:
     return time.perf_counter() - start
 
 
-def step_seconds(manager: ModelManager, side: int, repeat: int) -> float:
+def step_seconds(manager: Model, side: int, repeat: int) -> float:
     """Seconds per step at a size: (4 steps - 1 step) / 3, best of `repeat`, so load, encode and decode cancel."""
     return min((seconds(manager, side, 4, r) - seconds(manager, side, 1, r)) / 3 for r in range(repeat))
 
@@ -47,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     kit = ensure_kit(args.kind)
-    manager = ModelManager(get_preset(args.kind, use_env=False), device="cpu", lora_dir=kit / "loras")
+    manager = Model(get_preset(args.kind, use_env=False), device="cpu", lora_dir=kit / "loras")
     seconds(manager, 16, 1, 0)  # loads every component and encodes the prompt once
     small, large = args.sizes
     t_small, t_large = step_seconds(manager, small, args.repeat), step_seconds(manager, large, args.repeat)

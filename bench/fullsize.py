@@ -38,13 +38,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/gpu_memory.py:
 
 from gpu_memory import bench_preset, build_files  # noqa: E402
 
-from fluxdemo.config import PACKAGE_CONFIGS  # noqa: E402
-from fluxdemo.flux_names import FluxDims  # noqa: E402
-from fluxdemo.loading import read_config  # noqa: E402
-from fluxdemo.manager import STRATEGIES, ModelManager  # noqa: E402
-from fluxdemo.pipeline import GenerateOptions, compare, generate  # noqa: E402
-from fluxdemo.tiny import ensure_kit  # noqa: E402
-from fluxdemo.tiny_loras import canonical_pairs, write_lora  # noqa: E402
+from fluxdemo.model.loading import read_config  # noqa: E402
+from fluxdemo.model.manager import STRATEGIES  # noqa: E402
+from fluxdemo.model.names import FluxDims  # noqa: E402
+from fluxdemo.model.presets import PACKAGE_CONFIGS  # noqa: E402
+from fluxdemo.model.tiny import ensure_kit  # noqa: E402
+from fluxdemo.model.tiny_loras import canonical_pairs, write_lora  # noqa: E402
+from fluxdemo.pipeline import (  # noqa: E402
+    GenerateOptions,
+    Model,  # noqa: E402
+    compare,
+    generate,
+)
 
 QUANT = "Q8_0"
 PROMPT = "a lighthouse on a cliff at dusk"
@@ -70,7 +75,7 @@ def image_hash(image) -> str:
 # -- one strategy, in its own process -------------------------------------------------------------------------------
 def measure(files: Mapping[str, Path], kit: Path, strategy: str, size: int, steps: int) -> dict:
     torch.manual_seed(0)
-    manager = ModelManager(bench_preset(files, kit, QUANT), device="cpu", strategy=strategy,
+    manager = Model(bench_preset(files, kit, QUANT), device="cpu", strategy=strategy,
                            lora_dir=files["transformer"].parent / "loras")  # fmt: skip
     options = GenerateOptions(PROMPT, seed=0, steps=steps, width=size, height=size)
     start = time.perf_counter()

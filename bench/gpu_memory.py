@@ -37,12 +37,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, without installing fluxdemo
 
-from fluxdemo.config import PACKAGE_CONFIGS, Preset, get_preset  # noqa: E402
 from fluxdemo.errors import OutOfMemoryError  # noqa: E402
-from fluxdemo.loading import read_config  # noqa: E402
-from fluxdemo.manager import STRATEGIES, ModelManager  # noqa: E402
-from fluxdemo.pipeline import GenerateOptions, generate  # noqa: E402
-from fluxdemo.tiny import _new_writer, ensure_kit, to_bfl_state_dict  # noqa: E402
+from fluxdemo.model.loading import read_config  # noqa: E402
+from fluxdemo.model.manager import STRATEGIES  # noqa: E402
+from fluxdemo.model.presets import PACKAGE_CONFIGS, Preset, get_preset  # noqa: E402
+from fluxdemo.model.tiny import _new_writer, ensure_kit, to_bfl_state_dict  # noqa: E402
+from fluxdemo.pipeline import (  # noqa: E402
+    GenerateOptions,
+    Model,  # noqa: E402
+    generate,
+)
 
 QTYPES = {"Q8_0": gguf.GGMLQuantizationType.Q8_0, "Q4_0": gguf.GGMLQuantizationType.Q4_0}
 FLOOR_S_PER_STEP = 0.16  # DESIGN.md: ~125 TFLOP per step at 1024x1024 on an H100/H200-class GPU
@@ -201,7 +205,7 @@ def bench_preset(files: Mapping[str, Path], kit: Path, quant: str) -> Preset:
 
 # -- one strategy, in its own process -------------------------------------------------------------------------------
 def measure(files: Mapping[str, Path], kit: Path, quant: str, strategy: str, size: int, steps: int) -> dict:
-    manager = ModelManager(bench_preset(files, kit, quant), device=torch.device("cuda"), strategy=strategy)
+    manager = Model(bench_preset(files, kit, quant), device=torch.device("cuda"), strategy=strategy)
     runs = []
     try:
         for seed, prompt in enumerate(PROMPTS):

@@ -32,11 +32,17 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, without installing fluxdemo
 
-from fluxdemo.config import get_preset  # noqa: E402
-from fluxdemo.manager import ModelManager, default_device  # noqa: E402
-from fluxdemo.pipeline import GenerateOptions, compare, generate, sweep  # noqa: E402
+from fluxdemo.model.manager import default_device  # noqa: E402
+from fluxdemo.model.presets import get_preset  # noqa: E402
+from fluxdemo.model.tiny import ensure_kit  # noqa: E402
+from fluxdemo.pipeline import (  # noqa: E402
+    GenerateOptions,
+    Model,  # noqa: E402
+    compare,
+    generate,
+    sweep,
+)
 from fluxdemo.studio import build_studio  # noqa: E402
-from fluxdemo.tiny import ensure_kit  # noqa: E402
 
 # (endpoint, index into the LoRA list or None, strength): plain images, every LoRA, strengths from off to over-driven
 MIX = [
@@ -71,7 +77,7 @@ def images_of(endpoint: str, result) -> list[np.ndarray]:
     return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
 
 
-def alone(manager: ModelManager, endpoint: str, lora: str | None, strength, o: GenerateOptions) -> list[np.ndarray]:
+def alone(manager: Model, endpoint: str, lora: str | None, strength, o: GenerateOptions) -> list[np.ndarray]:
     if endpoint == "compare":
         images = compare(manager, o, lora, strength).images
     elif endpoint == "sweep":
@@ -149,14 +155,14 @@ def main() -> None:
             parser.error("--url needs --loras: the names of LoRAs in that app's folder")
     else:
         kit = ensure_kit(args.kind)
-        manager = ModelManager(get_preset(args.kind, use_env=False), device=default_device(), lora_dir=kit / "loras")
+        manager = Model(get_preset(args.kind, use_env=False), device=default_device(), lora_dir=kit / "loras")
         # the library judges fit against FLUX.1-dev; a kit's LoRAs fit its own small model, which loading checks
         loras = args.loras or sorted(e.name for e in manager.adapters.library.refresh() if e.refused is None)
         demo = build_studio(manager, queue_size=args.queue_size or args.requests)
         demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
         url = demo.local_url
         if not args.no_check:  # the same files on a manager of its own; an app elsewhere cannot be checked so
-            reference = ModelManager(get_preset(args.kind, use_env=False), device=default_device(),
+            reference = Model(get_preset(args.kind, use_env=False), device=default_device(),
                                      lora_dir=kit / "loras")  # fmt: skip
     if not loras:
         parser.error("no LoRAs to use: pass --loras")

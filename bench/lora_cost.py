@@ -7,7 +7,7 @@ attention qkv and proj of the double block, the single block's linear1 and linea
 seeded random weights in kohya's / ComfyUI's key layouts:
 
 - lora-r16: a plain rank-16 LoRA, for scale;
-- lokr: a LoKr with full w1 (16x16) and w2 (SimpleTuner's factor 16), applied in factored form (fluxdemo.lycoris);
+- lokr: a LoKr with full w1 (16x16) and w2 (SimpleTuner's factor 16), applied in factored form (fluxdemo.lora.lycoris);
 - lokr-dense: the same LoKr's deltas kron(w1, w2) written as ComfyUI .diff full deltas (float32, so the two files
   hold the same numbers), applied as an extra delta module against an identity: how a LoKr was applied before issue
   11 and how a .diff is applied on packed GGUF weights now;
@@ -34,12 +34,15 @@ from PIL import Image
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, without installing fluxdemo
-from fluxdemo.config import get_preset  # noqa: E402
-from fluxdemo.flux_names import FluxDims, bfl_linear_shapes  # noqa: E402
-from fluxdemo.loading import model_dims  # noqa: E402
-from fluxdemo.manager import ModelManager  # noqa: E402
-from fluxdemo.pipeline import GenerateOptions, generate  # noqa: E402
-from fluxdemo.tiny import ensure_kit  # noqa: E402
+from fluxdemo.model.loading import model_dims  # noqa: E402
+from fluxdemo.model.names import FluxDims, bfl_linear_shapes  # noqa: E402
+from fluxdemo.model.presets import get_preset  # noqa: E402
+from fluxdemo.model.tiny import ensure_kit  # noqa: E402
+from fluxdemo.pipeline import (  # noqa: E402
+    GenerateOptions,
+    Model,  # noqa: E402
+    generate,
+)
 
 KINDS = ("lora-r16", "lokr", "lokr-dense", "loha-r16")
 MODULES = ("double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj", "double_blocks.0.txt_attn.qkv",
@@ -89,7 +92,7 @@ def _status(key: str) -> int:
 
 def measure(kind: str, folder: Path, size: int, steps: int) -> dict:
     """In a fresh process: the base image, then the LoRA's, with its memory above the loaded model and its steps."""
-    manager = ModelManager(get_preset("tiny-wide", use_env=False), device="cpu", strategy="resident", lora_dir=folder)
+    manager = Model(get_preset("tiny-wide", use_env=False), device="cpu", strategy="resident", lora_dir=folder)
     options = GenerateOptions("a lighthouse at dusk", seed=5, steps=steps, width=size, height=size,
                               max_sequence_length=32)  # fmt: skip
     base = generate(manager, options)

@@ -26,10 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, without installing fluxdemo
 
-from fluxdemo.config import get_preset  # noqa: E402
-from fluxdemo.manager import STRATEGIES, ModelManager  # noqa: E402
-from fluxdemo.pipeline import GenerateOptions, generate  # noqa: E402
-from fluxdemo.tiny import ensure_kit  # noqa: E402
+from fluxdemo.model.manager import STRATEGIES  # noqa: E402
+from fluxdemo.model.presets import get_preset  # noqa: E402
+from fluxdemo.model.tiny import ensure_kit  # noqa: E402
+from fluxdemo.pipeline import (  # noqa: E402
+    GenerateOptions,
+    Model,  # noqa: E402
+    generate,
+)
 
 PROMPT = "a lighthouse on a cliff at dusk"
 
@@ -47,7 +51,7 @@ def reset_peak() -> None:
 
 def measure(kit: str, strategy: str, size: int, steps: int) -> dict:
     folder = ensure_kit(kit)
-    manager = ModelManager(get_preset(kit, use_env=False), device="cpu", strategy=strategy, lora_dir=folder / "loras")
+    manager = Model(get_preset(kit, use_env=False), device="cpu", strategy=strategy, lora_dir=folder / "loras")
     base, seconds, images, peaks = rss(), [], [], []
     for seed in (0, 1):
         reset_peak()

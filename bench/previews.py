@@ -21,12 +21,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, without installing fluxdemo
-from fluxdemo.config import get_preset  # noqa: E402
-from fluxdemo.manager import ModelManager, default_device  # noqa: E402
-from fluxdemo.pipeline import Controls, GenerateOptions, generate  # noqa: E402
-from fluxdemo.previews import PREVIEW_BUDGET, TinyDecoder, latent_preview  # noqa: E402
-from fluxdemo.stages import initial_noise  # noqa: E402
-from fluxdemo.tiny import ensure_kit  # noqa: E402
+from fluxdemo.model.manager import default_device  # noqa: E402
+from fluxdemo.model.presets import get_preset  # noqa: E402
+from fluxdemo.model.tiny import ensure_kit  # noqa: E402
+from fluxdemo.pipeline import (  # noqa: E402
+    Controls,
+    GenerateOptions,
+    Model,  # noqa: E402
+    generate,
+)
+from fluxdemo.pipeline.previews import PREVIEW_BUDGET, TinyDecoder, latent_preview  # noqa: E402
+from fluxdemo.pipeline.stages import initial_noise  # noqa: E402
 
 
 def preview_ms(draw, width: int, height: int, device: torch.device, repeat: int = 20) -> float:
@@ -56,7 +61,7 @@ def main() -> None:
     from diffusers import AutoencoderTiny
 
     ensure_kit(args.kind)
-    manager = ModelManager(get_preset(args.kind, use_env=False), device=default_device(), strategy="resident")
+    manager = Model(get_preset(args.kind, use_env=False), device=default_device(), strategy="resident")
     torch.manual_seed(0)
     taef1 = TinyDecoder(AutoencoderTiny(latent_channels=16), "random weights, TAEF1's architecture")
     options = GenerateOptions("a lighthouse", seed=1, steps=args.steps, width=args.size, height=args.size,

@@ -32,13 +32,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, without installing fluxdemo
-from fluxdemo.config import get_preset  # noqa: E402
-from fluxdemo.experiments import ResultsCache  # noqa: E402
-from fluxdemo.manager import ModelManager, default_device  # noqa: E402
-from fluxdemo.pipeline import GenerateOptions, compare, generate, grid, pipeline_view  # noqa: E402
-from fluxdemo.previews import latent_preview  # noqa: E402
-from fluxdemo.stages import Controls, initial_noise  # noqa: E402
-from fluxdemo.tiny import ensure_kit  # noqa: E402
+from fluxdemo.model.manager import default_device  # noqa: E402
+from fluxdemo.model.presets import get_preset  # noqa: E402
+from fluxdemo.model.tiny import ensure_kit  # noqa: E402
+from fluxdemo.pipeline import (  # noqa: E402
+    GenerateOptions,
+    Model,  # noqa: E402
+    compare,
+    generate,
+    grid,
+    pipeline_view,
+)
+from fluxdemo.pipeline.experiments import ResultsCache  # noqa: E402
+from fluxdemo.pipeline.previews import latent_preview  # noqa: E402
+from fluxdemo.pipeline.stages import Controls, initial_noise  # noqa: E402
 
 SETTINGS = {  # real width on a CPU is ~1 s per step at 128 px with a short T5 sequence
     "tiny": dict(width=64, height=64, steps=4, max_sequence_length=64),
@@ -81,7 +88,7 @@ def preview_ms(width: int, height: int, repeat: int = 50) -> float:
     return 1e3 * median_seconds(lambda: kept.append(latent_preview(packed, width, height)), repeat)
 
 
-def bench_engine(manager: ModelManager, kind: str, a: str, b: str, repeat: int) -> dict:
+def bench_engine(manager: Model, kind: str, a: str, b: str, repeat: int) -> dict:
     """Issue 9's rows: interleaved rounds, each with new prompts; medians over rounds."""
     manager.adapters.max_loaded = 4
     shown = []
@@ -134,7 +141,7 @@ def bench_engine(manager: ModelManager, kind: str, a: str, b: str, repeat: int) 
     return out
 
 
-def plain_pipeline(manager: ModelManager):
+def plain_pipeline(manager: Model):
     """diffusers' FluxPipeline over our very modules, everything resident: the reference loop."""
     parts = {c: manager.get(c) for c in ("transformer", "text_encoder", "text_encoder_2", "vae")}
     return pipeline_view(manager, "tokenizer", "tokenizer_2", scheduler=manager.scheduler(), **parts)
@@ -142,7 +149,7 @@ def plain_pipeline(manager: ModelManager):
 
 def bench_kind(kind: str, repeat: int) -> dict:
     kit = ensure_kit(kind)
-    manager = ModelManager(get_preset(kind, use_env=False), device=default_device(), strategy="resident",
+    manager = Model(get_preset(kind, use_env=False), device=default_device(), strategy="resident",
                            lora_dir=kit / "loras")  # fmt: skip
     loras = sorted(e.name for e in manager.adapters.library.refresh() if e.report and e.report.compatible)
     a, b = loras[0], loras[1]

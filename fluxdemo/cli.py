@@ -16,12 +16,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from fluxdemo.config import CLI_FLAGS, DEFAULT_PRESET, ENV_OVERRIDES, PRESETS, get_preset
 from fluxdemo.errors import FluxdemoError, LoraError, OptionsError
-from fluxdemo.timeline import quiet_libraries
+from fluxdemo.model.presets import CLI_FLAGS, DEFAULT_PRESET, ENV_OVERRIDES, PRESETS, get_preset
+from fluxdemo.model.timeline import quiet_libraries
 
 if TYPE_CHECKING:  # the CLI imports torch's side lazily, so that --help answers at once
-    from fluxdemo.lora import HubLoras
+    from fluxdemo.lora.library import HubLoras
 
 logger = logging.getLogger("fluxdemo")
 
@@ -166,14 +166,15 @@ def _numbers(kind: type) -> Callable[[str], list]:
 
 
 def manager_from_args(args: argparse.Namespace, hub_loras: HubLoras | None = None):
-    """The ModelManager the model flags describe, and each --lora value as a stack of names in its LoRA folder
+    """The Model the model flags describe, and each --lora value as a stack of names in its LoRA folder
     (one stack for generate and compare; one per grid row). `hub_loras`: the app's policy for Hub LoRAs; the CLI's
     user is the operator, so theirs may use their own token (FLUXDEMO_HUB_LORA_TOKEN, else HF_TOKEN)."""
     import torch
     from huggingface_hub import get_token
 
-    from fluxdemo.lora import HubLoras
-    from fluxdemo.manager import ModelManager, default_device
+    from fluxdemo.lora.library import HubLoras
+    from fluxdemo.model.manager import default_device
+    from fluxdemo.pipeline import open_model
 
     overrides = {c: getattr(args, c) for c in CLI_FLAGS}
     preset = get_preset(args.model, overrides)
@@ -183,7 +184,7 @@ def manager_from_args(args: argparse.Namespace, hub_loras: HubLoras | None = Non
         _warn_real_model_on_cpu(preset)
     if hub_loras is None:
         hub_loras = HubLoras(token=os.environ.get("FLUXDEMO_HUB_LORA_TOKEN") or get_token())
-    manager = ModelManager(preset, device=device, strategy=args.strategy, lora_dir=lora_dir, hub_loras=hub_loras)
+    manager = open_model(preset, device=device, strategy=args.strategy, lora_dir=lora_dir, hub_loras=hub_loras)
     return manager, stacks
 
 
@@ -215,7 +216,7 @@ def _ram_available() -> int | None:
 def _lora_location(args, preset) -> tuple[Path, list]:
     """The LoRA folder and the --lora stacks named in it: files given on the command line are read from their own
     folder (one folder for all of them)."""
-    from fluxdemo.experiments import parse_stack
+    from fluxdemo.pipeline.experiments import parse_stack
 
     stacks = [parse_stack(text, args.strength) for text in args.lora or []]
     files = {Path(c.name).resolve() for stack in stacks for c in stack if Path(c.name).is_file()}
@@ -226,7 +227,7 @@ def _lora_location(args, preset) -> tuple[Path, list]:
     elif args.lora_dir is not None:
         folder = args.lora_dir
     elif preset.transformer.kit and preset.transformer.local is None:
-        from fluxdemo.tiny import ensure_kit
+        from fluxdemo.model.tiny import ensure_kit
 
         folder = ensure_kit(preset.transformer.kit) / "loras"
     else:
@@ -243,7 +244,7 @@ def _lora_location(args, preset) -> tuple[Path, list]:
 
 
 def _options(args):
-    from fluxdemo.pipeline import GenerateOptions
+    from fluxdemo.pipeline.api import GenerateOptions
 
     prompt = args.prompt[0] if isinstance(args.prompt, list) else args.prompt
     return GenerateOptions(prompt, seed=getattr(args, "seed", 0), steps=args.steps, guidance=args.guidance,
@@ -256,8 +257,8 @@ def _stack(stacks: list) -> tuple:
 
 
 def cmd_generate(args) -> int:
-    from fluxdemo.images import params_from_report, save_png
-    from fluxdemo.pipeline import generate
+    from fluxdemo.pipeline.api import generate
+    from fluxdemo.pipeline.images import params_from_report, save_png
 
     manager, stacks = manager_from_args(args)
     if args.out.exists() and not args.overwrite:
@@ -270,8 +271,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from fluxdemo.images import params_from_report, save_png, side_by_side
-    from fluxdemo.pipeline import compare, stack_label
+    from fluxdemo.pipeline.api import compare, stack_label
+    from fluxdemo.pipeline.images import params_from_report, save_png, side_by_side
 
     manager, stacks = manager_from_args(args)
     existing = [f for f in COMPARE_FILES if (args.out / f).exists()]
@@ -293,8 +294,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_grid(args) -> int:
-    from fluxdemo.images import params_from_report, save_png
-    from fluxdemo.pipeline import grid, grid_pictures
+    from fluxdemo.pipeline.api import grid, grid_pictures
+    from fluxdemo.pipeline.images import params_from_report, save_png
 
     manager, stacks = manager_from_args(args)
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
@@ -329,9 +330,9 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def cmd_inspect_lora(args) -> int:
-    from fluxdemo.hub import resolve
-    from fluxdemo.loading import model_dims
-    from fluxdemo.lora import format_report, inspect_lora
+    from fluxdemo.lora.library import format_report, inspect_lora
+    from fluxdemo.model.files import resolve
+    from fluxdemo.model.loading import model_dims
 
     preset = get_preset(args.model)
     if not args.file.is_file():
@@ -352,7 +353,7 @@ def cmd_download(args) -> int:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     from fluxdemo.errors import HubError
-    from fluxdemo.hub import download_preset
+    from fluxdemo.model.files import download_preset
 
     # The library's advice for a missing file is "run download where there is network": not for download itself.
     elsewhere = "or run download on a machine with network and copy its Hugging Face cache (HF_HOME) here"
@@ -371,7 +372,7 @@ def cmd_download(args) -> int:
 
 
 def cmd_tiny(args) -> int:
-    from fluxdemo.tiny import build_kit
+    from fluxdemo.model.tiny import build_kit
 
     if args.out.exists() and not (args.out.is_dir() and not any(args.out.iterdir())):
         raise OptionsError(f"{args.out} is not an empty folder; choose a new or empty --out for the kit.")

@@ -35,7 +35,7 @@ def fluxdemo_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def tiny_kit(fluxdemo_cache: Path) -> Path:
-    from fluxdemo.tiny import ensure_kit
+    from fluxdemo.model.tiny import ensure_kit
 
     return ensure_kit("tiny", cache_dir=fluxdemo_cache / "kits")
 
@@ -43,18 +43,18 @@ def tiny_kit(fluxdemo_cache: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_wide_kit(fluxdemo_cache: Path) -> Path:
     """The real-width kit (0.7 GB, about 30 s to build on 2 CPU cores): built once, for the slow tests that need it."""
-    from fluxdemo.tiny import ensure_kit
+    from fluxdemo.model.tiny import ensure_kit
 
     return ensure_kit("tiny-wide", cache_dir=fluxdemo_cache / "kits")
 
 
 @pytest.fixture(scope="session")
 def manager(tiny_kit: Path):
-    """One ModelManager over the tiny preset, on the CPU, shared like the app shares its one manager."""
-    from fluxdemo.config import get_preset
-    from fluxdemo.manager import ModelManager
+    """One Model over the tiny preset, on the CPU, shared like the app shares its one manager."""
+    from fluxdemo.model.presets import get_preset
+    from fluxdemo.pipeline import Model
 
-    return ModelManager(get_preset("tiny", use_env=False), device="cpu", lora_dir=tiny_kit / "loras")
+    return Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=tiny_kit / "loras")
 
 
 @pytest.fixture(scope="session")

@@ -426,8 +426,8 @@ def adapters_on(module: torch.nn.Module) -> tuple[list[str], list[str]]:
 
 
 def rest_state(manager) -> dict:
-    """The manager between requests: what a fault must leave as it found (fluxdemo.manager.ModelManager)."""
-    from fluxdemo.loading import module_bytes
+    """The manager between requests: what a fault must leave as it found (fluxdemo.manager.Model)."""
+    from fluxdemo.model.loading import module_bytes
 
     components = sorted(manager.loaded())  # a strategy may drop a component between requests; never load one here
     return {

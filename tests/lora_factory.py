@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fluxdemo.flux_names import SWAPPED_HALVES, FluxDims, fused_map, linear_map
-from fluxdemo.tiny_loras import Pair
+from fluxdemo.model.names import SWAPPED_HALVES, FluxDims, fused_map, linear_map
+from fluxdemo.model.tiny_loras import Pair
 
 
 def save(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:

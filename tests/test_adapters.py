@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 from hostile import base_weights_hash
 
-from fluxdemo.config import get_preset
-from fluxdemo.manager import ModelManager
-from fluxdemo.pipeline import GenerateOptions, compare, generate
+from fluxdemo.model.presets import get_preset
+from fluxdemo.pipeline import GenerateOptions, Model, compare, generate
 
 OPTS = GenerateOptions("a red fox in the snow", seed=3, steps=3, width=32, height=32)
 
@@ -16,16 +15,16 @@ def pixels(image) -> np.ndarray:
 
 
 @pytest.fixture
-def fresh(tiny_kit) -> ModelManager:
+def fresh(tiny_kit) -> Model:
     """A manager of its own, so what a test loads and evicts is the whole story."""
-    return ModelManager(get_preset("tiny", use_env=False), device="cpu", lora_dir=tiny_kit / "loras")
+    return Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=tiny_kit / "loras")
 
 
 def test_a_b_a_equals_a_alone(fresh, tiny_kit):
     a_first = generate(fresh, OPTS, "peft.safetensors", 0.8).images["lora"]
     generate(fresh, OPTS, "comfy.safetensors", 1.2)
     a_again = generate(fresh, OPTS, "peft.safetensors", 0.8).images["lora"]
-    only_a = ModelManager(get_preset("tiny", use_env=False), device="cpu", lora_dir=tiny_kit / "loras")
+    only_a = Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=tiny_kit / "loras")
     a_alone = generate(only_a, OPTS, "peft.safetensors", 0.8).images["lora"]
     assert np.array_equal(pixels(a_first), pixels(a_again))
     assert np.array_equal(pixels(a_again), pixels(a_alone))

@@ -17,8 +17,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import load_file, save_file
 
-from fluxdemo.images import read_params
 from fluxdemo.pipeline import GenerateOptions, compare
+from fluxdemo.pipeline.images import read_params
 from fluxdemo.studio import build_studio, insert_trigger_words, parse_strengths, to_options, without_paths
 
 MAX_UPLOAD = 2**20
@@ -38,12 +38,12 @@ def pixels(source) -> np.ndarray:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_kit):
     """The studio over its own manager, on a copy of the kit's LoRA folder (uploads land there)."""
-    from fluxdemo.config import get_preset
-    from fluxdemo.manager import ModelManager
+    from fluxdemo.model.presets import get_preset
+    from fluxdemo.pipeline import Model
 
     loras = tmp_path_factory.mktemp("app") / "loras"
     shutil.copytree(tiny_kit / "loras", loras)
-    manager = ModelManager(get_preset("tiny", use_env=False), device="cpu", lora_dir=loras)
+    manager = Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=loras)
     demo = build_studio(manager, max_upload_bytes=MAX_UPLOAD)
     demo.launch(prevent_thread_lock=True, quiet=True)
     yield demo, loras
@@ -173,7 +173,7 @@ def test_ui_values_become_options():
 
 
 def test_zero_gpu_duration_grows_with_steps_size_and_images():
-    from fluxdemo.spaces_gpu import FIXED_SECONDS, MAX_SECONDS, gpu_seconds
+    from fluxdemo.studio.zero_gpu import FIXED_SECONDS, MAX_SECONDS, gpu_seconds
 
     one_megapixel = GenerateOptions("a cat", steps=28, width=1024, height=1024)
     per_image = round(gpu_seconds(None, None, one_megapixel, 1, None) - FIXED_SECONDS)
@@ -187,12 +187,12 @@ def test_zero_gpu_duration_grows_with_steps_size_and_images():
 
 def test_error_sentences_reach_clients_without_the_machines_paths(tmp_path, tiny_kit, kit_lora):
     """A missing model file: the server log has the path, the client only the sentence with the path cut short."""
-    from fluxdemo.config import get_preset
-    from fluxdemo.manager import ModelManager
+    from fluxdemo.model.presets import get_preset
+    from fluxdemo.pipeline import Model
 
     missing = tmp_path / "deep" / "inside" / "flux1-dev-Q8_0.gguf"
     preset = get_preset("tiny", {"transformer": missing}, use_env=False)
-    demo = build_studio(ModelManager(preset, device="cpu", lora_dir=tiny_kit / "loras"), max_upload_bytes=MAX_UPLOAD)
+    demo = build_studio(Model(preset, device="cpu", lora_dir=tiny_kit / "loras"), max_upload_bytes=MAX_UPLOAD)
     demo.launch(prevent_thread_lock=True, quiet=True)
     try:
         with pytest.raises(AppError) as e:
@@ -226,7 +226,7 @@ def test_a_second_compare_with_a_new_strength_reuses_the_baseline(client, kit_lo
 
 def test_settings_come_back_from_a_png(manager, tmp_path, kit_lora):
     """A PNG the studio made, and one with only A1111 parameters, set every control they name."""
-    from fluxdemo.images import params_from_report, save_png
+    from fluxdemo.pipeline.images import params_from_report, save_png
     from fluxdemo.studio import Studio
 
     studio = Studio(manager)

@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 from fluxdemo.cli import main as cli_main
-from fluxdemo.config import get_preset
 from fluxdemo.errors import LoraError, OptionsError
-from fluxdemo.experiments import LoraChoice, ResultsCache, parse_lora, parse_stack
-from fluxdemo.images import read_params
-from fluxdemo.manager import STRATEGIES, ModelManager
-from fluxdemo.pipeline import Controls, GenerateOptions, compare, generate, grid, grid_pictures, sweep
-from fluxdemo.tiny_loras import canonical_pairs, write_lora
+from fluxdemo.model.manager import STRATEGIES
+from fluxdemo.model.presets import get_preset
+from fluxdemo.model.tiny_loras import canonical_pairs, write_lora
+from fluxdemo.pipeline import Controls, GenerateOptions, Model, compare, generate, grid, grid_pictures, sweep
+from fluxdemo.pipeline.experiments import LoraChoice, ResultsCache, parse_lora, parse_stack
+from fluxdemo.pipeline.images import read_params
 
 OPTS = GenerateOptions("a lighthouse at dusk", seed=5, steps=3, width=32, height=32)
 
@@ -29,8 +29,8 @@ def pixels(image) -> np.ndarray:
     return np.asarray(image).astype(np.int16)
 
 
-def fresh(folder, strategy: str = "resident") -> ModelManager:
-    return ModelManager(get_preset("tiny", use_env=False), device="cpu", strategy=strategy, lora_dir=folder)
+def fresh(folder, strategy: str = "resident") -> Model:
+    return Model(get_preset("tiny", use_env=False), device="cpu", strategy=strategy, lora_dir=folder)
 
 
 def names(report: dict) -> list[str]:

@@ -1,4 +1,4 @@
-"""fluxdemo.hub against a small fake Hugging Face Hub on 127.0.0.1: the real huggingface_hub client, real HTTP.
+"""fluxdemo.model.files against a small fake Hugging Face Hub on 127.0.0.1: the real huggingface_hub client, real HTTP.
 
 The fake answers the way huggingface.co does for what hub.py uses: HEAD/GET /{repo}/resolve/{rev}/{file} (regular
 files answered directly with ETag + X-Repo-Commit, LFS files redirected to a "CDN" on another port with X-Linked-Etag
@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 import pytest
 from huggingface_hub import constants
 
-from fluxdemo.config import PACKAGE_CONFIGS, PRESETS, Preset, Source
 from fluxdemo.errors import HubError, ModelFileError
-from fluxdemo.hub import download_preset, resolve
+from fluxdemo.model.files import download_preset, resolve
+from fluxdemo.model.presets import PACKAGE_CONFIGS, PRESETS, Preset, Source
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GGUF_REPO = "city96/FLUX.1-dev-gguf"
@@ -216,7 +216,7 @@ def _src(repo: str, path: str, **kw) -> Source:
 
 def test_download_then_cache_hit_without_the_hub(hub, cache, caplog):
     source = _src(GGUF_REPO, "flux1-dev-Q8_0.gguf")
-    caplog.set_level(logging.INFO, logger="fluxdemo.hub")
+    caplog.set_level(logging.INFO, logger="fluxdemo.model.files")
 
     path = resolve(source, component="transformer", cache_dir=cache, endpoint=hub.endpoint)
     assert path.read_bytes() == GGUF
@@ -389,7 +389,7 @@ def test_download_preset_reports_every_file(hub, cache, caplog):
         config_dir=Source(path=".", local=PACKAGE_CONFIGS),
         vram_gb=0.0,
     )
-    caplog.set_level(logging.INFO, logger="fluxdemo.hub")
+    caplog.set_level(logging.INFO, logger="fluxdemo.model.files")
     report = download_preset(preset, token=GRANTED_TOKEN, cache_dir=cache, endpoint=hub.endpoint)
 
     got = {f.component: (f.origin, f.verified) for f in report.files}
@@ -405,7 +405,7 @@ def test_download_preset_reports_every_file(hub, cache, caplog):
     }
     assert {f.component: f.bytes for f in report.files}["transformer"] == len(GGUF)
     assert all(f.seconds >= 0 for f in report.files)
-    assert sum(1 for r in caplog.records if r.name == "fluxdemo.hub" and " from " in r.getMessage()) == 7
+    assert sum(1 for r in caplog.records if r.name == "fluxdemo.model.files" and " from " in r.getMessage()) == 7
 
     again = download_preset(preset, cache_dir=cache, endpoint=hub.endpoint)  # no token needed: all cached
     assert {f.origin for f in again.files} == {"cache", "local"}
@@ -430,9 +430,9 @@ def test_tiny_kit_preset_resolves_and_verifies(tiny_kit):
 TINY_DISK_SCRIPT = """
 import json, sys
 from pathlib import Path
-from fluxdemo.config import Source
+from fluxdemo.model.presets import Source
 from fluxdemo.errors import HubError
-from fluxdemo.hub import resolve
+from fluxdemo.model.files import resolve
 source = Source(path="big-Q8_0.gguf", repo_id=sys.argv[2], approx_bytes=300_024)
 try:
     resolve(source, component="transformer", cache_dir=Path(sys.argv[1]), endpoint=sys.argv[3])

@@ -1,4 +1,4 @@
-"""fluxdemo.images: parameters in PNGs, safe writes, and the comparison pictures."""
+"""fluxdemo.pipeline.images: parameters in PNGs, safe writes, and the comparison pictures."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from fluxdemo.errors import FluxdemoError, OptionsError
-from fluxdemo.images import (
+from fluxdemo.pipeline.images import (
     GUIDANCE_MAX,
     LABEL_BAND,
     ImageParams,
@@ -29,7 +29,7 @@ from fluxdemo.images import (
     settings_from_png,
     side_by_side,
 )
-from fluxdemo.stages import MAX_SIDE
+from fluxdemo.pipeline.stages import MAX_SIDE
 from fluxdemo.untrusted import MAX_PARAMETERS_CHARS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +142,7 @@ import json, os, sys
 from pathlib import Path
 from PIL import Image
 from fluxdemo.errors import FluxdemoError
-from fluxdemo.images import ImageParams, save_png
+from fluxdemo.pipeline.images import ImageParams, save_png
 disk = Path(sys.argv[1])
 params = ImageParams("p", 1, 1, 1.0, 200, 200, "tiny", "Q8_0")
 first = save_png(Image.new("RGB", (8, 8)), params, disk / "first.png").read_bytes()
@@ -288,6 +288,6 @@ def test_a_file_that_is_not_a_png_is_a_sentence(tmp_path):
 
 
 def test_guidance_bound_is_the_studios():
-    from fluxdemo import studio
+    from fluxdemo.studio import page as studio
 
     assert studio.GUIDANCE_MAX == GUIDANCE_MAX

@@ -10,10 +10,10 @@ from diffusers.models.model_loading_utils import load_gguf_checkpoint
 from diffusers.quantizers.gguf.utils import GGUFParameter
 from safetensors.torch import save_file
 
-from fluxdemo import loading
 from fluxdemo.errors import ModelFileError
-from fluxdemo.flux_names import FluxDims
-from fluxdemo.tiny import TINY_TRANSFORMER, to_bfl_state_dict
+from fluxdemo.model import loading
+from fluxdemo.model.names import FluxDims
+from fluxdemo.model.tiny import TINY_TRANSFORMER, to_bfl_state_dict
 
 
 def write_bfl_gguf(path: Path, tensors: dict[str, torch.Tensor]) -> Path:

@@ -23,7 +23,7 @@ from fluxdemo.lora import (
     paths_to_file_names,
     save_upload,
 )
-from fluxdemo.tiny_loras import write_lora
+from fluxdemo.model.tiny_loras import write_lora
 
 
 def test_a_huge_trigger_phrase_and_key_list_give_a_small_report(tmp_path):

@@ -13,11 +13,12 @@ import lora_factory as lf
 import pytest
 import torch
 
-from fluxdemo import lora, lora_formats, lycoris
 from fluxdemo.errors import LoraError
-from fluxdemo.flux_names import FluxDims
-from fluxdemo.lora import LoraLibrary, inspect_lora, read_safetensors_header, save_upload, to_diffusers
-from fluxdemo.tiny_loras import FORMATS, Pair, canonical_pairs, write_lora, write_sample_loras
+from fluxdemo.lora import LoraLibrary, inspect_lora, lycoris, read_safetensors_header, save_upload, to_diffusers
+from fluxdemo.lora import formats as lora_formats
+from fluxdemo.lora import library as lora
+from fluxdemo.model.names import FluxDims
+from fluxdemo.model.tiny_loras import FORMATS, Pair, canonical_pairs, write_lora, write_sample_loras
 
 TINY_CONFIG = dict(
     num_attention_heads=2,

@@ -15,9 +15,9 @@ from huggingface_hub import constants
 from test_lora_formats import CLIP, TINY, pairs_for
 
 from fluxdemo.errors import LoraError
-from fluxdemo.hub import HubLoraRef, parse_hub_lora
 from fluxdemo.lora import LoraLibrary
-from fluxdemo.tiny_loras import write_lora
+from fluxdemo.lora.hub import HubLoraRef, parse_hub_lora
+from fluxdemo.model.tiny_loras import write_lora
 
 PRIVATE = "alice/private-lora"
 CARD = b"---\nbase_model: black-forest-labs/FLUX.1-dev\ninstance_prompt: zkz style\nwidget:\n- text: a zkz fox\n---\n"
@@ -226,7 +226,7 @@ def test_too_big_and_offline_from_this_apps_own_cache(fake, library, monkeypatch
 
 
 def test_the_default_cache_is_fluxdemos_not_huggingfaces(fake, tmp_path, monkeypatch):
-    from fluxdemo.hub import hub_lora_cache_dir
+    from fluxdemo.lora.hub import hub_lora_cache_dir
 
     monkeypatch.setenv("FLUXDEMO_CACHE", str(tmp_path / "fx"))
     assert hub_lora_cache_dir() == tmp_path / "fx" / "hub-loras"
@@ -250,15 +250,14 @@ def test_an_unreachable_hub_is_a_sentence_at_once_and_the_cache_still_serves(fak
 
 
 def test_a_hub_lora_applies_like_the_same_file_in_the_folder(fake, tmp_path, tiny_kit, lora_bytes):
-    from fluxdemo.config import get_preset
-    from fluxdemo.manager import ModelManager
-    from fluxdemo.pipeline import GenerateOptions, generate
+    from fluxdemo.model.presets import get_preset
+    from fluxdemo.pipeline import GenerateOptions, Model, generate
 
     folder = tmp_path / "local"
     folder.mkdir()
     (folder / "style.safetensors").write_bytes(lora_bytes["plain"])
     options = GenerateOptions("a fox", seed=2, steps=2, width=32, height=32)
-    manager = ModelManager(get_preset("tiny", use_env=False), device="cpu", lora_dir=folder)
+    manager = Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=folder)
     manager.adapters.library.hub_endpoint, manager.adapters.library.hub_cache = fake.endpoint, tmp_path / "hf"
     local = generate(manager, options, "style.safetensors", 0.5).images["lora"]
     hub = generate(manager, options, "bob/style-lora", 0.5)
@@ -269,15 +268,15 @@ def test_a_hub_lora_applies_like_the_same_file_in_the_folder(fake, tmp_path, tin
 @pytest.fixture
 def studio_url(fake, tmp_path, monkeypatch):
     """The studio over an empty LoRA folder, its Hub the fake one; the operator holds HF_TOKEN, as on a Space."""
-    from fluxdemo.config import get_preset
     from fluxdemo.lora import HubLoras
-    from fluxdemo.manager import ModelManager
+    from fluxdemo.model.presets import get_preset
+    from fluxdemo.pipeline import Model
     from fluxdemo.studio import build_studio
 
     monkeypatch.setenv("HF_TOKEN", th.GRANTED_TOKEN)
     (tmp_path / "loras").mkdir()
     hub = HubLoras(endpoint=fake.endpoint, cache=tmp_path / "hub-loras")
-    manager = ModelManager(get_preset("tiny", use_env=False), device="cpu", lora_dir=tmp_path / "loras", hub_loras=hub)
+    manager = Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=tmp_path / "loras", hub_loras=hub)
     demo = build_studio(manager)
     demo.launch(prevent_thread_lock=True, quiet=True)
     try:
@@ -417,7 +416,7 @@ def test_files_that_fail_inspection_are_deleted(fake, library, monkeypatch, tmp_
 
 
 def test_listings_sentences_and_the_memo_are_bounded(fake, library, monkeypatch, lora_bytes):
-    import fluxdemo.lora
+    import fluxdemo.lora.library
 
     files = {f"f{i:04d}.bin": b"x" for i in range(1001)} | {"zz/lora.safetensors": lora_bytes["kohya"]}
     monkeypatch.setitem(th.FILES, "bob/huge", files)
@@ -433,7 +432,7 @@ def test_listings_sentences_and_the_memo_are_bounded(fake, library, monkeypatch,
             with pytest.raises(LoraError) as wrong:
                 library.get(name)
             assert len(str(wrong.value)) < 1000
-        monkeypatch.setattr(fluxdemo.lora, "HUB_MEMO_ENTRIES", 2)
+        monkeypatch.setattr(fluxdemo.lora.library, "HUB_MEMO_ENTRIES", 2)
         for name in ("bob/huge/zz/lora.safetensors", "bob/two-loras/a.safetensors", "bob/two-loras/b.safetensors"):
             library.get(name)
     finally:

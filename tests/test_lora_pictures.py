@@ -13,10 +13,9 @@ import pytest
 import torch
 from test_lora_formats import TINY, WIDE, comfy_save
 
-from fluxdemo.config import get_preset
-from fluxdemo.flux_names import FluxDims
-from fluxdemo.manager import ModelManager
-from fluxdemo.pipeline import GenerateOptions, generate
+from fluxdemo.model.names import FluxDims
+from fluxdemo.model.presets import get_preset
+from fluxdemo.pipeline import GenerateOptions, Model, generate
 
 OPTS = GenerateOptions("a lighthouse at dusk", seed=5, steps=3, width=32, height=32)
 # At real width a step dequantizes 0.5 GB of Q8_0 blocks (about 5 s on 2 CPU cores) whatever the picture's size:
@@ -47,8 +46,8 @@ class Bench:
     dims: FluxDims
     options: GenerateOptions
     folder: Path
-    adapted: ModelManager
-    reference: ModelManager
+    adapted: Model
+    reference: Model
     baseline: np.ndarray
 
     def assert_picture_is_the_hand_merge(self, name: str, tensors: dict, deltas: dict) -> None:
@@ -78,11 +77,11 @@ def unpack(transformer: torch.nn.Module) -> None:
 def make_bench(kind: str, kit: Path, folder: Path) -> Bench:
     preset = get_preset(kind, use_env=False)
     options = OPTS if kind == "tiny" else WIDE_OPTS
-    reference = ModelManager(preset, device="cpu", lora_dir=kit / "loras")
+    reference = Model(preset, device="cpu", lora_dir=kit / "loras")
     baseline = pixels(generate(reference, options).images["baseline"])  # also loads the transformer
     unpack(reference.get("transformer"))
     assert np.array_equal(pixels(generate(reference, options).images["baseline"]), baseline)
-    adapted = ModelManager(preset, device="cpu", lora_dir=folder)
+    adapted = Model(preset, device="cpu", lora_dir=folder)
     return Bench(TINY if kind == "tiny" else WIDE, options, folder, adapted, reference, baseline)
 
 
@@ -163,7 +162,7 @@ def test_a_clip_only_lokr_changes_the_picture_and_is_off_at_zero(tiny_kit, tmp_p
     folder.mkdir()
     prefix = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
     lf.save(folder / "clip.safetensors", {f"{prefix}.{r}": v * 3 for r, v in kind.items()})
-    manager = ModelManager(get_preset("tiny", use_env=False), device="cpu", lora_dir=folder)
+    manager = Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=folder)
     base = pixels(generate(manager, OPTS).images["baseline"])
     adapted = generate(manager, OPTS, "clip.safetensors", 1.0)
     assert adapted.report["text_encoder_lora"] is True

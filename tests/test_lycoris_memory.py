@@ -12,12 +12,12 @@ import lora_factory as lf
 import torch
 from test_lora_formats import WIDE
 
-from fluxdemo.flux_names import bfl_linear_shapes
+from fluxdemo.model.names import bfl_linear_shapes
 
 CHILD = """
 import json, sys, torch
-from fluxdemo import lycoris
-from fluxdemo.flux_names import FluxDims
+from fluxdemo.lora import lycoris
+from fluxdemo.model.names import FluxDims
 from fluxdemo.lora import to_diffusers
 
 def hwm():  # peak resident set of this process, in bytes

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fluxdemo import planner
-from fluxdemo.config import PACKAGE_CONFIGS, PRESETS, get_preset
 from fluxdemo.errors import CancelledError, OutOfMemoryError
-from fluxdemo.manager import LARGE_COMPONENTS, STRATEGIES, ModelManager
-from fluxdemo.pipeline import Controls, GenerateOptions, compare, generate
+from fluxdemo.model import planner
+from fluxdemo.model.manager import LARGE_COMPONENTS, STRATEGIES
+from fluxdemo.model.presets import PACKAGE_CONFIGS, PRESETS, get_preset
+from fluxdemo.pipeline import Controls, GenerateOptions, Model, compare, generate
 
 DEVICES = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
 # 16 T5 tokens instead of 512: the tiny transformer's cost is in its text tokens, and these tests are about placement.
@@ -45,8 +45,8 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
 
 
-def fresh(kit: Path, device: torch.device, strategy: str) -> ModelManager:
-    return ModelManager(get_preset("tiny", use_env=False), device=device, strategy=strategy, lora_dir=kit / "loras")
+def fresh(kit: Path, device: torch.device, strategy: str) -> Model:
+    return Model(get_preset("tiny", use_env=False), device=device, strategy=strategy, lora_dir=kit / "loras")
 
 
 _REFERENCES: dict[tuple[str, str], dict] = {}
@@ -65,7 +65,7 @@ def pixels(image) -> np.ndarray:
     return np.asarray(image).astype(np.int16)
 
 
-def actions(manager: ModelManager, since: int = 0) -> list[str]:
+def actions(manager: Model, since: int = 0) -> list[str]:
     return [f"{m.action} {m.component}" for m in manager.moves[since:]]
 
 
@@ -203,7 +203,7 @@ def test_after_a_cancelled_run_the_next_run_equals_the_reference(tiny_kit, devic
 def test_weights_stay_file_backed_through_every_move_on_the_cpu(tiny_kit, strategy):
     from diffusers.quantizers.gguf.utils import GGUFParameter
 
-    from fluxdemo.loading import file_backed
+    from fluxdemo.model.loading import file_backed
 
     manager = fresh(tiny_kit, torch.device("cpu"), strategy)
     result = generate(manager, OPTS)
@@ -340,7 +340,7 @@ def test_activation_formulas_match_traced_allocations(side):
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
 
-    from fluxdemo.loading import read_config
+    from fluxdemo.model.loading import read_config
 
     dtype, arch = torch.bfloat16, planner.FLUX_DEV
     predicted = planner.activations(arch, side, side, dtype)
@@ -381,7 +381,7 @@ def test_gpu_benchmark_builds_loadable_random_weight_files(tiny_kit, tmp_path):
     for qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):  # bit-exact with gguf-py's own
         assert np.array_equal(bench.quantize(data, qtype).numpy(), gguf.quants.quantize(data.numpy(), qtype))
     files = bench.build_files(tmp_path, tiny_kit, "Q4_0")
-    manager = ModelManager(bench.bench_preset(files, tiny_kit, "Q4_0"), device="cpu", strategy="model-offload")
+    manager = Model(bench.bench_preset(files, tiny_kit, "Q4_0"), device="cpu", strategy="model-offload")
     result = generate(manager, GenerateOptions("a cat", steps=1, width=32, height=32))
     assert result.images["baseline"].size == (32, 32)
     quants = {s.component: s.quant for s in manager.loaded().values()}

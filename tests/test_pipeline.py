@@ -5,8 +5,8 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
-from fluxdemo import loading
 from fluxdemo.errors import OptionsError
+from fluxdemo.model import loading
 from fluxdemo.pipeline import GenerateOptions, compare, encode, generate, initial_noise
 
 OPTS = GenerateOptions("a cat on a red sofa", seed=42, steps=4, width=64, height=48)

@@ -13,8 +13,8 @@ from diffusers.image_processor import VaeImageProcessor
 
 from fluxdemo.errors import OptionsError
 from fluxdemo.pipeline import Controls, GenerateOptions, generate
-from fluxdemo.previews import TAEF1_REPO, TinyDecoder, latent_preview, preview_drawer, unpack
-from fluxdemo.stages import initial_noise
+from fluxdemo.pipeline.previews import TAEF1_REPO, TinyDecoder, latent_preview, preview_drawer, unpack
+from fluxdemo.pipeline.stages import initial_noise
 
 SMALL = dict(latent_channels=16, encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
              num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))  # fmt: skip

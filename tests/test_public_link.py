@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxdemo import pipeline
 from fluxdemo.errors import OptionsError
-from fluxdemo.experiments import ResultsCache
-from fluxdemo.limits import DEFAULT_LIMITS, MEGAPIXEL, STEP_FIXED_PIXELS, check_work, work
 from fluxdemo.pipeline import Controls, GenerateOptions, compare
+from fluxdemo.pipeline import api as pipeline
+from fluxdemo.pipeline.experiments import ResultsCache
+from fluxdemo.pipeline.limits import DEFAULT_LIMITS, MEGAPIXEL, STEP_FIXED_PIXELS, check_work, work
 from fluxdemo.studio import lora_card, read_request
 
 OPTS = GenerateOptions("a lighthouse at dusk", seed=5, steps=3, width=32, height=32)

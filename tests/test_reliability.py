@@ -30,14 +30,13 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
-from fluxdemo import loading
-from fluxdemo.config import PACKAGE_CONFIGS, get_preset
 from fluxdemo.errors import CancelledError, LoraError, ModelFileError
 from fluxdemo.errors import OutOfMemoryError as FluxdemoOOM
-from fluxdemo.flux_names import FluxDims
 from fluxdemo.lora import MAX_HEADER_BYTES, LoraLibrary, inspect_lora, save_upload, to_diffusers
-from fluxdemo.manager import ModelManager
-from fluxdemo.pipeline import Controls, GenerateOptions, compare, generate
+from fluxdemo.model import loading
+from fluxdemo.model.names import FluxDims
+from fluxdemo.model.presets import PACKAGE_CONFIGS, get_preset
+from fluxdemo.pipeline import Controls, GenerateOptions, Model, compare, generate
 
 OPTS = GenerateOptions("a red fox in the snow", seed=7, steps=2, width=16, height=16)
 STRENGTH = 0.8
@@ -60,8 +59,8 @@ def assert_same_images(got: dict, want: dict) -> None:
         assert np.array_equal(got[role], want[role]), f"{role} image differs from the reference"
 
 
-def new_manager(lora_dir: Path) -> ModelManager:
-    return ModelManager(get_preset("tiny", use_env=False), device="cpu", lora_dir=lora_dir)
+def new_manager(lora_dir: Path) -> Model:
+    return Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=lora_dir)
 
 
 @pytest.fixture(scope="module")
@@ -80,23 +79,23 @@ def tiny_sizes(tiny_kit: Path) -> tuple[FluxDims, dict]:
 
 
 @pytest.fixture(scope="module")
-def clean(lora_dir: Path) -> ModelManager:
+def clean(lora_dir: Path) -> Model:
     """A manager no fault ever touches: it makes the reference images."""
     return new_manager(lora_dir)
 
 
 @pytest.fixture
-def faulty(lora_dir: Path) -> ModelManager:
+def faulty(lora_dir: Path) -> Model:
     """A fresh manager per test to inject faults into: after an out-of-memory error a manager stays on the lighter
     strategy, which would make each test start where the last one left it."""
     return new_manager(lora_dir)
 
 
-def reference(clean: ModelManager, options: GenerateOptions, lora: str | None) -> dict[str, np.ndarray]:
+def reference(clean: Model, options: GenerateOptions, lora: str | None) -> dict[str, np.ndarray]:
     return pixels((compare(clean, options, lora, STRENGTH) if lora else generate(clean, options)).images)
 
 
-def request(manager: ModelManager, options: GenerateOptions, lora: str | None, controls: Controls = Controls()):
+def request(manager: Model, options: GenerateOptions, lora: str | None, controls: Controls = Controls()):
     if lora:
         return pixels(compare(manager, options, lora, STRENGTH, controls).images)
     return pixels(generate(manager, options, controls=controls).images)
@@ -331,7 +330,7 @@ def test_lora_names_outside_the_folder_are_refused_unopened(escape_folder: Path,
     assert [e.name for e in library.entries if e.usable] == ["peft.safetensors"]
 
 
-def test_generate_refuses_a_name_outside_and_stays_clean(faulty: ModelManager, clean: ModelManager) -> None:
+def test_generate_refuses_a_name_outside_and_stays_clean(faulty: Model, clean: Model) -> None:
     request(faulty, OPTS, None)
     before = hostile.rest_state(faulty)
     for name in ("../../etc/passwd", "/etc/passwd", "black-forest-labs/FLUX.1-dev"):

@@ -35,10 +35,9 @@ from gradio_client.exceptions import AppError, ValidationError
 from gradio_client.utils import QueueError
 from PIL import Image
 
-from fluxdemo.config import get_preset
-from fluxdemo.limits import DEFAULT_LIMITS, Limits
-from fluxdemo.manager import ModelManager
-from fluxdemo.pipeline import GenerateOptions, compare, generate, sweep
+from fluxdemo.model.presets import get_preset
+from fluxdemo.pipeline import GenerateOptions, Model, compare, generate, sweep
+from fluxdemo.pipeline.limits import DEFAULT_LIMITS, Limits
 from fluxdemo.studio import build_studio
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +67,7 @@ def api_args(o: GenerateOptions, lora: str | None, strength) -> tuple:
     return o.prompt, lora, strength, o.seed, o.steps, o.guidance, o.width, o.height
 
 
-def alone(manager: ModelManager, endpoint: str, o: GenerateOptions, lora: str | None, strength) -> list[np.ndarray]:
+def alone(manager: Model, endpoint: str, o: GenerateOptions, lora: str | None, strength) -> list[np.ndarray]:
     """The library's own result for one request, as the images the endpoint returns, in order."""
     if endpoint == "compare":
         images = compare(manager, o, lora, strength).images
@@ -103,20 +102,18 @@ def lora_dir(tiny_kit: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def app_manager(lora_dir: Path) -> ModelManager:
-    return ModelManager(get_preset("tiny", use_env=False), device="cpu", lora_dir=lora_dir)
+def app_manager(lora_dir: Path) -> Model:
+    return Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=lora_dir)
 
 
 @pytest.fixture(scope="module")
-def clean(lora_dir: Path) -> ModelManager:
+def clean(lora_dir: Path) -> Model:
     """A second manager over the same files: each request run alone, for the expected results."""
-    return ModelManager(get_preset("tiny", use_env=False), device="cpu", lora_dir=lora_dir)
+    return Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=lora_dir)
 
 
 @contextmanager
-def launched(
-    manager: ModelManager, queue_size: int, limits: Limits = DEFAULT_LIMITS, public: bool = False
-) -> Iterator[str]:
+def launched(manager: Model, queue_size: int, limits: Limits = DEFAULT_LIMITS, public: bool = False) -> Iterator[str]:
     demo = build_studio(manager, max_upload_bytes=MAX_UPLOAD, queue_size=queue_size, limits=limits, public=public)
     demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, max_file_size=MAX_UPLOAD)
     try:
@@ -126,7 +123,7 @@ def launched(
 
 
 @pytest.fixture(scope="module")
-def url(app_manager: ModelManager) -> Iterator[str]:
+def url(app_manager: Model) -> Iterator[str]:
     with launched(app_manager, queue_size=64) as local_url:
         yield local_url
 
@@ -277,7 +274,7 @@ def file_route_probes(lora_dir: Path, kit: Path) -> list[str]:
         str(kit / "transformer" / "config.json"),
         str(project / "app.py"),
         "app.py",
-        "fluxdemo/studio.py",
+        "fluxdemo/studio/page.py",
         "pyproject.toml",
         "/etc/passwd",
         "../../../../../../etc/passwd",
@@ -395,7 +392,7 @@ def load_app():
     return app
 
 
-def run_app(monkeypatch: pytest.MonkeyPatch, manager: ModelManager, flags: tuple[str, ...]) -> tuple:
+def run_app(monkeypatch: pytest.MonkeyPatch, manager: Model, flags: tuple[str, ...]) -> tuple:
     """app.main with these flags over our manager, stopped at demo.launch -> (the Blocks it built, launch kwargs)."""
     import gradio as gr
 
@@ -435,7 +432,7 @@ def test_public_launch_posture(monkeypatch, app_manager, caplog, flags, public) 
 
 def test_public_app_serves_no_monitoring_no_error_details_and_asks_for_a_login(monkeypatch, app_manager, lora_dir):
     """The app as app.py builds it for `--share --auth`, launched on loopback (no tunnel) and driven from outside."""
-    import fluxdemo.studio
+    import fluxdemo.studio.page
 
     demo, kwargs = run_app(monkeypatch, app_manager, ("--share", "--auth", "me:secret"))
     local = {"share": False, "server_name": "127.0.0.1", "server_port": None}
@@ -452,7 +449,7 @@ def test_public_app_serves_no_monitoring_no_error_details_and_asks_for_a_login(m
         def broken(*args, **kwargs):
             raise RuntimeError(secret)
 
-        monkeypatch.setattr(fluxdemo.studio, "generate", broken)
+        monkeypatch.setattr(fluxdemo.studio.page, "generate", broken)
         client = Client(demo.local_url, auth=("me", "secret"), verbose=False)
         with pytest.raises(AppError) as error:
             client.predict(*api_args(options(5), None, 1.0), api_name="/generate")
@@ -674,7 +671,7 @@ def test_operator_flags_and_variables_set_the_limits(monkeypatch) -> None:
 def test_one_client_may_not_fill_a_cheap_queue_group(url, tiny_kit, lora_dir) -> None:
     """Uploads (the `files` group) while one is stuck: the client's first four wait or run, a fifth is refused with
     a sentence, another client still gets in."""
-    from fluxdemo import lora
+    from fluxdemo.lora import library as lora
 
     source = tiny_kit / "loras" / "peft.safetensors"
     client = Client(url, verbose=False)

@@ -93,18 +93,18 @@ def test_ci_runs_the_torch_constraints_txt_pins():
 @pytest.fixture
 def resident_manager(tiny_kit):
     """A manager as app.py builds it on ZeroGPU (on the CPU here: the moves it records are the same)."""
-    from fluxdemo.config import get_preset
-    from fluxdemo.manager import ModelManager
-    from fluxdemo.spaces_gpu import ZERO_GPU_STRATEGY
+    from fluxdemo.model.presets import get_preset
+    from fluxdemo.pipeline import Model
+    from fluxdemo.studio.zero_gpu import ZERO_GPU_STRATEGY
 
-    return ModelManager(get_preset("tiny", use_env=False), device="cpu", strategy=ZERO_GPU_STRATEGY,
+    return Model(get_preset("tiny", use_env=False), device="cpu", strategy=ZERO_GPU_STRATEGY,
                         lora_dir=tiny_kit / "loras")  # fmt: skip
 
 
 def test_zero_gpu_tasks_move_nothing(resident_manager, kit_lora):
-    from fluxdemo.manager import MODEL_COMPONENTS
+    from fluxdemo.model.manager import MODEL_COMPONENTS
     from fluxdemo.pipeline import GenerateOptions, compare
-    from fluxdemo.spaces_gpu import preload_for_zero_gpu
+    from fluxdemo.studio.zero_gpu import preload_for_zero_gpu
 
     preload_for_zero_gpu(resident_manager)
     assert set(resident_manager.on_device_now()) >= set(MODEL_COMPONENTS)

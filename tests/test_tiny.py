@@ -20,10 +20,10 @@ from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
-from fluxdemo import tiny
-from fluxdemo.config import get_preset
-from fluxdemo.flux_names import SWAPPED_HALVES, FluxDims, bfl_linear_shapes, fused_map, linear_map, norm_map
-from fluxdemo.loading import load_transformer
+from fluxdemo.model import tiny
+from fluxdemo.model.loading import load_transformer
+from fluxdemo.model.names import SWAPPED_HALVES, FluxDims, bfl_linear_shapes, fused_map, linear_map, norm_map
+from fluxdemo.model.presets import get_preset
 
 TEXTS = ["a cat", "a photo of a dog in the snow", "A Photo of a DOG, 42 zebras!", "héllo wörld ☃", ""]
 Q8_0, Q4_0 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0
@@ -87,7 +87,7 @@ def test_build_is_identical_in_a_fresh_process_and_tokenizers_reload_there(tiny_
         """
         import json, sys
         from transformers import AutoTokenizer, CLIPTokenizer, T5Tokenizer
-        from fluxdemo.tiny import build_kit
+        from fluxdemo.model.tiny import build_kit
 
         kit, out, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
         build_kit(out, "tiny", seed=0)

@@ -11,12 +11,9 @@ read at one pinned commit, counted while they stream, and kept in this app's own
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
 import os
 import re
-import shutil
 import stat
 import tempfile
 import threading
@@ -28,421 +25,18 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urljoin, urlsplit
 
 import httpx2  # huggingface_hub 2.x's HTTP client: its transport errors are how "no network" reaches us
-from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, snapshot_download
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 from huggingface_hub.errors import (
-    EntryNotFoundError,
-    GatedRepoError,
-    HfHubHTTPError,
     LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
 )
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-from fluxdemo.config import CLI_FLAGS, COMPONENTS, Preset, Source
-from fluxdemo.errors import CancelledError, HubError, ModelFileError
+from fluxdemo.errors import CancelledError, HubError
 from fluxdemo.files import new_file_mode
+from fluxdemo.model.files import disk_size, hub_failure, human_size, offline_mode, safetensors_problem
 from fluxdemo.untrusted import MAX_CARD_BYTES, MAX_FIELD_CHARS, capped, model_card, names_list, read_capped
 
 logger = logging.getLogger(__name__)
-
-TOKENS_URL = "https://huggingface.co/settings/tokens"
-
-# What a folder source must hold to be usable: any one of the alternatives, each a set of files.
-FOLDER_CONTENTS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "tokenizer": (("vocab.json", "merges.txt"), ("tokenizer.json",)),  # CLIP: slow or fast tokenizer
-    "tokenizer_2": (("tokenizer.json",), ("spiece.model",)),  # T5: fast or sentencepiece tokenizer
-    "config_dir": (("transformer/config.json",),),
-}
-
-# A safetensors header beyond this is a corrupt length field, not a real header (real ones are a few MB at most).
-_MAX_SAFETENSORS_HEADER = 100_000_000
-
-
-@dataclass(frozen=True)
-class FileReport:
-    """One component's file as fetched: where it lies, how it got there, and whether its contents were checked."""
-
-    component: str
-    path: Path
-    bytes: int
-    seconds: float
-    origin: str  # "cache" (already in the Hugging Face cache), "download", "local" (an override) or "kit"
-    verified: bool  # True when the contents were checked (GGUF magic, safetensors header, folder files)
-
-
-@dataclass(frozen=True)
-class DownloadReport:
-    preset: str
-    files: tuple[FileReport, ...]
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.bytes for f in self.files)
-
-    @property
-    def seconds(self) -> float:
-        return sum(f.seconds for f in self.files)
-
-    def describe(self) -> str:
-        """A table for the console: a total line, then one line per file (origin, size, seconds, check, path)."""
-        width = max((len(f.component) for f in self.files), default=0)
-        lines = [f"preset {self.preset}: {len(self.files)} files, {_human(self.total_bytes)}, {self.seconds:.1f} s"]
-        for f in self.files:
-            check = "verified" if f.verified else "present"
-            size = _human(f.bytes)
-            lines.append(
-                f"  {f.component:<{width}}  {f.origin:<8}  {size:>8}  {f.seconds:7.1f} s  {check:<8}  {f.path}"
-            )
-        return "\n".join(lines)
-
-
-def resolve(
-    source: Source,
-    *,
-    token: str | None = None,
-    offline: bool | None = None,
-    component: str = "file",
-    preset: str = "<preset>",
-    cache_dir: Path | None = None,
-    endpoint: str | None = None,
-) -> Path:
-    """A local file (or folder, for folder sources) holding this source, fetched from the Hub if need be.
-
-    `token` overrides HF_TOKEN; `offline` overrides HF_HUB_OFFLINE (None: read it now); `component` and `preset`
-    only make the error messages precise; `cache_dir` and `endpoint` default to huggingface_hub's (HF_HUB_CACHE,
-    HF_ENDPOINT). Raises HubError when the Hub cannot deliver, ModelFileError when the file is not usable.
-    """
-    return _fetch(source, component, preset, token, offline, cache_dir, endpoint).path
-
-
-def download_preset(
-    preset: Preset, *, token: str | None = None, cache_dir: Path | None = None, endpoint: str | None = None
-) -> DownloadReport:
-    """Fetch and verify every file of a preset; files already in the cache are checked, not downloaded again."""
-    sources = preset.sources()
-    # Smallest first: the gated files are the small ones, so a licence or token problem shows up in seconds,
-    # not after 18 GB of transformer and T5.
-    order = sorted(sources, key=lambda n: sources[n].approx_bytes)
-    files = tuple(_fetch(sources[n], n, preset.name, token, None, cache_dir, endpoint) for n in order)
-    report = DownloadReport(preset=preset.name, files=files)
-    logger.info("preset %s: %d files, %s, %.1f s", preset.name, len(files), _human(report.total_bytes), report.seconds)
-    return report
-
-
-def _fetch(
-    source: Source,
-    component: str,
-    preset: str,
-    token: str | None,
-    offline: bool | None,
-    cache_dir: Path | None,
-    endpoint: str | None,
-) -> FileReport:
-    start = time.perf_counter()
-    if source.local is not None:
-        path, origin = _from_local(source, component), "local"
-    elif source.kit is not None:
-        path, origin = _from_kit(source, component), "kit"
-    else:
-        offline = _offline_mode() if offline is None else offline
-        try:
-            path, origin = _from_hub(source, component, token, offline, cache_dir, endpoint)
-        except (HfHubHTTPError, EntryNotFoundError, OfflineModeIsEnabled, httpx2.TransportError, OSError) as e:
-            raise _hub_error(e, source, component, preset, offline, cache_dir) from e
-    verified = _verify(path, source, component, preset)
-    report = FileReport(component, path, _size(path), time.perf_counter() - start, origin, verified)
-    logger.info(
-        "%s: %s from %s, %s, %.2f s -> %s",
-        component,
-        source.describe(),
-        origin,
-        _human(report.bytes),
-        report.seconds,
-        path,
-    )
-    return report
-
-
-def _from_local(source: Source, component: str) -> Path:
-    path = Path(source.local)
-    if not path.exists():
-        kind = "folder" if source.folder else "file"
-        raise ModelFileError(
-            f"{component} {kind} not found: {path}. Point {_override(component)} at an existing {kind}, "
-            "or unset it to use the preset's own file."
-        )
-    return path
-
-
-def _from_kit(source: Source, component: str) -> Path:
-    from fluxdemo.tiny import ensure_kit  # lazily: building a kit needs torch, resolving a Hub file does not
-
-    kit = ensure_kit(source.kit)
-    path = kit / source.path
-    if not path.exists():
-        raise ModelFileError(
-            f"{component} is missing from the tiny kit '{source.kit}': {path} does not exist. "
-            f"Delete the kit folder {kit} so that it is rebuilt on the next run."
-        )
-    return path
-
-
-def _from_hub(
-    source: Source,
-    component: str,
-    token: str | None,
-    offline: bool,
-    cache_dir: Path | None,
-    endpoint: str | None,
-) -> tuple[Path, str]:
-    def get(local_files_only: bool) -> Path:
-        common = {
-            "repo_id": source.repo_id,
-            "cache_dir": cache_dir,
-            "token": token,
-            "endpoint": endpoint,
-            "local_files_only": local_files_only,
-        }
-        if source.folder:
-            return Path(snapshot_download(allow_patterns=[f"{source.path}/*"], **common)) / source.path
-        return Path(hf_hub_download(filename=source.path, **common))
-
-    # The cache first, without a network round trip: preset files are fixed names in fixed repos, and this way a
-    # machine with a flaky or filtered network starts as fast as an offline one once everything is cached.
-    try:
-        path = get(local_files_only=True)
-        if path.exists():
-            return path, "cache"
-    except LocalEntryNotFoundError:
-        if offline:
-            raise
-    path = get(local_files_only=False)
-    if source.folder and not path.is_dir():
-        # snapshot_download only warns when the patterns match nothing, and returns the snapshot root
-        raise HubError(
-            f"{_what(source, component)}: the repository {source.repo_id} has no folder {source.path}. "
-            f"Check the name at https://huggingface.co/{source.repo_id}/tree/main; if the preset is out of date, "
-            f"point {_override(component)} at a local copy."
-        )
-    return path, "download"
-
-
-def _offline_mode() -> bool:
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import; reading it again here honours a later setting too.
-    return (
-        constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
-    )
-
-
-def _failure(error: BaseException) -> tuple[str, int | None]:
-    """(kind, HTTP status) of a Hub failure: the one classification that the model-file and the LoRA translators
-    each word in their own sentence. Kinds: disk-full, gated, no-repo, no-revision, no-file, unreachable,
-    unauthorized, http, permission, other."""
-    status = error.response.status_code if isinstance(error, HfHubHTTPError) and error.response is not None else None
-    if _disk_full(error):
-        kind = "disk-full"
-    elif isinstance(error, GatedRepoError):  # before no-repo: a GatedRepoError is a RepositoryNotFoundError
-        kind = "gated"
-    elif isinstance(error, RepositoryNotFoundError):
-        kind = "no-repo"
-    elif isinstance(error, RevisionNotFoundError):
-        kind = "no-revision"
-    elif isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.TransportError)):
-        kind = "unreachable"  # before no-file: a LocalEntryNotFoundError is an EntryNotFoundError
-    elif isinstance(error, EntryNotFoundError):
-        kind = "no-file"
-    elif status is not None:
-        kind = "unauthorized" if status == 401 else "http"
-    elif isinstance(error, PermissionError):
-        kind = "permission"
-    else:
-        kind = "other"
-    return kind, status
-
-
-def _hub_error(
-    error: Exception, source: Source, component: str, preset: str, offline: bool, cache_dir: Path | None
-) -> HubError:
-    """The HubError that says what to do about a failure of huggingface_hub."""
-    what, cache = _what(source, component), Path(cache_dir or constants.HF_HUB_CACHE)
-    kind, status = _failure(error)
-    if kind == "disk-full":
-        need = _human(source.approx_bytes) if source.approx_bytes else "an unknown amount"
-        return HubError(
-            f"Disk full while downloading {what}: it needs about {need}, and the Hugging Face cache at {cache} "
-            f"has {_human(_free_bytes(cache))} free. Free some space there, or move the cache to a bigger disk: "
-            "set HF_HOME=/path/on/a/bigger/disk/huggingface (and move the old cache folder there to keep what is "
-            "already downloaded)."
-        )
-    if kind == "gated" or (kind == "no-repo" and status == 401 and source.gated):
-        licence = (
-            source.licence if source.licence.startswith("https://") else f"https://huggingface.co/{source.repo_id}"
-        )
-        why = "no valid token was sent" if status == 401 else "the token in use has not been granted access"
-        return HubError(
-            f"{what} is in the gated repository {source.repo_id} and the Hub refused access ({why}). "
-            f"Accept the licence at {licence} while logged in to your Hugging Face account, then set "
-            f"HF_TOKEN=<a token with read access> (create one at {TOKENS_URL})."
-        )
-    if kind == "no-repo":
-        return HubError(
-            f"{what}: the repository {source.repo_id} was not found on the Hub (or it is private and the token in "
-            f"use cannot see it). Check the repo id at https://huggingface.co/{source.repo_id}; if the preset is out "
-            f"of date, point {_override(component)} at a local copy."
-        )
-    if kind in ("no-revision", "no-file"):
-        return HubError(
-            f"{what}: the repository {source.repo_id} has no file {source.path}. Check the name at "
-            f"https://huggingface.co/{source.repo_id}/tree/main; if the preset is out of date, point "
-            f"{_override(component)} at a local copy."
-        )
-    if kind == "unreachable":
-        why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the Hub could not be reached"
-        return HubError(
-            f"{what} is not in the Hugging Face cache ({cache}) and {why}. Run `python -m fluxdemo download "
-            f"--model {preset}` on a machine with network (files land in the Hugging Face cache, HF_HOME), or point "
-            f"{_override(component)} at a local {'folder' if source.folder else 'file'}."
-        )
-    if kind == "unauthorized":
-        return HubError(
-            f"The Hub rejected the token in use (HTTP 401) for {what}. Set HF_TOKEN=<a token with read access> "
-            f"(create one at {TOKENS_URL}), or unset HF_TOKEN for public files."
-        )
-    if kind == "http":
-        return HubError(
-            f"The Hub answered HTTP {status} for {what}; it may be down or rate-limiting. Try again in a few "
-            f"minutes, or point {_override(component)} at a local copy."
-        )
-    if kind == "permission":
-        return HubError(
-            f"Cannot write {what} into the Hugging Face cache at {cache} ({error.strerror}). Make that folder "
-            "writable, or set HF_HOME to a folder you can write to."
-        )
-    return HubError(f"Downloading {what} failed ({error}). Run the same command again to retry.")
-
-
-def _disk_full(error: BaseException) -> bool:
-    """Whether ENOSPC (or a disk quota) is anywhere in the chain: huggingface_hub re-raises and wraps freely."""
-    seen: set[int] = set()
-    pending: list[BaseException] = [error]
-    while pending:
-        e = pending.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        pending.extend(x for x in (e.__cause__, e.__context__) if x is not None)
-    return False
-
-
-def _free_bytes(folder: Path) -> int:
-    for p in (folder, *folder.parents):  # the cache folder itself may not exist yet
-        if p.exists():
-            return shutil.disk_usage(p).free
-    return 0
-
-
-def _verify(path: Path, source: Source, component: str, preset: str) -> bool:
-    """Check the file is what the preset expects; True when its contents could be checked, not just its size."""
-    problem, checked = _problem(path, component)
-    if problem is None:
-        return checked
-    if source.local is not None:
-        fix = f"Point {_override(component)} at a correct {'folder' if source.folder else 'file'}."
-    elif source.kit is not None:
-        kit = path.parents[len(Path(source.path).parts) - 1] if Path(source.path).parts else path
-        fix = f"Delete the kit folder {kit} so that it is rebuilt on the next run."
-    else:
-        # the snapshot entry is a link to a blob: deleting only the link would bring the same bad blob back
-        fix = (
-            f"Delete the cached copy {path.resolve()} and run `python -m fluxdemo download --model {preset}` to "
-            "fetch it again."
-        )
-    kind = "folder" if path.is_dir() else "file"
-    raise ModelFileError(f"{component} {kind} {path} is not usable: {problem}. {fix}")
-
-
-def _problem(path: Path, component: str) -> tuple[str | None, bool]:
-    """(what is wrong or None, whether the contents were checked)."""
-    if path.is_dir():
-        alternatives = FOLDER_CONTENTS.get(component)
-        if alternatives is None:
-            return None, False
-        for files in alternatives:
-            if all(_nonempty(path / f) for f in files):
-                return None, True
-        wanted = " or ".join("+".join(files) for files in alternatives)
-        return f"the folder does not contain {wanted}", False
-    if not path.is_file():
-        return "it does not exist", False
-    size = path.stat().st_size
-    if size == 0:
-        return "it is empty (0 bytes)", False
-    if path.suffix == ".gguf":
-        with path.open("rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            return f"it does not start with the GGUF magic b'GGUF' (it starts with {magic!r})", False
-        return None, True
-    if path.suffix == ".safetensors":
-        return _safetensors_problem(path, size), True
-    return None, False
-
-
-def _safetensors_problem(path: Path, size: int) -> str | None:
-    """Parse only the 8-byte header length and the JSON header; check the tensors fill the file exactly."""
-    with path.open("rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        if not 2 <= n <= min(size - 8, _MAX_SAFETENSORS_HEADER):
-            return f"its safetensors header length ({n}) does not fit a {size}-byte file"
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            return f"its safetensors header is not valid JSON ({e})"
-    if not isinstance(header, dict):
-        return "its safetensors header is not a JSON object"
-    try:
-        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        return "its safetensors header has a tensor entry without valid data_offsets"
-    if 8 + n + end != size:
-        # the same rule the safetensors loader applies: a truncated download fails here, not deep in loading
-        return f"its tensors need {8 + n + end} bytes but the file has {size} (truncated or corrupt)"
-    return None
-
-
-def _nonempty(path: Path) -> bool:
-    return path.is_file() and path.stat().st_size > 0
-
-
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
-
-
-def _what(source: Source, component: str) -> str:
-    return f"{component} ({source.describe()})"
-
-
-def _override(component: str) -> str:
-    """How the user points a component at a local file: its environment variable, and its CLI flag if it has one."""
-    if component not in COMPONENTS:
-        return "a local path"
-    env = f"FLUXDEMO_{component.upper()}"
-    return f"{env} (or {CLI_FLAGS[component]})" if component in CLI_FLAGS else env
-
-
-def _human(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n} B"
-
 
 # --- LoRAs from the Hub ---------------------------------------------------------------------------------------------
 
@@ -536,7 +130,7 @@ def download_lora(
     hub = _LoraHub(HfApi(endpoint=endpoint, token=token or False), ref, token, endpoint, cancelled)
     cache = _LoraCache(Path(cache_dir) if cache_dir else hub_lora_cache_dir(), ref.repo_id, quota_bytes)
     try:
-        commit = None if _offline_mode() else _pin(hub)
+        commit = None if offline_mode() else _pin(hub)
         if commit is None:  # offline or unreachable: a file downloaded before, named exactly
             return cache.served(ref)
         hub.commit = commit
@@ -554,7 +148,7 @@ def download_lora(
         raise
     except Exception as e:
         raise _lora_hub_error(e, ref) from None
-    logger.info("LoRA %s from the Hub at %s: %s (%s)", ref, commit[:12], path.name, _human(_size(path)))
+    logger.info("LoRA %s from the Hub at %s: %s (%s)", ref, commit[:12], path.name, human_size(disk_size(path)))
     return HubLora(HubLoraRef(ref.repo_id, filename, commit), path, words, prompts)
 
 
@@ -621,7 +215,7 @@ def _pick_lora(hub: _LoraHub, files: dict[str, int], complete: bool, is_lora: Ca
         raise HubError(f"{repo} has no LoRA: none of its .safetensors files ({names_list(candidates)}) holds "
                        "LoRA weights.")  # fmt: skip
     if len(loras) > 1:
-        choices = names_list([f"{repo}/{f} ({_human(files[f])})" for f in loras])
+        choices = names_list([f"{repo}/{f} ({human_size(files[f])})" for f in loras])
         raise HubError(f"{repo} holds several LoRA files; name the one you want: {choices}.")
     return loras[0]
 
@@ -707,8 +301,10 @@ class _LoraCache:
     def _room(self, size: int, what: str) -> Iterator[None]:
         """Evict least recently used files until `size` more bytes fit the quota, and hold them while downloading."""
         if size > self.quota:
-            raise HubError(f"{what} is {_human(size)}, more than the {_human(self.quota)} this app keeps for Hub "
-                           "LoRAs; put the file in the LoRA folder instead.")  # fmt: skip
+            raise HubError(
+                f"{what} is {human_size(size)}, more than the {human_size(self.quota)} this app keeps for Hub "
+                "LoRAs; put the file in the LoRA folder instead."
+            )
         with _CACHE_LOCK:
             files = _cached_files(self.root)
             total = sum(st.st_size for _, st in files) + _RESERVED.get(self.root, 0)
@@ -729,7 +325,7 @@ class _LoraCache:
 def _within(what: str, size: int | None, limit: int, lora: bool) -> None:
     if size is not None and size > limit:
         raise HubError(
-            f"{what} is {_human(size)}, over the {_human(limit)} limit for "
+            f"{what} is {human_size(size)}, over the {human_size(limit)} limit for "
             f"{'a LoRA; it is probably a whole model, not a LoRA' if lora else 'a model card'}."
         )
 
@@ -772,10 +368,10 @@ def _stream(hub: _LoraHub, url: str, dest: Path, limit: int, lora: bool) -> None
                 if out.tell() > limit:
                     what = "a LoRA" if lora else "a model card"
                     raise HubError(
-                        f"{_shown(hub.ref)} sent more than the {_human(limit)} limit for {what}; the download was "
+                        f"{_shown(hub.ref)} sent more than the {human_size(limit)} limit for {what}; the download was "
                         "stopped and deleted."
                     )
-        problem = _safetensors_problem(tmp, tmp.stat().st_size) if lora else None
+        problem = safetensors_problem(tmp, tmp.stat().st_size) if lora else None
         if problem:
             raise HubError(f"{_shown(hub.ref)} is not a usable safetensors file: {problem}. It was deleted; ask its "
                            "author for a working file.")  # fmt: skip
@@ -816,7 +412,7 @@ def _shown(text: object) -> str:
 def _lora_hub_error(error: Exception, ref: HubLoraRef) -> HubError:
     """The sentence for a failed Hub LoRA; it never says whether this server holds a token."""
     page = f"https://huggingface.co/{_shown(ref.repo_id)}"
-    kind, status = _failure(error)
+    kind, status = hub_failure(error)
     if kind == "gated":
         return HubError(f"{_shown(ref.repo_id)} is a gated repository, which this app does not open: accept its "
                         f"terms at {page}, download the LoRA yourself and upload the .safetensors file.")  # fmt: skip
@@ -831,7 +427,7 @@ def _lora_hub_error(error: Exception, ref: HubLoraRef) -> HubError:
         return HubError(f"{_shown(ref.repo_id)} has no file {_shown(ref.filename)}; see its files at "
                         f"{page}/tree/main.")  # fmt: skip
     if kind == "unreachable":
-        why = "offline mode is on (HF_HUB_OFFLINE=1)" if _offline_mode() else "the Hub could not be reached"
+        why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline_mode() else "the Hub could not be reached"
         return HubError(
             f"{_shown(ref)} is not among the Hub LoRAs this app downloaded before, and {why}. Try again once the "
             "Hub can be reached (a LoRA named with its file, user/repo/file.safetensors, is then kept for offline "

@@ -13,9 +13,10 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
-from fluxdemo.manager import MODEL_COMPONENTS, ModelManager
-from fluxdemo.pipeline import Controls, GenerateOptions, Result
-from fluxdemo.previews import DrawPreview, TinyDecoder, latent_preview
+from fluxdemo.model.manager import MODEL_COMPONENTS
+from fluxdemo.pipeline.api import Controls, GenerateOptions, Result
+from fluxdemo.pipeline.model import Model
+from fluxdemo.pipeline.previews import DrawPreview, TinyDecoder, latent_preview
 
 try:  # preinstalled on Spaces; optional anywhere else
     import spaces
@@ -62,8 +63,8 @@ def gpu(duration: Callable[..., float]) -> Callable[[F], F]:
 
 
 def gpu_seconds(
-    task: Callable[[ModelManager, Controls], Result],
-    manager: ModelManager,
+    task: Callable[[Model, Controls], Result],
+    manager: Model,
     options: GenerateOptions,
     images: int,
     controls: Controls,
@@ -76,8 +77,8 @@ def gpu_seconds(
 
 @gpu(duration=gpu_seconds)
 def run_on_gpu(
-    task: Callable[[ModelManager, Controls], Result],
-    manager: ModelManager,
+    task: Callable[[Model, Controls], Result],
+    manager: Model,
     options: GenerateOptions,
     images: int,
     controls: Controls,
@@ -87,7 +88,7 @@ def run_on_gpu(
     return task(manager, controls)
 
 
-def preload_for_zero_gpu(manager: ModelManager, draw: DrawPreview = latent_preview) -> None:
+def preload_for_zero_gpu(manager: Model, draw: DrawPreview = latent_preview) -> None:
     """Load every component in the main process and place it on the device for good (a manager built with
     ZERO_GPU_DEVICE and ZERO_GPU_STRATEGY), the preview decoder too. ZeroGPU runs each task in a fresh fork, so
     whatever a task loads is gone when it returns, and moves inside a task are slow: placed here, once, the forks

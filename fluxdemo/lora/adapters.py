@@ -1,7 +1,7 @@
 """LoRA adapters on the live model: load (once, cached), activate a stack of them with a strength each, turn off,
 evict.
 
-Files are read and converted by fluxdemo.lora (our own converter: diffusers' kohya and single-file converters
+Files are read and converted by fluxdemo.lora.library (our own converter: diffusers' kohya and single-file converters
 hard-code width 3072 and load some wrong-model files as silent no-ops). The converted PEFT weights go onto the
 quantized transformer with diffusers' load_lora_adapter (pipe.load_lora_weights breaks on quanto's state dict);
 strength is PEFT's adapter weight, so nothing is ever fused into the quantized weights and "off" is bit-identical.
@@ -16,20 +16,17 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 from diffusers.utils.peft_utils import delete_adapter_layers, set_adapter_layers
 from peft.tuners.lora import LoraLayer
 
-from fluxdemo import lycoris
 from fluxdemo.errors import LoraError
-from fluxdemo.flux_names import FluxDims
-from fluxdemo.lora import LoraLibrary, LoraReport, to_diffusers
-
-if TYPE_CHECKING:  # the manager owns an Adapters; this module only calls back into it
-    from fluxdemo.manager import ModelManager
+from fluxdemo.lora import lycoris
+from fluxdemo.lora.library import LoraLibrary, LoraReport, to_diffusers
+from fluxdemo.model.manager import ModelManager
+from fluxdemo.model.names import FluxDims
 
 # (adapter, strength) pairs, active together; empty: the base model.
 Stack = Sequence[tuple["LoadedLora", float]]
@@ -228,3 +225,16 @@ class Adapters:
 
     def loaded(self) -> list[LoadedLora]:
         return list(self._loaded.values())
+
+    # -- what the manager tells its watchers (model.manager.ComponentWatcher) ---------------------------------------
+    def component_loaded(self, name: str) -> None:
+        if name == "transformer" and self._loaded:  # read back from its file: the LoRAs it had are gone
+            self.reattach()
+
+    def component_dropping(self, name: str) -> None:
+        if name == "transformer":
+            self.activate((), ("transformer",))  # so no LoRA state outlives the module it lived on
+
+    def components_released(self, loaded: Sequence[str]) -> None:
+        # a dropped transformer took its adapter state with it; CLIP keeps its adapters under every strategy
+        self.deactivate([c for c in ("transformer", "text_encoder") if c in loaded])

@@ -5,7 +5,7 @@ component goes back to RAM afterwards. The order in which stages ask is the offl
 `model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"`, but ours also works without an
 accelerator (diffusers' enable_model_cpu_offload refuses to start on a CPU-only machine) and logs each move.
 
-Strategies (fluxdemo.planner chooses one from the free device memory, or a flag sets it):
+Strategies (fluxdemo.model.planner chooses one from the free device memory, or a flag sets it):
 - resident: each component goes to the device on first use and stays there.
 - model-offload: one component on the device at a time. Between stages the weights wait in RAM, pinned on CUDA; the
   RAM copy is kept while the device copy is in use, so taking a component off the device copies nothing.
@@ -24,21 +24,18 @@ import resource
 import sys
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 
-from fluxdemo import hub, loading, planner
-from fluxdemo.adapters import Adapters
-from fluxdemo.config import Preset, Source
 from fluxdemo.errors import OptionsError, OutOfMemoryError
-from fluxdemo.lora import HubLoras, LoraLibrary
-from fluxdemo.timeline import Timeline
+from fluxdemo.model import files, loading, planner
+from fluxdemo.model.presets import Preset, Source
+from fluxdemo.model.timeline import Timeline
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +81,17 @@ class ComponentState:
     files: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+class ComponentWatcher(Protocol):
+    """Something that keeps state on the components (the LoRA adapters): told when one is read from its file, when
+    one is about to be dropped, and when a request has released them, so the manager needs to know nothing of it."""
+
+    def component_loaded(self, name: str) -> None: ...
+
+    def component_dropping(self, name: str) -> None: ...
+
+    def components_released(self, loaded: Sequence[str]) -> None: ...
+
+
 @dataclass
 class ModelManager:
     """The one owner of the model. `with manager.session(width, height) as timeline:` around a request (the lock)."""
@@ -93,9 +101,8 @@ class ModelManager:
     strategy: str = "auto"  # "auto" (the planner decides per request) or one of STRATEGIES
     dtype: torch.dtype | None = None  # compute dtype: bf16 on accelerators, fp32 on CPU unless set
     token: str | None = None
-    lora_dir: Path = Path("loras")
-    hub_loras: HubLoras = HubLoras()  # what LoRAs named by a Hub repo may be fetched, and how
     moves: list[Move] = field(default_factory=list)
+    watchers: list[ComponentWatcher] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
@@ -113,11 +120,6 @@ class ModelManager:
         self.timeline = Timeline()
         self.events: list[str] = []  # what went wrong and what the manager did about it, this request
         self.stage_peaks: dict[str, int] = {}  # CUDA: peak allocated bytes per stage, this request
-        self.embedding_cache = LRU(maxsize=64)  # T5 and CLIP outputs, each under its own key
-        # LoRAs are judged against this preset's model (a tiny kit's LoRAs fit the tiny model, not FLUX.1-dev).
-        dims, clip_config = loading.model_dims(self.config_dir())
-        library = LoraLibrary(Path(self.lora_dir), dims, clip_config, **self.hub_loras.library_args())
-        self.adapters = Adapters(self, library)
         # A first plan from the preset's figures alone (reading nothing); each request plans again with real sizes.
         self.plan = self._plan(planner.FLUX_DEV, self._sizes(files=False))
         self.strategy = self.plan.strategy
@@ -158,8 +160,8 @@ class ModelManager:
 
     def _cleanup(self, failed: bool) -> None:
         try:
-            # a dropped transformer took its adapter state with it; CLIP keeps its adapters under every strategy
-            self.adapters.deactivate([c for c in ("transformer", "text_encoder") if c in self._components])
+            for watcher in self.watchers:
+                watcher.components_released(list(self._components))
         finally:
             if failed:
                 self._unstick()
@@ -174,7 +176,7 @@ class ModelManager:
     def path(self, component: str) -> Path:
         if component not in self._paths:
             source = self.preset.sources()[component]
-            self._paths[component] = hub.resolve(
+            self._paths[component] = files.resolve(
                 source, token=self.token, component=component, preset=self.preset.name
             )
         return self._paths[component]
@@ -218,12 +220,12 @@ class ModelManager:
             self._components[name] = ComponentState(module, summary, files=loading.file_backed(_tensors(module)))
             self._sizes_seen[name] = summary.bytes
             self._log(Move(name, False, loading.module_bytes(module), time.perf_counter() - start, "load"))
-            if name == "transformer" and self.adapters.loaded():
-                try:  # read back from its file: the LoRAs it had are gone
-                    self.adapters.reattach()
-                except BaseException:
-                    self._drop(name)
-                    raise
+            try:  # read (back) from its file: what watchers kept on it is gone
+                for watcher in self.watchers:
+                    watcher.component_loaded(name)
+            except BaseException:
+                self._drop(name)
+                raise
             if self.strategy == "resident":  # its place from now on: LoRAs attach there, and nothing moves again
                 self._onload(name)
         return self._components[name].module
@@ -264,8 +266,8 @@ class ModelManager:
         if state is None or state.streaming or self.strategy == "resident":
             return
         if self.strategy == "disk" and name in LARGE_COMPONENTS:
-            if name == "transformer":
-                self.adapters.activate((), ("transformer",))  # so no LoRA state outlives the module it lived on
+            for watcher in self.watchers:  # so no state outlives the module it lived on
+                watcher.component_dropping(name)
             self._drop(name)
         elif state.on_device:
             self._offload(name)
@@ -445,9 +447,10 @@ class ModelManager:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def with_fallback(self, stage: str, run: Callable[[], T]) -> T:
-        """Run one stage of a request. A device out-of-memory frees what the stage held, drops to the next lighter
-        strategy and runs the stage again, once; a second one is an OutOfMemoryError with the numbers."""
+    def with_fallback(self, stage: str, run: Callable[[], T], components: Sequence[str]) -> T:
+        """Run one stage of a request, which puts `components` on the device. A device out-of-memory frees what the
+        stage held, drops to the next lighter strategy and runs the stage again, once; a second one is an
+        OutOfMemoryError with the numbers."""
         try:
             return run()
         except torch.OutOfMemoryError as e:  # torch.cuda.OutOfMemoryError is the same class
@@ -467,11 +470,11 @@ class ModelManager:
             second = _first_line(e)
         self._unstick()
         self.release()
-        raise OutOfMemoryError(self._oom_message(stage, failed, second))
+        raise OutOfMemoryError(self._oom_message(stage, components, failed, second))
 
-    def _oom_message(self, stage: str, failed: str, detail: str) -> str:
+    def _oom_message(self, stage: str, components: Sequence[str], failed: str, detail: str) -> str:
         width, height = self._image
-        needed = max(self.plan.stages[part] for part in _STAGE_PARTS[stage])
+        needed = max(self.plan.stages[part] for part in components)
         free = self._free_device_memory()
         have = f"{free / 2**30:.1f} GiB is free" if free is not None else "its free memory is unknown"
         return (
@@ -526,11 +529,6 @@ class ModelManager:
         return report
 
 
-# The components each pipeline stage puts on the device (with_fallback's stage names).
-_STAGE_PARTS = {"load LoRA": ("transformer",), "encode": ("text_encoder", "text_encoder_2"),
-                "denoise": ("transformer",), "decode": ("vae",)}  # fmt: skip
-
-
 def _tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from module.named_parameters()
     yield from module.named_buffers()
@@ -569,29 +567,6 @@ def _ram_available(held: dict[str, int]) -> int | None:
     except OSError:
         return None
     return int(fields["MemAvailable"].split()[0]) * 1024 + sum(held.values())
-
-
-class LRU:
-    """A small least-recently-used map (prompt embeddings)."""
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self._items: OrderedDict[Hashable, object] = OrderedDict()
-
-    def get(self, key: Hashable):
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        return None
-
-    def put(self, key: Hashable, value: object) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.maxsize:
-            self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 def default_device() -> torch.device:

@@ -2,7 +2,7 @@
 
 A preset is data (like black-forest-labs/flux's `configs` registry): the loaders read it, nothing in it runs.
 The configs of FLUX.1-dev ship inside the package (fluxdemo/configs/flux1-dev) because the gated repo may be
-unreachable; the tiny presets point into a kit that `fluxdemo.tiny` builds locally.
+unreachable; the tiny presets point into a kit that `fluxdemo.model.tiny` builds locally.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fluxdemo.errors import OptionsError
 
-PACKAGE_CONFIGS = Path(__file__).parent / "configs" / "flux1-dev"
+PACKAGE_CONFIGS = Path(__file__).parents[1] / "configs" / "flux1-dev"
 
 # Component names are diffusers' (FluxPipeline's): one vocabulary from the presets to the offload log.
 COMPONENTS = ("transformer", "text_encoder_2", "text_encoder", "vae", "tokenizer", "tokenizer_2")
@@ -119,7 +119,7 @@ def _tiny(kit: str, description: str) -> Preset:
         tokenizer_2=k("tokenizer_2", folder=True),
         config_dir=k(".", folder=True),
         vram_gb=0.0,
-        licence="random weights, made by fluxdemo.tiny",
+        licence="random weights, made by fluxdemo.model.tiny",
     )
 
 
@@ -139,7 +139,7 @@ DEFAULT_PRESET = "dev-q8"
 
 # FLUXDEMO_TRANSFORMER=/path/to/flux1-dev-Q8_0.gguf etc.: every file of a preset can come from this machine.
 ENV_OVERRIDES = {f"FLUXDEMO_{c.upper()}": c for c in SOURCES}
-# The CLI's flags for the files users most often have locally (the messages of fluxdemo.hub name them too).
+# The CLI's flags for the files users most often have locally (the messages of fluxdemo.model.files name them too).
 CLI_FLAGS = {"transformer": "--transformer", "text_encoder_2": "--t5", "text_encoder": "--clip", "vae": "--vae"}
 
 

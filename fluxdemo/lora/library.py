@@ -31,13 +31,13 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from fluxdemo.config import PACKAGE_CONFIGS
 from fluxdemo.errors import CancelledError, HubError, LoraError
 from fluxdemo.files import new_file_mode
-from fluxdemo.flux_names import FluxDims
-from fluxdemo.hub import HUB_LORA_QUOTA_BYTES, HubLoraRef, download_lora, mark_used, parse_hub_lora
-from fluxdemo.lora_formats import Adapter, ModelTables, analyse_keys, factors, split_parts, split_role
-from fluxdemo.lycoris import FactoredPart
+from fluxdemo.lora.formats import Adapter, ModelTables, analyse_keys, factors, split_parts, split_role
+from fluxdemo.lora.hub import HUB_LORA_QUOTA_BYTES, HubLoraRef, download_lora, mark_used, parse_hub_lora
+from fluxdemo.lora.lycoris import FactoredPart
+from fluxdemo.model.names import FluxDims
+from fluxdemo.model.presets import PACKAGE_CONFIGS
 from fluxdemo.untrusted import MAX_COUNTED_TAGS, MAX_FIELD_CHARS, MAX_TAG_FREQUENCY_CHARS, capped, names_list
 
 logger = logging.getLogger(__name__)

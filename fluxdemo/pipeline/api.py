@@ -14,19 +14,19 @@ from dataclasses import replace
 from PIL import Image
 
 from fluxdemo.errors import OptionsError
-from fluxdemo.experiments import ImageSpec, LoraChoice, Result, ResultsCache, Stack, as_stack, run
-from fluxdemo.experiments import stack_label as stack_label
-from fluxdemo.images import grid_image
-from fluxdemo.manager import ModelManager
-from fluxdemo.stages import MAX_SEED as MAX_SEED
-from fluxdemo.stages import MAX_SIDE as MAX_SIDE
-from fluxdemo.stages import MAX_STEPS as MAX_STEPS
-from fluxdemo.stages import MIN_SIDE as MIN_SIDE
-from fluxdemo.stages import SIDE_MULTIPLE as SIDE_MULTIPLE
-from fluxdemo.stages import Controls, GenerateOptions
-from fluxdemo.stages import encode as encode
-from fluxdemo.stages import initial_noise as initial_noise
-from fluxdemo.stages import pipeline_view as pipeline_view
+from fluxdemo.pipeline.experiments import ImageSpec, LoraChoice, Result, ResultsCache, Stack, as_stack, run
+from fluxdemo.pipeline.experiments import stack_label as stack_label
+from fluxdemo.pipeline.images import grid_image
+from fluxdemo.pipeline.model import Model
+from fluxdemo.pipeline.stages import MAX_SEED as MAX_SEED
+from fluxdemo.pipeline.stages import MAX_SIDE as MAX_SIDE
+from fluxdemo.pipeline.stages import MAX_STEPS as MAX_STEPS
+from fluxdemo.pipeline.stages import MIN_SIDE as MIN_SIDE
+from fluxdemo.pipeline.stages import SIDE_MULTIPLE as SIDE_MULTIPLE
+from fluxdemo.pipeline.stages import Controls, GenerateOptions
+from fluxdemo.pipeline.stages import encode as encode
+from fluxdemo.pipeline.stages import initial_noise as initial_noise
+from fluxdemo.pipeline.stages import pipeline_view as pipeline_view
 
 MAX_GRID_CELLS = 64  # images in one grid call (prompts x seeds x rows x strengths)
 MAX_GRID_PICTURE_PIXELS = 4096 * 4096  # one grid picture's cells together: 64 cells at 2048x2048 would be 268 MP
@@ -35,7 +35,7 @@ LoraArg = str | LoraChoice | tuple | list | None
 
 
 def generate(
-    manager: ModelManager, options: GenerateOptions, lora: LoraArg = None, strength: float = 1.0,
+    manager: Model, options: GenerateOptions, lora: LoraArg = None, strength: float = 1.0,
     controls: Controls = Controls(), cache: ResultsCache | None = None,
 ) -> Result:  # fmt: skip
     """One image: with a LoRA stack ("lora") or the base model ("baseline")."""
@@ -44,7 +44,7 @@ def generate(
 
 
 def compare(
-    manager: ModelManager, options: GenerateOptions, lora: LoraArg, strength: float = 1.0,
+    manager: Model, options: GenerateOptions, lora: LoraArg, strength: float = 1.0,
     controls: Controls = Controls(), cache: ResultsCache | None = None, batch: int = 1,
 ) -> Result:  # fmt: skip
     """The base model's image ("baseline") and the stack's ("lora"), from one seed and one encoding; batch=2 makes
@@ -61,7 +61,7 @@ def scaled(stack: Stack, strength: float) -> Stack:
 
 
 def sweep(
-    manager: ModelManager, options: GenerateOptions, lora: LoraArg, strengths: Sequence[float],
+    manager: Model, options: GenerateOptions, lora: LoraArg, strengths: Sequence[float],
     controls: Controls = Controls(), cache: ResultsCache | None = None, batch: int = 1,
 ) -> Result:  # fmt: skip
     """One image per strength, same seed: images keyed "strength 0.5" etc., in the order given. For a stack, each
@@ -75,7 +75,7 @@ def sweep(
 
 
 def grid(
-    manager: ModelManager, options: GenerateOptions, prompts: Sequence[str], seeds: Sequence[int],
+    manager: Model, options: GenerateOptions, prompts: Sequence[str], seeds: Sequence[int],
     rows: Sequence[LoraArg], strengths: Sequence[float], controls: Controls = Controls(),
     cache: ResultsCache | None = None, batch: int = 1,
 ) -> Result:  # fmt: skip

@@ -25,8 +25,8 @@ from PIL import Image, ImageChops, ImageDraw, ImageFont, PngImagePlugin
 
 from fluxdemo.errors import FluxdemoError, OptionsError
 from fluxdemo.files import new_file_mode
-from fluxdemo.limits import DEFAULT_LIMITS, Limits
-from fluxdemo.stages import MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, SIDE_MULTIPLE, GenerateOptions
+from fluxdemo.pipeline.limits import DEFAULT_LIMITS, Limits
+from fluxdemo.pipeline.stages import MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, SIDE_MULTIPLE, GenerateOptions
 from fluxdemo.untrusted import (
     MAX_FIELD_CHARS,
     MAX_LIST_ITEMS,
@@ -529,7 +529,7 @@ def _quote(value: Any) -> str:
 
 
 def params_from_report(report: dict, label: str, role: str | None = None) -> ImageParams:
-    """The parameters of one image of a run, from the run's report (fluxdemo.experiments): `label` as in
+    """The parameters of one image of a run, from the run's report (fluxdemo.pipeline.experiments): `label` as in
     Result.images ("baseline", "lora", "strength 0.5", a grid cell's label); `role` names a derived image
     ("side_by_side"), else the role is "baseline" without LoRAs and "lora" with."""
     image, model = report["images"][label], report["model"]

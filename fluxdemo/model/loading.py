@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from fluxdemo.errors import ModelFileError
-from fluxdemo.flux_names import SWAPPED_HALVES, FluxDims, fused_map, linear_map, norm_map
+from fluxdemo.model.names import SWAPPED_HALVES, FluxDims, fused_map, linear_map, norm_map
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Our own parser, because diffusers' converters (loaders/lora_conversion_utils.py) hard-code FLUX.1-dev's width (3072)
 and block counts (19/38), drop T5 and `diff` keys with only a log line, and accept wrong shapes until inference.
-Names are parsed width-agnostically against the tables of fluxdemo.flux_names, so every key of a file ends up
+Names are parsed width-agnostically against the tables of fluxdemo.model.names, so every key of a file ends up
 matched to a module of the model in hand (shapes checked) or unmatched with a reason (analyse_keys).
 
 Naming families (found per key from its prefix): diffusers/PEFT (`transformer.<diffusers module>.lora_A.weight`),
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fluxdemo.flux_names import SWAPPED_HALVES, FluxDims, bfl_linear_shapes, fused_map, linear_map
+from fluxdemo.model.names import SWAPPED_HALVES, FluxDims, bfl_linear_shapes, fused_map, linear_map
 
 # Key suffix -> role (whole dotted segments; the longest matching suffix wins).
 ROLE_SUFFIXES: dict[str, str] = {
@@ -422,7 +422,7 @@ def factors(adapter: Adapter, t: Mapping[str, torch.Tensor], scale: float) -> tu
     if adapter.kind == "bias":  # PEFT adds lora_B's bias, times the strength, to the output: bias += s * diff_b
         out, inp = adapter.resolved.target.shape
         return torch.zeros(out, 1), torch.zeros(1, inp)
-    raise ValueError(f"{adapter.module} is a {adapter.kind} adapter: applied in factored form (fluxdemo.lycoris)")
+    raise ValueError(f"{adapter.module} is a {adapter.kind} adapter: applied in factored form (fluxdemo.lora.lycoris)")
 
 
 def split_parts(

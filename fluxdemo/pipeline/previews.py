@@ -7,7 +7,7 @@ Two ways, the cheaper by default:
   distilled FLUX.1 VAE that draws the full-size picture in a few ms on a GPU. Used when it is already on disk: the
   Hugging Face cache (`hf download madebyollin/taef1`) or a folder the operator names; never downloaded by a run.
 
-fluxdemo.stages calls the drawer every few steps, within a time budget (PREVIEW_BUDGET of the steps' own time): a
+The stages call the drawer every few steps, within a time budget (PREVIEW_BUDGET of the steps' own time): a
 drawer that knows its cost (TinyDecoder's seconds_per_megapixel, measured on every draw) is not called when the
 preview would overrun it, so TAEF1 on a CPU beside a millisecond step costs nothing.
 """

@@ -2,7 +2,7 @@
 
 The denoising loop is diffusers' own FluxPipeline.__call__ (flow-matching Euler, FLUX.1-dev's shifted schedule),
 called with our prompt embeddings and our initial noise; we only decide what is on the device when, and time it.
-fluxdemo.experiments decides which images need which stages; fluxdemo.pipeline is the public face.
+fluxdemo.pipeline.experiments decides which images need which stages; fluxdemo.pipeline.api is the public face.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from fluxdemo.errors import CancelledError, OptionsError
-from fluxdemo.manager import ModelManager
-from fluxdemo.previews import PREVIEW_BUDGET, DrawPreview, cost, latent_preview
+from fluxdemo.pipeline.model import Model
+from fluxdemo.pipeline.previews import PREVIEW_BUDGET, DrawPreview, cost, latent_preview
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Controls:
     preview: PreviewFn | None = None
     preview_every: int = 4  # steps between previews, skipped while they have cost more than PREVIEW_BUDGET
     on_image: Callable[[int, int, str], None] | None = None  # (i, n, label): the i-th of n images to make starts
-    draw: DrawPreview = latent_preview  # how a preview is drawn (fluxdemo.previews: the projection or TAEF1)
+    draw: DrawPreview = latent_preview  # how a preview is drawn (fluxdemo.pipeline.previews: the projection or TAEF1)
     cache_scope: str = ""  # whose caches: "" shares them; a public app gives each visitor its own
 
 
@@ -99,7 +99,7 @@ def initial_noise(seed: int, width: int, height: int) -> torch.Tensor:
 
 
 def encode(
-    manager: ModelManager,
+    manager: Model,
     prompt: str,
     max_sequence_length: int = MAX_T5_TOKENS,
     clip_state: tuple = (),
@@ -132,7 +132,7 @@ def encode(
     return Embeddings(embeds, pooled, truncated, reused)
 
 
-def pipeline_view(manager: ModelManager, *components: str, **modules):
+def pipeline_view(manager: Model, *components: str, **modules):
     """A FluxPipeline over only the named parts. diffusers takes its execution device from the first module it
     finds (the VAE), which is wrong while only the stage's component is on the device."""
     from diffusers import FluxPipeline
@@ -147,7 +147,7 @@ def pipeline_view(manager: ModelManager, *components: str, **modules):
 
 
 def denoise(
-    manager: ModelManager,
+    manager: Model,
     transformer: torch.nn.Module,
     embeddings: Embeddings | list[Embeddings],
     noise: torch.Tensor | list[torch.Tensor],
@@ -203,7 +203,7 @@ def denoise(
     return latents
 
 
-def decode(manager: ModelManager, latents: list[torch.Tensor], options: list[GenerateOptions]) -> list[Image.Image]:
+def decode(manager: Model, latents: list[torch.Tensor], options: list[GenerateOptions]) -> list[Image.Image]:
     """Packed latents -> PIL images (each with its own size), with one trip of the VAE to the device for all."""
     from diffusers import FluxPipeline
     from diffusers.image_processor import VaeImageProcessor

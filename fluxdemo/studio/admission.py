@@ -27,7 +27,7 @@ from typing import Any
 import gradio as gr
 
 from fluxdemo.errors import FluxdemoError, OptionsError
-from fluxdemo.limits import Limits, check_number, check_text, describe
+from fluxdemo.pipeline.limits import Limits, check_number, check_text, describe
 
 GPU = "gpu"  # the concurrency group of every model job
 CHEAP_QUEUE_SIZE = 64  # waiting events per other handler (inspect, refresh, upload): each runs in milliseconds

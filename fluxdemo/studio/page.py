@@ -25,32 +25,11 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from fluxdemo.admission import CHEAP_QUEUE_SIZE, Admission
-from fluxdemo.config import PRESETS, Preset
 from fluxdemo.errors import CancelledError, FluxdemoError, OptionsError
-from fluxdemo.experiments import (
-    DEFAULT_CACHE_IMAGES,
-    MAX_LORAS_PER_RUN,
-    MAX_STACK,
-    LoraChoice,
-    ResultsCache,
-    Stack,
-    as_stack,
-)
-from fluxdemo.history import add, describe_loras, find, slider_label, stale_note
-from fluxdemo.images import (
-    GUIDANCE_MAX,
-    ImageParams,
-    difference,
-    params_from_report,
-    save_png,
-    settings_from_png,
-    side_by_side,
-)
-from fluxdemo.limits import DEFAULT_LIMITS, Limits, check_prompt, check_request, for_visitor
-from fluxdemo.lora import LoraLibrary, save_upload
-from fluxdemo.manager import MODEL_COMPONENTS, STRATEGIES, ModelManager
-from fluxdemo.pipeline import (
+from fluxdemo.lora.library import LoraLibrary, save_upload
+from fluxdemo.model.manager import MODEL_COMPONENTS, STRATEGIES
+from fluxdemo.model.presets import PRESETS, Preset
+from fluxdemo.pipeline.api import (
     MAX_GRID_CELLS,
     MAX_SEED,
     MAX_SIDE,
@@ -67,8 +46,30 @@ from fluxdemo.pipeline import (
     stack_label,
     sweep,
 )
-from fluxdemo.previews import DrawPreview, latent_preview
-from fluxdemo.spaces_gpu import run_on_gpu
+from fluxdemo.pipeline.experiments import (
+    DEFAULT_CACHE_IMAGES,
+    MAX_LORAS_PER_RUN,
+    MAX_STACK,
+    LoraChoice,
+    ResultsCache,
+    Stack,
+    as_stack,
+)
+from fluxdemo.pipeline.images import (
+    GUIDANCE_MAX,
+    ImageParams,
+    difference,
+    params_from_report,
+    save_png,
+    settings_from_png,
+    side_by_side,
+)
+from fluxdemo.pipeline.limits import DEFAULT_LIMITS, Limits, check_prompt, check_request, for_visitor
+from fluxdemo.pipeline.model import Model
+from fluxdemo.pipeline.previews import DrawPreview, latent_preview
+from fluxdemo.studio.admission import CHEAP_QUEUE_SIZE, Admission
+from fluxdemo.studio.history import add, describe_loras, find, slider_label, stale_note
+from fluxdemo.studio.zero_gpu import run_on_gpu
 from fluxdemo.untrusted import MAX_LIST_ITEMS, MAX_SENTENCE_CHARS, markdown_text, names_list
 
 logger = logging.getLogger(__name__)
@@ -250,7 +251,7 @@ def unfetched_hub_loras(library: LoraLibrary, ask: Ask, scan: bool = True) -> li
     return [name for name in ask.lora_names if library.is_hub_name(name, scan) and not library.fetched(name)]
 
 
-def controls_params(manager: ModelManager, prompt, lora, strength, seed, steps, guidance, width, height,
+def controls_params(manager: Model, prompt, lora, strength, seed, steps, guidance, width, height,
                     *rows) -> ImageParams | None:  # fmt: skip
     """What the controls would make, as ImageParams (to compare with the result on screen); None while a control
     holds no valid value."""
@@ -341,7 +342,7 @@ def _params_fields(options: dict) -> dict:
     return {k: options[k] for k in ("prompt", "seed", "steps", "guidance", "width", "height")}
 
 
-def model_summary(manager: ModelManager, host_facts: bool = True) -> str:
+def model_summary(manager: Model, host_facts: bool = True) -> str:
     """The preset, the device and (unless the page is public: it tells free RAM and VRAM) the memory plan."""
     preset = manager.preset
     others = ", ".join(f"`{name}`" for name in PRESETS if name != preset.name)
@@ -495,7 +496,7 @@ class Studio:
 
     def __init__(
         self,
-        manager: ModelManager,
+        manager: Model,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         limits: Limits = DEFAULT_LIMITS,
         public: bool = False,
@@ -513,7 +514,7 @@ class Studio:
         self.runs = RunFolders()
         self.cache = ResultsCache(cache_images)  # shared by every session: the same request is the same picture
         self.batch = batch  # images per transformer pass (experiments.run): the operator's, like the strategy
-        self.draw_preview = draw_preview  # fluxdemo.previews: the latent projection or TAEF1
+        self.draw_preview = draw_preview  # fluxdemo.pipeline.previews: the latent projection or TAEF1
         self.previews: dict[str, tuple[str, Image.Image]] = {}  # session -> newest live preview of its job
 
     # -- model work -----------------------------------------------------------------------------------------------
@@ -667,7 +668,7 @@ class Studio:
 
     def _run(
         self,
-        task: Callable[[ModelManager, Controls], Result],
+        task: Callable[[Model, Controls], Result],
         ask: Ask,
         request: gr.Request,
         progress: gr.Progress,
@@ -856,7 +857,7 @@ class Studio:
 
 
 def build_studio(
-    manager: ModelManager,
+    manager: Model,
     *,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     queue_size: int = DEFAULT_QUEUE_SIZE,
@@ -869,7 +870,7 @@ def build_studio(
 ) -> gr.Blocks:
     """The whole app over one model manager; the model loads on the first run, so building and launching are quick.
 
-    `limits` bound each request (fluxdemo.limits); a `public` app shows no facts about its host; `cache_images` bounds
+    `limits` bound each request (pipeline.limits); a `public` app shows no facts about its host; `cache_images` bounds
     the results cache that lets a run reuse what an earlier one made; `batch` is how many images may share a
     transformer pass; `draw_preview` draws the live previews."""
     studio = Studio(manager, max_upload_bytes, limits, public, cache_images, batch, draw_preview)
@@ -880,7 +881,7 @@ def build_studio(
     # Hub downloads: a group of their own, apart from the model's and the uploads'
     hub_event = dict(concurrency_limit=HUB_DOWNLOADS, concurrency_id="hub", api_visibility="private")
     # Cheap events skip the queue from a page, and join it from gradio_client under a bound of their own
-    # (fluxdemo.admission): a full model queue never turns away a Cancel, an inspect, a refresh or an upload.
+    # (fluxdemo.studio.admission): a full model queue never turns away a Cancel, an inspect, a refresh or an upload.
     cheap = dict(queue=False, api_visibility="private")
     choices = studio.lora_choices()
 

@@ -7,7 +7,7 @@ seconds, yet each file has the layout of its real counterpart, so the code under
 * the transformer as city96-style GGUF files (BFL tensor names, block weights Q8_0 / Q4_0, the rest F32);
 * the T5 encoder as a llama.cpp-style GGUF file (T5ENCODER names, tokenizer metadata), as city96 ships T5-XXL;
 * hand-built, deterministic CLIP (byte-level BPE) and T5 (Unigram) tokenizers;
-* sample LoRAs from `fluxdemo.tiny_loras`.
+* sample LoRAs from `fluxdemo.model.tiny_loras`.
 
 Two kinds: "tiny" (2+2 blocks of width 32, runs in milliseconds) and "tiny-wide" (1+1 blocks at the real width
 3072, for code that hard-codes it, such as diffusers' single-file converter; its 2 GB fp32 transformer weights are not
@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 import gguf
 import torch
 
-from fluxdemo.flux_names import SWAPPED_HALVES, FluxDims, fused_map, linear_map, norm_map
-from fluxdemo.tiny_loras import write_sample_loras
+from fluxdemo.model.names import SWAPPED_HALVES, FluxDims, fused_map, linear_map, norm_map
+from fluxdemo.model.tiny_loras import write_sample_loras
 
 if TYPE_CHECKING:  # diffusers + transformers cost 3 s to import; reusing a built kit (the app's start) needs neither
     from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 KIT_VERSION = 1  # bump whenever what build_kit writes changes: it names the cache folder, so old kits are rebuilt
 KINDS = ("tiny", "tiny-wide")
 
-_SCHEDULER_DIR = Path(__file__).parent / "configs" / "flux1-dev" / "scheduler"
+_SCHEDULER_DIR = Path(__file__).parents[1] / "configs" / "flux1-dev" / "scheduler"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenizers. tokenizers' trainers are not deterministic across processes, so both vocabularies are built here by

@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from PIL import Image
 
-from fluxdemo.adapters import LoadedLora
 from fluxdemo.errors import LoraError, OptionsError
-from fluxdemo.lora import LoraEntry
-from fluxdemo.manager import ModelManager
-from fluxdemo.stages import Controls, Embeddings, GenerateOptions, decode, denoise, encode, initial_noise
+from fluxdemo.lora.adapters import LoadedLora
+from fluxdemo.lora.library import LoraEntry
+from fluxdemo.pipeline.model import Model
+from fluxdemo.pipeline.stages import Controls, Embeddings, GenerateOptions, decode, denoise, encode, initial_noise
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class ResultsCache:
 
 
 def run(
-    manager: ModelManager,
+    manager: Model,
     specs: Sequence[ImageSpec],
     controls: Controls = Controls(),
     cache: ResultsCache | None = None,
@@ -236,7 +236,7 @@ def run(
     return Result(images, report)
 
 
-def _resolve(manager: ModelManager, stack: Stack) -> _Resolved:
+def _resolve(manager: Model, stack: Stack) -> _Resolved:
     if len(stack) > MAX_STACK:
         raise OptionsError(f"A stack holds at most {MAX_STACK} LoRAs, but this one has {len(stack)}.")
     library = manager.adapters.library
@@ -277,7 +277,9 @@ def _make(manager, todo, resolved, keys, made, controls, batch, passes) -> dict[
     names = list(dict.fromkeys(entry.name for spec in todo for entry, _ in resolved[spec.stack].active))
     loaded: dict[str, LoadedLora] = {}
     if names:
-        loaded = manager.with_fallback("load LoRA", lambda: {n: adapters.load(n, keep=names) for n in names})
+        loaded = manager.with_fallback(
+            "load LoRA", lambda: {n: adapters.load(n, keep=names) for n in names}, ("transformer",)
+        )
 
     def applied(spec: ImageSpec, text_encoder: bool = False) -> list[tuple[LoadedLora, float]]:
         return [(loaded[e.name], s) for e, s in resolved[spec.stack].active
@@ -318,10 +320,11 @@ def _make(manager, todo, resolved, keys, made, controls, batch, passes) -> dict[
                 made_latents += zip(chunk, latents.split(1), strict=True)
         return made_latents
 
-    embeddings = manager.with_fallback("encode", encode_all)
-    pairs = manager.with_fallback("denoise", denoise_all)
-    decoded = manager.with_fallback("decode", lambda: decode(manager, [x for _, x in pairs],
-                                                             [s.options for s, _ in pairs]))  # fmt: skip
+    embeddings = manager.with_fallback("encode", encode_all, ("text_encoder", "text_encoder_2"))
+    pairs = manager.with_fallback("denoise", denoise_all, ("transformer",))
+    decoded = manager.with_fallback(
+        "decode", lambda: decode(manager, [x for _, x in pairs], [s.options for s, _ in pairs]), ("vae",)
+    )
     for (spec, _), image in zip(pairs, decoded, strict=True):
         made[keys[spec.label]] = image
     return embeddings

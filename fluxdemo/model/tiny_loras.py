@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fluxdemo.flux_names import SWAPPED_HALVES, FluxDims, bfl_linear_shapes, fused_map, linear_map
+from fluxdemo.model.names import SWAPPED_HALVES, FluxDims, bfl_linear_shapes, fused_map, linear_map
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from fluxdemo.config import PACKAGE_CONFIGS
 from fluxdemo.errors import OptionsError
-from fluxdemo.flux_names import FluxDims
-from fluxdemo.loading import read_config
+from fluxdemo.model.loading import read_config
+from fluxdemo.model.names import FluxDims
+from fluxdemo.model.presets import PACKAGE_CONFIGS
 
 STRATEGIES = ("resident", "model-offload", "group-offload", "disk")
 # Lighter for the device: each step holds less on it at once. disk saves RAM, not device memory (its device peak is

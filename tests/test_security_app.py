@@ -259,7 +259,7 @@ def test_a_client_that_disconnects_leaves_the_app_clean(url, client, app_manager
 )
 def test_api_lora_names_must_be_listed_files(client, lora_dir, name) -> None:
     name = name.replace("{lora}", str(lora_dir / "peft.safetensors"))  # its absolute path is not its name
-    with pytest.raises(AppError) as error:
+    with pytest.raises((AppError, ValidationError)) as error:  # a Hub-shaped name is refused before the queue
         client.predict(*api_args(options(2), name, 1.0), api_name="/compare")
     assert "root:" not in str(error.value)
     with pytest.raises(AppError):
@@ -399,7 +399,7 @@ def run_app(monkeypatch: pytest.MonkeyPatch, manager: Model, flags: tuple[str, .
     app = load_app()
     launches: list[tuple] = []
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launches.append((self, kwargs)))
-    monkeypatch.setattr(app, "manager_from_args", lambda args: (manager, None))
+    monkeypatch.setattr(app, "manager_from_args", lambda args, hub_loras: (manager, None))
     loggers = [logging.getLogger(n) for n in ("", "diffusers", "transformers", "httpx", "huggingface_hub")]
     levels = [logger.level for logger in loggers]  # main() sets them for a terminal; the test session keeps its own
     try:
@@ -512,9 +512,9 @@ def test_wrong_types_and_non_finite_numbers_are_sentences_before_any_handler_run
 
 def test_the_heaviest_request_is_refused_at_once_and_runs_when_the_operator_raises_the_limit(client, app_manager):
     heaviest = ("a cat", "peft.safetensors", "0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2", 1, 100, 3.5, 2048, 2048)
-    with pytest.raises(AppError) as error:
+    with pytest.raises(ValidationError) as error:  # refused before it is queued
         client.predict(*heaviest, api_name="/sweep")
-    assert str(error.value) == (
+    assert str(error.value) == "1 parameter(s) failed validation:\n- request: " + (
         "This request is 8 images x 100 steps at 2048x2048 (with the prompt's tokens and the decode) = 3,415 units of "
         "work; the limit is 512 (the operator can raise it with --max-work or FLUXDEMO_MAX_WORK). Ask for fewer "
         "images, fewer steps or a smaller size."
@@ -522,7 +522,7 @@ def test_the_heaviest_request_is_refused_at_once_and_runs_when_the_operator_rais
     # The same shape of request at 16x16 (183 units: each step carries the prompt's tokens), against a limit
     # lowered below it and then raised above it
     small = (*heaviest[:6], 16, 16)
-    lowered = pytest.raises(AppError, match=r"= 183 units of work; the limit is 182 \(the operator can raise it")
+    lowered = pytest.raises(ValidationError, match=r"= 183 units of work; the limit is 182 \(the operator can raise")
     with launched(app_manager, queue_size=4, limits=Limits(max_work=182)) as local_url, lowered:
         Client(local_url, verbose=False).predict(*small, api_name="/sweep")
     with launched(app_manager, queue_size=4, limits=Limits(max_work=183)) as local_url:

@@ -4,12 +4,11 @@ prompt embeddings; `open_model()` wires them together (the manager tells the ada
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fluxdemo.lora import Adapters, HubLoras, LoraLibrary
+from fluxdemo.lru import LRU
 from fluxdemo.model import loading
 from fluxdemo.model.manager import ModelManager
 from fluxdemo.model.presets import Preset
@@ -38,26 +37,3 @@ class Model(ModelManager):
 def open_model(preset: Preset, **options) -> Model:
     """The model of a preset, ready for runs; `options` are Model's fields (device, strategy, lora_dir, ...)."""
     return Model(preset, **options)
-
-
-class LRU:
-    """A small least-recently-used map (prompt embeddings)."""
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self._items: OrderedDict[Hashable, object] = OrderedDict()
-
-    def get(self, key: Hashable):
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        return None
-
-    def put(self, key: Hashable, value: object) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.maxsize:
-            self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)

@@ -252,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     # How Spaces and container hosts stop an app: exit as on Ctrl+C, so the atexit clean-ups (run folders) run
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    demo.launch(**launch_options(args, auth))
+    try:
+        demo.launch(**launch_options(args, auth))
+    except KeyboardInterrupt:  # a stop while the server was still starting: a stop all the same
+        logger.info("Stopped.")
     return 0
 
 

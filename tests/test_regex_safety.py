@@ -28,7 +28,7 @@ AS_CALLED = {"match": "match", "search": "search", "fullmatch": "fullmatch"} | d
     ("findall", "finditer", "sub", "subn", "split"), "findall"
 )
 FLAGS_AT = {"compile": 1, "match": 2, "search": 2, "fullmatch": 2, "findall": 2, "finditer": 2, "split": 3, "sub": 4}
-MAX_RATIO = 24  # t(8L) / t(L): about 8 for a linear pattern, about 64 for a quadratic one
+MAX_RATIO = 32  # t(8L) / t(L): about 8 for a linear pattern, about 64 for a quadratic one
 TIMEOUT_S = 120  # per pattern, every input and call included; a linear pattern needs a second or two
 # Hostile inputs, as repeating units: runs of whitespace, of each character class, and of nested separators. The
 # characters a pattern spells literally are added to its own list (see _inputs).
@@ -93,10 +93,10 @@ def _patterns_in(path: Path) -> list[Found]:
 PATTERNS = [found for path in sorted(PACKAGE.rglob("*.py")) for found in _patterns_in(path)]
 
 # The child: for each input and call, the length L at which the call takes about a millisecond (doubling from 256
-# characters), then the best of three runs at 2L, 4L and 8L, stopping as soon as the time grows faster than about 3
-# times the length does (a linear pattern's grows as the length does, a quadratic one's as its square, a cubic one's
-# fails at 2L). A flagged case is measured once more before it counts, so a busy moment does not fail the test; the
-# first case that counts ends the run.
+# characters), then the best of five runs at 2L, 4L and 8L against the best at L (measured again beside each, so a
+# busy moment slows both), stopping as soon as the time grows faster than about 4 times the length does (a linear
+# pattern's grows as the length does, a quadratic one's as its square, a cubic one's fails at 2L). A flagged case is
+# measured once more before it counts; the first case that counts ends the run.
 CHILD = r"""
 import json, re, sys, time
 spec = json.loads(sys.stdin.read())
@@ -115,9 +115,11 @@ def ratio(call, unit):
     length = 256
     while run(call, unit * (length // len(unit))) < TARGET and length < MAX_L:
         length *= 2
-    t = max(run(call, unit * (length // len(unit)), 3), FLOOR)
+    short = unit * (length // len(unit))
+    t = max(run(call, short, 5), FLOOR)
     for k in (2, 4, 8):
-        tk = run(call, unit * (k * length // len(unit)), 3)
+        tk = run(call, unit * (k * length // len(unit)), 5)
+        t = max(min(t, run(call, short, 3)), FLOOR)  # measured again beside the long one: a busy moment hits both
         if tk / t > MAX_RATIO * k / 8:
             break
     return tk / t * 8 / k, length, t, tk, k

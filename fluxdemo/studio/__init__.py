@@ -10,6 +10,14 @@ from fluxdemo.studio.page import DEFAULT_QUEUE_SIZE, build_studio
 from fluxdemo.studio.render import insert_trigger_words, lora_card
 
 __all__ = [
-    "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_QUEUE_SIZE", "Studio", "build_studio", "insert_trigger_words", "lora_card",
-    "parse_strengths", "read_request", "to_options", "without_paths",
-]  # fmt: skip
+    "DEFAULT_MAX_UPLOAD_BYTES",
+    "DEFAULT_QUEUE_SIZE",
+    "Studio",
+    "build_studio",
+    "insert_trigger_words",
+    "lora_card",
+    "parse_strengths",
+    "read_request",
+    "to_options",
+    "without_paths",
+]

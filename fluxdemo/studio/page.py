@@ -135,6 +135,7 @@ def _controls_column(p: SimpleNamespace, d: GenerateOptions, public: bool) -> No
         p.generate_button = gr.Button("Generate one image", size="sm")
         p.sweep_button = gr.Button("Sweep strengths", size="sm")
         p.grid_button = gr.Button("Grid", size="sm")
+    p.buttons = [p.compare_button, p.generate_button, p.sweep_button, p.grid_button]
     _lora_rows(p)
     _numbers(p, d)
     _axes(p)
@@ -302,16 +303,12 @@ def _busy(p: SimpleNamespace, tab: str | None) -> list:
     """While a job runs: its tab in front, the live preview shown and polled, the job buttons off."""
     on = tab is not None
     shown = [gr.Tabs(selected=tab) if on else gr.skip(), gr.Image(visible=on, value=None), gr.Timer(active=on)]
-    return shown + [gr.Button(interactive=not on) for _ in _buttons(p)]
-
-
-def _buttons(p: SimpleNamespace) -> list:
-    return [p.compare_button, p.generate_button, p.sweep_button, p.grid_button]
+    return shown + [gr.Button(interactive=not on) for _ in p.buttons]
 
 
 def _job_events(p: SimpleNamespace) -> list:
     """Each model job's chain: busy, its Hub LoRAs fetched, the job, the result shown; -> (event, admission rule)s."""
-    busy_outputs = [p.tabs, p.preview, p.timer, *_buttons(p)]
+    busy_outputs = [p.tabs, p.preview, p.timer, *p.buttons]
     idle = dict(fn=lambda: _busy(p, None), inputs=None, outputs=busy_outputs, **CHEAP)
     outputs = {
         "compare": [p.slider],

@@ -432,7 +432,7 @@ def test_public_launch_posture(monkeypatch, app_manager, caplog, flags, public) 
 
 def test_public_app_serves_no_monitoring_no_error_details_and_asks_for_a_login(monkeypatch, app_manager, lora_dir):
     """The app as app.py builds it for `--share --auth`, launched on loopback (no tunnel) and driven from outside."""
-    import fluxdemo.studio.page
+    import fluxdemo.studio.handlers
 
     demo, kwargs = run_app(monkeypatch, app_manager, ("--share", "--auth", "me:secret"))
     local = {"share": False, "server_name": "127.0.0.1", "server_port": None}
@@ -449,7 +449,7 @@ def test_public_app_serves_no_monitoring_no_error_details_and_asks_for_a_login(m
         def broken(*args, **kwargs):
             raise RuntimeError(secret)
 
-        monkeypatch.setattr(fluxdemo.studio.page, "generate", broken)
+        monkeypatch.setattr(fluxdemo.studio.handlers, "generate", broken)
         client = Client(demo.local_url, auth=("me", "secret"), verbose=False)
         with pytest.raises(AppError) as error:
             client.predict(*api_args(options(5), None, 1.0), api_name="/generate")

@@ -77,8 +77,10 @@ def stale_note(shown: ImageParams | None, current: ImageParams | None) -> str:
     changed = differences(shown, current)
     if not changed:
         return ""
-    return ("**The result on screen belongs to other settings** (" + "; ".join(changed) + "): it stays as it was "
-            "made; run again for the current ones.")  # fmt: skip
+    return (
+        "**The result on screen belongs to other settings** (" + "; ".join(changed) + "): it stays as it was "
+        "made; run again for the current ones."
+    )
 
 
 def _stem(name: str) -> str:

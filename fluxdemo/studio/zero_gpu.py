@@ -93,8 +93,9 @@ def preload_for_zero_gpu(manager: Model, draw: DrawPreview = latent_preview) -> 
     ZERO_GPU_DEVICE and ZERO_GPU_STRATEGY), the preview decoder too. ZeroGPU runs each task in a fresh fork, so
     whatever a task loads is gone when it returns, and moves inside a task are slow: placed here, once, the forks
     inherit everything and move nothing."""
-    logger.info("ZeroGPU: every component to %s at start-up (%s); GPU tasks move nothing", manager.device,
-                manager.strategy)  # fmt: skip
+    logger.info(
+        "ZeroGPU: every component to %s at start-up (%s); GPU tasks move nothing", manager.device, manager.strategy
+    )
     for name in MODEL_COMPONENTS:
         manager.get(name)
     if isinstance(draw, TinyDecoder):

@@ -12,15 +12,17 @@ import logging
 import os
 import signal
 import sys
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
-from fluxdemo.cli import add_model_flags, manager_from_args
 from fluxdemo.errors import FluxdemoError
+from fluxdemo.flags import add_model_flags, manager_from_args, quiet_libraries
 from fluxdemo.lora import HubLoras
-from fluxdemo.model.files import HUB_LORA_QUOTA_BYTES
+from fluxdemo.lora.hub import HUB_LORA_QUOTA_BYTES
 from fluxdemo.model.manager import STRATEGIES
 from fluxdemo.model.presets import DEFAULT_PRESET, PRESETS
-from fluxdemo.model.timeline import quiet_libraries
 from fluxdemo.pipeline.experiments import DEFAULT_CACHE_IMAGES, MAX_BATCH
 from fluxdemo.pipeline.limits import DEFAULT_MAX_JOBS_PER_CLIENT, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_WORK, Limits
 from fluxdemo.pipeline.previews import preview_drawer
@@ -33,15 +35,142 @@ logger = logging.getLogger("fluxdemo")
 MB = 2**20
 GB = 2**30
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-EPILOG = """\
-environment (flags win): FLUXDEMO_MODEL, FLUXDEMO_LORA_DIR, FLUXDEMO_STRATEGY, FLUXDEMO_AUTH=user:pass,
-FLUXDEMO_QUEUE_SIZE, FLUXDEMO_MAX_UPLOAD_MB, FLUXDEMO_MAX_PROMPT_CHARS, FLUXDEMO_MAX_WORK,
-FLUXDEMO_MAX_JOBS_PER_CLIENT, FLUXDEMO_CACHE_IMAGES, FLUXDEMO_BATCH, FLUXDEMO_PREVIEW_DECODER,
-FLUXDEMO_HUB_LORAS, FLUXDEMO_HUB_LORA_QUOTA_GB, GRADIO_SERVER_NAME, GRADIO_SERVER_PORT; HF_TOKEN for the gated
-FLUX.1-dev files (never sent for a visitor's LoRA); FLUXDEMO_HUB_LORA_TOKEN, a separate token for Hub LoRAs only
-(a secret: any visitor can use what it can read).
---model tiny runs fully offline on random weights built locally.
-"""
+
+
+class Flag(NamedTuple):
+    """One server flag and the variable a Space sets it by; the default is a string, as a variable would spell it,
+    so it goes through `type` like a flag's value: a bad variable is an argparse sentence and exit 2."""
+
+    flag: str
+    env: str | None
+    default: str | None
+    help: str
+    type: Callable[[str], object] | None = None
+    options: dict | None = None  # choices, metavar, action
+    example: str = ""  # shown after the variable's name in --help
+
+
+SERVER_FLAGS = (
+    Flag("--host", "GRADIO_SERVER_NAME", "127.0.0.1", "default: %(default)s"),
+    Flag("--port", "GRADIO_SERVER_PORT", "7860", "default: %(default)s", int),
+    Flag(
+        "--share", None, None, "also serve on a public *.gradio.live link (use --auth)", None, {"action": "store_true"}
+    ),
+    Flag(
+        "--auth",
+        "FLUXDEMO_AUTH",
+        None,
+        "require this login (strongly suggested with --share)",
+        options={"metavar": "USER:PASS"},
+        example="=user:pass",
+    ),
+    Flag(
+        "--queue-size",
+        "FLUXDEMO_QUEUE_SIZE",
+        str(DEFAULT_QUEUE_SIZE),
+        "jobs that may wait for the GPU; more are turned away (default: %(default)s)",
+        int,
+    ),
+    Flag(
+        "--max-upload-mb",
+        "FLUXDEMO_MAX_UPLOAD_MB",
+        str(DEFAULT_MAX_UPLOAD_BYTES // MB),
+        "largest LoRA, uploaded or from the Hub, in MiB (default: %(default)s)",
+        int,
+    ),
+    Flag(
+        "--hub-loras",
+        "FLUXDEMO_HUB_LORAS",
+        "on",
+        "whether visitors may name LoRAs on the Hugging Face Hub; off leaves the model's own download alone, "
+        "unlike HF_HUB_OFFLINE=1 (default: %(default)s)",
+        options={"choices": ("on", "off")},
+    ),
+    Flag(
+        "--hub-lora-quota-gb",
+        "FLUXDEMO_HUB_LORA_QUOTA_GB",
+        str(HUB_LORA_QUOTA_BYTES / GB),
+        "the Hub LoRA cache's total; the least recently used files go first (default: %(default)s)",
+        float,
+    ),
+)
+LIMIT_FLAGS = (
+    Flag(
+        "--max-prompt-chars",
+        "FLUXDEMO_MAX_PROMPT_CHARS",
+        str(DEFAULT_MAX_PROMPT_CHARS),
+        "longest prompt, in characters (default: %(default)s)",
+        int,
+    ),
+    Flag(
+        "--max-work",
+        "FLUXDEMO_MAX_WORK",
+        str(DEFAULT_MAX_WORK),
+        "most work per request, in megapixels of tokens through one step (the prompt's tokens and the decode "
+        "included); a 28-step 1024x1024 compare is 71 (default: %(default)s)",
+        float,
+    ),
+    Flag(
+        "--max-jobs-per-client",
+        "FLUXDEMO_MAX_JOBS_PER_CLIENT",
+        str(DEFAULT_MAX_JOBS_PER_CLIENT),
+        "model jobs one client may have queued or running (default: %(default)s)",
+        int,
+    ),
+    Flag(
+        "--cache-images",
+        "FLUXDEMO_CACHE_IMAGES",
+        str(DEFAULT_CACHE_IMAGES),
+        "images the results cache keeps in RAM so that a run reuses what an earlier one made, e.g. the baseline "
+        "of a compare that changed only the strength; 0 turns it off (default: %(default)s)",
+        int,
+    ),
+    Flag(
+        "--batch",
+        "FLUXDEMO_BATCH",
+        "1",
+        f"images denoised together in compares, sweeps and grids, 1 to {MAX_BATCH}: faster on a CPU "
+        "(bench/RESULTS.md), within 1/255 of one at a time, more activation memory (default: %(default)s, exact)",
+        int,
+    ),
+    Flag(
+        "--preview-decoder",
+        "FLUXDEMO_PREVIEW_DECODER",
+        None,
+        "how live previews are drawn: a folder with TAEF1 (full-size pictures), or off (the latent projection, "
+        "1/8 size); default: TAEF1 from the Hugging Face cache if `hf download madebyollin/taef1` put it there, else "
+        "the projection (a tiny model always uses the projection)",
+        options={"metavar": "FOLDER|off"},
+    ),
+)
+# The model flags a Space may set by variable (add_model_flags declares them); the strategy is the operator's only.
+MODEL_VARIABLES = {"--model": "FLUXDEMO_MODEL", "--lora-dir": "FLUXDEMO_LORA_DIR", "--strategy": "FLUXDEMO_STRATEGY"}
+VARIABLES = {**MODEL_VARIABLES, **{f.flag: f.env for f in (*SERVER_FLAGS, *LIMIT_FLAGS) if f.env}}
+EXAMPLES = {f.env: f.example for f in (*SERVER_FLAGS, *LIMIT_FLAGS) if f.example}
+EPILOG = (
+    textwrap.fill(
+        f"environment (flags win): {', '.join(env + EXAMPLES.get(env, '') for env in VARIABLES.values())}; HF_TOKEN "
+        "for the gated FLUX.1-dev files (never sent for a visitor's LoRA); FLUXDEMO_HUB_LORA_TOKEN, a separate token "
+        "for Hub LoRAs only (a secret: any visitor can use what it can read).",
+        width=116,
+    )
+    + "\n--model tiny runs fully offline on random weights built locally.\n"
+)
+
+
+def named(flag: str) -> str:
+    """How an error names a setting: the flag and its variable."""
+    return f"{flag} (or {VARIABLES[flag]})"
+
+
+def _add_flags(group: argparse._ArgumentGroup, flags: tuple[Flag, ...], env: dict[str, str]) -> None:
+    for f in flags:
+        options = dict(f.options or {}, help=f.help)
+        if f.env:
+            options["default"] = env.get(f.env, f.default)
+        if f.type:
+            options["type"] = f.type
+        group.add_argument(f.flag, **options)
 
 
 def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
@@ -54,88 +183,10 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every move and library detail")
-    add_model_flags(parser)  # --model, local file overrides, --device, --strategy, --lora-dir: as in the CLI
-    g = parser.add_argument_group("server")
-    g.add_argument("--host", default=env.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="default: %(default)s")
-    g.add_argument("--port", type=int, default=int(env.get("GRADIO_SERVER_PORT", 7860)), help="default: %(default)s")
-    g.add_argument("--share", action="store_true", help="also serve on a public *.gradio.live link (use --auth)")
-    g.add_argument(
-        "--auth",
-        default=env.get("FLUXDEMO_AUTH"),
-        metavar="USER:PASS",
-        help="require this login (strongly suggested with --share)",
-    )
-    # String defaults from the environment go through `type` like a flag's value: a bad variable is an argparse
-    # sentence and exit 2, not a traceback.
-    g.add_argument(
-        "--queue-size",
-        type=int,
-        default=env.get("FLUXDEMO_QUEUE_SIZE", str(DEFAULT_QUEUE_SIZE)),
-        help="jobs that may wait for the GPU; more are turned away (default: %(default)s)",
-    )
-    g.add_argument(
-        "--max-upload-mb",
-        type=int,
-        default=env.get("FLUXDEMO_MAX_UPLOAD_MB", str(DEFAULT_MAX_UPLOAD_BYTES // MB)),
-        help="largest LoRA, uploaded or from the Hub, in MiB (default: %(default)s)",
-    )
-    g.add_argument(
-        "--hub-loras",
-        choices=("on", "off"),
-        default=env.get("FLUXDEMO_HUB_LORAS", "on"),
-        help="whether visitors may name LoRAs on the Hugging Face Hub; off leaves the model's own download alone, "
-        "unlike HF_HUB_OFFLINE=1 (default: %(default)s)",
-    )
-    g.add_argument(
-        "--hub-lora-quota-gb",
-        type=float,
-        default=env.get("FLUXDEMO_HUB_LORA_QUOTA_GB", str(HUB_LORA_QUOTA_BYTES / GB)),
-        help="the Hub LoRA cache's total; the least recently used files go first (default: %(default)s)",
-    )
-    g = parser.add_argument_group("limits per request (fluxdemo/limits.py; SECURITY.md)")
-    g.add_argument(
-        "--max-prompt-chars",
-        type=int,
-        default=env.get("FLUXDEMO_MAX_PROMPT_CHARS", str(DEFAULT_MAX_PROMPT_CHARS)),
-        help="longest prompt, in characters (default: %(default)s)",
-    )
-    g.add_argument(
-        "--max-work",
-        type=float,
-        default=env.get("FLUXDEMO_MAX_WORK", str(DEFAULT_MAX_WORK)),
-        help="most work per request, in megapixels of tokens through one step (the prompt's tokens and the decode "
-        "included); a 28-step 1024x1024 compare is 71 (default: %(default)s)",
-    )
-    g.add_argument(
-        "--max-jobs-per-client",
-        type=int,
-        default=env.get("FLUXDEMO_MAX_JOBS_PER_CLIENT", str(DEFAULT_MAX_JOBS_PER_CLIENT)),
-        help="model jobs one client may have queued or running (default: %(default)s)",
-    )
-    g.add_argument(
-        "--cache-images",
-        type=int,
-        default=env.get("FLUXDEMO_CACHE_IMAGES", str(DEFAULT_CACHE_IMAGES)),
-        help="images the results cache keeps in RAM so that a run reuses what an earlier one made, e.g. the baseline "
-        "of a compare that changed only the strength; 0 turns it off (default: %(default)s)",
-    )
-    g.add_argument(
-        "--batch",
-        type=int,
-        default=env.get("FLUXDEMO_BATCH", "1"),
-        help=f"images denoised together in compares, sweeps and grids, 1 to {MAX_BATCH}: faster on a CPU "
-        "(bench/RESULTS.md), within 1/255 of one at a time, more activation memory (default: %(default)s, exact)",
-    )
-    g.add_argument(
-        "--preview-decoder",
-        default=env.get("FLUXDEMO_PREVIEW_DECODER"),
-        metavar="FOLDER|off",
-        help="how live previews are drawn: a folder with TAEF1 (full-size pictures), or off (the latent projection, "
-        "1/8 size); default: TAEF1 from the Hugging Face cache if `hf download madebyollin/taef1` put it there, else "
-        "the projection (a tiny model always uses the projection)",
-    )
-    # Parser-level defaults override add_model_flags' own, so a Space can choose the model, folder and strategy by
-    # variable; the strategy is global, so it is the operator's, never a visitor's.
+    add_model_flags(parser)
+    _add_flags(parser.add_argument_group("server"), SERVER_FLAGS, env)
+    _add_flags(parser.add_argument_group("limits per request (fluxdemo/limits.py; SECURITY.md)"), LIMIT_FLAGS, env)
+    # Parser-level defaults override add_model_flags' own.
     parser.set_defaults(
         model=env.get("FLUXDEMO_MODEL", DEFAULT_PRESET), strategy=env.get("FLUXDEMO_STRATEGY", "auto"), lora=None
     )
@@ -149,34 +200,28 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
         return None
     user, colon, password = value.partition(":")
     if not (user.strip() and colon and password.strip()):
-        raise FluxdemoError("--auth (or FLUXDEMO_AUTH) must be USER:PASS, both parts non-empty, e.g. me:s3cret.")
+        raise FluxdemoError(f"{named('--auth')} must be USER:PASS, both parts non-empty, e.g. me:s3cret.")
     return user, password
 
 
 def check_flags(args: argparse.Namespace) -> Limits:
     """The server flags that argparse's types cannot judge -> the request limits; else a sentence (exit 2)."""
     if args.queue_size < 1:
-        raise FluxdemoError(f"--queue-size (or FLUXDEMO_QUEUE_SIZE) must be at least 1, but is {args.queue_size}.")
+        raise FluxdemoError(f"{named('--queue-size')} must be at least 1, but is {args.queue_size}.")
     if args.max_upload_mb < 1:
-        raise FluxdemoError(
-            f"--max-upload-mb (or FLUXDEMO_MAX_UPLOAD_MB) must be at least 1, but is {args.max_upload_mb}."
-        )
+        raise FluxdemoError(f"{named('--max-upload-mb')} must be at least 1, but is {args.max_upload_mb}.")
     if args.strategy not in ("auto", *STRATEGIES):
         choices = ", ".join(("auto", *STRATEGIES))
-        raise FluxdemoError(f"--strategy (or FLUXDEMO_STRATEGY) must be one of {choices}, but is {args.strategy!r}.")
+        raise FluxdemoError(f"{named('--strategy')} must be one of {choices}, but is {args.strategy!r}.")
     if args.cache_images < 0:
-        raise FluxdemoError(
-            f"--cache-images (or FLUXDEMO_CACHE_IMAGES) must be 0 or more, but is {args.cache_images}."
-        )
+        raise FluxdemoError(f"{named('--cache-images')} must be 0 or more, but is {args.cache_images}.")
     if not 1 <= args.batch <= MAX_BATCH:
-        raise FluxdemoError(f"--batch (or FLUXDEMO_BATCH) must be from 1 to {MAX_BATCH}, but is {args.batch}.")
+        raise FluxdemoError(f"{named('--batch')} must be from 1 to {MAX_BATCH}, but is {args.batch}.")
     if args.hub_loras not in ("on", "off"):  # argparse checks a flag's choices, not a variable's
-        raise FluxdemoError(f"--hub-loras (or FLUXDEMO_HUB_LORAS) must be on or off, but is {args.hub_loras!r}.")
+        raise FluxdemoError(f"{named('--hub-loras')} must be on or off, but is {args.hub_loras!r}.")
     if not 0 < args.hub_lora_quota_gb < float("inf"):
-        raise FluxdemoError(
-            f"--hub-lora-quota-gb (or FLUXDEMO_HUB_LORA_QUOTA_GB) must be a number above 0, but is "
-            f"{args.hub_lora_quota_gb}."
-        )
+        quota = args.hub_lora_quota_gb
+        raise FluxdemoError(f"{named('--hub-lora-quota-gb')} must be a number above 0, but is {quota}.")
     return Limits(
         max_prompt_chars=args.max_prompt_chars, max_work=args.max_work, max_jobs_per_client=args.max_jobs_per_client
     )

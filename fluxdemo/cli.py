@@ -8,20 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
-from fluxdemo.errors import FluxdemoError, LoraError, OptionsError
-from fluxdemo.model.presets import CLI_FLAGS, DEFAULT_PRESET, ENV_OVERRIDES, PRESETS, get_preset
-from fluxdemo.model.timeline import quiet_libraries
-
-if TYPE_CHECKING:  # the CLI imports torch's side lazily, so that --help answers at once
-    from fluxdemo.lora.library import HubLoras
+from fluxdemo.errors import FluxdemoError, HubError, LoraError, OptionsError
+from fluxdemo.flags import add_model_flags, manager_from_args, quiet_libraries
+from fluxdemo.model.presets import DEFAULT_PRESET, PRESETS, get_preset
 
 logger = logging.getLogger("fluxdemo")
 
@@ -47,31 +43,19 @@ BATCH_HELP = (
 LORA_HELP = "a .safetensors file or a name in the LoRA folder, optionally NAME:STRENGTH; repeat it for a stack"
 
 
-def add_model_flags(p: argparse.ArgumentParser) -> None:
-    """--model, the local-file overrides, --device, --strategy, --lora-dir: shared by the CLI and app.py."""
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--model", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="model preset (default: %(default)s)"
-    )
-    for component, flag in CLI_FLAGS.items():
-        env = next(v for v, c in ENV_OVERRIDES.items() if c == component)
-        help_text = f"local file for the {component} (or {env})"
-        g.add_argument(flag, type=Path, metavar="PATH", dest=component, help=help_text)
-    g.add_argument("--device", default=None, help="execution device: cuda, cuda:1, mps, cpu (default: best found)")
-    g.add_argument("--strategy", default="auto",
-                   help="where components wait between stages: auto (planned from free VRAM), resident, "
-                        "model-offload, group-offload, disk")  # fmt: skip
-    g.add_argument("--lora-dir", type=Path, default=None, help="LoRA folder (default: loras/, or the tiny kit's)")
-
-
 def _add_image_flags(p: argparse.ArgumentParser, *, lora_required: bool, grid: bool = False) -> None:
     g = p.add_argument_group("image")
     prompt_help = "what to draw; T5 reads up to 512 tokens, CLIP the first 77"
     if grid:
         g.add_argument("--prompt", required=True, action="append", help=prompt_help + "; repeat it for more grids")
-        g.add_argument("--lora", required=True, action="append", metavar="STACK",
-                       help="one grid row: a LoRA name or file, NAME:STRENGTH, or a stack such as a:0.8+b:0.5; "
-                            "repeat it for more rows")  # fmt: skip
+        g.add_argument(
+            "--lora",
+            required=True,
+            action="append",
+            metavar="STACK",
+            help="one grid row: a LoRA name or file, NAME:STRENGTH, or a stack such as a:0.8+b:0.5; "
+            "repeat it for more rows",
+        )
         g.add_argument("--seeds", type=_numbers(int), default=[0], help="comma-separated seeds, one grid each")
         g.add_argument(
             "--strengths",
@@ -131,8 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_flags(p, lora_required=True)
     p.add_argument("--out", type=Path, required=True, help="the folder to write into")
 
-    p = verbs.add_parser("grid", help="LoRA rows x strength columns per prompt and seed -> labelled grid PNGs, "
-                                      "one PNG per cell, report.json")  # fmt: skip
+    p = verbs.add_parser(
+        "grid",
+        help="LoRA rows x strength columns per prompt and seed -> labelled grid PNGs, one PNG per cell, report.json",
+    )
     add_model_flags(p)
     _add_image_flags(p, lora_required=True, grid=True)
     p.add_argument("--out", type=Path, required=True, help="the folder to write into")
@@ -165,90 +151,18 @@ def _numbers(kind: type) -> Callable[[str], list]:
     return parse
 
 
-def manager_from_args(args: argparse.Namespace, hub_loras: HubLoras | None = None):
-    """The Model the model flags describe, and each --lora value as a stack of names in its LoRA folder
-    (one stack for generate and compare; one per grid row). `hub_loras`: the app's policy for Hub LoRAs; the CLI's
-    user is the operator, so theirs may use their own token (FLUXDEMO_HUB_LORA_TOKEN, else HF_TOKEN)."""
-    import torch
-    from huggingface_hub import get_token
-
-    from fluxdemo.lora.library import HubLoras
-    from fluxdemo.model.manager import default_device
-    from fluxdemo.pipeline import open_model
-
-    overrides = {c: getattr(args, c) for c in CLI_FLAGS}
-    preset = get_preset(args.model, overrides)
-    lora_dir, stacks = _lora_location(args, preset)
-    device = torch.device(args.device) if args.device else default_device()
-    if device.type == "cpu" and not preset.transformer.kit:
-        _warn_real_model_on_cpu(preset)
-    if hub_loras is None:
-        hub_loras = HubLoras(token=os.environ.get("FLUXDEMO_HUB_LORA_TOKEN") or get_token())
-    manager = open_model(preset, device=device, strategy=args.strategy, lora_dir=lora_dir, hub_loras=hub_loras)
-    return manager, stacks
-
-
-def _warn_real_model_on_cpu(preset) -> None:
-    """The real model on a CPU works, slowly: say so before a long silent load, with the RAM it wants."""
-    weights = sum(source.approx_bytes for source in preset.sources().values())
-    available = _ram_available()
-    fits = "" if available is None or available > weights else "; more than this machine's RAM, so it may not run"
-    here = "RAM unknown" if available is None else f"{available / 1e9:.1f} GB available here"
-    logger.warning(
-        "warning: %s runs on the CPU (no GPU found, or --device cpu): expect minutes per step at 1024x1024 and "
-        "hours for 28 steps, with %.1f GB of weights in RAM (%s%s). Try --model tiny first, or use a GPU.",
-        preset.name, weights / 1e9, here, fits,
-    )  # fmt: skip
-
-
-def _ram_available() -> int | None:
-    """Bytes of RAM available now (Linux's MemAvailable; the free pages elsewhere), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):
-            return None
-
-
-def _lora_location(args, preset) -> tuple[Path, list]:
-    """The LoRA folder and the --lora stacks named in it: files given on the command line are read from their own
-    folder (one folder for all of them)."""
-    from fluxdemo.pipeline.experiments import parse_stack
-
-    stacks = [parse_stack(text, args.strength) for text in args.lora or []]
-    files = {Path(c.name).resolve() for stack in stacks for c in stack if Path(c.name).is_file()}
-    if len({f.parent for f in files}) > 1:
-        raise OptionsError("LoRA files given by path must share one folder; copy them into one, or use --lora-dir.")
-    if files:
-        folder = next(iter(files)).parent
-    elif args.lora_dir is not None:
-        folder = args.lora_dir
-    elif preset.transformer.kit and preset.transformer.local is None:
-        from fluxdemo.model.tiny import ensure_kit
-
-        folder = ensure_kit(preset.transformer.kit) / "loras"
-    else:
-        folder = Path("loras")
-
-    def in_folder(name: str) -> str:
-        if Path(name).resolve() in files:
-            return Path(name).name
-        if not name.endswith(".safetensors") and not (folder / name).exists():
-            return name + ".safetensors"
-        return name
-
-    return folder, [tuple(replace(c, name=in_folder(c.name)) for c in stack) for stack in stacks]
-
-
 def _options(args):
     from fluxdemo.pipeline.api import GenerateOptions
 
     prompt = args.prompt[0] if isinstance(args.prompt, list) else args.prompt
-    return GenerateOptions(prompt, seed=getattr(args, "seed", 0), steps=args.steps, guidance=args.guidance,
-                           width=args.width, height=args.height)  # fmt: skip
+    return GenerateOptions(
+        prompt,
+        seed=getattr(args, "seed", 0),
+        steps=args.steps,
+        guidance=args.guidance,
+        width=args.width,
+        height=args.height,
+    )
 
 
 def _stack(stacks: list) -> tuple:
@@ -285,8 +199,11 @@ def cmd_compare(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     base, adapted = result.images["baseline"], result.images["lora"]
     both = side_by_side(base, adapted, ("base model", stack_label(stack)))
-    for label, role, image in (("baseline", "baseline", base), ("lora", "lora", adapted),
-                               ("lora", "side_by_side", both)):  # fmt: skip
+    for label, role, image in (
+        ("baseline", "baseline", base),
+        ("lora", "lora", adapted),
+        ("lora", "side_by_side", both),
+    ):
         save_png(image, params_from_report(result.report, label, role), args.out / f"{role}.png", overwrite=True)
     _write_json(args.out / "report.json", result.report)
     print(args.out)
@@ -311,12 +228,21 @@ def cmd_grid(args) -> int:
         cell["file"] = name
     for prompt, seed, picture in grid_pictures(result):
         p = prompts.index(prompt) + 1
-        first = params_from_report(result.report, next(c["label"] for c in result.report["cells"]
-                                                       if c["prompt"] == prompt and c["seed"] == seed))  # fmt: skip
+        label = next(c["label"] for c in result.report["cells"] if c["prompt"] == prompt and c["seed"] == seed)
+        first = params_from_report(result.report, label)
         layout = result.report["grid"]
-        params = replace(first, role="grid", loras=(), lora_name=None, lora_sha256=None, strength=None,
-                         extra={"Grid rows": " | ".join(layout["rows"]),
-                                "Grid strengths": ",".join(f"{s:g}" for s in layout["strengths"])})  # fmt: skip
+        params = replace(
+            first,
+            role="grid",
+            loras=(),
+            lora_name=None,
+            lora_sha256=None,
+            strength=None,
+            extra={
+                "Grid rows": " | ".join(layout["rows"]),
+                "Grid strengths": ",".join(f"{s:g}" for s in layout["strengths"]),
+            },
+        )
         save_png(picture, params, args.out / f"grid-p{p}-seed{seed}.png", overwrite=True)
     _write_json(args.out / "report.json", result.report)
     print(args.out)
@@ -352,20 +278,23 @@ def cmd_download(args) -> int:
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from fluxdemo.errors import HubError
     from fluxdemo.model.files import download_preset
 
     # The library's advice for a missing file is "run download where there is network": not for download itself.
     elsewhere = "or run download on a machine with network and copy its Hugging Face cache (HF_HOME) here"
     if constants.HF_HUB_OFFLINE:
-        raise OptionsError(f"download fetches from the Hugging Face Hub, but offline mode is on (HF_HUB_OFFLINE=1): "
-                           f"unset it, {elsewhere}.")  # fmt: skip
+        raise OptionsError(
+            f"download fetches from the Hugging Face Hub, but offline mode is on (HF_HUB_OFFLINE=1): "
+            f"unset it, {elsewhere}."
+        )
     try:
         report = download_preset(get_preset(args.model))
     except HubError as e:
         if isinstance(e.__cause__, (LocalEntryNotFoundError, httpx2.TransportError)):
-            raise OptionsError(f"download could not reach the Hugging Face Hub: check this machine's network (and "
-                               f"HTTPS_PROXY if it needs one), {elsewhere}.") from e  # fmt: skip
+            raise OptionsError(
+                f"download could not reach the Hugging Face Hub: check this machine's network (and "
+                f"HTTPS_PROXY if it needs one), {elsewhere}."
+            ) from e
         raise
     print(report.describe())
     return 0
@@ -403,8 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.verbose:
             raise
-        print(f"error: {type(e).__name__}: {e} (not a usage error: run again with -v for the traceback and report it)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: {type(e).__name__}: {e} (not a usage error: run again with -v for the traceback and report it)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -237,9 +237,13 @@ def module_bytes(module: torch.nn.Module) -> int:
 
 
 def _loaded(
-    component: str, path: Path, model: torch.nn.Module, quant: str, start: float,
+    component: str,
+    path: Path,
+    model: torch.nn.Module,
+    quant: str,
+    start: float,
     tensors: dict[str, GGUFTensor] | None = None,
-) -> tuple[torch.nn.Module, LoadSummary]:  # fmt: skip
+) -> tuple[torch.nn.Module, LoadSummary]:
     """The load's one summary line, logged and returned with the model."""
     if tensors is not None:  # packed parameters report bytes as their shape; the header knows the real count
         params = sum(int(torch.Size(t.shape).numel()) for t in tensors.values())

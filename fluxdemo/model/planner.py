@@ -60,8 +60,9 @@ class Arch:
     def from_config_dir(cls, config_dir: Path) -> Arch:
         t5 = read_config(config_dir, "text_encoder_2")
         vae = read_config(config_dir, "vae")["block_out_channels"]
-        return cls(FluxDims.from_config(read_config(config_dir, "transformer")), t5["d_model"], t5["d_ff"],
-                   (vae[0], vae[1]))  # fmt: skip
+        return cls(
+            FluxDims.from_config(read_config(config_dir, "transformer")), t5["d_model"], t5["d_ff"], (vae[0], vae[1])
+        )
 
     def block_params(self) -> tuple[int, int]:
         """Parameters of one double block and of one single block (biases and norms left out: under 0.1%)."""
@@ -117,8 +118,16 @@ def activations(arch: Arch, width: int, height: int, dtype: torch.dtype) -> dict
     }
 
 
-def predict(strategy: str, sizes: Mapping[str, int], width: int, height: int, dtype: torch.dtype,
-            arch: Arch = FLUX_DEV, *, cpu: bool = False) -> dict[str, int]:  # fmt: skip
+def predict(
+    strategy: str,
+    sizes: Mapping[str, int],
+    width: int,
+    height: int,
+    dtype: torch.dtype,
+    arch: Arch = FLUX_DEV,
+    *,
+    cpu: bool = False,
+) -> dict[str, int]:
     """Predicted peak bytes per stage under a strategy; sizes are the components' bytes in memory.
 
     On an accelerator these are device bytes. With cpu=True the execution device is the RAM itself, where moves are
@@ -145,8 +154,9 @@ def predict(strategy: str, sizes: Mapping[str, int], width: int, height: int, dt
     return peaks
 
 
-def ram_need(strategy: str, sizes: Mapping[str, int], on_cpu: bool, ram: str = "pinned",
-             mapped: Collection[str] = ()) -> int:  # fmt: skip
+def ram_need(
+    strategy: str, sizes: Mapping[str, int], on_cpu: bool, ram: str = "pinned", mapped: Collection[str] = ()
+) -> int:
     """Anonymous RAM the strategy keeps filled with weights between stages. Under "file-backed" the mapped
     components (GGUF files) count as nothing: their weights are page cache, which the kernel can always take back.
     (A mapped component's few dense tensors, such as T5's dequantized embedding, are under 5% of it: left out.)"""
@@ -166,9 +176,20 @@ def heavier(a: str, b: str) -> bool:
     return _LEVEL[a] < _LEVEL[b]
 
 
-def plan(free_vram: int | None, sizes: Mapping[str, int], width: int, height: int, dtype: torch.dtype, *,
-         ram_free: int | None = None, arch: Arch = FLUX_DEV, strategy: str = "auto",
-         ceiling: str | None = None, mapped: Collection[str] = LARGE, can_pin: bool = True) -> Plan:  # fmt: skip
+def plan(
+    free_vram: int | None,
+    sizes: Mapping[str, int],
+    width: int,
+    height: int,
+    dtype: torch.dtype,
+    *,
+    ram_free: int | None = None,
+    arch: Arch = FLUX_DEV,
+    strategy: str = "auto",
+    ceiling: str | None = None,
+    mapped: Collection[str] = LARGE,
+    can_pin: bool = True,
+) -> Plan:
     """Choose a strategy: the heaviest (fastest) whose predicted peak fits the free device memory with HEADROOM;
     then where its weights wait in RAM: pinned copies where RAM holds them with HEADROOM, else file-backed.
 
@@ -206,8 +227,10 @@ def plan(free_vram: int | None, sizes: Mapping[str, int], width: int, height: in
     available = f", {_gib(ram_free)} RAM available" if ram_free is not None else ""
     shown = ", ".join(f"{s} {_gib(peaks[s])}" for s in STRATEGIES)
     need = ram_need(chosen, sizes, cpu, ram, mapped)
-    reason = (f"memory plan at {width}x{height}: {where}{available}; predicted peaks {shown} -> {chosen} ({why}); "
-              f"weights in RAM {ram} ({ram_why}), {_gib(need)} anonymous")  # fmt: skip
+    reason = (
+        f"memory plan at {width}x{height}: {where}{available}; predicted peaks {shown} -> {chosen} ({why}); "
+        f"weights in RAM {ram} ({ram_why}), {_gib(need)} anonymous"
+    )
     return Plan(chosen, peaks[chosen], reason, free_vram, peaks, stages[chosen], ram, need)
 
 

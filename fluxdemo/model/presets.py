@@ -82,8 +82,17 @@ def _hub(
     return Source(path=path, repo_id=repo_id, gated=gated, folder=folder, approx_bytes=int(gb * 1e9), licence=licence)
 
 
-def _flux_dev(name: str, description: str, transformer_file: str, transformer_gb: float, quant: str,
-              t5_file: str, t5_gb: float, t5_quant: str, vram_gb: float) -> Preset:  # fmt: skip
+def _flux_dev(
+    name: str,
+    description: str,
+    transformer_file: str,
+    transformer_gb: float,
+    quant: str,
+    t5_file: str,
+    t5_gb: float,
+    t5_quant: str,
+    vram_gb: float,
+) -> Preset:
     gated = dict(gated=True, licence=FLUX_DEV_LICENCE)
     return Preset(
         name=name,

@@ -4,23 +4,12 @@ each stage as it ends and keeps the list for reports and the UI's run panel."""
 from __future__ import annotations
 
 import logging
-import os
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 logger = logging.getLogger(__name__)
-
-
-def quiet_libraries() -> None:
-    """The default log: our stages only. Third-party lines (gguf's per file written, transformers' and diffusers'
-    notices, PEFT's warning for each adapter beside another, which is how stacks work) show with -v only."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # transformers' own handler reads it at import
-    for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub", "gguf", "peft"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
 
 
 @dataclass(frozen=True)

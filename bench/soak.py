@@ -41,9 +41,10 @@ import soak_mix as sm  # noqa: E402
 import test_security_app as tsa  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
-from fluxdemo.config import get_preset  # noqa: E402
-from fluxdemo.manager import ModelManager, default_device  # noqa: E402
-from fluxdemo.tiny import ensure_kit  # noqa: E402
+from fluxdemo.model.manager import default_device  # noqa: E402
+from fluxdemo.model.presets import get_preset  # noqa: E402
+from fluxdemo.model.tiny import ensure_kit  # noqa: E402
+from fluxdemo.pipeline import Model  # noqa: E402
 
 
 class Sampler(threading.Thread):
@@ -106,8 +107,8 @@ def main() -> None:
         pngs = sm.hostile_pngs(work / "pngs")
         quota = args.hub_quota_kb * 1000
 
-        def manager() -> ModelManager:
-            return ModelManager(get_preset("tiny", use_env=False), device=default_device(), lora_dir=lora_dir)
+        def manager() -> Model:
+            return Model(get_preset("tiny", use_env=False), device=default_device(), lora_dir=lora_dir)
 
         app = manager()
         with sm.fake_hub(kit / "loras") as hub:

@@ -37,7 +37,7 @@ from PIL import Image
 from test_lora_hub import LyingHub
 
 from fluxdemo import pipeline
-from fluxdemo.manager import ModelManager
+from fluxdemo.pipeline import Model
 from fluxdemo.studio import read_request
 
 STEPS, SIDE = 2, 16
@@ -89,7 +89,7 @@ def fake_hub(kit_loras: Path) -> Iterator[LyingHub]:
         constants.HF_HUB_OFFLINE = offline
 
 
-def use_hub(manager: ModelManager, endpoint: str, cache: Path, quota_bytes: int, max_bytes: int) -> None:
+def use_hub(manager: Model, endpoint: str, cache: Path, quota_bytes: int, max_bytes: int) -> None:
     """Point a manager's LoRA library at the fake Hub, with a cache, a quota and a per-file limit of its own."""
     library = manager.adapters.library
     library.hub_endpoint, library.hub_cache = endpoint, cache
@@ -266,7 +266,7 @@ def served(kind: str, result) -> list[np.ndarray]:
     return tsa.served("compare" if kind == "hub" else kind, result)
 
 
-def solo(manager: ModelManager, kind: str, values: tuple) -> list[np.ndarray]:
+def solo(manager: Model, kind: str, values: tuple) -> list[np.ndarray]:
     """The same request alone through the library, on a manager of its own, read as the handler reads it."""
     ask = read_request("compare" if kind == "hub" else kind, values)
     if kind == "grid":
@@ -278,7 +278,7 @@ def solo(manager: ModelManager, kind: str, values: tuple) -> list[np.ndarray]:
     return [np.asarray(image) for image in pipeline.compare(manager, ask.options, stack).images.values()]
 
 
-def problems(outcomes: list[Outcome], clean: ModelManager, lora_dir: Path, kit_lora: Path) -> dict[str, list[str]]:
+def problems(outcomes: list[Outcome], clean: Model, lora_dir: Path, kit_lora: Path) -> dict[str, list[str]]:
     """What differs from what each request must answer: "mixups" (a model result not equal, pixel for pixel, to its
     solo run), "unanswered" (a hostile request without its sentence or settings), "errors" (anything else failing)."""
     expected: dict[tuple, list[np.ndarray]] = {}

@@ -256,7 +256,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def cmd_inspect_lora(args) -> int:
-    from fluxdemo.lora.library import format_report, inspect_lora
+    from fluxdemo.lora import format_report, inspect_lora
     from fluxdemo.model.files import resolve
     from fluxdemo.model.loading import model_dims
 

@@ -17,7 +17,7 @@ from fluxdemo.errors import OptionsError
 from fluxdemo.model.presets import CLI_FLAGS, DEFAULT_PRESET, ENV_OVERRIDES, PRESETS, Preset, get_preset
 
 if TYPE_CHECKING:
-    from fluxdemo.lora.library import HubLoras
+    from fluxdemo.lora import HubLoras
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def manager_from_args(args: argparse.Namespace, hub_loras: HubLoras | None = Non
     import torch
     from huggingface_hub import get_token
 
-    from fluxdemo.lora.library import HubLoras
+    from fluxdemo.lora import HubLoras
     from fluxdemo.model.manager import default_device
     from fluxdemo.pipeline import open_model
 

@@ -14,9 +14,17 @@ import pytest
 import torch
 
 from fluxdemo.errors import LoraError
-from fluxdemo.lora import LoraLibrary, inspect_lora, lycoris, read_safetensors_header, save_upload, to_diffusers
-from fluxdemo.lora import formats as lora_formats
-from fluxdemo.lora import library as lora
+from fluxdemo.lora import (
+    LoraLibrary,
+    convert,
+    inspect_lora,
+    lycoris,
+    read_safetensors_header,
+    save_upload,
+    to_diffusers,
+)
+from fluxdemo.lora import verdict as lora_formats
+from fluxdemo.lora.report import flux_dev_dims
 from fluxdemo.model.names import FluxDims
 from fluxdemo.model.tiny_loras import FORMATS, Pair, canonical_pairs, write_lora, write_sample_loras
 
@@ -272,8 +280,8 @@ def test_full_deltas_over_budget_are_refused(tmp_path, monkeypatch):
         (lf.sdxl_kohya, r"an SDXL LoRA \(kohya naming: lora_unet_down_blocks_1_.*\), not FLUX"),
         (lf.sdxl_diffusers, r"an SDXL LoRA \(diffusers naming: unet\.down_blocks.*\), not FLUX"),
         (lf.sd15_kohya, r"an SD1\.5 LoRA \(kohya naming"),
-        (lambda p: lf.control_lora(p, lora.flux_dev_dims()), r"a FLUX\.1 Canny/Depth control LoRA \(img_in takes 128"),
-        (lambda p: lf.control_lora(p, lora.flux_dev_dims(), 384), r"a FLUX\.1 Fill LoRA \(img_in takes 384"),
+        (lambda p: lf.control_lora(p, flux_dev_dims()), r"a FLUX\.1 Canny/Depth control LoRA \(img_in takes 128"),
+        (lambda p: lf.control_lora(p, flux_dev_dims(), 384), r"a FLUX\.1 Fill LoRA \(img_in takes 384"),
         (lf.no_lora, r"no LoRA weights in this file \(2 tensors, none named like a LoRA"),
         (
             lambda p: write_lora(p, "kohya", pairs_for("kohya", TINY), TINY),
@@ -287,7 +295,7 @@ def test_wrong_model_files_are_named(tmp_path, build, message):
     report = inspect_lora(path)
     assert not report.compatible and re.search(message, report.problems[0]), report.problems
     with pytest.raises(LoraError, match=message):
-        to_diffusers(path, lora.flux_dev_dims())
+        to_diffusers(path, flux_dev_dims())
 
 
 def test_blocks_the_model_lacks_are_unmatched_with_the_reason(tmp_path):
@@ -490,7 +498,7 @@ def test_library_scans_caches_and_refuses(tmp_path, monkeypatch):
     (folder / "README.md").write_text("what goes here")
     (folder / ".upload-x.tmp").write_bytes(b"half")
     hashed, opened = [], []
-    monkeypatch.setattr(lora, "file_sha256", lambda p, real=lora.file_sha256: hashed.append(p.name) or real(p))
+    monkeypatch.setattr(convert, "file_sha256", lambda p, real=convert.file_sha256: hashed.append(p.name) or real(p))
     monkeypatch.setattr(
         lora, "read_safetensors_header", lambda p, real=read_safetensors_header: opened.append(p.name) or real(p)
     )

@@ -416,7 +416,6 @@ def test_files_that_fail_inspection_are_deleted(fake, library, monkeypatch, tmp_
 
 
 def test_listings_sentences_and_the_memo_are_bounded(fake, library, monkeypatch, lora_bytes):
-    import fluxdemo.lora.library
 
     files = {f"f{i:04d}.bin": b"x" for i in range(1001)} | {"zz/lora.safetensors": lora_bytes["kohya"]}
     monkeypatch.setitem(th.FILES, "bob/huge", files)
@@ -432,7 +431,7 @@ def test_listings_sentences_and_the_memo_are_bounded(fake, library, monkeypatch,
             with pytest.raises(LoraError) as wrong:
                 library.get(name)
             assert len(str(wrong.value)) < 1000
-        monkeypatch.setattr(fluxdemo.lora.library, "HUB_MEMO_ENTRIES", 2)
+        monkeypatch.setattr(library._hub, "maxsize", 2)
         for name in ("bob/huge/zz/lora.safetensors", "bob/two-loras/a.safetensors", "bob/two-loras/b.safetensors"):
             library.get(name)
     finally:

@@ -671,7 +671,7 @@ def test_operator_flags_and_variables_set_the_limits(monkeypatch) -> None:
 def test_one_client_may_not_fill_a_cheap_queue_group(url, tiny_kit, lora_dir) -> None:
     """Uploads (the `files` group) while one is stuck: the client's first four wait or run, a fifth is refused with
     a sentence, another client still gets in."""
-    from fluxdemo.lora import library as lora
+    from fluxdemo.lora import upload as lora
 
     source = tiny_kit / "loras" / "peft.safetensors"
     client = Client(url, verbose=False)

@@ -13,7 +13,7 @@ from PIL import Image, PngImagePlugin
 
 from fluxdemo import untrusted
 from fluxdemo.errors import FluxdemoError
-from fluxdemo.lora.library import _parse_trigger_words
+from fluxdemo.lora.report import _parse_trigger_words
 from fluxdemo.untrusted import MAX_PNG_TEXT_BYTES, ModelCard, markdown_text, model_card, png_text
 
 

@@ -1,7 +1,7 @@
 """LoRA adapters on the live model: load (once, cached), activate a stack of them with a strength each, turn off,
 evict.
 
-Files are read and converted by fluxdemo.lora.library (our own converter: diffusers' kohya and single-file converters
+Files are read and converted by fluxdemo.lora.convert (our own converter: diffusers' kohya and single-file converters
 hard-code width 3072 and load some wrong-model files as silent no-ops). The converted PEFT weights go onto the
 quantized transformer with diffusers' load_lora_adapter (pipe.load_lora_weights breaks on quanto's state dict);
 strength is PEFT's adapter weight, so nothing is ever fused into the quantized weights and "off" is bit-identical.
@@ -24,7 +24,9 @@ from peft.tuners.lora import LoraLayer
 
 from fluxdemo.errors import LoraError
 from fluxdemo.lora import lycoris
-from fluxdemo.lora.library import LoraLibrary, LoraReport, to_diffusers
+from fluxdemo.lora.convert import to_diffusers
+from fluxdemo.lora.library import LoraLibrary
+from fluxdemo.lora.report import LoraReport
 from fluxdemo.model.manager import ModelManager
 from fluxdemo.model.names import FluxDims
 

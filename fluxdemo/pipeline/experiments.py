@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 from fluxdemo.errors import LoraError, OptionsError
+from fluxdemo.lora import LoraEntry
 from fluxdemo.lora.adapters import LoadedLora
-from fluxdemo.lora.library import LoraEntry
 from fluxdemo.pipeline.model import Model
 from fluxdemo.pipeline.stages import Controls, Embeddings, GenerateOptions, decode, denoise, encode, initial_noise
 

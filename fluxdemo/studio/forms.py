@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fluxdemo.errors import OptionsError
-from fluxdemo.lora.library import LoraLibrary
+from fluxdemo.lora import LoraLibrary
 from fluxdemo.model.presets import Preset
 from fluxdemo.pipeline.api import MAX_GRID_CELLS, MAX_SEED, GenerateOptions
 from fluxdemo.pipeline.experiments import MAX_LORAS_PER_RUN, MAX_STACK, LoraChoice, Stack, as_stack

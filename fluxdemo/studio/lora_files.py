@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from fluxdemo.errors import OptionsError
-from fluxdemo.lora.library import LoraLibrary, save_upload
+from fluxdemo.lora import LoraLibrary, save_upload
 from fluxdemo.studio.guard import for_people
 from fluxdemo.studio.handlers import CancelFlags
 

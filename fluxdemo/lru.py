@@ -27,3 +27,10 @@ class LRU:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def keys(self) -> list[Hashable]:
+        """The keys, least recently used first (a copy: safe to pop while walking it)."""
+        return list(self._items)
+
+    def pop(self, key: Hashable, default=None):
+        return self._items.pop(key, default)

@@ -14,16 +14,18 @@ from dataclasses import replace
 from PIL import Image
 
 from fluxdemo.errors import OptionsError
-from fluxdemo.pipeline.experiments import ImageSpec, LoraChoice, Result, ResultsCache, Stack, as_stack, run
-from fluxdemo.pipeline.experiments import stack_label as stack_label
+from fluxdemo.pipeline.cache import ResultsCache
+from fluxdemo.pipeline.experiments import ImageSpec, Result, run
 from fluxdemo.pipeline.images import grid_image
 from fluxdemo.pipeline.model import Model
-from fluxdemo.pipeline.stages import MAX_SEED as MAX_SEED
-from fluxdemo.pipeline.stages import MAX_SIDE as MAX_SIDE
-from fluxdemo.pipeline.stages import MAX_STEPS as MAX_STEPS
-from fluxdemo.pipeline.stages import MIN_SIDE as MIN_SIDE
-from fluxdemo.pipeline.stages import SIDE_MULTIPLE as SIDE_MULTIPLE
-from fluxdemo.pipeline.stages import Controls, GenerateOptions
+from fluxdemo.pipeline.options import MAX_SEED as MAX_SEED
+from fluxdemo.pipeline.options import MAX_SIDE as MAX_SIDE
+from fluxdemo.pipeline.options import MAX_STEPS as MAX_STEPS
+from fluxdemo.pipeline.options import MIN_SIDE as MIN_SIDE
+from fluxdemo.pipeline.options import SIDE_MULTIPLE as SIDE_MULTIPLE
+from fluxdemo.pipeline.options import GenerateOptions, LoraChoice, Stack, as_stack
+from fluxdemo.pipeline.options import stack_label as stack_label
+from fluxdemo.pipeline.stages import Controls
 from fluxdemo.pipeline.stages import encode as encode
 from fluxdemo.pipeline.stages import initial_noise as initial_noise
 from fluxdemo.pipeline.stages import pipeline_view as pipeline_view

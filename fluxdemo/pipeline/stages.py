@@ -15,55 +15,19 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from fluxdemo.errors import CancelledError, OptionsError
+from fluxdemo.errors import CancelledError
 from fluxdemo.pipeline.model import Model
+from fluxdemo.pipeline.options import MAX_T5_TOKENS, SIDE_MULTIPLE, GenerateOptions
 from fluxdemo.pipeline.previews import PREVIEW_BUDGET, DrawPreview, cost, latent_preview
 
 logger = logging.getLogger(__name__)
 
-MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 16, 2048, 16  # 16 = VAE factor 8 x FLUX's 2x2 latent packing
-MAX_STEPS = 100
-MAX_SEED = 2**32 - 1
-MAX_T5_TOKENS = 512
 LATENT_CHANNELS = 16
 
 # (stage, done, total): e.g. ("baseline", 12, 28). The UI maps it to gr.Progress, the CLI to a log line.
 ProgressFn = Callable[[str, int, int], None]
 # (stage, step, preview image): a cheap look at the latents while an image denoises.
 PreviewFn = Callable[[str, int, Image.Image], None]
-
-
-@dataclass(frozen=True)
-class GenerateOptions:
-    """One image's settings, FLUX.1-dev's defaults. validate() is the one place options are checked."""
-
-    prompt: str
-    seed: int = 0
-    steps: int = 28
-    guidance: float = 3.5
-    width: int = 1024
-    height: int = 1024
-    max_sequence_length: int = MAX_T5_TOKENS
-
-    def validate(self) -> GenerateOptions:
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise OptionsError("`prompt` is empty: describe the image you want.")
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if not MIN_SIDE <= value <= MAX_SIDE or value % SIDE_MULTIPLE:
-                rule = f"a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and {MAX_SIDE}"
-                raise OptionsError(f"`{name}` must be {rule}, but is {value}.")
-        if not 1 <= self.steps <= MAX_STEPS:
-            raise OptionsError(f"`steps` must be between 1 and {MAX_STEPS}, but is {self.steps}.")
-        if not 0.0 <= self.guidance <= 30.0:  # NaN fails this too
-            raise OptionsError(f"`guidance` must be between 0 and 30, but is {self.guidance}.")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise OptionsError(f"`seed` must be between 0 and {MAX_SEED}, but is {self.seed}.")
-        if not 1 <= self.max_sequence_length <= MAX_T5_TOKENS:
-            raise OptionsError(
-                f"`max_sequence_length` must be between 1 and {MAX_T5_TOKENS}, but is {self.max_sequence_length}."
-            )
-        return self
 
 
 @dataclass(frozen=True)

@@ -180,8 +180,9 @@ def _resolve(manager: Model, stack: Stack) -> _Resolved:
     shas = [entry.sha256 for entry, _ in named]
     twice = sorted({entry.name for entry, _ in named if shas.count(entry.sha256) > 1})
     if twice:
-        raise OptionsError(f"The stack names the same LoRA twice ({', '.join(twice)}): give it once, with the "
-                           "strength you want.")  # fmt: skip
+        raise OptionsError(
+            f"The stack names the same LoRA twice ({', '.join(twice)}): give it once, with the strength you want."
+        )
     return _Resolved(tuple((e, s) for e, s in named if s != 0.0), tuple(named))
 
 
@@ -299,9 +300,16 @@ def lora_summary(entry: LoraEntry) -> dict:
     """What a report says of one LoRA file: identity, format, size of the adaptation, trigger words."""
     r = entry.report
     return {
-        "name": entry.name, "sha256": entry.sha256, "format": r.format, "rank": r.rank, "alpha": r.alpha,
-        "targets": r.targets, "modules": r.modules, "text_encoder": r.text_encoder, "trigger_words": r.trigger_words,
-    }  # fmt: skip
+        "name": entry.name,
+        "sha256": entry.sha256,
+        "format": r.format,
+        "rank": r.rank,
+        "alpha": r.alpha,
+        "targets": r.targets,
+        "modules": r.modules,
+        "text_encoder": r.text_encoder,
+        "trigger_words": r.trigger_words,
+    }
 
 
 def _report(manager, specs, resolved, embeddings, reused, todo, timeline, start) -> dict:
@@ -328,9 +336,13 @@ def _report(manager, specs, resolved, embeddings, reused, todo, timeline, start)
     single = {**lora_summary(entries[with_lora["name"]]), "strength": with_lora["strength"]} if with_lora else None
     return {
         "options": asdict(first.options),
-        "model": {"preset": manager.preset.name, "transformer_quant": manager.preset.transformer_quant,
-                  "t5_quant": manager.preset.t5_quant, "dtype": str(manager.dtype).removeprefix("torch."),
-                  "device": str(manager.device)},
+        "model": {
+            "preset": manager.preset.name,
+            "transformer_quant": manager.preset.transformer_quant,
+            "t5_quant": manager.preset.t5_quant,
+            "dtype": str(manager.dtype).removeprefix("torch."),
+            "device": str(manager.device),
+        },
         "images": images,
         "loras": summaries,
         "lora": single,
@@ -343,4 +355,4 @@ def _report(manager, specs, resolved, embeddings, reused, todo, timeline, start)
         "timeline": timeline.to_list(),
         "seconds": time.perf_counter() - start,
         "memory": manager.memory_report(),
-    }  # fmt: skip
+    }

@@ -176,8 +176,9 @@ def _lora_tag(name: str) -> str:
     return Path(name).name.removesuffix(".safetensors")
 
 
-def grid_image(rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str], title: str = "",
-               gap: int = 4) -> Image.Image:  # fmt: skip
+def grid_image(
+    rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str], title: str = "", gap: int = 4
+) -> Image.Image:
     """Cells in rows and columns, with the column labels above, the row labels at the left and a title on top:
     Forge's X/Y plot. Every cell is drawn at the first cell's size."""
     font = ImageFont.load_default(size=LABEL_FONT_SIZE)
@@ -189,16 +190,23 @@ def grid_image(rows: list[list[Image.Image]], row_labels: list[str], column_labe
     canvas = Image.new("RGB", (left + columns * (cell_w + gap), top + len(rows) * (cell_h + gap)), (24, 24, 24))
     draw = ImageDraw.Draw(canvas)
     if title:
-        draw.text((gap, LABEL_BAND / 2), _fit(draw, title, canvas.width - 2 * gap, font), fill=(235, 235, 235),
-                  font=font, anchor="lm")  # fmt: skip
+        draw.text(
+            (gap, LABEL_BAND / 2),
+            _fit(draw, title, canvas.width - 2 * gap, font),
+            fill=(235, 235, 235),
+            font=font,
+            anchor="lm",
+        )
     for c, text in enumerate(column_labels):
         x = left + c * (cell_w + gap) + cell_w / 2
-        draw.text((x, top - LABEL_BAND / 2), _fit(draw, text, cell_w, font), fill=(235, 235, 235), font=font,
-                  anchor="mm")  # fmt: skip
+        draw.text(
+            (x, top - LABEL_BAND / 2), _fit(draw, text, cell_w, font), fill=(235, 235, 235), font=font, anchor="mm"
+        )
     for r, (row, text) in enumerate(zip(rows, row_labels, strict=True)):
         y = top + r * (cell_h + gap)
-        draw.text((gap, y + cell_h / 2), _fit(draw, text, left - 2 * gap, font), fill=(235, 235, 235), font=font,
-                  anchor="lm")  # fmt: skip
+        draw.text(
+            (gap, y + cell_h / 2), _fit(draw, text, left - 2 * gap, font), fill=(235, 235, 235), font=font, anchor="lm"
+        )
         for c, cell in enumerate(row):
             canvas.paste(cell.convert("RGB").resize((cell_w, cell_h)), (left + c * (cell_w + gap), y))
     return canvas
@@ -236,7 +244,14 @@ def params_from_report(report: dict, label: str, role: str | None = None) -> Ima
     options = image["options"]
     loras = tuple((x["name"], x["sha256"], x["strength"]) for x in image["loras"])
     return ImageParams(
-        prompt=options["prompt"], seed=options["seed"], steps=options["steps"], guidance=options["guidance"],
-        width=options["width"], height=options["height"], model=model["preset"], quant=model["transformer_quant"],
-        role=role or ("lora" if loras else "baseline"), loras=loras,
-    )  # fmt: skip
+        prompt=options["prompt"],
+        seed=options["seed"],
+        steps=options["steps"],
+        guidance=options["guidance"],
+        width=options["width"],
+        height=options["height"],
+        model=model["preset"],
+        quant=model["transformer_quant"],
+        role=role or ("lora" if loras else "baseline"),
+        loras=loras,
+    )

@@ -140,8 +140,9 @@ def _a1111_fields(text: str) -> tuple[dict[str, Any], list[str]]:
     """The raw fields of A1111 infotext (unchecked) and a note when the text was cut; linear in its length."""
     notes = []
     if len(text) > MAX_PARAMETERS_CHARS:
-        notes.append(f"The A1111 parameters are {len(text):,} characters; only the first {MAX_PARAMETERS_CHARS:,} "
-                     "were read.")  # fmt: skip
+        notes.append(
+            f"The A1111 parameters are {len(text):,} characters; only the first {MAX_PARAMETERS_CHARS:,} were read."
+        )
         text = text[:MAX_PARAMETERS_CHARS]
     lines = text.strip().splitlines()
     last = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("Steps:")), len(lines))
@@ -150,12 +151,22 @@ def _a1111_fields(text: str) -> tuple[dict[str, Any], list[str]]:
     prompt, tags = _lora_tags("\n".join(prompt_lines))
     items = _infotext_items(lines[last]) if last < len(lines) else {}
     width, _, height = items.get("Size", "1024x1024").partition("x")
-    loras = [(name if name.endswith(".safetensors") else f"{name}.safetensors", None, weight or 1.0)
-             for name, weight in tags]  # fmt: skip
+    loras = [
+        (name if name.endswith(".safetensors") else f"{name}.safetensors", None, weight or 1.0)
+        for name, weight in tags
+    ]
     guidance = items.get("Distilled CFG Scale", items.get("Guidance", _DEFAULTS.guidance))
-    fields = dict(prompt=prompt, seed=items.get("Seed", _DEFAULTS.seed), steps=items.get("Steps", _DEFAULTS.steps),
-                  guidance=guidance, width=width, height=height or width, model=items.get("Model", "unknown"),
-                  quant=items.get("Quant", ""), loras=loras)  # fmt: skip
+    fields = dict(
+        prompt=prompt,
+        seed=items.get("Seed", _DEFAULTS.seed),
+        steps=items.get("Steps", _DEFAULTS.steps),
+        guidance=guidance,
+        width=width,
+        height=height or width,
+        model=items.get("Model", "unknown"),
+        quant=items.get("Quant", ""),
+        loras=loras,
+    )
     return fields, notes
 
 
@@ -241,17 +252,31 @@ def _checked(fields: dict[str, Any], notes: list[str], limits: Limits) -> PngSet
         prompt = ""
         notes.append("prompt: not text; left empty.")
     elif len(prompt) > limits.max_prompt_chars:
-        notes.append(f"prompt: {len(prompt):,} characters, over the limit of {limits.max_prompt_chars:,}; cut to "
-                     "its start.")  # fmt: skip
+        notes.append(
+            f"prompt: {len(prompt):,} characters, over the limit of {limits.max_prompt_chars:,}; cut to its start."
+        )
         prompt = prompt[: limits.max_prompt_chars]
     numbers = {name: _number(name, fields.get(name), _RANGES[name], notes) for name in _RANGES}
     loras = _checked_loras(fields, notes, limits)
     role = fields.get("role") if fields.get("role") in ROLES else ("lora" if loras else "baseline")
     extra = fields.get("extra") if isinstance(fields.get("extra"), list) else []
-    pairs = [tuple(p) for p in extra if isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
-             and isinstance(p[1], (str, int, float, bool, type(None)))]  # fmt: skip
-    params = ImageParams(prompt=prompt, **numbers, model=_text(fields.get("model"), "unknown"),
-                         quant=_text(fields.get("quant"), ""), role=role, extra=tuple(pairs), loras=loras)  # fmt: skip
+    pairs = [
+        tuple(p)
+        for p in extra
+        if isinstance(p, list)
+        and len(p) == 2
+        and isinstance(p[0], str)
+        and isinstance(p[1], (str, int, float, bool, type(None)))
+    ]
+    params = ImageParams(
+        prompt=prompt,
+        **numbers,
+        model=_text(fields.get("model"), "unknown"),
+        quant=_text(fields.get("quant"), ""),
+        role=role,
+        extra=tuple(pairs),
+        loras=loras,
+    )
     return PngSettings(params, tuple(notes))
 
 
@@ -271,8 +296,13 @@ def _checked_loras(fields: dict[str, Any], notes: list[str], limits: Limits) -> 
             notes.append("LoRAs: an entry that is not a (name, sha256, strength) triple was left out.")
             continue
         name, sha256, strength = lora
-        kept.append((capped(name, MAX_FIELD_CHARS), sha256 if isinstance(sha256, str) and len(sha256) <= 64 else None,
-                     _number("strength", strength, (limits.strength_min, limits.strength_max), notes)))  # fmt: skip
+        kept.append(
+            (
+                capped(name, MAX_FIELD_CHARS),
+                sha256 if isinstance(sha256, str) and len(sha256) <= 64 else None,
+                _number("strength", strength, (limits.strength_min, limits.strength_max), notes),
+            )
+        )
     return tuple(kept)
 
 
@@ -300,8 +330,10 @@ def _number(name: str, value: object, bounds: tuple[float, float], notes: list[s
     else:
         checked, rule = float(checked), ""
     if checked != number:
-        notes.append(f"{name}: {_shown(number)} is not {rule}between {_shown(low)} and {_shown(high)}; set to "
-                     f"{_shown(checked)}.")  # fmt: skip
+        notes.append(
+            f"{name}: {_shown(number)} is not {rule}between {_shown(low)} and {_shown(high)}; set to "
+            f"{_shown(checked)}."
+        )
     return checked
 
 

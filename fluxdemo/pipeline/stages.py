@@ -1,4 +1,4 @@
-"""The three stages of one FLUX image: encode (cached per encoder) -> denoise -> decode, and the options they share.
+"""The three stages of one FLUX image: encode (cached per encoder) -> denoise -> decode.
 
 The denoising loop is diffusers' own FluxPipeline.__call__ (flow-matching Euler, FLUX.1-dev's shifted schedule),
 called with our prompt embeddings and our initial noise; we only decide what is on the device when, and time it.
@@ -90,8 +90,9 @@ def encode(
         with manager.timeline.stage("encode t5"), manager.on_device("text_encoder_2") as t5:
             view.register_modules(text_encoder_2=t5)
             # dtype given: diffusers would take it from CLIP, which this view holds only when CLIP ran too
-            embeds = view._get_t5_prompt_embeds(prompt, max_sequence_length=max_sequence_length,
-                                                device=manager.device, dtype=manager.dtype).cpu()  # fmt: skip
+            embeds = view._get_t5_prompt_embeds(
+                prompt, max_sequence_length=max_sequence_length, device=manager.device, dtype=manager.dtype
+            ).cpu()
         manager.embedding_cache.put(t5_key, embeds)
     return Embeddings(embeds, pooled, truncated, reused)
 
@@ -102,8 +103,9 @@ def pipeline_view(manager: Model, *components: str, **modules):
     from diffusers import FluxPipeline
 
     tokenizer, tokenizer_2 = manager.tokenizers()
-    parts = dict.fromkeys(("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
-                           "transformer"))  # fmt: skip
+    parts = dict.fromkeys(
+        ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
+    )
     available = {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2}
     parts.update({c: available[c] for c in components})
     parts.update(modules)
@@ -123,8 +125,9 @@ def denoise(
     for a batch (lists of embeddings and noises, one per image, that share options but for prompt and seed) in one
     pass through the transformer per step, batch first."""
     if isinstance(embeddings, list):  # a batch: one transformer pass per step for all of its images
-        embeddings = Embeddings(torch.cat([e.prompt_embeds for e in embeddings]),
-                                torch.cat([e.pooled for e in embeddings]), 0)  # fmt: skip
+        embeddings = Embeddings(
+            torch.cat([e.prompt_embeds for e in embeddings]), torch.cat([e.pooled for e in embeddings]), 0
+        )
         noise = torch.cat(noise)
     view = pipeline_view(manager, scheduler=manager.scheduler(), transformer=transformer)
     view.set_progress_bar_config(disable=True)  # our timeline logs each step, with its seconds

@@ -38,12 +38,12 @@ from fluxdemo.model.tiny import ensure_kit  # noqa: E402
 from fluxdemo.pipeline import (  # noqa: E402
     GenerateOptions,
     Model,  # noqa: E402
+    ResultsCache,  # noqa: E402
     compare,
     generate,
     grid,
     pipeline_view,
 )
-from fluxdemo.pipeline.experiments import ResultsCache  # noqa: E402
 from fluxdemo.pipeline.previews import latent_preview  # noqa: E402
 from fluxdemo.pipeline.stages import Controls, initial_noise  # noqa: E402
 

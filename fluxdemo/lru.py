@@ -33,3 +33,10 @@ class LRU:
 
     def __iter__(self) -> Iterator[Hashable]:  # least recently used first
         return iter(self._items)
+
+    def keys(self) -> list[Hashable]:
+        """The keys, least recently used first (a copy: safe to pop while walking it)."""
+        return list(self._items)
+
+    def pop(self, key: Hashable, default=None):
+        return self._items.pop(key, default)

@@ -18,7 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import load_file, save_file
 
 from fluxdemo.pipeline import GenerateOptions, compare
-from fluxdemo.pipeline.images import read_params
+from fluxdemo.pipeline.png_settings import read_params
 from fluxdemo.studio import build_studio, insert_trigger_words, parse_strengths, to_options, without_paths
 
 MAX_UPLOAD = 2**20

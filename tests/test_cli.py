@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from fluxdemo.cli import COMPARE_FILES
-from fluxdemo.pipeline.images import read_params
+from fluxdemo.pipeline.png_settings import read_params
 
 ARGS = ["--model", "tiny", "--prompt", "a cat", "--seed", "42", "--steps", "3", "--width", "64", "--height", "64"]
 

@@ -18,9 +18,21 @@ from fluxdemo.errors import LoraError, OptionsError
 from fluxdemo.model.manager import STRATEGIES
 from fluxdemo.model.presets import get_preset
 from fluxdemo.model.tiny_loras import canonical_pairs, write_lora
-from fluxdemo.pipeline import Controls, GenerateOptions, Model, compare, generate, grid, grid_pictures, sweep
-from fluxdemo.pipeline.experiments import LoraChoice, ResultsCache, parse_lora, parse_stack
-from fluxdemo.pipeline.images import read_params
+from fluxdemo.pipeline import (
+    Controls,
+    GenerateOptions,
+    LoraChoice,
+    Model,
+    ResultsCache,
+    compare,
+    generate,
+    grid,
+    grid_pictures,
+    parse_lora,
+    parse_stack,
+    sweep,
+)
+from fluxdemo.pipeline.png_settings import read_params
 
 OPTS = GenerateOptions("a lighthouse at dusk", seed=5, steps=3, width=32, height=32)
 

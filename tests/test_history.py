@@ -1,6 +1,6 @@
 """A session's history: what tells two results apart, the cap, and when the screen no longer matches the controls."""
 
-from fluxdemo.pipeline.images import ImageParams
+from fluxdemo.pipeline.png_settings import ImageParams
 from fluxdemo.studio.history import MAX_HISTORY, add, find, slider_label, stale_note
 
 BASE = ImageParams("a cat", 1, 12, 3.5, 256, 256, "tiny", "Q8_0")

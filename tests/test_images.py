@@ -16,20 +16,9 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from fluxdemo.errors import FluxdemoError, OptionsError
-from fluxdemo.pipeline.images import (
-    GUIDANCE_MAX,
-    LABEL_BAND,
-    ImageParams,
-    a1111_parameters,
-    difference,
-    parse_a1111,
-    png_bytes,
-    read_params,
-    save_png,
-    settings_from_png,
-    side_by_side,
-)
-from fluxdemo.pipeline.stages import MAX_SIDE
+from fluxdemo.pipeline import MAX_SIDE
+from fluxdemo.pipeline.images import LABEL_BAND, a1111_parameters, difference, png_bytes, save_png, side_by_side
+from fluxdemo.pipeline.png_settings import GUIDANCE_MAX, ImageParams, parse_a1111, read_params, settings_from_png
 from fluxdemo.untrusted import MAX_PARAMETERS_CHARS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +131,8 @@ import json, os, sys
 from pathlib import Path
 from PIL import Image
 from fluxdemo.errors import FluxdemoError
-from fluxdemo.pipeline.images import ImageParams, save_png
+from fluxdemo.pipeline.images import save_png
+from fluxdemo.pipeline.png_settings import ImageParams
 disk = Path(sys.argv[1])
 params = ImageParams("p", 1, 1, 1.0, 200, 200, "tiny", "Q8_0")
 first = save_png(Image.new("RGB", (8, 8)), params, disk / "first.png").read_bytes()

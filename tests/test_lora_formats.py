@@ -500,7 +500,7 @@ def test_library_scans_caches_and_refuses(tmp_path, monkeypatch):
     hashed, opened = [], []
     monkeypatch.setattr(convert, "file_sha256", lambda p, real=convert.file_sha256: hashed.append(p.name) or real(p))
     monkeypatch.setattr(
-        lora, "read_safetensors_header", lambda p, real=read_safetensors_header: opened.append(p.name) or real(p)
+        convert, "read_safetensors_header", lambda p, real=read_safetensors_header: opened.append(p.name) or real(p)
     )
     library = LoraLibrary(folder, TINY, clip_config=CLIP)
     entries = {e.name: e for e in library.refresh()}

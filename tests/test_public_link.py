@@ -8,9 +8,8 @@ import pytest
 from PIL import Image
 
 from fluxdemo.errors import OptionsError
-from fluxdemo.pipeline import Controls, GenerateOptions, compare
+from fluxdemo.pipeline import Controls, GenerateOptions, ResultsCache, compare
 from fluxdemo.pipeline import api as pipeline
-from fluxdemo.pipeline.experiments import ResultsCache
 from fluxdemo.pipeline.limits import DEFAULT_LIMITS, MEGAPIXEL, STEP_FIXED_PIXELS, check_work, work
 from fluxdemo.studio import lora_card, read_request
 

@@ -14,16 +14,18 @@ from dataclasses import replace
 from PIL import Image
 
 from fluxdemo.errors import OptionsError
-from fluxdemo.pipeline.experiments import ImageSpec, LoraChoice, Result, ResultsCache, Stack, as_stack, run
-from fluxdemo.pipeline.experiments import stack_label as stack_label
+from fluxdemo.pipeline.cache import ResultsCache
+from fluxdemo.pipeline.experiments import ImageSpec, Result, run
 from fluxdemo.pipeline.images import grid_image
 from fluxdemo.pipeline.model import Model
-from fluxdemo.pipeline.stages import MAX_SEED as MAX_SEED
-from fluxdemo.pipeline.stages import MAX_SIDE as MAX_SIDE
-from fluxdemo.pipeline.stages import MAX_STEPS as MAX_STEPS
-from fluxdemo.pipeline.stages import MIN_SIDE as MIN_SIDE
-from fluxdemo.pipeline.stages import SIDE_MULTIPLE as SIDE_MULTIPLE
-from fluxdemo.pipeline.stages import Controls, GenerateOptions
+from fluxdemo.pipeline.options import MAX_SEED as MAX_SEED
+from fluxdemo.pipeline.options import MAX_SIDE as MAX_SIDE
+from fluxdemo.pipeline.options import MAX_STEPS as MAX_STEPS
+from fluxdemo.pipeline.options import MIN_SIDE as MIN_SIDE
+from fluxdemo.pipeline.options import SIDE_MULTIPLE as SIDE_MULTIPLE
+from fluxdemo.pipeline.options import GenerateOptions, LoraChoice, Stack, as_stack
+from fluxdemo.pipeline.options import stack_label as stack_label
+from fluxdemo.pipeline.stages import Controls
 from fluxdemo.pipeline.stages import encode as encode
 from fluxdemo.pipeline.stages import initial_noise as initial_noise
 from fluxdemo.pipeline.stages import pipeline_view as pipeline_view
@@ -35,18 +37,27 @@ LoraArg = str | LoraChoice | tuple | list | None
 
 
 def generate(
-    manager: Model, options: GenerateOptions, lora: LoraArg = None, strength: float = 1.0,
-    controls: Controls = Controls(), cache: ResultsCache | None = None,
-) -> Result:  # fmt: skip
+    manager: Model,
+    options: GenerateOptions,
+    lora: LoraArg = None,
+    strength: float = 1.0,
+    controls: Controls = Controls(),
+    cache: ResultsCache | None = None,
+) -> Result:
     """One image: with a LoRA stack ("lora") or the base model ("baseline")."""
     stack = as_stack(lora, strength)
     return run(manager, [ImageSpec("lora" if stack else "baseline", options, stack)], controls, cache)
 
 
 def compare(
-    manager: Model, options: GenerateOptions, lora: LoraArg, strength: float = 1.0,
-    controls: Controls = Controls(), cache: ResultsCache | None = None, batch: int = 1,
-) -> Result:  # fmt: skip
+    manager: Model,
+    options: GenerateOptions,
+    lora: LoraArg,
+    strength: float = 1.0,
+    controls: Controls = Controls(),
+    cache: ResultsCache | None = None,
+    batch: int = 1,
+) -> Result:
     """The base model's image ("baseline") and the stack's ("lora"), from one seed and one encoding; batch=2 makes
     both in one transformer pass when the stack is one LoRA (see experiments.run)."""
     stack = as_stack(lora, strength)
@@ -61,9 +72,14 @@ def scaled(stack: Stack, strength: float) -> Stack:
 
 
 def sweep(
-    manager: Model, options: GenerateOptions, lora: LoraArg, strengths: Sequence[float],
-    controls: Controls = Controls(), cache: ResultsCache | None = None, batch: int = 1,
-) -> Result:  # fmt: skip
+    manager: Model,
+    options: GenerateOptions,
+    lora: LoraArg,
+    strengths: Sequence[float],
+    controls: Controls = Controls(),
+    cache: ResultsCache | None = None,
+    batch: int = 1,
+) -> Result:
     """One image per strength, same seed: images keyed "strength 0.5" etc., in the order given. For a stack, each
     strength multiplies every LoRA's own. With batch > 1 the strength-0 image shares a pass with another (a LoRA
     runs at one strength per pass)."""
@@ -75,10 +91,16 @@ def sweep(
 
 
 def grid(
-    manager: Model, options: GenerateOptions, prompts: Sequence[str], seeds: Sequence[int],
-    rows: Sequence[LoraArg], strengths: Sequence[float], controls: Controls = Controls(),
-    cache: ResultsCache | None = None, batch: int = 1,
-) -> Result:  # fmt: skip
+    manager: Model,
+    options: GenerateOptions,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    rows: Sequence[LoraArg],
+    strengths: Sequence[float],
+    controls: Controls = Controls(),
+    cache: ResultsCache | None = None,
+    batch: int = 1,
+) -> Result:
     """Forge's X/Y plot for LoRAs: per prompt and seed, one row per LoRA stack and one column per strength (which
     multiplies each LoRA's own). Images are keyed by their cell's label; report["cells"] lists every cell as
     {prompt, seed, loras: [{name, strength}], strength, row, column, label}. Cells at strength 0 are the baseline,
@@ -106,13 +128,25 @@ def grid(
                     label = f"p{p + 1} seed {seed} row {r + 1} x{strength:g}"
                     cell_stack = scaled(stack, strength)
                     specs.append(ImageSpec(label, replace(options, prompt=prompt, seed=seed), cell_stack))
-                    cells.append({"prompt": prompt, "seed": seed, "strength": strength, "row": r, "column": c,
-                                  "loras": [{"name": x.name, "strength": x.strength} for x in cell_stack],
-                                  "label": label})  # fmt: skip
+                    cells.append(
+                        {
+                            "prompt": prompt,
+                            "seed": seed,
+                            "strength": strength,
+                            "row": r,
+                            "column": c,
+                            "loras": [{"name": x.name, "strength": x.strength} for x in cell_stack],
+                            "label": label,
+                        }
+                    )
     result = run(manager, specs, controls, cache, batch)
     result.report["cells"] = cells
-    result.report["grid"] = {"prompts": prompts, "seeds": seeds, "rows": [stack_label(s) for s in stacks],
-                             "strengths": strengths}  # fmt: skip
+    result.report["grid"] = {
+        "prompts": prompts,
+        "seeds": seeds,
+        "rows": [stack_label(s) for s in stacks],
+        "strengths": strengths,
+    }
     return result
 
 
@@ -138,5 +172,10 @@ def _fit_cells(rows: list[list[Image.Image]]) -> list[list[Image.Image]]:
     if total <= MAX_GRID_PICTURE_PIXELS:
         return rows
     scale = (MAX_GRID_PICTURE_PIXELS / total) ** 0.5
-    return [[cell.resize((max(1, int(cell.width * scale)), max(1, int(cell.height * scale))), Image.LANCZOS)
-             for cell in row] for row in rows]  # fmt: skip
+    return [
+        [
+            cell.resize((max(1, int(cell.width * scale)), max(1, int(cell.height * scale))), Image.LANCZOS)
+            for cell in row
+        ]
+        for row in rows
+    ]

@@ -10,9 +10,7 @@ stages were reused.
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -23,82 +21,21 @@ from PIL import Image
 from fluxdemo.errors import LoraError, OptionsError
 from fluxdemo.lora import LoraEntry
 from fluxdemo.lora.adapters import LoadedLora
+from fluxdemo.pipeline.cache import DEFAULT_CACHE_IMAGES as DEFAULT_CACHE_IMAGES
+from fluxdemo.pipeline.cache import ResultsCache
 from fluxdemo.pipeline.model import Model
-from fluxdemo.pipeline.stages import Controls, Embeddings, GenerateOptions, decode, denoise, encode, initial_noise
+from fluxdemo.pipeline.options import MAX_BATCH, MAX_LORAS_PER_RUN, MAX_STACK, GenerateOptions, Stack, _strength
+from fluxdemo.pipeline.options import LoraChoice as LoraChoice
+from fluxdemo.pipeline.options import as_stack as as_stack
+from fluxdemo.pipeline.options import parse_lora as parse_lora
+from fluxdemo.pipeline.options import parse_stack as parse_stack
+from fluxdemo.pipeline.options import stack_label as stack_label
+from fluxdemo.pipeline.stages import Controls, Embeddings, decode, denoise, encode, initial_noise
+
+# The names above marked `as` stay here for the callers that still import them from this module
+# (studio/page.py, cli.py, app.py); their home is fluxdemo.pipeline.options and fluxdemo.pipeline.cache.
 
 logger = logging.getLogger(__name__)
-
-STRENGTH_MIN, STRENGTH_MAX = -4.0, 4.0  # past these a LoRA's delta swamps the model; the studio offers 0..2
-MAX_STACK = 4  # LoRAs active at once in one image
-MAX_LORAS_PER_RUN = 8  # distinct LoRAs one experiment may load (each stays attached for the whole run)
-MAX_BATCH = 8  # images in one transformer pass: activations grow with it
-DEFAULT_CACHE_IMAGES = 64  # a 1024x1024 PNG-sized image is 3 MB in RAM: 64 are about 200 MB
-
-
-@dataclass(frozen=True)
-class LoraChoice:
-    """One LoRA of a stack: its name in the LoRA library and its strength."""
-
-    name: str
-    strength: float = 1.0
-
-    def label(self) -> str:
-        return f"{self.name.removesuffix('.safetensors')}:{self.strength:g}"
-
-
-Stack = tuple[LoraChoice, ...]  # empty: the base model
-
-
-def parse_lora(text: str, default_strength: float = 1.0) -> LoraChoice:
-    """`NAME` or `NAME:STRENGTH` (A1111's `<lora:name:weight>` order); a name may itself hold colons (a URL)."""
-    name, colon, tail = text.strip().rpartition(":")
-    if colon:
-        try:
-            return LoraChoice(name.strip(), float(tail))
-        except ValueError:
-            pass  # no number after the last colon: it belongs to the name
-    return LoraChoice(text.strip(), default_strength)
-
-
-def parse_stack(text: str, default_strength: float = 1.0) -> Stack:
-    """A stack written `a:0.8+b:0.5` (entries without a strength take `default_strength`)."""
-    parts = [part for part in text.split("+") if part.strip()]
-    if not parts:
-        raise OptionsError(f"{text!r} names no LoRA: write NAME, NAME:STRENGTH, or a stack such as a:0.8+b:0.5.")
-    return tuple(parse_lora(part, default_strength) for part in parts)
-
-
-def as_stack(value, default_strength: float = 1.0) -> Stack:
-    """A stack from what callers pass: None, a name or `a:0.8+b:0.5` text, a LoraChoice, a (name, strength) pair,
-    or a list of any of these."""
-    if value is None or value == "" or value == ():
-        return ()
-    if isinstance(value, LoraChoice):
-        return (value,)
-    if isinstance(value, str):
-        return parse_stack(value, default_strength)
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and not isinstance(value[1], str):
-        return (LoraChoice(value[0], _strength(value[1])),)
-    if isinstance(value, (list, tuple)):
-        return tuple(choice for item in value for choice in as_stack(item, default_strength))
-    raise OptionsError(f"A LoRA is a name or a (name, strength) pair, not {type(value).__name__}.")
-
-
-def stack_label(stack: Stack) -> str:
-    """`base` or `a:0.8 + b:0.5`: how reports, labels and file names name a stack."""
-    return " + ".join(choice.label() for choice in stack) or "base"
-
-
-def _strength(value) -> float:
-    try:
-        strength = float(value)
-    except (TypeError, ValueError):
-        raise OptionsError(f"A LoRA strength is a number, not {value!r}.") from None
-    if not math.isfinite(strength) or not STRENGTH_MIN <= strength <= STRENGTH_MAX:
-        raise OptionsError(
-            f"A LoRA strength must be a finite number between {STRENGTH_MIN:g} and {STRENGTH_MAX:g}, but is {value}."
-        )
-    return strength
 
 
 @dataclass(frozen=True)
@@ -133,46 +70,6 @@ class _Resolved:
         return tuple((e.sha256, s) for e, s in self.active if e.report.text_encoder)
 
 
-class ResultsCache:
-    """Images already made, keyed by everything that determines their pixels (model files, options, the stack with
-    each LoRA's SHA-256 and strength). Bounded, least recently used out; holds PIL images in RAM, nothing on a device.
-    A LoRA file that changes on disk gets a new SHA-256: the entries made with its old bytes are forgotten."""
-
-    def __init__(self, max_images: int = DEFAULT_CACHE_IMAGES) -> None:
-        if max_images < 0:
-            raise OptionsError(f"The results cache size must be 0 or more images, but is {max_images}.")
-        self.max_images = max_images
-        self._items: OrderedDict[tuple, Image.Image] = OrderedDict()
-        self._sha_of: dict[str, str] = {}  # LoRA name -> the SHA-256 last seen for it
-
-    def get(self, key: tuple) -> Image.Image | None:
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        return None
-
-    def put(self, key: tuple, image: Image.Image) -> None:
-        if self.max_images == 0:
-            return
-        self._items[key] = image
-        self._items.move_to_end(key)
-        while len(self._items) > self.max_images:
-            self._items.popitem(last=False)
-
-    def saw(self, name: str, sha256: str) -> None:
-        """Note a LoRA's current bytes; if they changed, forget every image the old bytes made."""
-        old = self._sha_of.get(name)
-        self._sha_of[name] = sha256
-        if old is not None and old != sha256:
-            stale = [key for key in self._items if any(sha == old for sha, _ in key[-1])]
-            for key in stale:
-                del self._items[key]
-            logger.info("LoRA %s changed on disk: %d cached images made with it forgotten", name, len(stale))
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 def run(
     manager: Model,
     specs: Sequence[ImageSpec],
@@ -189,18 +86,8 @@ def run(
     kept factored only with their own stack). About 1.3-2.6x faster on a CPU (bench/RESULTS.md), within 1/255 of
     one at a time but not bit-identical, so batched images are cached apart from unbatched ones; the report lists
     the batches."""
-    if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
-        raise OptionsError(f"`batch` must be a whole number from 1 to {MAX_BATCH}, but is {batch!r}.")
-    specs = [replace(spec, options=spec.options.validate()) for spec in specs]
-    labels = [spec.label for spec in specs]
-    if not specs or len(set(labels)) != len(labels):
-        raise OptionsError(f"An experiment needs images with distinct labels, got {labels}.")
-    # 1. Every stack checked whole, before anything is loaded or applied.
-    resolved = {spec.stack: _resolve(manager, spec.stack) for spec in specs}
-    names = {entry.name for r in resolved.values() for entry, _ in r.active}
-    if len(names) > MAX_LORAS_PER_RUN:
-        raise OptionsError(f"One run can use at most {MAX_LORAS_PER_RUN} different LoRAs, but this one uses "
-                           f"{len(names)}: split it into smaller runs.")  # fmt: skip
+    # 1. Check every option and every stack, before anything is loaded or applied.
+    specs, resolved = _check(manager, specs, batch)
     if cache is not None:
         for r in resolved.values():
             for entry, _ in r.named:
@@ -209,31 +96,64 @@ def run(
     height = max(spec.options.height for spec in specs)
     with torch.inference_mode(), manager.session(width, height) as timeline:
         start = time.perf_counter()
-        identity = manager.file_identity()
-        batched = ("batch", batch) if batch > 1 else ()
-        scope = (controls.cache_scope,) if controls.cache_scope else ()  # a visitor's results apart from another's
-        # the stack's (sha256, strength) pairs stay last: ResultsCache.saw() reads them there
-        keys = {spec.label: (*scope, *batched, *_key(identity, spec.options, resolved[spec.stack])) for spec in specs}
-        made: dict[tuple, Image.Image] = {}
-        reused: list[str] = []
-        todo: list[ImageSpec] = []
-        for spec in specs:
-            hit = cache.get(keys[spec.label]) if cache is not None else None
-            if hit is not None:
-                made[keys[spec.label]] = hit
-                reused.append(spec.label)
-                timeline.add(f"{spec.label} (cached)", 0.0)
-            elif keys[spec.label] not in {keys[t.label] for t in todo}:
-                todo.append(spec)
-        passes: list[list[str]] = []
-        embeddings = _make(manager, todo, resolved, keys, made, controls, batch, passes) if todo else {}
+        # 2. Reuse what the cache holds; an image asked twice is made once.
+        keys = _keys(manager, specs, resolved, controls, batch)
+        made, reused, todo = _reuse(specs, keys, cache, timeline)
+        # 3. Make the rest: load, encode, denoise, decode.
+        embeddings, passes = {}, []
+        if todo:
+            images, embeddings, passes = _make(manager, todo, resolved, controls, batch)
+            made.update({keys[label]: image for label, image in images.items()})
         if cache is not None:
             for spec in todo:
                 cache.put(keys[spec.label], made[keys[spec.label]])
+        # 4. Report.
         images = {spec.label: made[keys[spec.label]] for spec in specs}
         report = _report(manager, specs, resolved, embeddings, reused, todo, timeline, start)
         report["batches"] = passes
     return Result(images, report)
+
+
+def _check(manager: Model, specs: Sequence[ImageSpec], batch: int) -> tuple[list[ImageSpec], dict[Stack, _Resolved]]:
+    """The specs with validated options, and every stack checked whole against the library."""
+    if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+        raise OptionsError(f"`batch` must be a whole number from 1 to {MAX_BATCH}, but is {batch!r}.")
+    specs = [replace(spec, options=spec.options.validate()) for spec in specs]
+    labels = [spec.label for spec in specs]
+    if not specs or len(set(labels)) != len(labels):
+        raise OptionsError(f"An experiment needs images with distinct labels, got {labels}.")
+    resolved = {spec.stack: _resolve(manager, spec.stack) for spec in specs}
+    names = {entry.name for r in resolved.values() for entry, _ in r.active}
+    if len(names) > MAX_LORAS_PER_RUN:
+        raise OptionsError(
+            f"One run can use at most {MAX_LORAS_PER_RUN} different LoRAs, but this one uses "
+            f"{len(names)}: split it into smaller runs."
+        )
+    return specs, resolved
+
+
+def _keys(manager: Model, specs: list[ImageSpec], resolved: dict, controls: Controls, batch: int) -> dict[str, tuple]:
+    """Each image's cache key; the stack's (sha256, strength) pairs stay last, where ResultsCache.saw() reads them."""
+    identity = manager.file_identity()
+    batched = ("batch", batch) if batch > 1 else ()
+    scope = (controls.cache_scope,) if controls.cache_scope else ()  # a visitor's results apart from another's
+    return {spec.label: (*scope, *batched, *_key(identity, spec.options, resolved[spec.stack])) for spec in specs}
+
+
+def _reuse(specs: list[ImageSpec], keys: dict, cache: ResultsCache | None, timeline):
+    """(images found by key, the labels reused, the specs to make: one per key)."""
+    made: dict[tuple, Image.Image] = {}
+    reused: list[str] = []
+    todo: list[ImageSpec] = []
+    for spec in specs:
+        hit = cache.get(keys[spec.label]) if cache is not None else None
+        if hit is not None:
+            made[keys[spec.label]] = hit
+            reused.append(spec.label)
+            timeline.add(f"{spec.label} (cached)", 0.0)
+        elif keys[spec.label] not in {keys[t.label] for t in todo}:
+            todo.append(spec)
+    return made, reused, todo
 
 
 def _resolve(manager: Model, stack: Stack) -> _Resolved:
@@ -260,8 +180,9 @@ def _resolve(manager: Model, stack: Stack) -> _Resolved:
     shas = [entry.sha256 for entry, _ in named]
     twice = sorted({entry.name for entry, _ in named if shas.count(entry.sha256) > 1})
     if twice:
-        raise OptionsError(f"The stack names the same LoRA twice ({', '.join(twice)}): give it once, with the "
-                           "strength you want.")  # fmt: skip
+        raise OptionsError(
+            f"The stack names the same LoRA twice ({', '.join(twice)}): give it once, with the strength you want."
+        )
     return _Resolved(tuple((e, s) for e, s in named if s != 0.0), tuple(named))
 
 
@@ -269,65 +190,77 @@ def _key(identity: tuple, options: GenerateOptions, resolved: _Resolved) -> tupl
     return (identity, *asdict(options).values(), resolved.key())
 
 
-def _make(manager, todo, resolved, keys, made, controls, batch, passes) -> dict[str, Embeddings]:
-    """Load, encode, denoise and decode the images not reused; each stage under the manager's out-of-memory
-    fallback (freed, one strategy lighter, run again once: a stage's work is all or nothing). `passes` receives the
-    labels of each transformer batch."""
-    adapters = manager.adapters
+def _make(manager: Model, todo: list[ImageSpec], resolved: dict, controls: Controls, batch: int):
+    """The images not reused, by label, their embeddings by label, and the labels of each transformer pass. Each
+    stage runs under the manager's out-of-memory fallback (freed, one strategy lighter, run once more)."""
+    # 1. Load the LoRAs (the stacks were checked in run's step 1).
     names = list(dict.fromkeys(entry.name for spec in todo for entry, _ in resolved[spec.stack].active))
     loaded: dict[str, LoadedLora] = {}
     if names:
+        adapters = manager.adapters
         loaded = manager.with_fallback(
             "load LoRA", lambda: {n: adapters.load(n, keep=names) for n in names}, ("transformer",)
         )
-
-    def applied(spec: ImageSpec, text_encoder: bool = False) -> list[tuple[LoadedLora, float]]:
-        return [(loaded[e.name], s) for e, s in resolved[spec.stack].active
-                if not text_encoder or loaded[e.name].affects_text_encoder]  # fmt: skip
-
-    def encode_all() -> dict[str, Embeddings]:
-        done: dict[tuple, Embeddings] = {}
-        for spec in todo:
-            o, clip_key = spec.options, resolved[spec.stack].clip_key()
-            if (o.prompt, o.max_sequence_length, clip_key) not in done:
-                if adapters.loaded():  # CLIP runs as the base model unless the stack has a CLIP part
-                    adapters.activate(applied(spec, text_encoder=True), ("text_encoder",))
-                done[o.prompt, o.max_sequence_length, clip_key] = encode(
-                    manager, o.prompt, o.max_sequence_length, clip_key, controls.cache_scope
-                )
-        return {s.label: done[s.options.prompt, s.options.max_sequence_length, resolved[s.stack].clip_key()]
-                for s in todo}  # fmt: skip
-
-    def denoise_all() -> list[tuple[ImageSpec, torch.Tensor]]:
-        made_latents = []
-        order = sorted(todo, key=lambda s: [r.key() for r in resolved.values()].index(resolved[s.stack].key()))
-        chunks = _batches(order, resolved, batch, loaded)
-        passes[:] = [[s.label for s in chunk] for chunk in chunks]
-        with manager.on_device("transformer") as transformer:
-            for chunk in chunks:
-                first, o = chunk[0], chunk[0].options
-                mixed = len({resolved[s.stack].key() for s in chunk}) > 1
-                if adapters.loaded() and not mixed:
-                    adapters.activate(applied(first), ("transformer",))
-                if controls.on_image:
-                    controls.on_image(len(made_latents) + 1, len(order), first.label)
-                label = first.label if len(chunk) == 1 else f"{first.label} (+{len(chunk) - 1})"
-                noises = [initial_noise(s.options.seed, o.width, o.height) for s in chunk]
-                per_sample = adapters.per_sample([applied(s) for s in chunk]) if mixed else nullcontext()
-                with manager.timeline.stage(f"denoise {label}"), per_sample:
-                    latents = denoise(manager, transformer, [embeddings[s.label] for s in chunk], noises, o, label,
-                                      controls)  # fmt: skip
-                made_latents += zip(chunk, latents.split(1), strict=True)
-        return made_latents
-
-    embeddings = manager.with_fallback("encode", encode_all, ("text_encoder", "text_encoder_2"))
-    pairs = manager.with_fallback("denoise", denoise_all, ("transformer",))
+    # 2. Encode.
+    embeddings = manager.with_fallback(
+        "encode", lambda: _encode_all(manager, todo, resolved, loaded, controls), ("text_encoder", "text_encoder_2")
+    )
+    # 3. Denoise.
+    pairs, passes = manager.with_fallback(
+        "denoise", lambda: _denoise_all(manager, todo, resolved, loaded, embeddings, controls, batch), ("transformer",)
+    )
+    # 4. Decode.
     decoded = manager.with_fallback(
         "decode", lambda: decode(manager, [x for _, x in pairs], [s.options for s, _ in pairs]), ("vae",)
     )
-    for (spec, _), image in zip(pairs, decoded, strict=True):
-        made[keys[spec.label]] = image
-    return embeddings
+    images = {spec.label: image for (spec, _), image in zip(pairs, decoded, strict=True)}
+    return images, embeddings, passes
+
+
+def _applied(
+    resolved: _Resolved, loaded: dict[str, LoadedLora], text_encoder: bool = False
+) -> list[tuple[LoadedLora, float]]:
+    return [(loaded[e.name], s) for e, s in resolved.active if not text_encoder or loaded[e.name].affects_text_encoder]
+
+
+def _encode_all(manager: Model, todo, resolved: dict, loaded: dict, controls: Controls) -> dict[str, Embeddings]:
+    """Each distinct (prompt, T5 length, CLIP LoRA state) encoded once; the embeddings by label."""
+    adapters = manager.adapters
+    done: dict[tuple, Embeddings] = {}
+    for spec in todo:
+        o, clip_key = spec.options, resolved[spec.stack].clip_key()
+        if (o.prompt, o.max_sequence_length, clip_key) not in done:
+            if adapters.loaded():  # CLIP runs as the base model unless the stack has a CLIP part
+                adapters.activate(_applied(resolved[spec.stack], loaded, text_encoder=True), ("text_encoder",))
+            done[o.prompt, o.max_sequence_length, clip_key] = encode(
+                manager, o.prompt, o.max_sequence_length, clip_key, controls.cache_scope
+            )
+    return {s.label: done[s.options.prompt, s.options.max_sequence_length, resolved[s.stack].clip_key()] for s in todo}
+
+
+def _denoise_all(manager: Model, todo, resolved: dict, loaded: dict, embeddings: dict, controls: Controls, batch: int):
+    """(spec, packed latents) per image, stack by stack, in passes of up to `batch`; and each pass's labels."""
+    adapters = manager.adapters
+    made_latents: list[tuple[ImageSpec, torch.Tensor]] = []
+    order = sorted(todo, key=lambda s: [r.key() for r in resolved.values()].index(resolved[s.stack].key()))
+    chunks = _batches(order, resolved, batch, loaded)
+    with manager.on_device("transformer") as transformer:
+        for chunk in chunks:
+            first, o = chunk[0], chunk[0].options
+            mixed = len({resolved[s.stack].key() for s in chunk}) > 1
+            if adapters.loaded() and not mixed:
+                adapters.activate(_applied(resolved[first.stack], loaded), ("transformer",))
+            if controls.on_image:
+                controls.on_image(len(made_latents) + 1, len(order), first.label)
+            label = first.label if len(chunk) == 1 else f"{first.label} (+{len(chunk) - 1})"
+            noises = [initial_noise(s.options.seed, o.width, o.height) for s in chunk]
+            stacks = [_applied(resolved[s.stack], loaded) for s in chunk]
+            per_sample = adapters.per_sample(stacks) if mixed else nullcontext()
+            with manager.timeline.stage(f"denoise {label}"), per_sample:
+                conds = [embeddings[s.label] for s in chunk]
+                latents = denoise(manager, transformer, conds, noises, o, label, controls)
+            made_latents += zip(chunk, latents.split(1), strict=True)
+    return made_latents, [[s.label for s in chunk] for chunk in chunks]
 
 
 def _batches(
@@ -367,9 +300,16 @@ def lora_summary(entry: LoraEntry) -> dict:
     """What a report says of one LoRA file: identity, format, size of the adaptation, trigger words."""
     r = entry.report
     return {
-        "name": entry.name, "sha256": entry.sha256, "format": r.format, "rank": r.rank, "alpha": r.alpha,
-        "targets": r.targets, "modules": r.modules, "text_encoder": r.text_encoder, "trigger_words": r.trigger_words,
-    }  # fmt: skip
+        "name": entry.name,
+        "sha256": entry.sha256,
+        "format": r.format,
+        "rank": r.rank,
+        "alpha": r.alpha,
+        "targets": r.targets,
+        "modules": r.modules,
+        "text_encoder": r.text_encoder,
+        "trigger_words": r.trigger_words,
+    }
 
 
 def _report(manager, specs, resolved, embeddings, reused, todo, timeline, start) -> dict:
@@ -396,9 +336,13 @@ def _report(manager, specs, resolved, embeddings, reused, todo, timeline, start)
     single = {**lora_summary(entries[with_lora["name"]]), "strength": with_lora["strength"]} if with_lora else None
     return {
         "options": asdict(first.options),
-        "model": {"preset": manager.preset.name, "transformer_quant": manager.preset.transformer_quant,
-                  "t5_quant": manager.preset.t5_quant, "dtype": str(manager.dtype).removeprefix("torch."),
-                  "device": str(manager.device)},
+        "model": {
+            "preset": manager.preset.name,
+            "transformer_quant": manager.preset.transformer_quant,
+            "t5_quant": manager.preset.t5_quant,
+            "dtype": str(manager.dtype).removeprefix("torch."),
+            "device": str(manager.device),
+        },
         "images": images,
         "loras": summaries,
         "lora": single,
@@ -411,4 +355,4 @@ def _report(manager, specs, resolved, embeddings, reused, todo, timeline, start)
         "timeline": timeline.to_list(),
         "seconds": time.perf_counter() - start,
         "memory": manager.memory_report(),
-    }  # fmt: skip
+    }

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from numbers import Real
 
 from fluxdemo.errors import OptionsError
+from fluxdemo.pipeline.options import PUBLIC_STRENGTH_RANGE
 
 MEGAPIXEL = 2**20  # 1024x1024 is one megapixel of work
 # What a step costs besides the image's own tokens (one per 16x16 pixels): the 512 T5 tokens and the per-step work
@@ -39,8 +40,8 @@ class Limits:
     """What one request may ask for. Operators set these by flag or environment (app.py); visitors cannot."""
 
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
-    strength_min: float = 0.0
-    strength_max: float = 2.0
+    strength_min: float = PUBLIC_STRENGTH_RANGE[0]
+    strength_max: float = PUBLIC_STRENGTH_RANGE[1]
     max_work: float = DEFAULT_MAX_WORK
     max_jobs_per_client: int = DEFAULT_MAX_JOBS_PER_CLIENT
 

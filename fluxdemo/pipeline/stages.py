@@ -1,4 +1,4 @@
-"""The three stages of one FLUX image: encode (cached per encoder) -> denoise -> decode, and the options they share.
+"""The three stages of one FLUX image: encode (cached per encoder) -> denoise -> decode.
 
 The denoising loop is diffusers' own FluxPipeline.__call__ (flow-matching Euler, FLUX.1-dev's shifted schedule),
 called with our prompt embeddings and our initial noise; we only decide what is on the device when, and time it.
@@ -15,55 +15,19 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from fluxdemo.errors import CancelledError, OptionsError
+from fluxdemo.errors import CancelledError
 from fluxdemo.pipeline.model import Model
+from fluxdemo.pipeline.options import MAX_T5_TOKENS, SIDE_MULTIPLE, GenerateOptions
 from fluxdemo.pipeline.previews import PREVIEW_BUDGET, DrawPreview, cost, latent_preview
 
 logger = logging.getLogger(__name__)
 
-MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 16, 2048, 16  # 16 = VAE factor 8 x FLUX's 2x2 latent packing
-MAX_STEPS = 100
-MAX_SEED = 2**32 - 1
-MAX_T5_TOKENS = 512
 LATENT_CHANNELS = 16
 
 # (stage, done, total): e.g. ("baseline", 12, 28). The UI maps it to gr.Progress, the CLI to a log line.
 ProgressFn = Callable[[str, int, int], None]
 # (stage, step, preview image): a cheap look at the latents while an image denoises.
 PreviewFn = Callable[[str, int, Image.Image], None]
-
-
-@dataclass(frozen=True)
-class GenerateOptions:
-    """One image's settings, FLUX.1-dev's defaults. validate() is the one place options are checked."""
-
-    prompt: str
-    seed: int = 0
-    steps: int = 28
-    guidance: float = 3.5
-    width: int = 1024
-    height: int = 1024
-    max_sequence_length: int = MAX_T5_TOKENS
-
-    def validate(self) -> GenerateOptions:
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise OptionsError("`prompt` is empty: describe the image you want.")
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if not MIN_SIDE <= value <= MAX_SIDE or value % SIDE_MULTIPLE:
-                rule = f"a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and {MAX_SIDE}"
-                raise OptionsError(f"`{name}` must be {rule}, but is {value}.")
-        if not 1 <= self.steps <= MAX_STEPS:
-            raise OptionsError(f"`steps` must be between 1 and {MAX_STEPS}, but is {self.steps}.")
-        if not 0.0 <= self.guidance <= 30.0:  # NaN fails this too
-            raise OptionsError(f"`guidance` must be between 0 and 30, but is {self.guidance}.")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise OptionsError(f"`seed` must be between 0 and {MAX_SEED}, but is {self.seed}.")
-        if not 1 <= self.max_sequence_length <= MAX_T5_TOKENS:
-            raise OptionsError(
-                f"`max_sequence_length` must be between 1 and {MAX_T5_TOKENS}, but is {self.max_sequence_length}."
-            )
-        return self
 
 
 @dataclass(frozen=True)
@@ -126,8 +90,9 @@ def encode(
         with manager.timeline.stage("encode t5"), manager.on_device("text_encoder_2") as t5:
             view.register_modules(text_encoder_2=t5)
             # dtype given: diffusers would take it from CLIP, which this view holds only when CLIP ran too
-            embeds = view._get_t5_prompt_embeds(prompt, max_sequence_length=max_sequence_length,
-                                                device=manager.device, dtype=manager.dtype).cpu()  # fmt: skip
+            embeds = view._get_t5_prompt_embeds(
+                prompt, max_sequence_length=max_sequence_length, device=manager.device, dtype=manager.dtype
+            ).cpu()
         manager.embedding_cache.put(t5_key, embeds)
     return Embeddings(embeds, pooled, truncated, reused)
 
@@ -138,8 +103,9 @@ def pipeline_view(manager: Model, *components: str, **modules):
     from diffusers import FluxPipeline
 
     tokenizer, tokenizer_2 = manager.tokenizers()
-    parts = dict.fromkeys(("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
-                           "transformer"))  # fmt: skip
+    parts = dict.fromkeys(
+        ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
+    )
     available = {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2}
     parts.update({c: available[c] for c in components})
     parts.update(modules)
@@ -159,8 +125,9 @@ def denoise(
     for a batch (lists of embeddings and noises, one per image, that share options but for prompt and seed) in one
     pass through the transformer per step, batch first."""
     if isinstance(embeddings, list):  # a batch: one transformer pass per step for all of its images
-        embeddings = Embeddings(torch.cat([e.prompt_embeds for e in embeddings]),
-                                torch.cat([e.pooled for e in embeddings]), 0)  # fmt: skip
+        embeddings = Embeddings(
+            torch.cat([e.prompt_embeds for e in embeddings]), torch.cat([e.pooled for e in embeddings]), 0
+        )
         noise = torch.cat(noise)
     view = pipeline_view(manager, scheduler=manager.scheduler(), transformer=transformer)
     view.set_progress_bar_config(disable=True)  # our timeline logs each step, with its seconds

@@ -1,0 +1,124 @@
+"""What one request may ask for: an image's options, the LoRA stack, and every bound on them, in one place."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fluxdemo.errors import OptionsError
+
+MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 16, 2048, 16  # 16 = VAE factor 8 x FLUX's 2x2 latent packing
+MAX_STEPS = 100
+MAX_GUIDANCE = 30.0
+GUIDANCE_MAX = 10.0  # the controls' guidance: FLUX.1-dev's distilled guidance is 3.5, rarely useful past 10
+MAX_SEED = 2**32 - 1
+MAX_T5_TOKENS = 512
+
+# One strength range for each audience: past the library's a LoRA's delta swamps the model; a public app's
+# default keeps to the range LoRAs are made for (Limits' default, the studio's sliders).
+STRENGTH_RANGE = (-4.0, 4.0)  # the library and the CLI
+PUBLIC_STRENGTH_RANGE = (0.0, 2.0)  # the public app's default (Limits)
+STRENGTH_MIN, STRENGTH_MAX = STRENGTH_RANGE
+MAX_STACK = 4  # LoRAs active at once in one image
+MAX_LORAS_PER_RUN = 8  # distinct LoRAs one experiment may load (each stays attached for the whole run)
+MAX_BATCH = 8  # images in one transformer pass: activations grow with it
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """One image's settings, FLUX.1-dev's defaults. validate() is the one place options are checked."""
+
+    prompt: str
+    seed: int = 0
+    steps: int = 28
+    guidance: float = 3.5
+    width: int = 1024
+    height: int = 1024
+    max_sequence_length: int = MAX_T5_TOKENS
+
+    def validate(self) -> GenerateOptions:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise OptionsError("`prompt` is empty: describe the image you want.")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if not MIN_SIDE <= value <= MAX_SIDE or value % SIDE_MULTIPLE:
+                rule = f"a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and {MAX_SIDE}"
+                raise OptionsError(f"`{name}` must be {rule}, but is {value}.")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise OptionsError(f"`steps` must be between 1 and {MAX_STEPS}, but is {self.steps}.")
+        if not 0.0 <= self.guidance <= MAX_GUIDANCE:  # NaN fails this too
+            raise OptionsError(f"`guidance` must be between 0 and {MAX_GUIDANCE:g}, but is {self.guidance}.")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise OptionsError(f"`seed` must be between 0 and {MAX_SEED}, but is {self.seed}.")
+        if not 1 <= self.max_sequence_length <= MAX_T5_TOKENS:
+            raise OptionsError(
+                f"`max_sequence_length` must be between 1 and {MAX_T5_TOKENS}, but is {self.max_sequence_length}."
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """One LoRA of a stack: its name in the LoRA library and its strength."""
+
+    name: str
+    strength: float = 1.0
+
+    def label(self) -> str:
+        return f"{self.name.removesuffix('.safetensors')}:{self.strength:g}"
+
+
+Stack = tuple[LoraChoice, ...]  # empty: the base model
+
+
+def parse_lora(text: str, default_strength: float = 1.0) -> LoraChoice:
+    """`NAME` or `NAME:STRENGTH` (A1111's `<lora:name:weight>` order); a name may itself hold colons (a URL)."""
+    name, colon, tail = text.strip().rpartition(":")
+    if colon:
+        try:
+            return LoraChoice(name.strip(), float(tail))
+        except ValueError:
+            pass  # no number after the last colon: it belongs to the name
+    return LoraChoice(text.strip(), default_strength)
+
+
+def parse_stack(text: str, default_strength: float = 1.0) -> Stack:
+    """A stack written `a:0.8+b:0.5` (entries without a strength take `default_strength`)."""
+    parts = [part for part in text.split("+") if part.strip()]
+    if not parts:
+        raise OptionsError(f"{text!r} names no LoRA: write NAME, NAME:STRENGTH, or a stack such as a:0.8+b:0.5.")
+    return tuple(parse_lora(part, default_strength) for part in parts)
+
+
+def as_stack(value, default_strength: float = 1.0) -> Stack:
+    """A stack from what callers pass: None, a name or `a:0.8+b:0.5` text, a LoraChoice, a (name, strength) pair,
+    or a list of any of these."""
+    if value is None or value == "" or value == ():
+        return ()
+    if isinstance(value, LoraChoice):
+        return (value,)
+    if isinstance(value, str):
+        return parse_stack(value, default_strength)
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and not isinstance(value[1], str):
+        return (LoraChoice(value[0], _strength(value[1])),)
+    if isinstance(value, (list, tuple)):
+        return tuple(choice for item in value for choice in as_stack(item, default_strength))
+    raise OptionsError(f"A LoRA is a name or a (name, strength) pair, not {type(value).__name__}.")
+
+
+def stack_label(stack: Stack) -> str:
+    """`base` or `a:0.8 + b:0.5`: how reports, labels and file names name a stack."""
+    return " + ".join(choice.label() for choice in stack) or "base"
+
+
+def _strength(value) -> float:
+    """The one check of the library's strength range (a public app narrows it with Limits)."""
+    try:
+        strength = float(value)
+    except (TypeError, ValueError):
+        raise OptionsError(f"A LoRA strength is a number, not {value!r}.") from None
+    if not math.isfinite(strength) or not STRENGTH_MIN <= strength <= STRENGTH_MAX:
+        raise OptionsError(
+            f"A LoRA strength must be a finite number between {STRENGTH_MIN:g} and {STRENGTH_MAX:g}, but is {value}."
+        )
+    return strength

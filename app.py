@@ -23,7 +23,7 @@ from fluxdemo.lora import HubLoras
 from fluxdemo.lora.hub import HUB_LORA_QUOTA_BYTES
 from fluxdemo.model.manager import STRATEGIES
 from fluxdemo.model.presets import DEFAULT_PRESET, PRESETS
-from fluxdemo.pipeline.experiments import DEFAULT_CACHE_IMAGES, MAX_BATCH
+from fluxdemo.pipeline import DEFAULT_CACHE_IMAGES, MAX_BATCH
 from fluxdemo.pipeline.limits import DEFAULT_MAX_JOBS_PER_CLIENT, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_WORK, Limits
 from fluxdemo.pipeline.previews import preview_drawer
 

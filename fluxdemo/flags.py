@@ -85,7 +85,7 @@ def _warn_real_model_on_cpu(preset: Preset) -> None:
 def _lora_location(args: argparse.Namespace, preset: Preset) -> tuple[Path, list]:
     """The LoRA folder and the --lora stacks named in it: files given on the command line are read from their own
     folder (one folder for all of them)."""
-    from fluxdemo.pipeline.experiments import parse_stack
+    from fluxdemo.pipeline import parse_stack
 
     stacks = [parse_stack(text, args.strength) for text in args.lora or []]
     files = {Path(c.name).resolve() for stack in stacks for c in stack if Path(c.name).is_file()}

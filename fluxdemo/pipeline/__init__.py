@@ -17,6 +17,7 @@ from fluxdemo.pipeline.api import (
 )
 from fluxdemo.pipeline.cache import DEFAULT_CACHE_IMAGES, ResultsCache
 from fluxdemo.pipeline.experiments import ImageSpec, Result
+from fluxdemo.pipeline.images import difference, params_from_report, save_png, side_by_side
 from fluxdemo.pipeline.model import Model, open_model
 from fluxdemo.pipeline.options import (
     GUIDANCE_MAX,
@@ -40,9 +41,18 @@ from fluxdemo.pipeline.options import (
     parse_stack,
     stack_label,
 )
+from fluxdemo.pipeline.png_settings import ImageParams, PngSettings, read_params, settings_from_png
 from fluxdemo.pipeline.stages import Controls
 
 __all__ = [
+    "ImageParams",
+    "PngSettings",
+    "difference",
+    "params_from_report",
+    "read_params",
+    "save_png",
+    "settings_from_png",
+    "side_by_side",
     "DEFAULT_CACHE_IMAGES",
     "GUIDANCE_MAX",
     "MAX_BATCH",

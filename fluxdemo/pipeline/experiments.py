@@ -21,19 +21,18 @@ from PIL import Image
 from fluxdemo.errors import LoraError, OptionsError
 from fluxdemo.lora import LoraEntry
 from fluxdemo.lora.adapters import LoadedLora
-from fluxdemo.pipeline.cache import DEFAULT_CACHE_IMAGES as DEFAULT_CACHE_IMAGES
 from fluxdemo.pipeline.cache import ResultsCache
 from fluxdemo.pipeline.model import Model
-from fluxdemo.pipeline.options import MAX_BATCH, MAX_LORAS_PER_RUN, MAX_STACK, GenerateOptions, Stack, _strength
-from fluxdemo.pipeline.options import LoraChoice as LoraChoice
-from fluxdemo.pipeline.options import as_stack as as_stack
-from fluxdemo.pipeline.options import parse_lora as parse_lora
-from fluxdemo.pipeline.options import parse_stack as parse_stack
-from fluxdemo.pipeline.options import stack_label as stack_label
+from fluxdemo.pipeline.options import (
+    MAX_BATCH,
+    MAX_LORAS_PER_RUN,
+    MAX_STACK,
+    GenerateOptions,
+    Stack,
+    _strength,
+    stack_label,
+)
 from fluxdemo.pipeline.stages import Controls, Embeddings, decode, denoise, encode, initial_noise
-
-# The names above marked `as` stay here for the callers that still import them from this module
-# (studio/page.py, cli.py, app.py); their home is fluxdemo.pipeline.options and fluxdemo.pipeline.cache.
 
 logger = logging.getLogger(__name__)
 

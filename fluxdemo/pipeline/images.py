@@ -22,13 +22,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFont, PngImagePlugin
 
 from fluxdemo.errors import FluxdemoError, OptionsError
 from fluxdemo.files import new_file_mode
-from fluxdemo.pipeline.png_settings import GUIDANCE_MAX as GUIDANCE_MAX
 from fluxdemo.pipeline.png_settings import PARAMS_CHUNK, ImageParams
-from fluxdemo.pipeline.png_settings import PngSettings as PngSettings
-from fluxdemo.pipeline.png_settings import read_params as read_params
-from fluxdemo.pipeline.png_settings import settings_from_png as settings_from_png
-
-# The names marked `as` stay importable from here for studio/page.py and cli.py until they import png_settings.
 
 SCHEMA = 1  # of the "fluxdemo" chunk; bump when a field changes meaning
 

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from fluxdemo.errors import OptionsError
 from fluxdemo.lora import LoraLibrary
 from fluxdemo.model.presets import Preset
+from fluxdemo.pipeline import MAX_LORAS_PER_RUN, MAX_STACK, ImageParams, LoraChoice, Stack, as_stack
 from fluxdemo.pipeline.api import MAX_GRID_CELLS, MAX_SEED, GenerateOptions
-from fluxdemo.pipeline.experiments import MAX_LORAS_PER_RUN, MAX_STACK, LoraChoice, Stack, as_stack
-from fluxdemo.pipeline.images import ImageParams
 from fluxdemo.pipeline.limits import DEFAULT_LIMITS, Limits, check_prompt, check_request
 from fluxdemo.pipeline.model import Model
 

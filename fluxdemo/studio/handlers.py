@@ -17,9 +17,16 @@ from PIL import Image
 
 from fluxdemo.errors import FluxdemoError, OptionsError
 from fluxdemo.model.manager import MODEL_COMPONENTS
+from fluxdemo.pipeline import (
+    DEFAULT_CACHE_IMAGES,
+    LoraChoice,
+    ResultsCache,
+    params_from_report,
+    save_png,
+    settings_from_png,
+    side_by_side,
+)
 from fluxdemo.pipeline.api import Controls, Result, compare, generate, grid, grid_pictures, stack_label, sweep
-from fluxdemo.pipeline.experiments import DEFAULT_CACHE_IMAGES, LoraChoice, ResultsCache
-from fluxdemo.pipeline.images import params_from_report, save_png, settings_from_png, side_by_side
 from fluxdemo.pipeline.limits import DEFAULT_LIMITS, Limits, for_visitor
 from fluxdemo.pipeline.model import Model
 from fluxdemo.pipeline.previews import DrawPreview, latent_preview

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fluxdemo.pipeline.images import ImageParams
+from fluxdemo.pipeline import ImageParams
 
 MAX_HISTORY = 48  # images per browser session; the oldest go first
 

@@ -13,9 +13,8 @@ from types import SimpleNamespace
 import gradio as gr
 
 from fluxdemo.model.manager import STRATEGIES
+from fluxdemo.pipeline import DEFAULT_CACHE_IMAGES, GUIDANCE_MAX
 from fluxdemo.pipeline.api import MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, SIDE_MULTIPLE, GenerateOptions
-from fluxdemo.pipeline.experiments import DEFAULT_CACHE_IMAGES
-from fluxdemo.pipeline.images import GUIDANCE_MAX
 from fluxdemo.pipeline.limits import DEFAULT_LIMITS, Limits
 from fluxdemo.pipeline.model import Model
 from fluxdemo.pipeline.previews import DrawPreview, latent_preview

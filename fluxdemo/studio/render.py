@@ -9,7 +9,7 @@ from PIL import Image
 
 from fluxdemo.errors import FluxdemoError
 from fluxdemo.model.presets import PRESETS
-from fluxdemo.pipeline.images import ImageParams, difference
+from fluxdemo.pipeline import ImageParams, difference
 from fluxdemo.pipeline.model import Model
 from fluxdemo.studio.guard import for_people
 from fluxdemo.studio.history import describe_loras, find, slider_label

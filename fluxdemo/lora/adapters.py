@@ -47,14 +47,6 @@ class LoadedLora:
     seconds: float  # what loading it cost
     per_sample: bool  # its transformer part is PEFT LoRA layers only (no factored LoKr/LoHa): it can run per sample
 
-    def summary(self) -> dict:
-        r = self.report
-        return {
-            "name": self.name, "sha256": self.sha256, "format": r.format, "rank": r.rank, "alpha": r.alpha,
-            "targets": r.targets, "modules": r.modules, "text_encoder": r.text_encoder,
-            "trigger_words": r.trigger_words,
-        }  # fmt: skip
-
 
 class Adapters:
     """The LoRAs loaded onto the manager's transformer (and CLIP), at most max_loaded, least recently used out."""
@@ -89,8 +81,15 @@ class Adapters:
             except Exception:
                 self._detach(adapter)  # never leave a half-loaded adapter behind
                 raise
-            loaded = LoadedLora(entry.name, adapter, entry.sha256, converted.report, bool(converted.text_encoder),
-                                time.perf_counter() - start, not converted.factored.get("transformer"))  # fmt: skip
+            loaded = LoadedLora(
+                entry.name,
+                adapter,
+                entry.sha256,
+                converted.report,
+                bool(converted.text_encoder),
+                time.perf_counter() - start,
+                not converted.factored.get("transformer"),
+            )
         self._loaded[entry.sha256] = loaded
         spare = {loaded.sha256, *(lora.sha256 for lora in self._loaded.values() if lora.name in set(keep))}
         for sha256, old in list(self._loaded.items()):
@@ -114,9 +113,12 @@ class Adapters:
         transformer.load_lora_adapter(converted.transformer, prefix="transformer", adapter_name=adapter)
         if converted.text_encoder:
             FluxPipeline.load_lora_into_text_encoder(
-                converted.text_encoder, network_alphas=None, text_encoder=self.manager.get("text_encoder"),
-                prefix="text_encoder", adapter_name=adapter,
-            )  # fmt: skip
+                converted.text_encoder,
+                network_alphas=None,
+                text_encoder=self.manager.get("text_encoder"),
+                prefix="text_encoder",
+                adapter_name=adapter,
+            )
         for component, parts in converted.factored.items():  # LoKr/LoHa, kept factored beside the LoRA layers
             lycoris.attach(self.manager.get(component), parts, adapter)
         self._verify(adapter, converted)
@@ -175,11 +177,15 @@ class Adapters:
         (PEFT's mixed-batch inference: `adapter_names` handed to each LoRA layer; diffusers' transformer does not
         pass it down, hence the hooks). Each LoRA must be per_sample, at one strength across the stacks."""
         strengths = {lora.adapter: s for stack in stacks for lora, s in stack}
-        if any(len(stack) > 1 or not lora.per_sample or strengths[lora.adapter] != s
-               for stack in stacks for lora, s in stack):  # fmt: skip
+        if any(
+            len(stack) > 1 or not lora.per_sample or strengths[lora.adapter] != s
+            for stack in stacks
+            for lora, s in stack
+        ):
             raise ValueError(f"Not one plain LoRA per sample at one strength each: {stacks}")
-        self.activate(list({lora.adapter: (lora, s) for stack in stacks for lora, s in stack}.values()),
-                      ("transformer",))  # fmt: skip
+        self.activate(
+            list({lora.adapter: (lora, s) for stack in stacks for lora, s in stack}.values()), ("transformer",)
+        )
         names = [stack[0][0].adapter if stack else "__base__" for stack in stacks]
 
         def hand_down(module, args, kwargs):

@@ -1,13 +1,6 @@
-"""Getting a preset's files: a local override, the tiny kit, or the Hugging Face Hub through its own cache.
-
-Everything Hub-related goes through huggingface_hub (hf_hub_download for files, snapshot_download for folders), so
-its cache (HF_HOME / HF_HUB_CACHE), its tqdm progress bars, HF_TOKEN and HF_HUB_OFFLINE all work as users expect.
-Every Hub failure becomes a HubError whose message says what to do; a file that arrives but is not what the preset
-expects becomes a ModelFileError. One log line per file says where it came from, how big it is and how long it took.
-
-LoRAs a visitor names on the Hub are another matter (download_lora): they never use the operator's HF_TOKEN, are
-read at one pinned commit, counted while they stream, and kept in this app's own cache folder under a quota.
-"""
+"""LoRAs a visitor names on the Hub (download_lora): found in the repo at one pinned commit, size-checked three times
+(listed, served, counted while they stream), and kept in this app's own cache folder under a quota. They never use
+the operator's HF_TOKEN (only an opt-in LoRA token), and every failure is a HubError sentence."""
 
 from __future__ import annotations
 
@@ -66,10 +59,8 @@ class HubLoraRef:
     revision: str | None = None
 
     def __str__(self) -> str:
-        return (
-            self.repo_id
-            + (f"/{self.filename}" if self.filename else "")
-            + (f"@{self.revision}" if self.revision else "")
+        return "".join(
+            (self.repo_id, f"/{self.filename}" * bool(self.filename), f"@{self.revision}" * bool(self.revision))
         )
 
 
@@ -173,8 +164,11 @@ def _pin(hub: _LoraHub) -> str | None:
     files), or None when the Hub cannot be reached: one plain request, because huggingface_hub's listing retries an
     unreachable Hub five times with back-off (23 s) before it gives up. A missing, private or gated repo raises."""
     try:
-        info = hub.api.model_info(hub.ref.repo_id, revision=hub.ref.revision or constants.DEFAULT_REVISION,
-                                  timeout=constants.HF_HUB_ETAG_TIMEOUT)  # fmt: skip
+        info = hub.api.model_info(
+            hub.ref.repo_id,
+            revision=hub.ref.revision or constants.DEFAULT_REVISION,
+            timeout=constants.HF_HUB_ETAG_TIMEOUT,
+        )
     except httpx2.TransportError as e:
         logger.info("The Hub could not be reached (%s); looking in the Hub-LoRA cache", e)
         return None
@@ -199,8 +193,9 @@ def _listing(hub: _LoraHub) -> tuple[dict[str, int], bool]:
 def _pick_lora(hub: _LoraHub, files: dict[str, int], complete: bool, is_lora: Callable[[list[str]], bool]) -> str:
     repo = _shown(hub.ref.repo_id)
     if not complete:
-        raise HubError(f"{repo} holds more than {MAX_LISTED_FILES:,} files; name the LoRA file: "
-                       f"{repo}/file.safetensors.")  # fmt: skip
+        raise HubError(
+            f"{repo} holds more than {MAX_LISTED_FILES:,} files; name the LoRA file: {repo}/file.safetensors."
+        )
     files = {f: n for f, n in files.items() if f.lower().endswith(".safetensors")}
     if not files:
         raise HubError(f"{repo} holds no .safetensors file, so no LoRA this app can load.")
@@ -212,8 +207,9 @@ def _pick_lora(hub: _LoraHub, files: dict[str, int], complete: bool, is_lora: Ca
         if is_lora(list(keys)):
             loras.append(f)
     if not loras:
-        raise HubError(f"{repo} has no LoRA: none of its .safetensors files ({names_list(candidates)}) holds "
-                       "LoRA weights.")  # fmt: skip
+        raise HubError(
+            f"{repo} has no LoRA: none of its .safetensors files ({names_list(candidates)}) holds LoRA weights."
+        )
     if len(loras) > 1:
         choices = names_list([f"{repo}/{f} ({human_size(files[f])})" for f in loras])
         raise HubError(f"{repo} holds several LoRA files; name the one you want: {choices}.")
@@ -373,8 +369,10 @@ def _stream(hub: _LoraHub, url: str, dest: Path, limit: int, lora: bool) -> None
                     )
         problem = safetensors_problem(tmp, tmp.stat().st_size) if lora else None
         if problem:
-            raise HubError(f"{_shown(hub.ref)} is not a usable safetensors file: {problem}. It was deleted; ask its "
-                           "author for a working file.")  # fmt: skip
+            raise HubError(
+                f"{_shown(hub.ref)} is not a usable safetensors file: {problem}. It was deleted; ask its "
+                "author for a working file."
+            )
         os.chmod(tmp, new_file_mode())  # as any file the user saves, not mkstemp's 0600
         os.replace(tmp, dest)
     finally:
@@ -389,15 +387,18 @@ def _response(hub: _LoraHub, url: str) -> Iterator[httpx2.Response]:
     for _ in range(_MAX_REDIRECTS):
         on_hub = urlsplit(url).netloc == hub_host
         headers = build_hf_headers(token=(hub.token or False) if on_hub else False)
-        with get_session().stream("GET", url, headers=headers, follow_redirects=False,
-                                  timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:  # fmt: skip
+        with get_session().stream(
+            "GET", url, headers=headers, follow_redirects=False, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT
+        ) as response:
             location = response.headers.get("Location")
             if response.is_redirect and location and on_hub:
                 url = urljoin(url, location)
                 continue
             if response.is_redirect:
-                raise HubError(f"The Hub's download server sent {_shown(hub.ref)} on to another address, which this "
-                               "app does not follow; try again in a few minutes.")  # fmt: skip
+                raise HubError(
+                    f"The Hub's download server sent {_shown(hub.ref)} on to another address, which this "
+                    "app does not follow; try again in a few minutes."
+                )
             hf_raise_for_status(response)
             yield response
             return
@@ -414,18 +415,24 @@ def _lora_hub_error(error: Exception, ref: HubLoraRef) -> HubError:
     page = f"https://huggingface.co/{_shown(ref.repo_id)}"
     kind, status = hub_failure(error)
     if kind == "gated":
-        return HubError(f"{_shown(ref.repo_id)} is a gated repository, which this app does not open: accept its "
-                        f"terms at {page}, download the LoRA yourself and upload the .safetensors file.")  # fmt: skip
+        return HubError(
+            f"{_shown(ref.repo_id)} is a gated repository, which this app does not open: accept its "
+            f"terms at {page}, download the LoRA yourself and upload the .safetensors file."
+        )
     # The Hub answers 401 for a missing repo and for a private one alike; so do we
     if kind in ("no-repo", "unauthorized"):
-        return HubError(f"There is no repository {_shown(ref.repo_id)} on the Hub (or it is private). Check the "
-                        f"name at {page}.")  # fmt: skip
+        return HubError(
+            f"There is no repository {_shown(ref.repo_id)} on the Hub (or it is private). Check the name at {page}."
+        )
     if kind == "no-revision":
-        return HubError(f"{_shown(ref.repo_id)} has no revision {_shown(ref.revision)!r} (no branch, tag or commit "
-                        f"of that name); see its branches and tags at {page}/tree/main.")  # fmt: skip
+        return HubError(
+            f"{_shown(ref.repo_id)} has no revision {_shown(ref.revision)!r} (no branch, tag or commit "
+            f"of that name); see its branches and tags at {page}/tree/main."
+        )
     if kind == "no-file":
-        return HubError(f"{_shown(ref.repo_id)} has no file {_shown(ref.filename)}; see its files at "
-                        f"{page}/tree/main.")  # fmt: skip
+        return HubError(
+            f"{_shown(ref.repo_id)} has no file {_shown(ref.filename)}; see its files at {page}/tree/main."
+        )
     if kind == "unreachable":
         why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline_mode() else "the Hub could not be reached"
         return HubError(
@@ -434,8 +441,10 @@ def _lora_hub_error(error: Exception, ref: HubLoraRef) -> HubError:
             "use), or put the .safetensors file in the LoRA folder."
         )
     if kind == "disk-full":
-        return HubError(f"The disk is full: {_shown(ref)} could not be stored. Try again later, or put the "
-                        ".safetensors file in the LoRA folder.")  # fmt: skip
+        return HubError(
+            f"The disk is full: {_shown(ref)} could not be stored. Try again later, or put the "
+            ".safetensors file in the LoRA folder."
+        )
     if status is not None:
         return HubError(f"The Hub answered HTTP {status} for {_shown(ref)}; try again in a few minutes.")
     return HubError(f"Getting {_shown(ref)} from the Hub failed ({type(error).__name__}); try again.")

@@ -69,8 +69,14 @@ class HubLoras:
     endpoint: str | None = None  # default: HF_ENDPOINT
 
     def library_args(self) -> dict:
-        return dict(hub=self.enabled, hub_max_bytes=self.max_bytes, hub_endpoint=self.endpoint, hub_cache=self.cache,
-                    hub_quota_bytes=self.quota_bytes, hub_token=self.token)  # fmt: skip
+        return dict(
+            hub=self.enabled,
+            hub_max_bytes=self.max_bytes,
+            hub_endpoint=self.endpoint,
+            hub_cache=self.cache,
+            hub_quota_bytes=self.quota_bytes,
+            hub_token=self.token,
+        )
 
 
 class LoraLibrary:
@@ -157,8 +163,10 @@ class LoraLibrary:
             if ref is not None:
                 return self._from_hub(name, ref)
             names = names_list([e.name for e in self.entries if e.usable])
-            raise LoraError(f"No LoRA named {capped(name, MAX_FIELD_CHARS)!r} in the LoRA folder "
-                            f"{self.folder.name!r}; available: {names}.")  # fmt: skip
+            raise LoraError(
+                f"No LoRA named {capped(name, MAX_FIELD_CHARS)!r} in the LoRA folder "
+                f"{self.folder.name!r}; available: {names}."
+            )
         if not entry.path.resolve().is_relative_to(self.folder.resolve()):
             raise LoraError(f"{name!r} is a link leading outside the LoRA folder {self.folder.name!r}; not opened.")
         if entry.refused:
@@ -169,8 +177,10 @@ class LoraLibrary:
         """The folder's entry for a name, rescanning when it is new or changed; LoraError for an unsafe name."""
         pure = PurePosixPath(name)
         if not name or "\\" in name or "\x00" in name or pure.is_absolute() or ".." in pure.parts:
-            raise LoraError(f"{capped(name, MAX_FIELD_CHARS)!r} is not a LoRA name: give a path inside the LoRA "
-                            f"folder {self.folder.name!r}.")  # fmt: skip
+            raise LoraError(
+                f"{capped(name, MAX_FIELD_CHARS)!r} is not a LoRA name: give a path inside the LoRA "
+                f"folder {self.folder.name!r}."
+            )
         key = pure.as_posix()
         if key not in self._index or _changed(self._index[key]):  # new, edited or deleted since the last scan
             self.refresh()
@@ -205,8 +215,10 @@ class LoraLibrary:
 
     def _from_hub(self, name: str, ref: HubLoraRef, cancelled: Callable[[], bool] | None = None) -> LoraEntry:
         if not self.hub:
-            raise LoraError(f"LoRAs from the Hub are turned off on this app; put the .safetensors file of "
-                            f"{capped(name, MAX_FIELD_CHARS)} in the LoRA folder (or upload it) instead.")  # fmt: skip
+            raise LoraError(
+                f"LoRAs from the Hub are turned off on this app; put the .safetensors file of "
+                f"{capped(name, MAX_FIELD_CHARS)} in the LoRA folder (or upload it) instead."
+            )
         key = _memo_key(name)
         with self._hub_lock:
             cached = self._hub.get(key)
@@ -214,9 +226,16 @@ class LoraLibrary:
                 mark_used(cached.path)
                 return cached if cached.name == name else dataclasses.replace(cached, name=name)  # as spelt here
         try:
-            got = download_lora(ref, _has_lora_keys, self.hub_max_bytes, token=self.hub_token,
-                                cache_dir=self.hub_cache, endpoint=self.hub_endpoint,
-                                quota_bytes=self.hub_quota_bytes, cancelled=cancelled)  # fmt: skip
+            got = download_lora(
+                ref,
+                _has_lora_keys,
+                self.hub_max_bytes,
+                token=self.hub_token,
+                cache_dir=self.hub_cache,
+                endpoint=self.hub_endpoint,
+                quota_bytes=self.hub_quota_bytes,
+                cancelled=cancelled,
+            )
         except HubError as e:
             raise LoraError(str(e)) from None
         try:

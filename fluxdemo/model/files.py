@@ -1,12 +1,9 @@
-"""Getting a preset's files: a local override, the tiny kit, or the Hugging Face Hub through its own cache.
+"""A preset's model files: a local override, the tiny kit, or the Hugging Face Hub through huggingface_hub's cache.
 
 Everything Hub-related goes through huggingface_hub (hf_hub_download for files, snapshot_download for folders), so
 its cache (HF_HOME / HF_HUB_CACHE), its tqdm progress bars, HF_TOKEN and HF_HUB_OFFLINE all work as users expect.
 Every Hub failure becomes a HubError whose message says what to do; a file that arrives but is not what the preset
 expects becomes a ModelFileError. One log line per file says where it came from, how big it is and how long it took.
-
-LoRAs a visitor names on the Hub are another matter (download_lora): they never use the operator's HF_TOKEN, are
-read at one pinned commit, counted while they stream, and kept in this app's own cache folder under a quota.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What one denoising step costs against its token count, for the work budget (fluxdemo/limits.py).
+"""What one denoising step costs against its token count, for the work budget (fluxdemo/pipeline/limits.py).
 
 A FLUX step runs the image's tokens (one per 16x16 pixels) and the prompt's 512 T5 tokens through the transformer.
 This times steps at two sizes on a kit, fits seconds = fixed + per_token x image_tokens, and prints the fixed part

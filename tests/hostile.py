@@ -426,7 +426,7 @@ def adapters_on(module: torch.nn.Module) -> tuple[list[str], list[str]]:
 
 
 def rest_state(manager) -> dict:
-    """The manager between requests: what a fault must leave as it found (fluxdemo.manager.Model)."""
+    """The manager between requests: what a fault must leave as it found (fluxdemo.pipeline.Model)."""
     from fluxdemo.model.loading import module_bytes
 
     components = sorted(manager.loaded())  # a strategy may drop a component between requests; never load one here

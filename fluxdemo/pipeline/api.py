@@ -1,4 +1,4 @@
-"""What users run: generate(), compare(), sweep() and grid(), each a set of images for fluxdemo.experiments.
+"""What users run: generate(), compare(), sweep() and grid(), each a set of images for fluxdemo.pipeline.experiments.
 
 A LoRA argument is a name in the manager's LoRA library, a stack written `a:0.8+b:0.5`, or a list of names and
 (name, strength) pairs; `strength` is the default for entries that give none. compare() is the base model against

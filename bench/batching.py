@@ -9,7 +9,7 @@ Two kinds of batch, each against the same cells made one at a time by fluxdemo.p
 experiments.run does with batch=1), from the same prompt embeddings and initial noise, and decoded by the same
 fluxdemo.pipeline.stages.decode:
 
-* seeds: one stack (LoRA A at 1.0), B seeds in one transformer pass per step (fluxdemo.pipeline.stages.denoise given the
+* seeds: one stack (LoRA A at 1.0), B seeds in one transformer pass per step (stages.denoise given the
   batch: latents [B, tokens, 64], the embeddings repeated B times);
 * adapters: one seed, the base model and LoRAs in one call, each sample with its own PEFT adapter
   (fluxdemo.adapters.Adapters.per_sample, PEFT's mixed-batch inference, which fluxdemo.pipeline.experiments uses with
@@ -59,7 +59,7 @@ def one_at_a_time(manager, transformer, embeddings, cells, options) -> list[torc
 
 
 def batched(manager, transformer, embeddings, cells, options, mixed=False) -> list[torch.Tensor]:
-    """Every cell in one pass per step (fluxdemo.pipeline.stages.denoise given a batch). Same stack for all (the first cell's
+    """Every cell in one pass per step (stages.denoise given a batch). Same stack for all (the first cell's
     stack active), or (mixed) one adapter per sample, as fluxdemo.pipeline.experiments does (Adapters.per_sample)."""
     if not mixed:
         manager.adapters.activate(cells[0][1], ("transformer",))

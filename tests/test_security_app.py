@@ -458,7 +458,7 @@ def test_public_app_serves_no_monitoring_no_error_details_and_asks_for_a_login(m
         demo.close()
 
 
-# --- 7. bounds on every request, a work budget, and what a visitor cannot reach (pipeline/limits.py, studio/admission.py)
+# --- 7. bounds on every request, a work budget, what a visitor cannot reach (pipeline/limits.py, studio/admission.py)
 
 
 def refusal(response: httpx.Response) -> str:

@@ -25,6 +25,9 @@ class LRU:
         while len(self._items) > self.maxsize:
             self._items.popitem(last=False)
 
+    def clear(self) -> None:
+        self._items.clear()
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -117,6 +117,6 @@ def test_tag_frequency_past_the_cap_gives_no_words():
 
 
 def test_tag_frequency_counts_at_most_max_counted_tags(monkeypatch):
-    monkeypatch.setattr("fluxdemo.lora.MAX_COUNTED_TAGS", 3)
+    monkeypatch.setattr("fluxdemo.lora.report.MAX_COUNTED_TAGS", 3)
     text = json.dumps({"a": {"x": 1, "y": 1}, "b": {"z": 1, "late": 100}})
     assert _parse_trigger_words({"ss_tag_frequency": text}) == ["x", "y", "z"]

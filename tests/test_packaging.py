@@ -40,7 +40,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
 def test_wheel_carries_the_package_and_its_configs_only(wheel):
     names = set(wheel.namelist())
     meta = {n for n in names if n.split("/")[0].endswith(".dist-info")}
-    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "fluxdemo").glob("*.py")}
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "fluxdemo").rglob("*.py")}  # the four wings too
     configs = {p.relative_to(ROOT).as_posix() for p in (ROOT / "fluxdemo" / "configs").rglob("*.json")}
     assert len(configs) == 5  # scheduler, text_encoder, text_encoder_2, transformer, vae of FLUX.1-dev
     assert names - meta == modules | configs

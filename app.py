@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from starlette.middleware import Middleware
+
 from fluxdemo.errors import FluxdemoError
 from fluxdemo.flags import add_model_flags, manager_from_args, quiet_libraries
 from fluxdemo.lora import HubLoras
@@ -29,6 +31,7 @@ from fluxdemo.pipeline.previews import preview_drawer
 
 # Before anything that may touch CUDA: on ZeroGPU the `spaces` package must patch torch first.
 from fluxdemo.studio import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_QUEUE_SIZE, build_studio, zero_gpu
+from fluxdemo.studio.upload_quota import UploadQuota
 
 logger = logging.getLogger("fluxdemo")
 
@@ -257,6 +260,7 @@ def launch_options(args: argparse.Namespace, auth: tuple[str, str] | None) -> di
         auth=auth,
         max_file_size=args.max_upload_mb * MB,
         footer_links=["api", "gradio"],
+        app_kwargs={"middleware": [Middleware(UploadQuota)]},  # gradio bounds each file's size, not their count
     )
     if public:
         options.update(enable_monitoring=False, show_error=False)

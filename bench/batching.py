@@ -12,7 +12,7 @@ fluxdemo.pipeline.stages.decode:
 * seeds: one stack (LoRA A at 1.0), B seeds in one transformer pass per step (stages.denoise given the
   batch: latents [B, tokens, 64], the embeddings repeated B times);
 * adapters: one seed, the base model and LoRAs in one call, each sample with its own PEFT adapter
-  (fluxdemo.adapters.Adapters.per_sample, PEFT's mixed-batch inference, which fluxdemo.pipeline.experiments uses with
+  (fluxdemo.lora.Adapters.per_sample, PEFT's mixed-batch inference, which fluxdemo.pipeline.experiments uses with
   batch > 1): [base, A] is a compare, [base, A, B] a grid column.
 
 Printed per size and batch: denoising seconds one at a time and batched (medians of --repeat, interleaved),

@@ -19,7 +19,7 @@ import torch
 from fluxdemo.model.presets import get_preset
 from fluxdemo.model.tiny import ensure_kit
 from fluxdemo.pipeline import GenerateOptions, Model, generate
-from fluxdemo.pipeline.limits import MEGAPIXEL, STEP_FIXED_PIXELS
+from fluxdemo.pipeline.limits import DEFAULT_MAX_WORK, MEGAPIXEL, STEP_FIXED_PIXELS
 
 PIXELS_PER_TOKEN = 256
 
@@ -63,6 +63,8 @@ def main() -> None:
         "fixed_cost_in_image_tokens": round(fixed_tokens),
         "limits_STEP_FIXED_PIXELS_in_tokens": STEP_FIXED_PIXELS // PIXELS_PER_TOKEN,
         "seconds_per_unit_of_steps": {str(side): round(v, 4) for side, v in per_unit.items()},
+        # what the budget promises on this machine: the heaviest admitted request's steps end within this
+        "max_work_seconds_bound": round(DEFAULT_MAX_WORK * max(per_unit.values()), 1),
     }
     print(json.dumps(row, indent=2))
 

@@ -6,7 +6,7 @@ TAEF1 here is diffusers' AutoencoderTiny in TAEF1's architecture (16 latent chan
 weights: the same arithmetic as madebyollin/taef1, which this machine cannot download. Printed: one denoising step
 (median over the timeline's steps), one preview of each kind at the bench size and at 1024x1024 (median of 20, on
 the manager's device), and generate with a TAEF1 preview due every step against no previews (medians of --repeat,
-interleaved), with the number of previews the budget (fluxdemo.previews.PREVIEW_BUDGET) let through.
+interleaved), with the number of previews the budget (fluxdemo.pipeline.previews.PREVIEW_BUDGET) let through.
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ class ConvertedLora:
     transformer: dict[str, torch.Tensor]
     text_encoder: dict[str, torch.Tensor]
     report: LoraReport
-    # LoKr/LoHa modules, kept factored (fluxdemo.lycoris.attach): component -> parts. Each component with parts also
+    # LoKr/LoHa modules, kept factored (lora.lycoris.attach): component -> parts. Each component with parts also
     # has at least one (zero) LoRA pair above, so that PEFT registers the adapter and its strength drives them all.
     factored: dict[str, list[FactoredPart]] = dataclasses.field(default_factory=dict)
 

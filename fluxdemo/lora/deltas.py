@@ -73,7 +73,7 @@ def delta_shape(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]]) -> tupl
 def factors(adapter: Adapter, t: Mapping[str, torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact (B, A) with B @ A = scale * the delta of a LoRA, full or bias adapter, in float32 (float64 stays).
 
-    LoKr and LoHa are not turned into pairs: their exact rank can reach the layer's width; see fluxdemo.lycoris.
+    LoKr and LoHa are not turned into pairs: their exact rank can reach the layer's width; see fluxdemo.lora.lycoris.
     """
     k = adapter.keys
     f = {

@@ -188,7 +188,9 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every move and library detail")
     add_model_flags(parser)
     _add_flags(parser.add_argument_group("server"), SERVER_FLAGS, env)
-    _add_flags(parser.add_argument_group("limits per request (fluxdemo/pipeline/limits.py; SECURITY.md)"), LIMIT_FLAGS, env)
+    _add_flags(
+        parser.add_argument_group("limits per request (fluxdemo/pipeline/limits.py; SECURITY.md)"), LIMIT_FLAGS, env
+    )
     # Parser-level defaults override add_model_flags' own.
     parser.set_defaults(
         model=env.get("FLUXDEMO_MODEL", DEFAULT_PRESET), strategy=env.get("FLUXDEMO_STRATEGY", "auto"), lora=None

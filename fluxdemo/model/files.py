@@ -9,7 +9,6 @@ expects becomes a ModelFileError. One log line per file says where it came from,
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import shutil
@@ -31,6 +30,7 @@ from huggingface_hub.errors import (
 
 from fluxdemo.errors import HubError, ModelFileError
 from fluxdemo.model.presets import CLI_FLAGS, COMPONENTS, Preset, Source
+from fluxdemo.safetensors_header import HeaderError, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +42,6 @@ FOLDER_CONTENTS: dict[str, tuple[tuple[str, ...], ...]] = {
     "tokenizer_2": (("tokenizer.json",), ("spiece.model",)),  # T5: fast or sentencepiece tokenizer
     "config_dir": (("transformer/config.json",),),
 }
-
-# A safetensors header beyond this is a corrupt length field, not a real header (real ones are a few MB at most).
-_MAX_SAFETENSORS_HEADER = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -384,25 +381,20 @@ def _problem(path: Path, component: str) -> tuple[str | None, bool]:
 
 
 def safetensors_problem(path: Path, size: int) -> str | None:
-    """Parse only the 8-byte header length and the JSON header; check the tensors fill the file exactly."""
-    with path.open("rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        if not 2 <= n <= min(size - 8, _MAX_SAFETENSORS_HEADER):
-            return f"its safetensors header length ({n}) does not fit a {size}-byte file"
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            return f"its safetensors header is not valid JSON ({e})"
-    if not isinstance(header, dict):
-        return "its safetensors header is not a JSON object"
+    """What is wrong with a safetensors file's header (fluxdemo.safetensors_header's check), or None."""
     try:
-        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        return "its safetensors header has a tensor entry without valid data_offsets"
-    if 8 + n + end != size:
-        # the same rule the safetensors loader applies: a truncated download fails here, not deep in loading
-        return f"its tensors need {8 + n + end} bytes but the file has {size} (truncated or corrupt)"
+        read_header(path)
+    except HeaderError as e:
+        if e.kind in ("not", "length"):
+            return f"its safetensors header length ({e.length}) does not fit a {size}-byte file"
+        if e.kind == "extent":
+            # the same rule the safetensors loader applies: a truncated download fails here, not deep in loading
+            return f"its tensors need {e.needed} bytes but the file has {size} (truncated or corrupt)"
+        if e.kind == "json":
+            return f"its safetensors header is not valid JSON ({e.cause})"
+        if e.kind == "object":
+            return "its safetensors header is not a JSON object"
+        return f"its safetensors header is not valid: {e.what}"
     return None
 
 

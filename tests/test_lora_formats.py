@@ -26,20 +26,10 @@ from fluxdemo.lora import (
 from fluxdemo.lora import verdict as lora_formats
 from fluxdemo.lora.report import flux_dev_dims
 from fluxdemo.model.names import FluxDims
+from fluxdemo.model.tiny import TINY_TRANSFORMER, WIDE_TRANSFORMER
 from fluxdemo.model.tiny_loras import FORMATS, Pair, canonical_pairs, write_lora, write_sample_loras
 
-TINY_CONFIG = dict(
-    num_attention_heads=2,
-    attention_head_dim=16,
-    num_layers=2,
-    num_single_layers=2,
-    in_channels=64,
-    joint_attention_dim=32,
-    pooled_projection_dim=32,
-    guidance_embeds=True,
-)
-WIDE_CONFIG = dict(TINY_CONFIG, num_attention_heads=24, attention_head_dim=128, num_layers=1, num_single_layers=1)
-TINY, WIDE = FluxDims.from_config(TINY_CONFIG), FluxDims.from_config(WIDE_CONFIG)
+TINY, WIDE = FluxDims.from_config(TINY_TRANSFORMER), FluxDims.from_config(WIDE_TRANSFORMER)  # the kits' own
 CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2)
 STRENGTH = 0.7
 # At real width a few modules cover every kind of mapping: fused qkv, fused linear1 (q,k,v + mlp), swapped halves and
@@ -161,7 +151,7 @@ def test_converted_weights_load_into_diffusers_at_scale_one(tmp_path):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(**TINY_CONFIG, patch_size=1, axes_dims_rope=[4, 6, 6]).eval()
+    model = FluxTransformer2DModel(**TINY_TRANSFORMER).eval()
     base = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     pairs = canonical_pairs(TINY, rank=3, seed=1, alphas=(None, 1.0, 6.0), modules=lambda b: b != "txt_in")
     tensors, _ = FORMATS["kohya"](pairs, TINY)
@@ -560,7 +550,7 @@ def test_upload_is_checked_named_and_atomic(tmp_path):
 
 
 def test_sample_loras_for_the_kits(tmp_path):
-    transformer = dict(TINY_CONFIG, patch_size=1, axes_dims_rope=[4, 6, 6])
+    transformer = dict(TINY_TRANSFORMER)
     paths = write_sample_loras(tmp_path / "a", transformer, CLIP, seed=0)
     again = write_sample_loras(tmp_path / "b", transformer, CLIP, seed=0)
     assert set(paths) == {"peft", "kohya", "comfy", "xlabs"}
@@ -587,7 +577,7 @@ def _tiny_model():
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
-    return FluxTransformer2DModel(**TINY_CONFIG, patch_size=1, axes_dims_rope=[4, 6, 6]).eval()
+    return FluxTransformer2DModel(**TINY_TRANSFORMER).eval()
 
 
 def _effective(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,7 +84,7 @@ def test_generate_and_sweep(client, kit_lora):
     gallery, report = client.predict(
         o.prompt, kit_lora, "0, 0.5, 1", o.seed, o.steps, o.guidance, o.width, o.height, api_name="/sweep"
     )
-    assert [item["caption"] for item in gallery] == ["strength 0", "strength 0.5", "strength 1"]
+    assert [item["caption"] for item in gallery] == ["base model", "peft:0.5 (× 0.5)", "peft:1 (× 1)"]
     assert [read_params(item["image"]).strength for item in gallery] == [0.0, 0.5, 1.0]
 
 

@@ -223,9 +223,9 @@ def test_a_grid_of_two_loras_three_strengths_two_seeds_equals_its_cells(manager,
     assert cells[4]["loras"] == [{"name": "xlabs.safetensors", "strength": 0.25}] and cells[4]["strength"] == 0.5
     pictures = grid_pictures(result)
     assert [(p, s) for p, s, _ in pictures] == [("a fox", 1), ("a fox", 2)]
-    # 3 columns and 2 rows of 32-pixel cells with 4-pixel gaps, labels above and to the left
+    # 3 columns and 2 rows of 32-pixel cells with 4-pixel gaps, under the title, the columns' title and their labels
     width, height = pictures[0][2].size
-    assert width > 3 * 36 and height == 2 * 24 + 2 * 36
+    assert width > 3 * 36 and height == 3 * 24 + 2 * 36
 
 
 def test_the_grid_cli_writes_labelled_grids_cells_and_a_report(tiny_kit, tmp_path):

@@ -51,7 +51,7 @@ def test_a_compare_is_read_into_one_stack_and_two_images() -> None:
 
 def test_a_sweep_checks_its_columns_against_the_one_strength_range() -> None:
     with pytest.raises(OptionsError, match=r"^Strengths must be between 0 and 2, but 3 is not\.$"):
-        read_request("sweep", ("a cat", "a", "0, 3", 3, 4, 3.5, 64, 64, *PICKERS))
+        read_request("sweep", ("a cat", "a", "0, 3", 3, 4, 3.5, 64, 64, *PICKERS, 1.0))
 
 
 # --- the work unit: the prompt's tokens and the decode count ----------------------------------------------------

@@ -16,7 +16,7 @@ from PIL import Image
 from fluxdemo.errors import OptionsError
 from fluxdemo.pipeline.cache import ResultsCache
 from fluxdemo.pipeline.experiments import ImageSpec, Result, run
-from fluxdemo.pipeline.images import grid_image
+from fluxdemo.pipeline.images import GridText, grid_image
 from fluxdemo.pipeline.model import Model
 from fluxdemo.pipeline.options import MAX_SEED as MAX_SEED
 from fluxdemo.pipeline.options import MAX_SIDE as MAX_SIDE
@@ -32,6 +32,7 @@ from fluxdemo.pipeline.stages import pipeline_view as pipeline_view
 
 MAX_GRID_CELLS = 64  # images in one grid call (prompts x seeds x rows x strengths)
 MAX_GRID_PICTURE_PIXELS = 4096 * 4096  # one grid picture's cells together: 64 cells at 2048x2048 would be 268 MP
+ROW_AXIS, COLUMN_AXIS = "LoRA or stack", "strength: × each LoRA's own"  # a grid picture's axis titles
 
 LoraArg = str | LoraChoice | tuple | list | None
 
@@ -67,8 +68,9 @@ def compare(
 
 
 def scaled(stack: Stack, strength: float) -> Stack:
-    """The stack with every LoRA's strength multiplied by `strength` (a sweep or grid column)."""
-    return tuple(replace(choice, strength=choice.strength * strength) for choice in stack)
+    """The stack with every LoRA's strength multiplied by `strength` (a sweep or grid column), rounded past float
+    noise so that reports and PNGs say 0.8 x 0.75 = 0.6, not 0.6000000000000001."""
+    return tuple(replace(choice, strength=round(choice.strength * strength, 9)) for choice in stack)
 
 
 def sweep(
@@ -86,8 +88,13 @@ def sweep(
     stack = as_stack(lora)
     if not stack:
         raise OptionsError("A sweep needs a LoRA: pick one (or a stack) to sweep.")
-    specs = [ImageSpec(f"strength {s:g}", options, scaled(stack, s)) for s in dict.fromkeys(strengths)]
+    specs = [ImageSpec(sweep_label(s), options, scaled(stack, s)) for s in dict.fromkeys(strengths)]
     return run(manager, specs, controls, cache, batch)
+
+
+def sweep_label(strength: float) -> str:
+    """A sweep image's key in Result.images: "strength 0.5" (scaled_label() says what it ran at)."""
+    return f"strength {strength:g}"
 
 
 def grid(
@@ -151,31 +158,64 @@ def grid(
 
 
 def grid_pictures(result: Result) -> list[tuple[str, int, Image.Image]]:
-    """The labelled grid pictures of a grid() result: (prompt, seed, picture) per prompt and seed."""
+    """The labelled grid pictures of a grid() result: (prompt, seed, picture) per prompt and seed. The base model's
+    column (strength 0) is drawn once, in the first row: it is the same picture in every row."""
     layout, cells = result.report["grid"], result.report["cells"]
     pictures = []
     for prompt in layout["prompts"]:
         for seed in layout["seeds"]:
-            mine = [c for c in cells if c["prompt"] == prompt and c["seed"] == seed]
-            rows = [[result.images[c["label"]] for c in mine if c["row"] == r] for r in range(len(layout["rows"]))]
-            rows = _fit_cells(rows)
-            columns = [f"× {s:g}" for s in layout["strengths"]]
-            title = f"seed {seed} · {prompt}"
-            pictures.append((prompt, seed, grid_image(rows, layout["rows"], columns, title)))
+            rows: list[list[Image.Image | None]] = [[None] * len(layout["strengths"]) for _ in layout["rows"]]
+            for c in cells:
+                if c["prompt"] == prompt and c["seed"] == seed and not _repeated_base(c):
+                    rows[c["row"]][c["column"]] = result.images[c["label"]]
+            pictures.append((prompt, seed, grid_image(_fit_cells(rows), grid_text(result.report, prompt, seed))))
     return pictures
 
 
-def _fit_cells(rows: list[list[Image.Image]]) -> list[list[Image.Image]]:
+def grid_text(report: dict, prompt: str, seed: int) -> GridText:
+    """What the grid picture of one prompt and seed says: the seed and prompt, the rows' stacks, the columns."""
+    layout = report["grid"]
+    columns = tuple(column_label(s) for s in layout["strengths"])
+    return GridText(f"seed {seed} · {prompt}", tuple(layout["rows"]), columns, ROW_AXIS, COLUMN_AXIS)
+
+
+def grid_cells(report: dict) -> list[tuple[str, str]]:
+    """A grid() result's cells as a gallery shows them: (label, caption), the base model's once per prompt and seed.
+    A caption names the prompt (when there are several), the seed, the row's stack and the column's strength:
+    "seed 1 · kohya:0.8 + comfy:0.5 × 0.5", "seed 1 · base model"."""
+    layout = report["grid"]
+    shown = []
+    for cell in (c for c in report["cells"] if not _repeated_base(c)):
+        prompt = f"p{layout['prompts'].index(cell['prompt']) + 1} " * (len(layout["prompts"]) > 1)
+        stack = f"{layout['rows'][cell['row']]} {column_label(cell['strength'])}" if cell["strength"] else "base model"
+        shown.append((cell["label"], f"{prompt}seed {cell['seed']} · {stack}"))
+    return shown
+
+
+def column_label(strength: float) -> str:
+    """A sweep's or grid's column as pictures and captions write it: it multiplies each LoRA's own strength."""
+    return f"× {strength:g}" if strength else "base model"
+
+
+def scaled_label(stack: Stack, strength: float) -> str:
+    """One image of a sweep as people read it: the strengths it ran at and its column, "a:0.4 + b:0.25 (× 0.5)"."""
+    return f"{stack_label(scaled(stack, strength))} ({column_label(strength)})" if strength else "base model"
+
+
+def _repeated_base(cell: dict) -> bool:
+    """A grid cell at strength 0 below the first row: the base model's picture again."""
+    return cell["strength"] == 0 and cell["row"] > 0
+
+
+def _fit_cells(rows: list[list[Image.Image | None]]) -> list[list[Image.Image | None]]:
     """The cells scaled down, all by one factor, until the grid holds at most MAX_GRID_PICTURE_PIXELS (each cell's
     own PNG keeps its full size)."""
-    total = sum(cell.width * cell.height for row in rows for cell in row)
+    total = sum(cell.width * cell.height for row in rows for cell in row if cell is not None)
     if total <= MAX_GRID_PICTURE_PIXELS:
         return rows
     scale = (MAX_GRID_PICTURE_PIXELS / total) ** 0.5
-    return [
-        [
-            cell.resize((max(1, int(cell.width * scale)), max(1, int(cell.height * scale))), Image.LANCZOS)
-            for cell in row
-        ]
-        for row in rows
-    ]
+
+    def fit(cell: Image.Image) -> Image.Image:
+        return cell.resize((max(1, int(cell.width * scale)), max(1, int(cell.height * scale))), Image.LANCZOS)
+
+    return [[None if cell is None else fit(cell) for cell in row] for row in rows]

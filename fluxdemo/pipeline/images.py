@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import errno
 import io
+import itertools
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -29,6 +31,9 @@ SCHEMA = 1  # of the "fluxdemo" chunk; bump when a field changes meaning
 LABEL_BAND = 24  # pixels under the images of side_by_side() for their labels
 LABEL_FONT_SIZE = 14
 MAX_DIFFERENCE_GAIN = 32.0  # difference() never stretches by more than this
+GRID_FONT = Path(__file__).with_name("fonts") / "NotoSans-Regular-Latin.ttf"  # Noto Sans, OFL, cut to Latin
+MAX_ROW_LABEL = 320  # pixels for a grid's row labels; a longer label is cut with an ellipsis
+BACKGROUND, LABEL_COLOUR, AXIS_COLOUR = (24, 24, 24), (235, 235, 235), (150, 170, 200)
 
 
 def a1111_parameters(params: ImageParams) -> str:
@@ -131,14 +136,14 @@ def side_by_side(
     """
     band = LABEL_BAND if labels is not None else 0
     height = max(left.height, right.height)
-    canvas = Image.new("RGB", (left.width + gap + right.width, height + band), (24, 24, 24))
+    canvas = Image.new("RGB", (left.width + gap + right.width, height + band), BACKGROUND)
     canvas.paste(left.convert("RGB"), (0, 0))
     canvas.paste(right.convert("RGB"), (left.width + gap, 0))
     if labels is not None:
         draw = ImageDraw.Draw(canvas)
-        font = ImageFont.load_default(size=LABEL_FONT_SIZE)  # Pillow's built-in font: no font file to ship
+        font = ImageFont.load_default(size=LABEL_FONT_SIZE)  # ASCII labels: Pillow's own font has them
         for text, x0, w in ((labels[0], 0, left.width), (labels[1], left.width + gap, right.width)):
-            draw.text((x0 + w / 2, height + band / 2), text, fill=(235, 235, 235), font=font, anchor="mm")
+            draw.text((x0 + w / 2, height + band / 2), text, fill=LABEL_COLOUR, font=font, anchor="mm")
     return canvas
 
 
@@ -170,40 +175,63 @@ def _lora_tag(name: str) -> str:
     return Path(name).name.removesuffix(".safetensors")
 
 
-def grid_image(
-    rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str], title: str = "", gap: int = 4
-) -> Image.Image:
-    """Cells in rows and columns, with the column labels above, the row labels at the left and a title on top:
-    Forge's X/Y plot. Every cell is drawn at the first cell's size."""
-    font = ImageFont.load_default(size=LABEL_FONT_SIZE)
-    cell_w, cell_h = rows[0][0].size
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = max(measure.textlength(text, font=font) for text in row_labels) + 2 * gap
-    left, top = int(min(label_w, 320)), LABEL_BAND * (2 if title else 1)
-    columns = max(len(row) for row in rows)
-    canvas = Image.new("RGB", (left + columns * (cell_w + gap), top + len(rows) * (cell_h + gap)), (24, 24, 24))
+@dataclasses.dataclass(frozen=True)
+class GridText:
+    """Everything a grid picture says: its title, the axes' titles, a label per row and per column."""
+
+    title: str
+    rows: tuple[str, ...]
+    columns: tuple[str, ...]
+    row_axis: str = ""
+    column_axis: str = ""
+
+
+def grid_image(rows: list[list[Image.Image | None]], text: GridText, gap: int = 4) -> Image.Image:
+    """Forge's X/Y plot: the title on top, the columns' axis title over the column labels, the rows' axis title over
+    the row labels at the left, and the cells. A None cell stays empty: a column that every row shares is drawn once,
+    in the first row.
+
+    Every cell is drawn at the first cell's size, in a column as wide as the cell or its label. Size:
+    (left + sum(column width + gap), LABEL_BAND * (1 + titles) + len(rows) * (cell height + gap)), where left fits
+    the widest row label or the rows' title (at most MAX_ROW_LABEL) and titles counts the title and the columns'.
+    """
+    font = label_font()
+    cell_w, cell_h = next(cell for row in rows for cell in row if cell is not None).size
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = min(max(_width(draw, t, font) for t in [*text.rows, text.row_axis]) + 2 * gap, MAX_ROW_LABEL)
+    widths = [max(cell_w, _width(draw, label, font) + gap) for label in text.columns]
+    xs = list(itertools.accumulate([left, *(w + gap for w in widths)]))  # each column's left edge, then the end
+    top = LABEL_BAND * (1 + bool(text.title) + bool(text.column_axis))
+    canvas = Image.new("RGB", (xs[-1], top + len(rows) * (cell_h + gap)), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text(
-            (gap, LABEL_BAND / 2),
-            _fit(draw, title, canvas.width - 2 * gap, font),
-            fill=(235, 235, 235),
-            font=font,
-            anchor="lm",
-        )
-    for c, text in enumerate(column_labels):
-        x = left + c * (cell_w + gap) + cell_w / 2
-        draw.text(
-            (x, top - LABEL_BAND / 2), _fit(draw, text, cell_w, font), fill=(235, 235, 235), font=font, anchor="mm"
-        )
-    for r, (row, text) in enumerate(zip(rows, row_labels, strict=True)):
+
+    def put(label: str, xy: tuple[float, float], room: float, anchor: str, fill=LABEL_COLOUR) -> None:
+        draw.text(xy, _fit(draw, label, room, font), fill=fill, font=font, anchor=anchor)
+
+    if text.title:
+        put(text.title, (gap, LABEL_BAND / 2), canvas.width - 2 * gap, "lm")
+    if text.column_axis:
+        middle = ((left + canvas.width) / 2, top - LABEL_BAND * 1.5)
+        put(text.column_axis, middle, canvas.width - left, "mm", AXIS_COLOUR)
+    put(text.row_axis, (gap, top - LABEL_BAND / 2), left - 2 * gap, "lm", AXIS_COLOUR)
+    for x, w, label in zip(xs, widths, text.columns, strict=False):
+        put(label, (x + w / 2, top - LABEL_BAND / 2), w, "mm")
+    for r, (row, label) in enumerate(zip(rows, text.rows, strict=True)):
         y = top + r * (cell_h + gap)
-        draw.text(
-            (gap, y + cell_h / 2), _fit(draw, text, left - 2 * gap, font), fill=(235, 235, 235), font=font, anchor="lm"
-        )
-        for c, cell in enumerate(row):
-            canvas.paste(cell.convert("RGB").resize((cell_w, cell_h)), (left + c * (cell_w + gap), y))
+        put(label, (gap, y + cell_h / 2), left - 2 * gap, "lm")
+        for x, w, cell in zip(xs, widths, row, strict=False):
+            if cell is not None:
+                canvas.paste(cell.convert("RGB").resize((cell_w, cell_h)), (x + (w - cell_w) // 2, y))
     return canvas
+
+
+def label_font(size: int = LABEL_FONT_SIZE) -> ImageFont.FreeTypeFont:
+    """The grid pictures' font, shipped with the package (fonts/README.md): Pillow's own has no "×" and no "é"."""
+    return ImageFont.truetype(GRID_FONT, size)
+
+
+def _width(draw: ImageDraw.ImageDraw, text: str, font) -> int:
+    return math.ceil(draw.textlength(text, font=font))
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, width: float, font) -> str:

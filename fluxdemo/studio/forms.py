@@ -21,11 +21,12 @@ DEFAULT_GRID_STRENGTHS = "0, 0.5, 1"
 MAX_GRID_SEEDS = 4
 EXTRA_ROWS = (2, 3, 4)  # the LoRA rows below the first: a stack holds up to four LoRAs
 _ROWS = tuple(f"{key}_{n}" for n in EXTRA_ROWS for key in ("lora", "strength"))
-# Each model job's parameters in gradio's API order: gradio_client callers pass them by position
+# Each model job's parameters in gradio's API order: gradio_client callers pass them by position (a sweep's first
+# LoRA strength comes last, so that callers who leave it out keep the order they had)
 FIELDS = {
     "compare": ("prompt", "lora", "strength", "seed", "steps", "guidance", "width", "height", *_ROWS),
     "generate": ("prompt", "lora", "strength", "seed", "steps", "guidance", "width", "height", *_ROWS),
-    "sweep": ("prompt", "lora", "strengths", "seed", "steps", "guidance", "width", "height", *_ROWS),
+    "sweep": ("prompt", "lora", "strengths", "seed", "steps", "guidance", "width", "height", *_ROWS, "strength"),
     "grid": (
         "prompt", "prompts", "rows", "strengths", "seeds", "steps", "guidance", "width", "height", "lora", "strength",
         *_ROWS,
@@ -151,7 +152,7 @@ def read_request(kind: str, values: Sequence, limits: Limits = DEFAULT_LIMITS) -
             check_prompt(text, limits)
     else:
         strength = values[2]  # a sweep's is its strengths' text; each multiplies the LoRAs' own
-        options, stack = read_controls([*values[:2], 1.0, *values[3:]] if kind == "sweep" else values)
+        options, stack = read_controls([*values[:2], values[-1], *values[3:-1]] if kind == "sweep" else values)
         if kind != "generate" and not stack:
             goal = "sweep its strength" if kind == "sweep" else "compare with the base model"
             raise OptionsError(f"Pick a LoRA to {goal}, or upload one.")

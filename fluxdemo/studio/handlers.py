@@ -26,7 +26,19 @@ from fluxdemo.pipeline import (
     settings_from_png,
     side_by_side,
 )
-from fluxdemo.pipeline.api import Controls, Result, compare, generate, grid, grid_pictures, stack_label, sweep
+from fluxdemo.pipeline.api import (
+    Controls,
+    Result,
+    compare,
+    generate,
+    grid,
+    grid_cells,
+    grid_pictures,
+    scaled_label,
+    stack_label,
+    sweep,
+    sweep_label,
+)
 from fluxdemo.pipeline.limits import DEFAULT_LIMITS, Limits, for_visitor
 from fluxdemo.pipeline.model import Model
 from fluxdemo.pipeline.previews import DrawPreview, latent_preview
@@ -208,7 +220,7 @@ class Studio:
 
     @model_job("sweep")
     def sweep(self, ask: Ask, history: list | None, request: gr.Request, progress: gr.Progress) -> tuple:
-        """One image per strength (multiplying each LoRA's own), same seed -> ([(png, "strength 0.5"), ...],
+        """One image per strength (multiplying each LoRA's own), same seed -> ([(png, "a:0.4 + b:0.25 (× 0.5)"), ...],
         report)."""
         (stack,) = ask.stacks
 
@@ -222,7 +234,7 @@ class Studio:
             for label, image in result.images.items()
         }
         history = self._remember(history, "sweep", result, files)
-        gallery = [(path, label) for label, path in files.items()]
+        gallery = [(files[sweep_label(s)], scaled_label(stack, s)) for s in ask.columns]
         return gallery, result.report, {"tab": "sweep", "files": list(files.values())}, history
 
     @model_job("grid")
@@ -236,10 +248,10 @@ class Studio:
 
         result = self._run(task, ask, request, progress)
         folder = self.runs.new()
-        cells = [cell["label"] for cell in result.report["cells"]]
+        cells = grid_cells(result.report)  # the base model's cell once per prompt and seed, as the pictures draw it
         files = {
             label: self._png(folder / f"cell-{n + 1:03d}.png", result.images[label], result, label)
-            for n, label in enumerate(cells)
+            for n, (label, _) in enumerate(cells)
         }
         pictures = []
         for p, (prompt, seed, picture) in enumerate(grid_pictures(result)):
@@ -247,7 +259,7 @@ class Studio:
             picture.save(path)  # a picture of pictures: each cell's PNG carries its parameters
             pictures.append((str(path), f"seed {seed} · {prompt[:60]}"))
         history = self._remember(history, "grid", result, files)
-        cell_gallery = [(files[label], label) for label in cells]
+        cell_gallery = [(files[label], caption) for label, caption in cells]
         run = {"tab": "grid", "files": [path for path, _ in pictures] + list(files.values())}
         return pictures, cell_gallery, result.report, run, history
 

@@ -38,6 +38,7 @@ from test_lora_hub import LyingHub
 
 from fluxdemo import pipeline
 from fluxdemo.pipeline import Model
+from fluxdemo.pipeline.api import grid_cells
 from fluxdemo.studio import read_request
 
 STEPS, SIDE = 2, 16
@@ -271,7 +272,7 @@ def solo(manager: Model, kind: str, values: tuple) -> list[np.ndarray]:
     ask = read_request("compare" if kind == "hub" else kind, values)
     if kind == "grid":
         result = pipeline.grid(manager, ask.options, ask.prompts, ask.seeds, ask.stacks, ask.columns)
-        return [np.asarray(result.images[cell["label"]]) for cell in result.report["cells"]]
+        return [np.asarray(result.images[label]) for label, _ in grid_cells(result.report)]  # as the gallery
     (stack,) = ask.stacks
     if kind == "generate":
         return [np.asarray(image) for image in pipeline.generate(manager, ask.options, stack).images.values()]

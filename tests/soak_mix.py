@@ -271,7 +271,7 @@ def solo(manager: Model, kind: str, values: tuple) -> list[np.ndarray]:
     ask = read_request("compare" if kind == "hub" else kind, values)
     if kind == "grid":
         result = pipeline.grid(manager, ask.options, ask.prompts, ask.seeds, ask.stacks, ask.columns)
-        return [np.asarray(result.images[cell["label"]]) for cell in result.report["cells"]]
+        return [np.asarray(result.images[cell.label]) for cell in result.report.cells]
     (stack,) = ask.stacks
     if kind == "generate":
         return [np.asarray(image) for image in pipeline.generate(manager, ask.options, stack).images.values()]

@@ -25,6 +25,7 @@ from fluxdemo.pipeline.options import MIN_SIDE as MIN_SIDE
 from fluxdemo.pipeline.options import SIDE_MULTIPLE as SIDE_MULTIPLE
 from fluxdemo.pipeline.options import GenerateOptions, LoraChoice, Stack, as_stack
 from fluxdemo.pipeline.options import stack_label as stack_label
+from fluxdemo.pipeline.report import GridCell, GridLayout
 from fluxdemo.pipeline.stages import Controls
 from fluxdemo.pipeline.stages import encode as encode
 from fluxdemo.pipeline.stages import initial_noise as initial_noise
@@ -102,11 +103,10 @@ def grid(
     batch: int = 1,
 ) -> Result:
     """Forge's X/Y plot for LoRAs: per prompt and seed, one row per LoRA stack and one column per strength (which
-    multiplies each LoRA's own). Images are keyed by their cell's label; report["cells"] lists every cell as
-    {prompt, seed, loras: [{name, strength}], strength, row, column, label}. Cells at strength 0 are the baseline,
-    made once per prompt and seed. batch > 1 sends cells through the transformer together: those of one row and
-    column (their seeds and prompts), and those of one column whose rows are single LoRAs, with the baseline (see
-    experiments.run)."""
+    multiplies each LoRA's own). Images are keyed by their cell's label; report.cells lists every cell (a GridCell),
+    report.grid the axes. Cells at strength 0 are the baseline, made once per prompt and seed. batch > 1 sends cells
+    through the transformer together: those of one row and column (their seeds and prompts), and those of one column
+    whose rows are single LoRAs, with the baseline (see experiments.run)."""
     prompts, seeds = list(dict.fromkeys(prompts)), list(dict.fromkeys(seeds))
     strengths = list(dict.fromkeys(strengths))
     stacks = [as_stack(row) for row in rows]
@@ -128,40 +128,34 @@ def grid(
                     label = f"p{p + 1} seed {seed} row {r + 1} x{strength:g}"
                     cell_stack = scaled(stack, strength)
                     specs.append(ImageSpec(label, replace(options, prompt=prompt, seed=seed), cell_stack))
-                    cells.append(
-                        {
-                            "prompt": prompt,
-                            "seed": seed,
-                            "strength": strength,
-                            "row": r,
-                            "column": c,
-                            "loras": [{"name": x.name, "strength": x.strength} for x in cell_stack],
-                            "label": label,
-                        }
+                    cell = GridCell(
+                        prompt=prompt,
+                        seed=seed,
+                        strength=strength,
+                        row=r,
+                        column=c,
+                        loras=list(cell_stack),
+                        label=label,
                     )
+                    cells.append(cell)
     result = run(manager, specs, controls, cache, batch)
-    result.report["cells"] = cells
-    result.report["grid"] = {
-        "prompts": prompts,
-        "seeds": seeds,
-        "rows": [stack_label(s) for s in stacks],
-        "strengths": strengths,
-    }
+    layout = GridLayout(prompts=prompts, seeds=seeds, rows=[stack_label(s) for s in stacks], strengths=strengths)
+    result.report = replace(result.report, cells=cells, grid=layout)
     return result
 
 
 def grid_pictures(result: Result) -> list[tuple[str, int, Image.Image]]:
     """The labelled grid pictures of a grid() result: (prompt, seed, picture) per prompt and seed."""
-    layout, cells = result.report["grid"], result.report["cells"]
+    layout, cells = result.report.grid, result.report.cells
     pictures = []
-    for prompt in layout["prompts"]:
-        for seed in layout["seeds"]:
-            mine = [c for c in cells if c["prompt"] == prompt and c["seed"] == seed]
-            rows = [[result.images[c["label"]] for c in mine if c["row"] == r] for r in range(len(layout["rows"]))]
+    for prompt in layout.prompts:
+        for seed in layout.seeds:
+            mine = [c for c in cells if c.prompt == prompt and c.seed == seed]
+            rows = [[result.images[c.label] for c in mine if c.row == r] for r in range(len(layout.rows))]
             rows = _fit_cells(rows)
-            columns = [f"× {s:g}" for s in layout["strengths"]]
+            columns = [f"× {s:g}" for s in layout.strengths]
             title = f"seed {seed} · {prompt}"
-            pictures.append((prompt, seed, grid_image(rows, layout["rows"], columns, title)))
+            pictures.append((prompt, seed, grid_image(rows, layout.rows, columns, title)))
     return pictures
 
 

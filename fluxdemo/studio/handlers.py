@@ -187,9 +187,9 @@ class Studio:
         history = self._remember(history, "compare", result, {"baseline": files[0], "lora": files[1]})
         a, b = history[-2], history[-1]
         shown = shown_params(self.manager, ask.options, stack)
-        run = {"tab": "compare", "files": files, "a": a.title, "b": b.title, "shown": shown}
+        run = {"tab": "compare", "files": files, "a": a.title, "b": b.title, "shown": shown, "report": result.report}
         run["label"] = slider_label(a, b)
-        return (files[0], files[1]), result.report, run, history
+        return (files[0], files[1]), result.report.to_dict(), run, history
 
     @model_job("generate")
     def generate(self, ask: Ask, history: list | None, request: gr.Request, progress: gr.Progress) -> tuple:
@@ -204,7 +204,8 @@ class Studio:
         path = self._png(self.runs.new() / f"{label}.png", image, result, label)
         history = self._remember(history, "generate", result, {label: path})
         shown = shown_params(self.manager, ask.options, stack)
-        return path, result.report, {"tab": "single", "files": [path], "shown": shown}, history
+        run = {"tab": "single", "files": [path], "shown": shown, "report": result.report}
+        return path, result.report.to_dict(), run, history
 
     @model_job("sweep")
     def sweep(self, ask: Ask, history: list | None, request: gr.Request, progress: gr.Progress) -> tuple:
@@ -223,7 +224,8 @@ class Studio:
         }
         history = self._remember(history, "sweep", result, files)
         gallery = [(path, label) for label, path in files.items()]
-        return gallery, result.report, {"tab": "sweep", "files": list(files.values())}, history
+        run = {"tab": "sweep", "files": list(files.values()), "report": result.report}
+        return gallery, result.report.to_dict(), run, history
 
     @model_job("grid")
     def grid(self, ask: Ask, history: list | None, request: gr.Request, progress: gr.Progress) -> tuple:
@@ -236,7 +238,7 @@ class Studio:
 
         result = self._run(task, ask, request, progress)
         folder = self.runs.new()
-        cells = [cell["label"] for cell in result.report["cells"]]
+        cells = [cell.label for cell in result.report.cells]
         files = {
             label: self._png(folder / f"cell-{n + 1:03d}.png", result.images[label], result, label)
             for n, label in enumerate(cells)
@@ -248,8 +250,8 @@ class Studio:
             pictures.append((str(path), f"seed {seed} · {prompt[:60]}"))
         history = self._remember(history, "grid", result, files)
         cell_gallery = [(files[label], label) for label in cells]
-        run = {"tab": "grid", "files": [path for path, _ in pictures] + list(files.values())}
-        return pictures, cell_gallery, result.report, run, history
+        run = {"tab": "grid", "files": [path for path, _ in pictures] + list(files.values()), "report": result.report}
+        return pictures, cell_gallery, result.report.to_dict(), run, history
 
     def read(self, kind: str, values: Sequence, scan: bool = True) -> Ask:
         """The request checked whole (read_request), and its Hub LoRAs already fetched."""

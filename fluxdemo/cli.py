@@ -31,8 +31,7 @@ Where the model comes from:
 """
 
 COMPARE_FILES = ("baseline.png", "lora.png", "side_by_side.png", "report.json")
-# Image defaults when --steps, --width, --height are not given. A tiny model draws noise at any size, so it uses the
-# studio's small defaults (studio.py) and answers in about a second; the real model uses FLUX.1-dev's own.
+# Defaults for --steps, --width, --height: FLUX.1-dev's own; a tiny model (noise at any size) the studio's small ones.
 IMAGE_DEFAULTS = {"steps": 28, "width": 1024, "height": 1024}
 TINY_IMAGE_DEFAULTS = {"steps": 12, "width": 256, "height": 256}
 VERBOSE_HELP = "log every move and library detail, and show the traceback of an error (anywhere on the line)"

@@ -22,9 +22,6 @@ from fluxdemo.lora.keys import (
     group_keys,
 )
 
-# ---------------------------------------------------------------------------------------------------------------
-# The verdict on a file's keys for one model: header shapes in, matched/unmatched keys and problems out.
-
 CONTROL_INPUTS = {128: "a FLUX.1 Canny/Depth control LoRA", 384: "a FLUX.1 Fill LoRA"}  # img_in input width
 SD_CONTEXT = {2048: "SDXL", 1024: "SD2.x", 768: "SD1.5"}  # cross-attention to_k input width -> base model
 # Full deltas become an exact (B, A) pair of rank min(out, in), in float32; above this many bytes in all (a whole-model

@@ -88,13 +88,13 @@ def measure(files: Mapping[str, Path], kit: Path, strategy: str, size: int, step
     for move in manager.moves:
         if move.kind == "load":
             loads.setdefault(move.component, move.seconds)  # the first load; disk reads T5 and the transformer again
-    memory = one.report["memory"]
-    stages = {s["name"]: s["seconds"] for s in one.report["timeline"]}
+    memory = one.report.memory
+    stages = {s.name: s.seconds for s in one.report.timeline}
     return {
-        "strategy": memory["strategy"], "ram": memory["ram"], "plan": memory["plan"],
-        "predicted_peak_bytes": memory["predicted_peak_bytes"], "predicted_ram_bytes": memory["predicted_ram_bytes"],
+        "strategy": memory.strategy, "ram": memory.ram, "plan": memory.plan,
+        "predicted_peak_bytes": memory.predicted_peak_bytes, "predicted_ram_bytes": memory.predicted_ram_bytes,
         "load_s": loads, "first_use_s": {k: v for k, v in stages.items() if k.startswith(("encode", "baseline step"))},
-        "generate_s": generate_s, "compare_s": compare_s, "reused": two.report.get("reused", []),
+        "generate_s": generate_s, "compare_s": compare_s, "reused": two.report.reused,
         "images": {"baseline": image_hash(one.images["baseline"]), "lora": image_hash(two.images["lora"]),
                    "compare baseline": image_hash(two.images["baseline"])},
     }  # fmt: skip

@@ -215,15 +215,15 @@ def measure(files: Mapping[str, Path], kit: Path, quant: str, strategy: str, siz
     except OutOfMemoryError as e:
         return {"quant": quant, "strategy": strategy, "error": str(e)}
     (first, _), (warm, move_seconds) = runs
-    step_seconds = [s["seconds"] for s in warm["timeline"] if " step " in s["name"]]
-    memory = warm["memory"]
+    step_seconds = [s.seconds for s in warm.timeline if " step " in s.name]
+    memory = warm.memory
     return {
-        "quant": quant, "strategy": warm["strategy"], "size": size, "steps": steps, "plan": memory["plan"],
-        "events": first["events"] + warm["events"],
-        "peak_bytes": memory["peak_device_bytes"], "predicted_peak_bytes": memory["predicted_peak_bytes"],
-        "stage_peak_bytes": memory["stage_peak_bytes"], "predicted_stage_bytes": memory["predicted_stage_bytes"],
-        "s_per_step": statistics.mean(step_seconds), "image_s": warm["seconds"], "move_s": move_seconds,
-        "first_image_s": first["seconds"], "peak_rss_bytes": memory["peak_rss_bytes"],
+        "quant": quant, "strategy": warm.strategy, "size": size, "steps": steps, "plan": memory.plan,
+        "events": first.events + warm.events,
+        "peak_bytes": memory.peak_device_bytes, "predicted_peak_bytes": memory.predicted_peak_bytes,
+        "stage_peak_bytes": memory.stage_peak_bytes, "predicted_stage_bytes": memory.predicted_stage_bytes,
+        "s_per_step": statistics.mean(step_seconds), "image_s": warm.seconds, "move_s": move_seconds,
+        "first_image_s": first.seconds, "peak_rss_bytes": memory.peak_rss_bytes,
     }  # fmt: skip
 
 

@@ -100,7 +100,7 @@ def measure(kind: str, folder: Path, size: int, steps: int) -> dict:
         f.write("5")  # VmHWM back to the current RSS
     before = _status("VmRSS")
     adapted = generate(manager, options, f"{kind}.safetensors", 1.0)
-    step_s = lambda result: [s["seconds"] for s in result.report["timeline"] if " step " in s["name"]]  # noqa: E731
+    step_s = lambda result: [s.seconds for s in result.report.timeline if " step " in s.name]  # noqa: E731
     out = folder / f"{kind}.png"
     adapted.images["lora"].save(out)
     return {"held": _status("VmRSS") - before, "peak": _status("VmHWM") - before, "png": str(out),

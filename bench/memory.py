@@ -60,12 +60,12 @@ def measure(kit: str, strategy: str, size: int, steps: int) -> dict:
         seconds.append(time.perf_counter() - start)
         peaks.append(rss("VmHWM"))
         images.append(np.asarray(result.images["baseline"]))
-    memory = result.report["memory"]
+    memory = result.report.memory
     return {
         "strategy": strategy, "base_rss": base, "peak_rss": peaks[0], "second_peak_rss": peaks[1],
         "rss_after": rss(),
-        "planned_peak": memory["predicted_peak_bytes"], "first_s": seconds[0], "second_s": seconds[1],
-        "image_sha256": hashlib.sha256(images[0].tobytes()).hexdigest(), "plan": memory["plan"],
+        "planned_peak": memory.predicted_peak_bytes, "first_s": seconds[0], "second_s": seconds[1],
+        "image_sha256": hashlib.sha256(images[0].tobytes()).hexdigest(), "plan": memory.plan,
         "moves": [f"{m.action} {m.component}" for m in manager.moves],
     }  # fmt: skip
 

@@ -74,7 +74,7 @@ def main() -> None:
         start = time.perf_counter()
         plain = generate(manager, options)
         plain_s.append(time.perf_counter() - start)
-        steps += [s["seconds"] for s in plain.report["timeline"] if " step " in s["name"]]
+        steps += [s.seconds for s in plain.report.timeline if " step " in s.name]
         start = time.perf_counter()
         generate(manager, options, controls=with_taef1)
         preview_s.append(time.perf_counter() - start)

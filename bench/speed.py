@@ -78,7 +78,7 @@ def timed(fn: Callable[..., object], *args, **kwargs) -> tuple[float, object]:
 
 def step_seconds(result) -> float:
     """The median denoising step of a run, from its timeline (previews are not counted in a step's seconds)."""
-    return statistics.median(s["seconds"] for s in result.report["timeline"] if " step " in s["name"])
+    return statistics.median(s.seconds for s in result.report.timeline if " step " in s.name)
 
 
 def preview_ms(width: int, height: int, repeat: int = 50) -> float:
@@ -109,7 +109,7 @@ def bench_engine(manager: Model, kind: str, a: str, b: str, repeat: int) -> dict
         o, cache = options(kind), ResultsCache()
         rnd["first"], _ = timed(compare, manager, o, a, 1.0, cache=cache)
         rnd["follow"], follow = timed(compare, manager, o, a, 0.5, cache=cache)
-        assert "baseline" in follow.report["reused"], follow.report["reused"]
+        assert "baseline" in follow.report.reused, follow.report.reused
         g = options(kind)
         rnd["grid"], made = timed(grid, manager, g, [g.prompt], [1], [a, b], GRID_STRENGTHS)
         assert len(made.images) == cells

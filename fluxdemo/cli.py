@@ -31,8 +31,7 @@ Where the model comes from:
 """
 
 COMPARE_FILES = ("baseline.png", "lora.png", "side_by_side.png", "report.json")
-# Image defaults when --steps, --width, --height are not given. A tiny model draws noise at any size, so it uses the
-# studio's small defaults (studio.py) and answers in about a second; the real model uses FLUX.1-dev's own.
+# Defaults for --steps, --width, --height: FLUX.1-dev's own; a tiny model (noise at any size) the studio's small ones.
 IMAGE_DEFAULTS = {"steps": 28, "width": 1024, "height": 1024}
 TINY_IMAGE_DEFAULTS = {"steps": 12, "width": 256, "height": 256}
 VERBOSE_HELP = "log every move and library detail, and show the traceback of an error (anywhere on the line)"
@@ -205,7 +204,7 @@ def cmd_compare(args) -> int:
         ("lora", "side_by_side", both),
     ):
         save_png(image, params_from_report(result.report, label, role), args.out / f"{role}.png", overwrite=True)
-    _write_json(args.out / "report.json", result.report)
+    _write_json(args.out / "report.json", result.report.to_dict())
     print(args.out)
     return 0
 
@@ -219,32 +218,30 @@ def cmd_grid(args) -> int:
         raise OptionsError(f"{args.out} is not empty; choose another --out or pass --overwrite.")
     result = grid(manager, _options(args), args.prompt, args.seeds, stacks, args.strengths, batch=args.batch)
     args.out.mkdir(parents=True, exist_ok=True)
-    prompts = result.report["grid"]["prompts"]
-    for cell in result.report["cells"]:
-        p = prompts.index(cell["prompt"]) + 1
-        name = f"cell-p{p}-seed{cell['seed']}-row{cell['row'] + 1}-x{cell['strength']:g}.png"
-        params = params_from_report(result.report, cell["label"])
-        save_png(result.images[cell["label"]], params, args.out / name, overwrite=True)
-        cell["file"] = name
+    report = result.report
+    prompts, cells = report.grid.prompts, []
+    for cell in report.cells:
+        p = prompts.index(cell.prompt) + 1
+        name = f"cell-p{p}-seed{cell.seed}-row{cell.row + 1}-x{cell.strength:g}.png"
+        save_png(result.images[cell.label], params_from_report(report, cell.label), args.out / name, overwrite=True)
+        cells.append(replace(cell, file=name))
     for prompt, seed, picture in grid_pictures(result):
         p = prompts.index(prompt) + 1
-        label = next(c["label"] for c in result.report["cells"] if c["prompt"] == prompt and c["seed"] == seed)
-        first = params_from_report(result.report, label)
-        layout = result.report["grid"]
+        label = next(c.label for c in cells if c.prompt == prompt and c.seed == seed)
         params = replace(
-            first,
+            params_from_report(report, label),
             role="grid",
             loras=(),
             lora_name=None,
             lora_sha256=None,
             strength=None,
             extra={
-                "Grid rows": " | ".join(layout["rows"]),
-                "Grid strengths": ",".join(f"{s:g}" for s in layout["strengths"]),
+                "Grid rows": " | ".join(report.grid.rows),
+                "Grid strengths": ",".join(f"{s:g}" for s in report.grid.strengths),
             },
         )
         save_png(picture, params, args.out / f"grid-p{p}-seed{seed}.png", overwrite=True)
-    _write_json(args.out / "report.json", result.report)
+    _write_json(args.out / "report.json", replace(report, cells=cells).to_dict())
     print(args.out)
     return 0
 

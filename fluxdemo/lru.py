@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Collection, Hashable, Iterator
+from itertools import islice
 
 
 class LRU:
@@ -19,11 +20,14 @@ class LRU:
             return self._items[key]
         return None
 
-    def put(self, key: Hashable, value: object) -> None:
+    def put(self, key: Hashable, value: object, spare: Collection[Hashable] = ()) -> list:
+        """Store `value`, then evict the least recently used entries over maxsize, never those in `spare`; returns
+        the evicted values, for an owner that must release them (the LoRA adapters)."""
         self._items[key] = value
         self._items.move_to_end(key)
-        while len(self._items) > self.maxsize:
-            self._items.popitem(last=False)
+        over = len(self._items) - self.maxsize
+        victims = list(islice((k for k in self._items if k not in spare), max(over, 0)))
+        return [self._items.pop(k) for k in victims]
 
     def clear(self) -> None:
         self._items.clear()
@@ -40,6 +44,10 @@ class LRU:
     def keys(self) -> list[Hashable]:
         """The keys, least recently used first (a copy: safe to pop while walking it)."""
         return list(self._items)
+
+    def items(self) -> list[tuple[Hashable, object]]:
+        """The entries, least recently used first (a copy)."""
+        return list(self._items.items())
 
     def pop(self, key: Hashable, default=None):
         return self._items.pop(key, default)

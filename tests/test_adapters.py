@@ -56,7 +56,7 @@ def test_switching_never_reloads_the_base_model_or_changes_its_weights(fresh):
     for lora, strength in [("peft.safetensors", 1.0), ("kohya.safetensors", 0.5), ("comfy.safetensors", 2.0),
                            ("peft.safetensors", 0.3), ("xlabs.safetensors", 1.0)]:  # fmt: skip
         result = generate(fresh, OPTS, lora, strength)
-        assert not any(s["name"] == "load transformer" for s in result.report["timeline"])
+        assert not any(s.name == "load transformer" for s in result.report.timeline)
     assert fresh.get("transformer") is transformer
     assert [loaded.name for loaded in fresh.adapters.loaded()] == ["peft.safetensors", "xlabs.safetensors"]
     adapters = set(transformer.peft_config)  # evicted adapters are gone from the model, not just from our list
@@ -67,9 +67,9 @@ def test_switching_never_reloads_the_base_model_or_changes_its_weights(fresh):
 def test_a_text_encoder_lora_encodes_the_prompt_twice(fresh):
     result = compare(fresh, GenerateOptions("a kohya prompt", seed=1, steps=2, width=32, height=32),
                      "kohya.safetensors")  # fmt: skip
-    names = [s["name"] for s in result.report["timeline"]]
-    assert result.report["text_encoder_lora"] is True
+    names = [s.name for s in result.report.timeline]
+    assert result.report.text_encoder_lora is True
     assert names.count("encode clip") == 2  # without and with the CLIP-L part of the LoRA
     plain = compare(fresh, GenerateOptions("a peft prompt", seed=1, steps=2, width=32, height=32), "peft.safetensors")
-    assert result.report["lora"]["text_encoder"] and not plain.report["text_encoder_lora"]
-    assert [s["name"] for s in plain.report["timeline"]].count("encode clip") == 1
+    assert result.report.lora.text_encoder and not plain.report.text_encoder_lora
+    assert [s.name for s in plain.report.timeline].count("encode clip") == 1

@@ -22,8 +22,10 @@ from fluxdemo.pipeline import (
     Controls,
     GenerateOptions,
     LoraChoice,
+    LoraUse,
     Model,
     ResultsCache,
+    RunReport,
     compare,
     generate,
     grid,
@@ -45,8 +47,8 @@ def fresh(folder, strategy: str = "resident") -> Model:
     return Model(get_preset("tiny", use_env=False), device="cpu", strategy=strategy, lora_dir=folder)
 
 
-def names(report: dict) -> list[str]:
-    return [s["name"] for s in report["timeline"]]
+def names(report: RunReport) -> list[str]:
+    return [s.name for s in report.timeline]
 
 
 # --- parsing --------------------------------------------------------------------------------------------------------
@@ -109,9 +111,9 @@ def test_a_second_lora_at_strength_zero_is_the_first_alone(stack_folder):
     alone = generate(manager, OPTS, "a.safetensors", 0.8)
     with_zero = generate(manager, OPTS, [("a.safetensors", 0.8), ("b.safetensors", 0.0)])
     assert np.array_equal(pixels(alone.images["lora"]), pixels(with_zero.images["lora"]))
-    assert with_zero.report["images"]["lora"]["loras"] == [
-        {"name": "a.safetensors", "sha256": alone.report["loras"][0]["sha256"], "strength": 0.8},
-        {"name": "b.safetensors", "sha256": with_zero.report["loras"][1]["sha256"], "strength": 0.0},
+    assert with_zero.report.images["lora"].loras == [
+        LoraUse("a.safetensors", alone.report.loras[0].sha256, 0.8),
+        LoraUse("b.safetensors", with_zero.report.loras[1].sha256, 0.0),
     ]
 
 
@@ -154,7 +156,7 @@ def test_a_new_strength_reuses_the_baseline_bit_for_bit(tiny_kit, strategy):
     cache = ResultsCache()
     first = compare(manager, OPTS, "peft.safetensors", 1.0, cache=cache)
     second = compare(manager, OPTS, "peft.safetensors", 0.5, cache=cache)
-    assert second.report["reused"] == ["encode", "baseline"]
+    assert second.report.reused == ["encode", "baseline"]
     assert "baseline (cached)" in names(second.report)
     assert not any(n.startswith("baseline step") for n in names(second.report))
     assert names(second.report).count("encode (cached)") == 1
@@ -163,9 +165,9 @@ def test_a_new_strength_reuses_the_baseline_bit_for_bit(tiny_kit, strategy):
     assert np.array_equal(pixels(generate(alone, OPTS, "peft.safetensors", 0.5).images["lora"]),
                           pixels(second.images["lora"]))  # fmt: skip
     again = compare(manager, OPTS, "peft.safetensors", 0.5, cache=cache)
-    assert again.report["reused"] == ["baseline", "lora"] and not any(" step " in n for n in names(again.report))
+    assert again.report.reused == ["baseline", "lora"] and not any(" step " in n for n in names(again.report))
     mixed = compare(manager, OPTS, "peft.safetensors", 0.5, batch=2)  # one pass, an adapter per sample
-    assert mixed.report["batches"] == [["baseline", "lora"]]
+    assert mixed.report.batches == [["baseline", "lora"]]
     for label in ("baseline", "lora"):
         assert np.abs(pixels(mixed.images[label]) - pixels(second.images[label])).max() <= 1, label
     # The cache holds PIL images in RAM; the components are where the strategy keeps them between requests.
@@ -184,12 +186,12 @@ def test_the_cache_is_bounded_and_forgets_a_lora_changed_on_disk(tiny_kit, tmp_p
     assert len(cache) == 3
     generate(manager, OPTS, "xlabs.safetensors", 1.0, cache=cache)
     assert len(cache) == 3  # least recently used out: the strength-1 image
-    assert compare(manager, OPTS, "peft.safetensors", 1.0, cache=cache).report["reused"] == ["encode", "baseline"]
+    assert compare(manager, OPTS, "peft.safetensors", 1.0, cache=cache).report.reused == ["encode", "baseline"]
     # Same name, other bytes: what the old file made is forgotten, and the new file is what runs.
     shutil.copy(folder / "comfy.safetensors", folder / "peft.safetensors")
     os.utime(folder / "peft.safetensors", ns=(1, 1))
     changed = generate(manager, OPTS, "peft.safetensors", 0.5, cache=cache)
-    assert changed.report["reused"] == ["encode"]
+    assert changed.report.reused == ["encode"]
     comfy = generate(fresh(tiny_kit / "loras"), OPTS, "comfy.safetensors", 0.5)
     assert np.array_equal(pixels(changed.images["lora"]), pixels(comfy.images["lora"]))
 
@@ -197,7 +199,7 @@ def test_the_cache_is_bounded_and_forgets_a_lora_changed_on_disk(tiny_kit, tmp_p
 def test_a_clip_lora_encodes_clip_again_but_not_t5(manager):
     options = GenerateOptions("a clip-only change", seed=2, steps=2, width=32, height=32)
     result = compare(manager, options, "kohya.safetensors")
-    assert result.report["text_encoder_lora"] is True
+    assert result.report.text_encoder_lora is True
     assert names(result.report).count("encode clip") == 2 and names(result.report).count("encode t5") == 1
 
 
@@ -209,18 +211,18 @@ def test_a_grid_of_two_loras_three_strengths_two_seeds_equals_its_cells(manager,
     seen = []
     result = grid(manager, options, ["a fox"], [1, 2], ["peft.safetensors", "xlabs.safetensors:0.5"], [0, 0.5, 1],
                   Controls(on_image=lambda i, n, label: seen.append((i, n))))  # fmt: skip
-    cells = result.report["cells"]
+    cells = result.report.cells
     assert len(cells) == len(result.images) == 12
     assert seen == [(i, 10) for i in range(1, 11)]  # 12 cells, the two strength-0 columns of a seed one baseline
     for cell in cells:
-        stack = [(x["name"], x["strength"]) for x in cell["loras"]]
-        one = generate(manager, GenerateOptions(cell["prompt"], seed=cell["seed"], steps=2, width=32, height=32),
+        stack = [(x.name, x.strength) for x in cell.loras]
+        one = generate(manager, GenerateOptions(cell.prompt, seed=cell.seed, steps=2, width=32, height=32),
                        stack)  # fmt: skip
-        assert np.array_equal(pixels(result.images[cell["label"]]), pixels(next(iter(one.images.values()))))
-        if cell["strength"] == 0:  # the strength-0 cells are the base model's picture
-            base = generate(manager, GenerateOptions(cell["prompt"], seed=cell["seed"], steps=2, width=32, height=32))
-            assert np.array_equal(pixels(result.images[cell["label"]]), pixels(base.images["baseline"]))
-    assert cells[4]["loras"] == [{"name": "xlabs.safetensors", "strength": 0.25}] and cells[4]["strength"] == 0.5
+        assert np.array_equal(pixels(result.images[cell.label]), pixels(next(iter(one.images.values()))))
+        if cell.strength == 0:  # the strength-0 cells are the base model's picture
+            base = generate(manager, GenerateOptions(cell.prompt, seed=cell.seed, steps=2, width=32, height=32))
+            assert np.array_equal(pixels(result.images[cell.label]), pixels(base.images["baseline"]))
+    assert cells[4].loras == [LoraChoice("xlabs.safetensors", 0.25)] and cells[4].strength == 0.5
     pictures = grid_pictures(result)
     assert [(p, s) for p, s, _ in pictures] == [("a fox", 1), ("a fox", 2)]
     # 3 columns and 2 rows of 32-pixel cells with 4-pixel gaps, under the title, the columns' title and their labels
@@ -266,11 +268,11 @@ def test_a_batched_grid_is_within_one_level_of_one_cell_at_a_time(manager):
                   Controls(on_image=lambda i, n, label: seen.append((i, n))), batch=4)  # fmt: skip
     assert seen == [(1, 8), (5, 8)]  # two passes of four: the strength-0 cells, then the strength-1 cells
     assert sum(n.startswith("denoise ") for n in names(result.report)) == 2
-    for cell in result.report["cells"]:
-        one = generate(manager, GenerateOptions(cell["prompt"], seed=cell["seed"], steps=2, width=32, height=32),
-                       [(x["name"], x["strength"]) for x in cell["loras"]])  # fmt: skip
-        worst = np.abs(pixels(result.images[cell["label"]]) - pixels(next(iter(one.images.values())))).max()
-        assert worst <= 1, (cell["label"], worst)
+    for cell in result.report.cells:
+        one = generate(manager, GenerateOptions(cell.prompt, seed=cell.seed, steps=2, width=32, height=32),
+                       [(x.name, x.strength) for x in cell.loras])  # fmt: skip
+        worst = np.abs(pixels(result.images[cell.label]) - pixels(next(iter(one.images.values())))).max()
+        assert worst <= 1, (cell.label, worst)
     with pytest.raises(OptionsError, match=r"`batch` must be a whole number from 1 to 8, but is 9"):
         grid(manager, options, ["a fox"], [1], ["peft.safetensors"], [1], batch=9)
 
@@ -282,19 +284,19 @@ def test_a_grid_column_shares_a_pass_with_one_adapter_per_sample(manager):
     ran its own adapter."""
     options = GenerateOptions("a fox", seed=3, steps=2, width=32, height=32)
     result = grid(manager, options, ["a fox"], [3], ["peft.safetensors", "kohya.safetensors"], [0, 0.5, 1], batch=4)
-    assert result.report["batches"] == [["p1 seed 3 row 1 x0", "p1 seed 3 row 1 x0.5", "p1 seed 3 row 2 x0.5"],
+    assert result.report.batches == [["p1 seed 3 row 1 x0", "p1 seed 3 row 1 x0.5", "p1 seed 3 row 2 x0.5"],
                                         ["p1 seed 3 row 1 x1", "p1 seed 3 row 2 x1"]]  # fmt: skip
     alone = {}
-    for cell in result.report["cells"]:
-        one = generate(manager, options, [(x["name"], x["strength"]) for x in cell["loras"]])
-        alone[cell["label"]] = pixels(next(iter(one.images.values())))
-        image = pixels(result.images[cell["label"]])
-        assert np.abs(image - alone[cell["label"]]).max() <= 1, cell["label"]
-        assert cell["strength"] == 0 or np.abs(image - alone["p1 seed 3 row 1 x0"]).mean() > 1.0, cell["label"]
+    for cell in result.report.cells:
+        one = generate(manager, options, [(x.name, x.strength) for x in cell.loras])
+        alone[cell.label] = pixels(next(iter(one.images.values())))
+        image = pixels(result.images[cell.label])
+        assert np.abs(image - alone[cell.label]).max() <= 1, cell.label
+        assert cell.strength == 0 or np.abs(image - alone["p1 seed 3 row 1 x0"]).mean() > 1.0, cell.label
     stacked = grid(manager, options, ["a fox"], [3], ["peft.safetensors+kohya.safetensors", "comfy.safetensors"],
                    [0, 1], batch=4)  # fmt: skip
-    assert stacked.report["batches"] == [["p1 seed 3 row 1 x0", "p1 seed 3 row 2 x1"], ["p1 seed 3 row 1 x1"]]
+    assert stacked.report.batches == [["p1 seed 3 row 1 x0", "p1 seed 3 row 2 x1"], ["p1 seed 3 row 1 x1"]]
     pair = compare(manager, options, "peft.safetensors", 0.5, batch=2)
-    assert pair.report["batches"] == [["baseline", "lora"]]
+    assert pair.report.batches == [["baseline", "lora"]]
     for label, cell in (("baseline", "p1 seed 3 row 1 x0"), ("lora", "p1 seed 3 row 1 x0.5")):
         assert np.abs(pixels(pair.images[label]) - alone[cell]).max() <= 1, label

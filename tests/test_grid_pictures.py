@@ -79,7 +79,7 @@ def test_a_grid_picture_has_its_exact_layout_and_the_base_column_once(made):
     top = 3 * LABEL_BAND  # the title, the columns' axis title, the column labels
     assert (prompt, seed) == (PROMPT, 1)
     assert picture.size == (left + sum(w + GAP for w in columns), top + 2 * (CELL + GAP))
-    cells = {(c["row"], c["column"]): made.images[c["label"]] for c in made.report["cells"]}
+    cells = {(c.row, c.column): made.images[c.label] for c in made.report.cells}
     shown = pixels(picture)
     for (row, column), image in cells.items():
         x = left + sum(w + GAP for w in columns[:column]) + (columns[column] - CELL) // 2
@@ -112,9 +112,9 @@ def test_a_sweep_read_from_the_studio_keeps_the_first_loras_strength():
 
 def test_a_library_sweep_over_a_stack_runs_each_loras_own_strength_times_the_column(manager):
     result = sweep(manager, GenerateOptions("a cat", seed=3, steps=2, width=32, height=32), list(STACK), [0, 0.75, 1])
-    images = result.report["images"]
+    images = result.report.images
     assert list(images) == ["strength 0", "strength 0.75", "strength 1"]
-    assert [[(x["name"], x["strength"]) for x in image["loras"]] for image in images.values()] == SWEEP_RAN
+    assert [[(x.name, x.strength) for x in image.loras] for image in images.values()] == SWEEP_RAN
 
 
 @pytest.fixture(scope="module")

@@ -165,6 +165,6 @@ def test_a_clip_only_lokr_changes_the_picture_and_is_off_at_zero(tiny_kit, tmp_p
     manager = Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=folder)
     base = pixels(generate(manager, OPTS).images["baseline"])
     adapted = generate(manager, OPTS, "clip.safetensors", 1.0)
-    assert adapted.report["text_encoder_lora"] is True
+    assert adapted.report.text_encoder_lora is True
     assert np.abs(pixels(adapted.images["lora"]) - base).mean() > 1.0
     assert np.array_equal(pixels(generate(manager, OPTS, "clip.safetensors", 0.0).images["lora"]), base)

@@ -98,7 +98,7 @@ def test_move_log_has_the_exact_order_of_moves(tiny_kit, device, strategy):
                                                max_sequence_length=16))  # fmt: skip
     assert actions(manager, before) == AGAIN[strategy]
     assert all(m.bytes > 0 and m.seconds >= 0 for m in manager.moves)
-    assert result.report["strategy"] == strategy and "set by flag" in result.report["memory"]["plan"]
+    assert result.report.strategy == strategy and "set by flag" in result.report.memory.plan
     kept = {"resident": set(STAGES), "disk": {"text_encoder", "vae"}}.get(strategy, set(STAGES))
     assert set(manager.loaded()) == kept
     assert set(manager.on_device_now()) == (set() if strategy != "resident" else set(STAGES))
@@ -155,17 +155,17 @@ def test_out_of_memory_falls_back_and_the_retry_equals_the_reference(
     calls = fail(manager.get(component), method, monkeypatch)
     result = compare(manager, OPTS, kit_lora)
     assert len(calls) > 1  # failed, then ran again
-    assert manager.strategy == result.report["strategy"] == "model-offload"
-    (event,) = result.report["events"]
+    assert manager.strategy == result.report.strategy == "model-offload"
+    (event,) = result.report.events
     assert event.startswith(f"Out of memory in {stage} with resident (CUDA out of memory.")
-    assert event.endswith("retrying with model-offload.") and result.report["memory"]["events"] == [event]
+    assert event.endswith("retrying with model-offload.") and result.report.memory.events == [event]
     want = reference(tiny_kit, device, kit_lora)
     assert all(np.array_equal(pixels(result.images[k]), want[k]) for k in want)
     assert manager.on_device_now() == []
     monkeypatch.undo()
     again = compare(manager, OPTS, kit_lora)  # a later request plans no heavier than what worked
-    assert again.report["strategy"] == "model-offload" and again.report["events"] == []
-    assert "ran out of memory earlier" in again.report["memory"]["plan"]
+    assert again.report.strategy == "model-offload" and again.report.events == []
+    assert "ran out of memory earlier" in again.report.memory.plan
 
 
 def test_second_out_of_memory_is_a_clear_error_and_the_manager_stays_usable(tiny_kit, device, kit_lora, monkeypatch):
@@ -215,10 +215,10 @@ def test_weights_stay_file_backed_through_every_move_on_the_cpu(tiny_kit, strate
         module = manager.get(name)
         packed = {n for n, p in module.named_parameters() if isinstance(p, GGUFParameter)}
         assert packed and packed <= set(file_backed(module.named_parameters())), f"{name} was copied into RAM"
-    memory = result.report["memory"]
-    assert memory["ram"] == "file-backed" and "weights in RAM file-backed" in memory["plan"]
-    assert 0 < memory["peak_anon_rss_bytes"] <= memory["peak_rss_bytes"]
-    assert 0 < memory["peak_file_rss_bytes"] <= memory["peak_rss_bytes"]
+    memory = result.report.memory
+    assert memory.ram == "file-backed" and "weights in RAM file-backed" in memory.plan
+    assert 0 < memory.peak_anon_rss_bytes <= memory.peak_rss_bytes
+    assert 0 < memory.peak_file_rss_bytes <= memory.peak_rss_bytes
 
 
 # -- the planner ----------------------------------------------------------------------------------------------------
@@ -386,4 +386,4 @@ def test_gpu_benchmark_builds_loadable_random_weight_files(tiny_kit, tmp_path):
     assert result.images["baseline"].size == (32, 32)
     quants = {s.component: s.quant for s in manager.loaded().values()}
     assert "Q4_0" in quants["transformer"] and "Q4_0" in quants["text_encoder_2"]
-    assert json.loads(json.dumps(result.report["memory"]))["strategy"] == "model-offload"
+    assert json.loads(json.dumps(result.report.to_dict()["memory"]))["strategy"] == "model-offload"

@@ -81,17 +81,17 @@ def test_embedding_cache_skips_the_encoders(manager):
     generate(manager, OPTS)
     moves_before = len(manager.moves)
     result = generate(manager, OPTS)
-    names = [s["name"] for s in result.report["timeline"]]
+    names = [s.name for s in result.report.timeline]
     assert "encode (cached)" in names and "encode t5" not in names
     assert all(m.component not in ("text_encoder", "text_encoder_2") for m in manager.moves[moves_before:])
 
 
 def test_timeline_has_every_step_and_decode(manager):
     result = generate(manager, GenerateOptions("a fresh prompt for the timeline", steps=3, width=32, height=32))
-    names = [s["name"] for s in result.report["timeline"]]
+    names = [s.name for s in result.report.timeline]
     assert [n for n in names if " step " in n] == ["baseline step 1/3", "baseline step 2/3", "baseline step 3/3"]
     assert {"encode clip", "encode t5", "decode"} <= set(names)
-    assert all(s["seconds"] >= 0 for s in result.report["timeline"])
+    assert all(s.seconds >= 0 for s in result.report.timeline)
 
 
 def test_truncation_is_counted(manager):
@@ -126,7 +126,7 @@ def test_compare_baseline_equals_generate_and_lora_differs(manager, kit_lora):
     assert np.abs(pixels(result.images["lora"]) - pixels(alone)).mean() > 0.5
     with_lora = generate(manager, OPTS, kit_lora, 1.0).images["lora"]
     assert np.array_equal(pixels(result.images["lora"]), pixels(with_lora))
-    assert result.report["lora"]["name"] == kit_lora
+    assert result.report.lora.name == kit_lora
 
 
 def test_the_library_judges_loras_against_the_loaded_preset(manager):

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from fluxdemo.errors import OptionsError
-from fluxdemo.pipeline import Controls, GenerateOptions, ResultsCache, compare
+from fluxdemo.lora import LoraReport
+from fluxdemo.pipeline import Controls, GenerateOptions, ResultsCache, RunReport, compare
 from fluxdemo.pipeline import api as pipeline
 from fluxdemo.pipeline.limits import DEFAULT_LIMITS, MEGAPIXEL, STEP_FIXED_PIXELS, check_work, work
 from fluxdemo.studio import lora_card, read_request
@@ -84,8 +85,8 @@ def test_a_refusal_names_the_shape_the_units_and_the_flag() -> None:
 # --- each visitor's caches --------------------------------------------------------------------------------------
 
 
-def stage_names(report: dict) -> list[str]:
-    return [stage["name"] for stage in report["timeline"]]
+def stage_names(report: RunReport) -> list[str]:
+    return [stage.name for stage in report.timeline]
 
 
 def test_another_visitors_prompt_is_not_reused_and_the_report_reads_the_same(manager, kit_lora) -> None:
@@ -93,11 +94,11 @@ def test_another_visitors_prompt_is_not_reused_and_the_report_reads_the_same(man
     compare(manager, OPTS, kit_lora, 0.5)  # the model and the LoRA loaded: what is left to differ is the caches
     mine = compare(manager, OPTS, kit_lora, 1.0, controls=Controls(cache_scope="visitor-a"), cache=cache)
     theirs = compare(manager, OPTS, kit_lora, 1.0, controls=Controls(cache_scope="visitor-b"), cache=cache)
-    assert mine.report["reused"] == theirs.report["reused"] == []
+    assert mine.report.reused == theirs.report.reused == []
     assert stage_names(mine.report) == stage_names(theirs.report)
     assert all(np.array_equal(np.asarray(mine.images[k]), np.asarray(theirs.images[k])) for k in mine.images)
     again = compare(manager, OPTS, kit_lora, 1.0, controls=Controls(cache_scope="visitor-a"), cache=cache)
-    assert again.report["reused"] == ["baseline", "lora"]  # a visitor's own work is still reused
+    assert again.report.reused == ["baseline", "lora"]  # a visitor's own work is still reused
 
 
 # --- bounded pictures, escaped text -----------------------------------------------------------------------------
@@ -111,13 +112,14 @@ def test_a_grid_picture_is_scaled_down_to_its_pixel_bound(monkeypatch) -> None:
     assert sum(cell.width * cell.height for row in fitted for cell in row) <= 64 * 64
 
 
-def card_report(**fields) -> dict:
+def card_report(**fields) -> LoraReport:
     report = {
-        "name": "style.safetensors", "format": "kohya", "compatible": True, "rank": 4, "alpha": 4.0,
-        "size": 10**6, "targets": 8, "modules": {"double blocks": 8}, "text_encoder": False,
-        "base_model_hint": None, "trigger_words": [], "problems": [], "warnings": [],
+        "name": "style.safetensors", "format": "kohya", "naming": "kohya", "compatible": True, "rank": 4,
+        "alpha": 4.0, "scale": 1.0, "size": 10**6, "targets": 8, "modules": {"double blocks": 8},
+        "text_encoder": False, "t5": False, "base_model_hint": "", "trigger_words": [], "problems": [],
+        "warnings": [], "metadata": {}, "matched": [], "unmatched": [], "sha256": "0" * 64,
     }  # fmt: skip
-    return {**report, **fields}
+    return LoraReport(**{**report, **fields})
 
 
 def test_file_derived_text_on_the_lora_card_is_text_not_markup() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from fluxdemo.lora import lycoris
 from fluxdemo.lora.convert import to_diffusers
 from fluxdemo.lora.library import LoraLibrary
 from fluxdemo.lora.report import LoraReport
+from fluxdemo.lru import LRU
 from fluxdemo.model.manager import ModelManager
 from fluxdemo.model.names import FluxDims
 
@@ -54,9 +54,16 @@ class Adapters:
     def __init__(self, manager: ModelManager, library: LoraLibrary, max_loaded: int = 4) -> None:
         self.manager = manager
         self.library = library
-        self.max_loaded = max_loaded
-        self._loaded: OrderedDict[str, LoadedLora] = OrderedDict()  # by sha256: renamed copies share one adapter
+        self._loaded = LRU(max_loaded)  # LoadedLora by sha256: renamed copies share one adapter
         self._active: dict[str, tuple[tuple[LoadedLora, float], ...]] = dict.fromkeys(COMPONENTS, ())
+
+    @property
+    def max_loaded(self) -> int:
+        return self._loaded.maxsize
+
+    @max_loaded.setter
+    def max_loaded(self, count: int) -> None:  # takes effect at the next load
+        self._loaded.maxsize = count
 
     # PEFT flips requires_grad on every adapter it holds; adapters made under inference mode (as runs make them)
     # can only be touched under it, so every method that calls PEFT runs there, whoever calls it.
@@ -66,8 +73,7 @@ class Adapters:
         spares the adapters named in `keep` (the rest of a stack being loaded)."""
         entry = self.library.get(name)
         if entry.sha256 in self._loaded:
-            self._loaded.move_to_end(entry.sha256)
-            return self._loaded[entry.sha256]
+            return self._loaded.get(entry.sha256)
         with self.manager.timeline.stage("load LoRA", entry.name):
             start = time.perf_counter()
             transformer = self.manager.get("transformer")
@@ -90,14 +96,9 @@ class Adapters:
                 time.perf_counter() - start,
                 not converted.factored.get("transformer"),
             )
-        self._loaded[entry.sha256] = loaded
-        spare = {loaded.sha256, *(lora.sha256 for lora in self._loaded.values() if lora.name in set(keep))}
-        for sha256, old in list(self._loaded.items()):
-            if len(self._loaded) <= self.max_loaded:
-                break
-            if sha256 not in spare:
-                del self._loaded[sha256]
-                self._detach(old.adapter)
+        spare = {loaded.sha256, *(lora.sha256 for _, lora in self._loaded.items() if lora.name in set(keep))}
+        for old in self._loaded.put(loaded.sha256, loaded, spare):
+            self._detach(old.adapter)
         for component, stack in self._active.items():  # loading made the new adapter active; put back what was
             self.activate([(lora, s) for lora, s in stack if lora.sha256 in self._loaded], (component,))
         return loaded
@@ -223,7 +224,7 @@ class Adapters:
                     converted = None
                 if converted is None or converted.report.sha256 != sha256:
                     logger.warning("LoRA %s changed on disk since it was loaded; it is unloaded.", loaded.name)
-                    del self._loaded[sha256]
+                    self._loaded.pop(sha256)
                     self._detach(loaded.adapter)
                     continue
                 transformer.load_lora_adapter(converted.transformer, prefix="transformer", adapter_name=loaded.adapter)
@@ -232,7 +233,7 @@ class Adapters:
         self.activate((), ("transformer",))
 
     def loaded(self) -> list[LoadedLora]:
-        return list(self._loaded.values())
+        return [lora for _, lora in self._loaded.items()]
 
     # -- what the manager tells its watchers (model.manager.ComponentWatcher) ---------------------------------------
     def component_loaded(self, name: str) -> None:

@@ -65,7 +65,7 @@ NOT_LINEAR_DELTA = (
 APPLIED_KINDS = frozenset({"lora", "lokr", "loha", "full", "bias"})
 
 # SD1.x/SD2/SDXL UNet blocks (diffusers and original LDM spellings) and SD3's MMDiT: another model entirely.
-_SD_UNET = re.compile(r"(?:^|[._])(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)[._]\d")
+SD_UNET = re.compile(r"(?:^|[._])(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)[._]\d")
 _SD3 = re.compile(r"(?:^|[._])joint_blocks[._]\d")
 
 
@@ -249,7 +249,7 @@ class ModelTables:
                 break
         if _SD3.search(module):
             return Resolved("unknown", "sd3", None)
-        return Resolved("unknown", "sd" if _SD_UNET.search(module) else "unknown", None)
+        return Resolved("unknown", "sd" if SD_UNET.search(module) else "unknown", None)
 
 
 def _in_bfl(t: ModelTables, rest: str, naming: str) -> Resolved | None:

@@ -13,17 +13,14 @@ import torch
 
 from fluxdemo.lora.deltas import delta_shape, peft_alpha
 from fluxdemo.lora.keys import (
-    _SD_UNET,
     APPLIED_KINDS,
     NOT_LINEAR_DELTA,
     REFUSED_KINDS,
+    SD_UNET,
     Adapter,
     ModelTables,
     group_keys,
 )
-
-# ---------------------------------------------------------------------------------------------------------------
-# The verdict on a file's keys for one model: header shapes in, matched/unmatched keys and problems out.
 
 CONTROL_INPUTS = {128: "a FLUX.1 Canny/Depth control LoRA", 384: "a FLUX.1 Fill LoRA"}  # img_in input width
 SD_CONTEXT = {2048: "SDXL", 1024: "SD2.x", 768: "SD1.5"}  # cross-attention to_k input width -> base model
@@ -316,7 +313,7 @@ def _family(adapters: list[Adapter], shapes: Mapping[str, tuple], meta: Mapping[
     chroma = next((a.module for a in adapters if _CHROMA_KEYS.search(a.module)), None)
     if chroma:
         return "chroma", "Chroma", f"its key {chroma} is Chroma's"
-    sd3 = next((a for a in adapters if _SD3_KEYS.search(a.module) and not _SD_UNET.search(a.module)), None)
+    sd3 = next((a for a in adapters if _SD3_KEYS.search(a.module) and not SD_UNET.search(a.module)), None)
     if sd3:
         io = _in_out(sd3, shapes)
         return "sd3", SD3_WIDTHS.get(io[1] if io else 0, "SD3 / SD3.5"), f"its key {sd3.module} is SD3's MMDiT"

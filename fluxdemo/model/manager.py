@@ -349,7 +349,7 @@ class ModelManager:
         self.release()
         raise OutOfMemoryError(_oom_message(self, stage, components, failed, second))
 
-    def memory_report(self) -> dict:
+    def memory_report(self) -> memory.MemoryReport:
         """The plan, what happened, and peaks (fluxdemo.model.memory.memory_report)."""
         return memory.memory_report(
             self.plan, self.strategy, self.events, self.device, self.stage_peaks, self._rss_peaks

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fluxdemo.model.planner import Plan
+from fluxdemo.records import Record, optional
 
 logger = logging.getLogger(__name__)
 
@@ -76,30 +77,47 @@ class RssPeaks:
         self.file = max(self.file, status.get("RssFile", 0))
 
 
+@dataclass(frozen=True, kw_only=True)
+class MemoryReport(Record):
+    """The plan, what happened, and peaks. Host facts (the plan's free memory, this process's RSS) are optional:
+    fluxdemo.pipeline.limits.for_visitor leaves them out of what a public page shows."""
+
+    strategy: str
+    ram: str
+    plan: str | None = optional()
+    events: list[str]
+    predicted_peak_bytes: int
+    predicted_stage_bytes: dict[str, int]
+    predicted_ram_bytes: int | None = optional()
+    peak_rss_bytes: int | None = optional()
+    peak_anon_rss_bytes: int | None = optional()  # Linux only
+    peak_file_rss_bytes: int | None = optional()
+    stage_peak_bytes: dict[str, int] | None = optional()  # CUDA only: measured
+    peak_device_bytes: int | None = optional()
+
+
 def memory_report(
     plan: Plan, strategy: str, events: list[str], device: torch.device, stage_peaks: dict[str, int], rss: RssPeaks
-) -> dict:
+) -> MemoryReport:
     """The plan, what happened, and peaks: per stage on CUDA (measured), the planned peak and RSS everywhere.
 
     RSS in two kinds (Linux): anonymous (copies, activations: what RAM must hold) and file-backed (mapped weights:
     page cache the kernel may take back). The kernel keeps a peak of their sum only (peak_rss_bytes); the peaks of
     each kind are sampled at every move and stage end, so a peak inside a stage can be higher."""
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    report = {
-        "strategy": strategy,
-        "ram": plan.ram,
-        "plan": plan.reason,
-        "events": list(events),
-        "predicted_peak_bytes": plan.predicted_peak,
-        "predicted_stage_bytes": dict(plan.stages),
-        "predicted_ram_bytes": plan.ram_need,
-        "peak_rss_bytes": max_rss if sys.platform == "darwin" else max_rss * 1024,  # macOS counts bytes, Linux KiB
-    }
     rss.sample()
-    if rss.anon:
-        report["peak_anon_rss_bytes"] = rss.anon
-        report["peak_file_rss_bytes"] = rss.file
-    if device.type == "cuda":
-        report["stage_peak_bytes"] = dict(stage_peaks)
-        report["peak_device_bytes"] = max(stage_peaks.values(), default=0)
-    return report
+    cuda = device.type == "cuda"
+    return MemoryReport(
+        strategy=strategy,
+        ram=plan.ram,
+        plan=plan.reason,
+        events=list(events),
+        predicted_peak_bytes=plan.predicted_peak,
+        predicted_stage_bytes=dict(plan.stages),
+        predicted_ram_bytes=plan.ram_need,
+        peak_rss_bytes=max_rss if sys.platform == "darwin" else max_rss * 1024,  # macOS counts bytes, Linux KiB
+        peak_anon_rss_bytes=rss.anon or None,
+        peak_file_rss_bytes=rss.file if rss.anon else None,
+        stage_peak_bytes=dict(stage_peaks) if cuda else None,
+        peak_device_bytes=max(stage_peaks.values(), default=0) if cuda else None,
+    )

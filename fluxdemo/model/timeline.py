@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,3 @@ class Timeline:
 
     def total(self, prefix: str = "") -> float:
         return sum(s.seconds for s in self.stages if s.name.startswith(prefix))
-
-    def to_list(self) -> list[dict]:
-        return [asdict(s) for s in self.stages]

@@ -42,9 +42,25 @@ from fluxdemo.pipeline.options import (
     stack_label,
 )
 from fluxdemo.pipeline.png_settings import ImageParams, PngSettings, read_params, settings_from_png
+from fluxdemo.pipeline.report import (
+    GridCell,
+    GridLayout,
+    ImageReport,
+    LoraSummary,
+    LoraUse,
+    ModelInfo,
+    RunReport,
+)
 from fluxdemo.pipeline.stages import Controls
 
 __all__ = [
+    "GridCell",
+    "GridLayout",
+    "ImageReport",
+    "LoraSummary",
+    "LoraUse",
+    "ModelInfo",
+    "RunReport",
     "ImageParams",
     "PngSettings",
     "difference",

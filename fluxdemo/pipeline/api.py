@@ -25,6 +25,7 @@ from fluxdemo.pipeline.options import MIN_SIDE as MIN_SIDE
 from fluxdemo.pipeline.options import SIDE_MULTIPLE as SIDE_MULTIPLE
 from fluxdemo.pipeline.options import GenerateOptions, LoraChoice, Stack, as_stack
 from fluxdemo.pipeline.options import stack_label as stack_label
+from fluxdemo.pipeline.report import GridCell, GridLayout, RunReport
 from fluxdemo.pipeline.stages import Controls
 from fluxdemo.pipeline.stages import encode as encode
 from fluxdemo.pipeline.stages import initial_noise as initial_noise
@@ -109,11 +110,10 @@ def grid(
     batch: int = 1,
 ) -> Result:
     """Forge's X/Y plot for LoRAs: per prompt and seed, one row per LoRA stack and one column per strength (which
-    multiplies each LoRA's own). Images are keyed by their cell's label; report["cells"] lists every cell as
-    {prompt, seed, loras: [{name, strength}], strength, row, column, label}. Cells at strength 0 are the baseline,
-    made once per prompt and seed. batch > 1 sends cells through the transformer together: those of one row and
-    column (their seeds and prompts), and those of one column whose rows are single LoRAs, with the baseline (see
-    experiments.run)."""
+    multiplies each LoRA's own). Images are keyed by their cell's label; report.cells lists every cell (a GridCell),
+    report.grid the axes. Cells at strength 0 are the baseline, made once per prompt and seed. batch > 1 sends cells
+    through the transformer together: those of one row and column (their seeds and prompts), and those of one column
+    whose rows are single LoRAs, with the baseline (see experiments.run)."""
     prompts, seeds = list(dict.fromkeys(prompts)), list(dict.fromkeys(seeds))
     strengths = list(dict.fromkeys(strengths))
     stacks = [as_stack(row) for row in rows]
@@ -135,60 +135,54 @@ def grid(
                     label = f"p{p + 1} seed {seed} row {r + 1} x{strength:g}"
                     cell_stack = scaled(stack, strength)
                     specs.append(ImageSpec(label, replace(options, prompt=prompt, seed=seed), cell_stack))
-                    cells.append(
-                        {
-                            "prompt": prompt,
-                            "seed": seed,
-                            "strength": strength,
-                            "row": r,
-                            "column": c,
-                            "loras": [{"name": x.name, "strength": x.strength} for x in cell_stack],
-                            "label": label,
-                        }
+                    cell = GridCell(
+                        prompt=prompt,
+                        seed=seed,
+                        strength=strength,
+                        row=r,
+                        column=c,
+                        loras=list(cell_stack),
+                        label=label,
                     )
+                    cells.append(cell)
     result = run(manager, specs, controls, cache, batch)
-    result.report["cells"] = cells
-    result.report["grid"] = {
-        "prompts": prompts,
-        "seeds": seeds,
-        "rows": [stack_label(s) for s in stacks],
-        "strengths": strengths,
-    }
+    layout = GridLayout(prompts=prompts, seeds=seeds, rows=[stack_label(s) for s in stacks], strengths=strengths)
+    result.report = replace(result.report, cells=cells, grid=layout)
     return result
 
 
 def grid_pictures(result: Result) -> list[tuple[str, int, Image.Image]]:
     """The labelled grid pictures of a grid() result: (prompt, seed, picture) per prompt and seed. The base model's
     column (strength 0) is drawn once, in the first row: it is the same picture in every row."""
-    layout, cells = result.report["grid"], result.report["cells"]
+    layout, cells = result.report.grid, result.report.cells
     pictures = []
-    for prompt in layout["prompts"]:
-        for seed in layout["seeds"]:
-            rows: list[list[Image.Image | None]] = [[None] * len(layout["strengths"]) for _ in layout["rows"]]
+    for prompt in layout.prompts:
+        for seed in layout.seeds:
+            rows: list[list[Image.Image | None]] = [[None] * len(layout.strengths) for _ in layout.rows]
             for c in cells:
-                if c["prompt"] == prompt and c["seed"] == seed and not _repeated_base(c):
-                    rows[c["row"]][c["column"]] = result.images[c["label"]]
+                if c.prompt == prompt and c.seed == seed and not _repeated_base(c):
+                    rows[c.row][c.column] = result.images[c.label]
             pictures.append((prompt, seed, grid_image(_fit_cells(rows), grid_text(result.report, prompt, seed))))
     return pictures
 
 
-def grid_text(report: dict, prompt: str, seed: int) -> GridText:
+def grid_text(report: RunReport, prompt: str, seed: int) -> GridText:
     """What the grid picture of one prompt and seed says: the seed and prompt, the rows' stacks, the columns."""
-    layout = report["grid"]
-    columns = tuple(column_label(s) for s in layout["strengths"])
-    return GridText(f"seed {seed} · {prompt}", tuple(layout["rows"]), columns, ROW_AXIS, COLUMN_AXIS)
+    layout = report.grid
+    columns = tuple(column_label(s) for s in layout.strengths)
+    return GridText(f"seed {seed} · {prompt}", tuple(layout.rows), columns, ROW_AXIS, COLUMN_AXIS)
 
 
-def grid_cells(report: dict) -> list[tuple[str, str]]:
+def grid_cells(report: RunReport) -> list[tuple[str, str]]:
     """A grid() result's cells as a gallery shows them: (label, caption), the base model's once per prompt and seed.
     A caption names the prompt (when there are several), the seed, the row's stack and the column's strength:
     "seed 1 · kohya:0.8 + comfy:0.5 × 0.5", "seed 1 · base model"."""
-    layout = report["grid"]
+    layout = report.grid
     shown = []
-    for cell in (c for c in report["cells"] if not _repeated_base(c)):
-        prompt = f"p{layout['prompts'].index(cell['prompt']) + 1} " * (len(layout["prompts"]) > 1)
-        stack = f"{layout['rows'][cell['row']]} {column_label(cell['strength'])}" if cell["strength"] else "base model"
-        shown.append((cell["label"], f"{prompt}seed {cell['seed']} · {stack}"))
+    for cell in (c for c in report.cells if not _repeated_base(c)):
+        prompt = f"p{layout.prompts.index(cell.prompt) + 1} " * (len(layout.prompts) > 1)
+        stack = f"{layout.rows[cell.row]} {column_label(cell.strength)}" if cell.strength else "base model"
+        shown.append((cell.label, f"{prompt}seed {cell.seed} · {stack}"))
     return shown
 
 
@@ -202,9 +196,9 @@ def scaled_label(stack: Stack, strength: float) -> str:
     return f"{stack_label(scaled(stack, strength))} ({column_label(strength)})" if strength else "base model"
 
 
-def _repeated_base(cell: dict) -> bool:
+def _repeated_base(cell: GridCell) -> bool:
     """A grid cell at strength 0 below the first row: the base model's picture again."""
-    return cell["strength"] == 0 and cell["row"] > 0
+    return cell.strength == 0 and cell.row > 0
 
 
 def _fit_cells(rows: list[list[Image.Image | None]]) -> list[list[Image.Image | None]]:

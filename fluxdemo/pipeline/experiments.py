@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from PIL import Image
@@ -32,6 +32,7 @@ from fluxdemo.pipeline.options import (
     _strength,
     stack_label,
 )
+from fluxdemo.pipeline.report import ImageReport, LoraSummary, LoraUse, ModelInfo, RunReport
 from fluxdemo.pipeline.stages import Controls, Embeddings, decode, denoise, encode, initial_noise
 
 logger = logging.getLogger(__name__)
@@ -48,10 +49,10 @@ class ImageSpec:
 
 @dataclass
 class Result:
-    """What an experiment returns: images by label, in the order asked, and a JSON-able report."""
+    """What an experiment returns: images by label, in the order asked, and the run's report."""
 
     images: dict[str, Image.Image]
-    report: dict = field(default_factory=dict)
+    report: RunReport
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,7 @@ def run(
                 cache.put(keys[spec.label], made[keys[spec.label]])
         # 4. Report.
         images = {spec.label: made[keys[spec.label]] for spec in specs}
-        report = _report(manager, specs, resolved, embeddings, reused, todo, timeline, start)
-        report["batches"] = passes
+        report = _report(manager, specs, resolved, embeddings, reused, todo, timeline, start, passes)
     return Result(images, report)
 
 
@@ -295,32 +295,14 @@ def _fits(chunk: list[ImageSpec], spec: ImageSpec, resolved: dict, loaded: dict[
     )
 
 
-def lora_summary(entry: LoraEntry) -> dict:
-    """What a report says of one LoRA file: identity, format, size of the adaptation, trigger words."""
-    r = entry.report
-    return {
-        "name": entry.name,
-        "sha256": entry.sha256,
-        "format": r.format,
-        "rank": r.rank,
-        "alpha": r.alpha,
-        "targets": r.targets,
-        "modules": r.modules,
-        "text_encoder": r.text_encoder,
-        "trigger_words": r.trigger_words,
-    }
-
-
-def _report(manager, specs, resolved, embeddings, reused, todo, timeline, start) -> dict:
-    first = specs[0]
+def _report(manager, specs, resolved, embeddings, reused, todo, timeline, start, passes) -> RunReport:
     entries = {e.name: e for r in resolved.values() for e, _ in r.named}
-    summaries = [lora_summary(e) for e in entries.values()]
     images = {
-        spec.label: {
-            "options": asdict(spec.options),
-            "loras": [{"name": e.name, "sha256": e.sha256, "strength": s} for e, s in resolved[spec.stack].named],
-            "reused": spec.label in reused,
-        }
+        spec.label: ImageReport(
+            options=spec.options,
+            loras=[LoraUse(e.name, e.sha256, s) for e, s in resolved[spec.stack].named],
+            reused=spec.label in reused,
+        )
         for spec in specs
     }
     stages = []
@@ -330,28 +312,27 @@ def _report(manager, specs, resolved, embeddings, reused, todo, timeline, start)
     elif any("t5" in e.reused for e in encodings):
         stages.append("encode t5")
     stages += reused
-    # The first LoRA of the first image that has one, at its strength: what single-LoRA readers look for.
-    with_lora = next((images[s.label]["loras"][0] for s in specs if images[s.label]["loras"]), None)
-    single = {**lora_summary(entries[with_lora["name"]]), "strength": with_lora["strength"]} if with_lora else None
-    return {
-        "options": asdict(first.options),
-        "model": {
-            "preset": manager.preset.name,
-            "transformer_quant": manager.preset.transformer_quant,
-            "t5_quant": manager.preset.t5_quant,
-            "dtype": str(manager.dtype).removeprefix("torch."),
-            "device": str(manager.device),
-        },
-        "images": images,
-        "loras": summaries,
-        "lora": single,
-        "strengths": {s.label: (images[s.label]["loras"][0]["strength"] if s.stack else None) for s in specs},
-        "text_encoder_lora": any(e.report.text_encoder for e in entries.values()),
-        "truncated_tokens": max((e.truncated_tokens for e in encodings), default=0),
-        "reused": stages,
-        "strategy": manager.strategy,
-        "events": list(manager.events),
-        "timeline": timeline.to_list(),
-        "seconds": time.perf_counter() - start,
-        "memory": manager.memory_report(),
-    }
+    first_use = next((images[s.label].loras[0] for s in specs if images[s.label].loras), None)
+    return RunReport(
+        options=specs[0].options,
+        model=ModelInfo(
+            preset=manager.preset.name,
+            transformer_quant=manager.preset.transformer_quant,
+            t5_quant=manager.preset.t5_quant,
+            dtype=str(manager.dtype).removeprefix("torch."),
+            device=str(manager.device),
+        ),
+        images=images,
+        loras=[LoraSummary.of(e) for e in entries.values()],
+        lora=LoraSummary.of(entries[first_use.name], first_use.strength) if first_use else None,
+        strengths={label: (image.loras[0].strength if image.loras else None) for label, image in images.items()},
+        text_encoder_lora=any(e.report.text_encoder for e in entries.values()),
+        truncated_tokens=max((e.truncated_tokens for e in encodings), default=0),
+        reused=stages,
+        strategy=manager.strategy,
+        events=list(manager.events),
+        timeline=list(timeline.stages),
+        seconds=time.perf_counter() - start,
+        memory=manager.memory_report(),
+        batches=passes,
+    )

@@ -25,6 +25,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFont, PngImagePlugin
 from fluxdemo.errors import FluxdemoError, OptionsError
 from fluxdemo.files import new_file_mode
 from fluxdemo.pipeline.png_settings import PARAMS_CHUNK, ImageParams
+from fluxdemo.pipeline.report import RunReport
 
 SCHEMA = 1  # of the "fluxdemo" chunk; bump when a field changes meaning
 
@@ -258,22 +259,22 @@ def _quote(value: Any) -> str:
     return text
 
 
-def params_from_report(report: dict, label: str, role: str | None = None) -> ImageParams:
-    """The parameters of one image of a run, from the run's report (fluxdemo.pipeline.experiments): `label` as in
-    Result.images ("baseline", "lora", "strength 0.5", a grid cell's label); `role` names a derived image
-    ("side_by_side"), else the role is "baseline" without LoRAs and "lora" with."""
-    image, model = report["images"][label], report["model"]
-    options = image["options"]
-    loras = tuple((x["name"], x["sha256"], x["strength"]) for x in image["loras"])
+def params_from_report(report: RunReport, label: str, role: str | None = None) -> ImageParams:
+    """The parameters of one image of a run, from the run's report: `label` as in Result.images ("baseline", "lora",
+    "strength 0.5", a grid cell's label); `role` names a derived image ("side_by_side"), else the role is "baseline"
+    without LoRAs and "lora" with."""
+    image, model = report.images[label], report.model
+    options = image.options
+    loras = tuple((x.name, x.sha256, x.strength) for x in image.loras)
     return ImageParams(
-        prompt=options["prompt"],
-        seed=options["seed"],
-        steps=options["steps"],
-        guidance=options["guidance"],
-        width=options["width"],
-        height=options["height"],
-        model=model["preset"],
-        quant=model["transformer_quant"],
+        prompt=options.prompt,
+        seed=options.seed,
+        steps=options.steps,
+        guidance=options.guidance,
+        width=options.width,
+        height=options.height,
+        model=model.preset,
+        quant=model.transformer_quant,
         role=role or ("lora" if loras else "baseline"),
         loras=loras,
     )

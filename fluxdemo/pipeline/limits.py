@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Real
 
 from fluxdemo.errors import OptionsError
 from fluxdemo.pipeline.options import PUBLIC_STRENGTH_RANGE
+from fluxdemo.pipeline.report import RunReport
 
 MEGAPIXEL = 2**20  # 1024x1024 is one megapixel of work
 # What a step costs besides the image's own tokens (one per 16x16 pixels): the 512 T5 tokens and the per-step work
@@ -133,14 +134,13 @@ def check_request(options, images: int, strengths: Iterable[object] = (), limits
 
 
 # Facts about the machine a public visitor has no business reading (free RAM, free VRAM, the server's RSS).
-_HOST_MEMORY_KEYS = ("plan", "peak_rss_bytes", "peak_anon_rss_bytes", "peak_file_rss_bytes", "predicted_ram_bytes")
+_HOST_MEMORY_FIELDS = ("plan", "peak_rss_bytes", "peak_anon_rss_bytes", "peak_file_rss_bytes", "predicted_ram_bytes")
 
 
-def for_visitor(report: dict) -> dict:
+def for_visitor(report: RunReport) -> RunReport:
     """A run report as a public app shows it: without facts about the host (the memory plan's free RAM and VRAM,
     the process's peak RSS). What the job itself used on the device stays."""
-    memory = {k: v for k, v in report.get("memory", {}).items() if k not in _HOST_MEMORY_KEYS}
-    return {**report, "memory": memory} if "memory" in report else dict(report)
+    return replace(report, memory=replace(report.memory, **dict.fromkeys(_HOST_MEMORY_FIELDS)))
 
 
 def _units(cost: float) -> str:

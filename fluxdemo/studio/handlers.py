@@ -199,9 +199,9 @@ class Studio:
         history = self._remember(history, "compare", result, {"baseline": files[0], "lora": files[1]})
         a, b = history[-2], history[-1]
         shown = shown_params(self.manager, ask.options, stack)
-        run = {"tab": "compare", "files": files, "a": a.title, "b": b.title, "shown": shown}
+        run = {"tab": "compare", "files": files, "a": a.title, "b": b.title, "shown": shown, "report": result.report}
         run["label"] = slider_label(a, b)
-        return (files[0], files[1]), result.report, run, history
+        return (files[0], files[1]), result.report.to_dict(), run, history
 
     @model_job("generate")
     def generate(self, ask: Ask, history: list | None, request: gr.Request, progress: gr.Progress) -> tuple:
@@ -216,7 +216,8 @@ class Studio:
         path = self._png(self.runs.new() / f"{label}.png", image, result, label)
         history = self._remember(history, "generate", result, {label: path})
         shown = shown_params(self.manager, ask.options, stack)
-        return path, result.report, {"tab": "single", "files": [path], "shown": shown}, history
+        run = {"tab": "single", "files": [path], "shown": shown, "report": result.report}
+        return path, result.report.to_dict(), run, history
 
     @model_job("sweep")
     def sweep(self, ask: Ask, history: list | None, request: gr.Request, progress: gr.Progress) -> tuple:
@@ -235,7 +236,8 @@ class Studio:
         }
         history = self._remember(history, "sweep", result, files)
         gallery = [(files[sweep_label(s)], scaled_label(stack, s)) for s in ask.columns]
-        return gallery, result.report, {"tab": "sweep", "files": list(files.values())}, history
+        run = {"tab": "sweep", "files": list(files.values()), "report": result.report}
+        return gallery, result.report.to_dict(), run, history
 
     @model_job("grid")
     def grid(self, ask: Ask, history: list | None, request: gr.Request, progress: gr.Progress) -> tuple:
@@ -260,8 +262,8 @@ class Studio:
             pictures.append((str(path), f"seed {seed} · {prompt[:60]}"))
         history = self._remember(history, "grid", result, files)
         cell_gallery = [(files[label], caption) for label, caption in cells]
-        run = {"tab": "grid", "files": [path for path, _ in pictures] + list(files.values())}
-        return pictures, cell_gallery, result.report, run, history
+        run = {"tab": "grid", "files": [path for path, _ in pictures] + list(files.values()), "report": result.report}
+        return pictures, cell_gallery, result.report.to_dict(), run, history
 
     def read(self, kind: str, values: Sequence, scan: bool = True) -> Ask:
         """The request checked whole (read_request), and its Hub LoRAs already fetched."""

@@ -8,9 +8,10 @@ from pathlib import Path
 import gradio as gr
 
 from fluxdemo.errors import OptionsError
-from fluxdemo.lora import LoraLibrary, save_upload
+from fluxdemo.lora import LoraLibrary, LoraReport, save_upload
 from fluxdemo.studio.guard import for_people
 from fluxdemo.studio.handlers import CancelFlags
+from fluxdemo.studio.render import show_card
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +88,17 @@ class LoraFiles:
     @for_people
     def inspect_lora(self, lora: str | None) -> dict:
         """The LoRA report (format, rank, alpha, targets, trigger words, problems, ...) of a name in the folder."""
+        report = self.report(lora)
+        return report.to_dict() if report else {}
+
+    @for_people
+    def card(self, lora: str | None) -> tuple:
+        """The LoRA card of a name just inspected, and the trigger-word button (render.show_card)."""
+        return show_card(self.report(lora))
+
+    def report(self, lora: str | None) -> LoraReport | None:
         if not lora:
-            return {}
+            return None
         if self.library.is_hub_name(lora) and not self.library.fetched(lora):  # inspecting never downloads
             raise OptionsError(f'{lora} is a Hub LoRA not downloaded yet: press "Use a LoRA from the Hub" first.')
-        return self.library.get(lora).report.to_dict()
+        return self.library.get(lora).report

@@ -43,7 +43,6 @@ from fluxdemo.studio.render import (
     lora_card,
     model_summary,
     pick_from_strip,
-    show_card,
     show_pair,
     show_run,
     swap,
@@ -336,7 +335,7 @@ def _job_events(p: SimpleNamespace) -> list:
         job.then(**idle)
         job.failure(**idle)  # gradio 6.31's page skips .then on errors
         shown = [p.downloads, p.chart, p.run_md, p.tabs, p.strip, p.pick_a, p.pick_b]
-        job.success(show_run, [p.info, p.last_run, p.history], shown, api_visibility="private").then(
+        job.success(show_run, [p.last_run, p.history], shown, api_visibility="private").then(
             lambda run: (run.get("shown"), ""), p.last_run, [p.shown, p.note], **CHEAP
         )
         if kind == "compare":  # the slider names its two sides (its API value stays the plain pair)
@@ -409,7 +408,7 @@ def _lora_events(p: SimpleNamespace) -> None:
         p.demo.load(**inspect, **CHEAP),
     ]
     for event in shown_card:
-        event.success(show_card, p.report_json, [p.card, p.trigger], api_visibility="private")
+        event.success(files.card, p.lora, [p.card, p.trigger], api_visibility="private")
     pickers = [p.lora, *p.extra[::2]]
     p.refresh.click(files.refresh_pickers, pickers, pickers, **CHEAP)
     # The list is current on every page load; an upload or a Hub download that fails leaves the pickers alone.

@@ -8,8 +8,9 @@ import gradio as gr
 from PIL import Image
 
 from fluxdemo.errors import FluxdemoError
+from fluxdemo.lora import LoraReport
 from fluxdemo.model.presets import PRESETS
-from fluxdemo.pipeline import ImageParams, difference
+from fluxdemo.pipeline import RunReport, difference, params_from_report
 from fluxdemo.pipeline.model import Model
 from fluxdemo.studio.guard import for_people
 from fluxdemo.studio.history import describe_loras, find, slider_label
@@ -25,74 +26,60 @@ def insert_trigger_words(prompt: str | None, report: dict | None) -> str:
     return ", ".join([*words, prompt] if prompt else words)
 
 
-def lora_card(report: dict | None) -> str:
+def lora_card(report: LoraReport | None) -> str:
     """The LoRA report as a few lines of Markdown: what it is, what it adapts, its trigger words, what is wrong.
     Everything a file chose (names, metadata, trigger words) is escaped: it shows as text, never as a tag or link."""
-    if not report:
+    if report is None:
         return "No LoRA selected: pick one from the folder, or upload a `.safetensors` file."
     text = markdown_text
-    modules = ", ".join(f"{text(group)} {n}" for group, n in report["modules"].items())
-    verdict = "fits the loaded model" if report["compatible"] else "**does not fit** the loaded model"
-    words = ", ".join(text(w) for w in report["trigger_words"][:MAX_LIST_ITEMS])
+    modules = ", ".join(f"{text(group)} {n}" for group, n in report.modules.items())
+    verdict = "fits the loaded model" if report.compatible else "**does not fit** the loaded model"
+    words = ", ".join(text(w) for w in report.trigger_words[:MAX_LIST_ITEMS])
     lines = [
-        f"### {text(report['name'])}",
-        f"**{text(report['format'])}** LoRA, {verdict} · rank {text(report['rank'])} · "
-        f"alpha {text(report['alpha'])} · {report['size'] / 1e6:.1f} MB",
-        f"Adapts {text(report['targets'])} modules ({modules or 'none'}); CLIP text encoder: "
-        f"{'yes' if report['text_encoder'] else 'no'}",
-        f"Base model: {text(report['base_model_hint'] or 'unknown')}",
+        f"### {text(report.name)}",
+        f"**{text(report.format)}** LoRA, {verdict} · rank {text(report.rank)} · "
+        f"alpha {text(report.alpha)} · {report.size / 1e6:.1f} MB",
+        f"Adapts {text(report.targets)} modules ({modules or 'none'}); CLIP text encoder: "
+        f"{'yes' if report.text_encoder else 'no'}",
+        f"Base model: {text(report.base_model_hint or 'unknown')}",
         "Trigger words: " + (words or "none listed"),
     ]
-    lines += [f"- **Problem:** {text(p, MAX_SENTENCE_CHARS)}" for p in report["problems"][:MAX_LIST_ITEMS]]
-    lines += [f"- Warning: {text(w, MAX_SENTENCE_CHARS)}" for w in report["warnings"][:MAX_LIST_ITEMS]]
+    lines += [f"- **Problem:** {text(p, MAX_SENTENCE_CHARS)}" for p in report.problems[:MAX_LIST_ITEMS]]
+    lines += [f"- Warning: {text(w, MAX_SENTENCE_CHARS)}" for w in report.warnings[:MAX_LIST_ITEMS]]
     return "\n\n".join(lines)
 
 
-def stage_seconds(report: dict):
+def stage_seconds(report: RunReport):
     """Seconds per stage (loads, encoders, each image's denoising loop, decode) as a table; single steps left out."""
     import pandas as pd
 
-    rows = [(s["name"], round(s["seconds"], 3)) for s in report["timeline"] if " step " not in s["name"]]
+    rows = [(s.name, round(s.seconds, 3)) for s in report.timeline if " step " not in s.name]
     return pd.DataFrame(rows, columns=["stage", "seconds"])
 
 
-def run_summary(report: dict) -> str:
+def run_summary(report: RunReport) -> str:
     """What ran, with which seed, how fast, with which memory strategy and how much memory."""
-    o, model, memory = report["options"], report["model"], report.get("memory", {})
+    o, model, memory = report.options, report.model, report.memory
     per_step: dict[str, list[float]] = {}
-    for stage in report["timeline"]:
-        label, _, _ = stage["name"].rpartition(" step ")
+    for stage in report.timeline:
+        label, _, _ = stage.name.rpartition(" step ")
         if label:
-            per_step.setdefault(label, []).append(stage["seconds"])
+            per_step.setdefault(label, []).append(stage.seconds)
     speeds = ", ".join(f"{STAGE_LABELS.get(k, k)} {sum(v) / len(v):.3f} s/step" for k, v in per_step.items())
-    peaks = [f"peak GPU memory {memory['peak_device_bytes'] / 2**30:.2f} GiB"] if "peak_device_bytes" in memory else []
-    peaks += [f"peak RAM {memory['peak_rss_bytes'] / 2**30:.2f} GiB"] if "peak_rss_bytes" in memory else []
-    images = len(report["strengths"])
-    loras = {
-        describe_loras(
-            ImageParams(
-                **_params_fields(o),
-                model="",
-                quant="",
-                loras=tuple((x["name"], x["sha256"], x["strength"]) for x in image["loras"]),
-            )
-        )
-        for image in report["images"].values()
-    }
-    reused = f" · reused: {', '.join(report['reused'])}" if report.get("reused") else ""
+    peaks = [f"peak GPU memory {b / 2**30:.2f} GiB" for b in [memory.peak_device_bytes] if b is not None]
+    peaks += [f"peak RAM {b / 2**30:.2f} GiB" for b in [memory.peak_rss_bytes] if b is not None]
+    images = len(report.images)
+    loras = {describe_loras(params_from_report(report, label)) for label in report.images}
+    reused = f" · reused: {', '.join(report.reused)}" if report.reused else ""
     lines = [
-        f"**Seed {o['seed']}** · {o['steps']} steps · guidance {o['guidance']:g} · {o['width']}×{o['height']} · "
-        f"{images} image{'s' * (images > 1)} in {report['seconds']:.2f} s{reused}",
+        f"**Seed {o.seed}** · {o.steps} steps · guidance {o.guidance:g} · {o.width}×{o.height} · "
+        f"{images} image{'s' * (images > 1)} in {report.seconds:.2f} s{reused}",
         "LoRAs: " + " | ".join(sorted(loras)),
-        f"Memory strategy **{report['strategy']}** on {model['device']} ({model['dtype']}) · " + " · ".join(peaks),
+        f"Memory strategy **{report.strategy}** on {model.device} ({model.dtype}) · " + " · ".join(peaks),
         f"Denoising: {speeds}",
     ]
-    lines += [f"Note: {event}" for event in report.get("events", [])]  # e.g. an out-of-memory fallback
+    lines += [f"Note: {event}" for event in report.events]  # e.g. an out-of-memory fallback
     return "\n\n".join(lines)
-
-
-def _params_fields(options: dict) -> dict:
-    return {k: options[k] for k in ("prompt", "seed", "steps", "guidance", "width", "height")}
 
 
 def model_summary(manager: Model, host_facts: bool = True) -> str:
@@ -107,15 +94,16 @@ def model_summary(manager: Model, host_facts: bool = True) -> str:
     )
 
 
-def show_run(report: dict, run: dict, history: list) -> tuple:
-    """After a run: the PNGs to download, the stage chart, the summary, the tab that shows the images, the history
-    strip and the A/B pickers (a compare puts its own pair there)."""
+def show_run(run: dict, history: list) -> tuple:
+    """After a run (its typed report in run["report"]): the PNGs to download, the stage chart, the summary, the tab
+    that shows the images, the history strip and the A/B pickers (a compare puts its own pair there)."""
     titles = [e.title for e in history]
     picks = [
         gr.Dropdown(choices=titles, value=run[side]) if side in run else gr.Dropdown(choices=titles)
         for side in ("a", "b")
     ]
     tab = gr.Tabs(selected=run["tab"])
+    report = run["report"]
     return run["files"], stage_seconds(report), run_summary(report), tab, history_strip(history), *picks
 
 
@@ -134,9 +122,9 @@ def swap(a: str | None, b: str | None) -> tuple:
     return b, a
 
 
-def show_card(report: dict | None) -> tuple:
+def show_card(report: LoraReport | None) -> tuple:
     """The LoRA card, and the trigger-word button only when there are trigger words."""
-    return lora_card(report), gr.Button(visible=bool(report and report["trigger_words"]))
+    return lora_card(report), gr.Button(visible=bool(report and report.trigger_words))
 
 
 @for_people

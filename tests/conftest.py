@@ -51,10 +51,33 @@ def tiny_wide_kit(fluxdemo_cache: Path) -> Path:
 @pytest.fixture(scope="session")
 def manager(tiny_kit: Path):
     """One Model over the tiny preset, on the CPU, shared like the app shares its one manager."""
-    from fluxdemo.model.presets import get_preset
-    from fluxdemo.pipeline import Model
+    from helpers import tiny_model  # here, not at the top: a run of only the light tests never imports torch
 
-    return Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=tiny_kit / "loras")
+    return tiny_model(tiny_kit / "loras")
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_kit: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The module's own copy of the kit's LoRA folder, for tests that upload into it or break its files."""
+    folder = tmp_path_factory.mktemp("loras") / "loras"
+    shutil.copytree(tiny_kit / "loras", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def app_manager(lora_dir: Path):
+    """The module's Model over its own LoRA folder: what a launched studio serves."""
+    from helpers import tiny_model
+
+    return tiny_model(lora_dir)
+
+
+@pytest.fixture(scope="module")
+def clean(lora_dir: Path):
+    """A second Model over the same files that nothing else touches: each request run alone, for the references."""
+    from helpers import tiny_model
+
+    return tiny_model(lora_dir)
 
 
 @pytest.fixture(scope="session")

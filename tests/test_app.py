@@ -13,6 +13,7 @@ import pytest
 import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError, ValidationError
+from helpers import tiny_model
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import load_file, save_file
@@ -38,12 +39,9 @@ def pixels(source) -> np.ndarray:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_kit):
     """The studio over its own manager, on a copy of the kit's LoRA folder (uploads land there)."""
-    from fluxdemo.model.presets import get_preset
-    from fluxdemo.pipeline import Model
-
     loras = tmp_path_factory.mktemp("app") / "loras"
     shutil.copytree(tiny_kit / "loras", loras)
-    manager = Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=loras)
+    manager = tiny_model(loras)
     demo = build_studio(manager, max_upload_bytes=MAX_UPLOAD)
     demo.launch(prevent_thread_lock=True, quiet=True)
     yield demo, loras
@@ -188,11 +186,10 @@ def test_zero_gpu_duration_grows_with_steps_size_and_images():
 def test_error_sentences_reach_clients_without_the_machines_paths(tmp_path, tiny_kit, kit_lora):
     """A missing model file: the server log has the path, the client only the sentence with the path cut short."""
     from fluxdemo.model.presets import get_preset
-    from fluxdemo.pipeline import Model
 
     missing = tmp_path / "deep" / "inside" / "flux1-dev-Q8_0.gguf"
     preset = get_preset("tiny", {"transformer": missing}, use_env=False)
-    demo = build_studio(Model(preset, device="cpu", lora_dir=tiny_kit / "loras"), max_upload_bytes=MAX_UPLOAD)
+    demo = build_studio(tiny_model(tiny_kit / "loras", preset), max_upload_bytes=MAX_UPLOAD)
     demo.launch(prevent_thread_lock=True, quiet=True)
     try:
         with pytest.raises(AppError) as e:

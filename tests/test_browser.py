@@ -13,11 +13,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import fake_hub as fh
 import lora_factory as lf
 import pytest
-import test_hub as th
 from conftest import FAILED
-from test_lora_hub import CARD
 
 ROOT = Path(__file__).resolve().parents[1]
 # The README's screenshot is refreshed only on request (FLUXDEMO_SCREENSHOT=docs/screenshot.png), so a test run
@@ -44,14 +43,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def fake_hub(tiny_kit, tmp_path_factory):
-    """test_hub's loopback fake Hub with a LoRA repo (a kit LoRA whose trigger words are in the model card) and a
+    """The loopback fake Hub with a LoRA repo (a kit LoRA whose trigger words are in the model card) and a
     repo holding only a model, for the studio's Hub box."""
     plain = tmp_path_factory.mktemp("hub-lora") / "style.safetensors"
     lf.save(plain, lf.load(tiny_kit / "loras" / "peft.safetensors"))  # no metadata: the card's trigger words count
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(th.FILES, "bob/style-lora", {"style.safetensors": plain.read_bytes(), "README.md": CARD})
-        mp.setitem(th.FILES, "bob/a-model", {"model.safetensors": th._safetensors({"model.embed.weight": 64})})
-        hub = th.FakeHub()
+        mp.setitem(fh.FILES, "bob/style-lora", {"style.safetensors": plain.read_bytes(), "README.md": fh.CARD})
+        mp.setitem(fh.FILES, "bob/a-model", {"model.safetensors": fh.safetensors_bytes({"model.embed.weight": 64})})
+        hub = fh.FakeHub()
         yield hub
         hub.stop()
 
@@ -283,5 +282,5 @@ def test_the_hub_box_in_a_real_browser(page, fake_hub):
     expect(page.get_by_text(re.compile(r"^Trigger words: zkz style$"))).to_be_visible()
     page.get_by_role("button", name="Insert trigger words into the prompt").click()
     expect(page.get_by_label("Prompt")).to_have_value(re.compile("zkz style"))
-    lora_file = th.FILES["bob/style-lora"]["style.safetensors"]
-    assert ("GET", f"/cdn/{th._sha256(lora_file)}") in fake_hub.requests  # the app's Hub was the fake one
+    lora_file = fh.FILES["bob/style-lora"]["style.safetensors"]
+    assert ("GET", f"/cdn/{fh.sha256(lora_file)}") in fake_hub.requests  # the app's Hub was the fake one

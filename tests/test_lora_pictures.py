@@ -11,7 +11,8 @@ import lora_factory as lf
 import numpy as np
 import pytest
 import torch
-from test_lora_formats import TINY, WIDE, comfy_save
+from helpers import tiny_model
+from lora_factory import TINY, WIDE, comfy_save
 
 from fluxdemo.model.names import FluxDims
 from fluxdemo.model.presets import get_preset
@@ -77,11 +78,11 @@ def unpack(transformer: torch.nn.Module) -> None:
 def make_bench(kind: str, kit: Path, folder: Path) -> Bench:
     preset = get_preset(kind, use_env=False)
     options = OPTS if kind == "tiny" else WIDE_OPTS
-    reference = Model(preset, device="cpu", lora_dir=kit / "loras")
+    reference = tiny_model(kit / "loras", preset)
     baseline = pixels(generate(reference, options).images["baseline"])  # also loads the transformer
     unpack(reference.get("transformer"))
     assert np.array_equal(pixels(generate(reference, options).images["baseline"]), baseline)
-    adapted = Model(preset, device="cpu", lora_dir=folder)
+    adapted = tiny_model(folder, preset)
     return Bench(TINY if kind == "tiny" else WIDE, options, folder, adapted, reference, baseline)
 
 
@@ -162,7 +163,7 @@ def test_a_clip_only_lokr_changes_the_picture_and_is_off_at_zero(tiny_kit, tmp_p
     folder.mkdir()
     prefix = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
     lf.save(folder / "clip.safetensors", {f"{prefix}.{r}": v * 3 for r, v in kind.items()})
-    manager = Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=folder)
+    manager = tiny_model(folder)
     base = pixels(generate(manager, OPTS).images["baseline"])
     adapted = generate(manager, OPTS, "clip.safetensors", 1.0)
     assert adapted.report["text_encoder_lora"] is True

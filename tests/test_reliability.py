@@ -29,13 +29,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
+from helpers import tiny_model
 
 from fluxdemo.errors import CancelledError, LoraError, ModelFileError
 from fluxdemo.errors import OutOfMemoryError as FluxdemoOOM
 from fluxdemo.lora import MAX_HEADER_BYTES, LoraLibrary, inspect_lora, save_upload, to_diffusers
 from fluxdemo.model import loading
 from fluxdemo.model.names import FluxDims
-from fluxdemo.model.presets import PACKAGE_CONFIGS, get_preset
+from fluxdemo.model.presets import PACKAGE_CONFIGS
 from fluxdemo.pipeline import Controls, GenerateOptions, Model, compare, generate
 
 OPTS = GenerateOptions("a red fox in the snow", seed=7, steps=2, width=16, height=16)
@@ -59,18 +60,6 @@ def assert_same_images(got: dict, want: dict) -> None:
         assert np.array_equal(got[role], want[role]), f"{role} image differs from the reference"
 
 
-def new_manager(lora_dir: Path) -> Model:
-    return Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=lora_dir)
-
-
-@pytest.fixture(scope="module")
-def lora_dir(tiny_kit: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("reliability-loras")
-    for path in (tiny_kit / "loras").glob("*.safetensors"):
-        shutil.copy(path, folder / path.name)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny_sizes(tiny_kit: Path) -> tuple[FluxDims, dict]:
     """The tiny transformer's sizes and CLIP config: what the kit's LoRAs are checked against."""
@@ -78,17 +67,11 @@ def tiny_sizes(tiny_kit: Path) -> tuple[FluxDims, dict]:
     return FluxDims.from_config(config), json.loads((tiny_kit / "text_encoder" / "config.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def clean(lora_dir: Path) -> Model:
-    """A manager no fault ever touches: it makes the reference images."""
-    return new_manager(lora_dir)
-
-
 @pytest.fixture
 def faulty(lora_dir: Path) -> Model:
     """A fresh manager per test to inject faults into: after an out-of-memory error a manager stays on the lighter
     strategy, which would make each test start where the last one left it."""
-    return new_manager(lora_dir)
+    return tiny_model(lora_dir)
 
 
 def reference(clean: Model, options: GenerateOptions, lora: str | None) -> dict[str, np.ndarray]:
@@ -147,7 +130,7 @@ def test_fuzz_lora_files(tiny_kit: Path, tiny_sizes: tuple, tmp_path: Path) -> N
     result or a LoraError, quickly and in bounded memory, nothing is unpickled, and the model is unharmed."""
     folder = tmp_path / "loras"
     folder.mkdir()
-    manager = new_manager(folder)
+    manager = tiny_model(folder)
     dims, clip = tiny_sizes
     peft, kohya = ((tiny_kit / "loras" / f"{n}.safetensors").read_bytes() for n in ("peft", "kohya"))
     canary = tmp_path / "unpickled"

@@ -14,7 +14,6 @@ import errno
 import importlib.util
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,98 +27,16 @@ from pathlib import Path
 
 import hostile
 import httpx
-import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError, ValidationError
 from gradio_client.utils import QueueError
-from PIL import Image
+from helpers import MAX_UPLOAD, MIX, ROOT, alone, api_args, launched, options, same, served
 
-from fluxdemo.model.presets import get_preset
-from fluxdemo.pipeline import GenerateOptions, Model, compare, generate, sweep
-from fluxdemo.pipeline.limits import DEFAULT_LIMITS, Limits
-from fluxdemo.studio import build_studio
+from fluxdemo.pipeline import Model
+from fluxdemo.pipeline.limits import Limits
 
-ROOT = Path(__file__).resolve().parents[1]
-SIZE = dict(steps=2, width=16, height=16)
 CONCURRENT = 28
-MAX_UPLOAD = 2**20
-
-
-def options(i: int) -> GenerateOptions:
-    return GenerateOptions(f"request {i % 5}: a lighthouse at dusk", seed=100 + i, guidance=3.5, **SIZE)
-
-
-# (endpoint, LoRA or None, strength): every LoRA of the kit, strengths from off to over-driven, and plain images
-MIX = [
-    ("compare", "peft.safetensors", 0.5),
-    ("generate", None, 1.0),
-    ("compare", "kohya.safetensors", 1.0),  # also adapts CLIP: the prompt embeddings depend on it
-    ("generate", "comfy.safetensors", 0.8),
-    ("compare", "xlabs.safetensors", 1.5),
-    ("generate", "kohya.safetensors", 0.3),
-    ("compare", "comfy.safetensors", 0.0),
-    ("sweep", "peft.safetensors", "0, 0.7, 1.4"),
-]
-
-
-def api_args(o: GenerateOptions, lora: str | None, strength) -> tuple:
-    return o.prompt, lora, strength, o.seed, o.steps, o.guidance, o.width, o.height
-
-
-def alone(manager: Model, endpoint: str, o: GenerateOptions, lora: str | None, strength) -> list[np.ndarray]:
-    """The library's own result for one request, as the images the endpoint returns, in order."""
-    if endpoint == "compare":
-        images = compare(manager, o, lora, strength).images
-    elif endpoint == "sweep":
-        images = sweep(manager, o, lora, [float(s) for s in strength.split(",")]).images
-    else:
-        images = generate(manager, o, lora, strength).images
-    return [np.asarray(image) for image in images.values()]
-
-
-def served(endpoint: str, result) -> list[np.ndarray]:
-    """The images of a gradio_client result, read from the PNGs it downloaded."""
-    first = result[0]
-    if endpoint == "compare":
-        paths = list(first)
-    elif endpoint == "sweep":
-        paths = [item["image"] for item in first]
-    else:
-        paths = [first]
-    return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-
-
-def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
-    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
-
-
-@pytest.fixture(scope="module")
-def lora_dir(tiny_kit: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("security-app") / "loras"
-    shutil.copytree(tiny_kit / "loras", folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def app_manager(lora_dir: Path) -> Model:
-    return Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=lora_dir)
-
-
-@pytest.fixture(scope="module")
-def clean(lora_dir: Path) -> Model:
-    """A second manager over the same files: each request run alone, for the expected results."""
-    return Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=lora_dir)
-
-
-@contextmanager
-def launched(manager: Model, queue_size: int, limits: Limits = DEFAULT_LIMITS, public: bool = False) -> Iterator[str]:
-    demo = build_studio(manager, max_upload_bytes=MAX_UPLOAD, queue_size=queue_size, limits=limits, public=public)
-    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, max_file_size=MAX_UPLOAD)
-    try:
-        yield demo.local_url
-    finally:
-        demo.close()
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from gradio_client import Client
 from PIL import Image, PngImagePlugin
 
 from fluxdemo.model.presets import Preset, get_preset
@@ -35,6 +36,9 @@ def tiny_model(lora_dir: Path | None = None, preset: str | Preset = "tiny", **kw
 
 SIZE = dict(steps=2, width=16, height=16)
 MAX_UPLOAD = 2**20
+# How long a test waits for an answer before it calls the app hung: a guard for a busy machine, never a speed limit
+# (gradio_client's and httpx's own default, 5 s, is less than an in-process server takes beside a running model).
+HANG_S = 240
 
 # (endpoint, LoRA or None, strength): every LoRA of the kit, strengths from off to over-driven, and plain images
 MIX = [
@@ -82,6 +86,11 @@ def served(endpoint: str, result) -> list[np.ndarray]:
 
 def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def open_client(url: str, **kwargs) -> Client:
+    """A gradio_client Client (one session, as one browser has) that waits up to HANG_S for each answer."""
+    return Client(url, verbose=False, httpx_kwargs={"timeout": HANG_S}, **kwargs)
 
 
 @contextmanager

@@ -30,7 +30,7 @@ import fake_hub as fh
 import helpers
 import httpx
 import numpy as np
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from huggingface_hub import constants
 from PIL import Image
 
@@ -144,7 +144,7 @@ class Visitor:
 
     def __init__(self, url: str, downloads: Path, pngs: dict[str, Path], kit_lora: Path) -> None:
         self.url = url.rstrip("/")
-        self.client = Client(url, verbose=False, download_files=str(downloads))
+        self.client = helpers.open_client(url, download_files=str(downloads))
         self.http = httpx.Client(base_url=self.url, timeout=300)
         self.session = uuid.uuid4().hex[:12]
         self.pngs, self.kit_lora = pngs, kit_lora

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
 import fake_hub as fh
 import lora_factory as lf
 import pytest
-from helpers import tiny_model
+from helpers import open_client, tiny_model
 from huggingface_hub import constants
 from lora_factory import CLIP, TINY, pairs_for
 
@@ -210,19 +213,40 @@ def test_the_default_cache_is_fluxdemos_not_huggingfaces(fake, tmp_path, monkeyp
     assert library.get("bob/two-loras/a.safetensors").path.is_relative_to(tmp_path / "fx" / "hub-loras")
 
 
-def test_an_unreachable_hub_is_a_sentence_at_once_and_the_cache_still_serves(fake, library, tmp_path, lora_bytes):
-    """No network (a port nobody listens on): huggingface_hub's listing would retry for 23 s; one request says so."""
+@contextmanager
+def hanging_up() -> Iterator[tuple[str, list[int]]]:
+    """A Hub that takes each connection and hangs up at once, as a dead network does: (its endpoint, connections)."""
+    seen: list[int] = []
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.05)
+        done = threading.Event()
+
+        def answer() -> None:
+            while not done.is_set():
+                with suppress(TimeoutError):
+                    server.accept()[0].close()
+                    seen.append(1)
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.getsockname()[1]}", seen
+        finally:
+            done.set()
+            thread.join()
+
+
+def test_an_unreachable_hub_is_one_request_and_the_cache_still_serves(fake, library, tmp_path, lora_bytes):
+    """No network: huggingface_hub's listing would retry five times with back-off (23 s); one request says so."""
     cached = library.get("bob/two-loras/a.safetensors")
-    with socket.socket() as s:  # a free port, closed again: connections to it are refused
-        s.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
-    away = LoraLibrary(library.folder, TINY, CLIP, hub_endpoint=closed, hub_cache=tmp_path / "hf")
-    start = time.monotonic()
-    assert away.get("bob/two-loras/a.safetensors").path.read_bytes() == lora_bytes["kohya"] == cached.path.read_bytes()
-    with pytest.raises(LoraError, match=r"^bob/style-lora is not among the Hub LoRAs this app downloaded before, and "
-                                        r"the Hub could not be reached\. Try again once"):  # fmt: skip
-        away.get("bob/style-lora")
-    assert time.monotonic() - start < 5
+    with hanging_up() as (endpoint, connections):
+        away = LoraLibrary(library.folder, TINY, CLIP, hub_endpoint=endpoint, hub_cache=tmp_path / "hf")
+        assert away.get("bob/two-loras/a.safetensors").path.read_bytes() == lora_bytes["kohya"]
+        assert cached.path.read_bytes() == lora_bytes["kohya"] and len(connections) == 1
+        with pytest.raises(LoraError, match=r"^bob/style-lora is not among the Hub LoRAs this app downloaded before, "
+                                            r"and the Hub could not be reached\. Try again once"):  # fmt: skip
+            away.get("bob/style-lora")
+        assert len(connections) == 2
 
 
 def test_a_hub_lora_applies_like_the_same_file_in_the_folder(fake, tmp_path, tiny_kit, lora_bytes):
@@ -261,10 +285,9 @@ def studio_url(fake, tmp_path, monkeypatch):
 def test_the_studio_takes_a_lora_from_the_hub(fake, studio_url):
     """The studio's Hub box (its /hub_lora endpoint): a repo id gives a LoRA to pick, compare with and stack; a repo
     without a LoRA gives its sentence; the operator's HF_TOKEN is never sent."""
-    from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    client = Client(studio_url, verbose=False)
+    client = open_client(studio_url)
     assert client.predict("https://huggingface.co/bob/style-lora", api_name="/hub_lora") == (
         "https://huggingface.co/bob/style-lora"
     )
@@ -280,10 +303,9 @@ def test_the_studio_takes_a_lora_from_the_hub(fake, studio_url):
 def test_a_model_job_never_downloads_a_hub_lora(fake, studio_url):
     """From the API a Hub name must be fetched first (/hub_lora, or the page's own step before the job): the job
     is refused before it is queued, and nothing is requested from the Hub."""
-    from gradio_client import Client
     from gradio_client.exceptions import AppError, ValidationError
 
-    client = Client(studio_url, verbose=False)
+    client = open_client(studio_url)
     with pytest.raises(ValidationError, match=r"The Hub LoRA bob/style-lora is not downloaded yet: a model job never"):
         client.predict("a fox", "bob/style-lora", 1.0, 2, 2, 3.5, 32, 32, api_name="/compare")
     with pytest.raises(AppError, match=r"bob/style-lora is a Hub LoRA not downloaded yet"):
@@ -292,13 +314,12 @@ def test_a_model_job_never_downloads_a_hub_lora(fake, studio_url):
 
 
 def test_a_grid_of_64_rows_of_hub_names_is_refused_before_any_request(fake, studio_url):
-    from gradio_client import Client
     from gradio_client.exceptions import ValidationError
 
     rows = "\n".join("+".join(f"u/{r}.{i}" for i in range(4)) for r in range(64))  # within the text limit
     pickers = ("", 1.0, "", 1.0, "", 1.0)
     with pytest.raises(ValidationError) as error:
-        Client(studio_url, verbose=False).predict("a fox", "", rows, "1", "1", 2, 3.5, 16, 16, "", 1.0, *pickers,
+        open_client(studio_url).predict("a fox", "", rows, "1", "1", 2, 3.5, 16, 16, "", 1.0, *pickers,
                                                   api_name="/grid")  # fmt: skip
     assert "One run can use at most 8 different LoRAs, but this one names 256: split it into smaller runs." in str(
         error.value

@@ -13,7 +13,6 @@ import tempfile
 
 import helpers
 import soak_mix as sm
-from gradio_client import Client
 from huggingface_hub import constants
 
 CLIENTS = 10
@@ -40,7 +39,7 @@ def test_mixed_visitors_at_once(app_manager, clean, lora_dir, tiny_kit, tmp_path
         sm.use_hub(clean, hub.endpoint, tmp_path / "clean-hub", HUB_QUOTA, helpers.MAX_UPLOAD)
         with helpers.launched(app_manager, queue_size=64, public=True) as url:
             warm = sm.model_values("compare", 0)
-            Client(url, verbose=False, download_files=str(tmp_path)).predict(*warm, api_name="/compare")
+            helpers.open_client(url, download_files=str(tmp_path)).predict(*warm, api_name="/compare")
             before = sm.footprint(folders)
             pinger = sm.Pinger(url)
             pinger.start()
@@ -49,7 +48,7 @@ def test_mixed_visitors_at_once(app_manager, clean, lora_dir, tiny_kit, tmp_path
             finally:
                 pinger.stop()
             after = sm.footprint(folders)
-            client = Client(url, verbose=False, download_files=str(tmp_path))
+            client = helpers.open_client(url, download_files=str(tmp_path))
             last = client.predict(*warm, api_name="/compare")
             long_card = client.predict("soak/long-card", api_name="/inspect_lora")
         found = sm.problems(outcomes, clean, lora_dir, kit_lora)

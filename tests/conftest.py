@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +33,28 @@ def fluxdemo_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLUXDEMO_CACHE", str(cache))
         yield cache
+
+
+@pytest.fixture(scope="session", autouse=True)
+def patient_launch() -> Iterator[None]:
+    """gradio's launch asks its own page up to five times with 3 s timeouts and then refuses to start ("When
+    localhost is not accessible..."); beside the model jobs of a test process on a busy machine the page can take
+    longer. Here it waits as a hang guard instead; the page must still answer."""
+    import gradio.networking
+    import httpx
+
+    def url_ok(url: str) -> bool:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.head(url, timeout=30, verify=False).status_code in (200, 401, 301, 302, 303, 307, 308):
+                    return True
+            time.sleep(0.5)
+        return False
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gradio.networking, "url_ok", url_ok)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,8 @@ literal pattern) and run, as their call sites use them, on inputs built to make 
 long runs of one character or separator without what the pattern needs to finish. No wall-clock limit: each case is
 timed (in CPU time, which other work on the machine does not take) at a length L and at 8L in one process, and a
 linear pattern's times grow about 8-fold where a quadratic one's grow 64-fold. Each pattern runs in a child process
-with a CPU-time limit, so an exponential one fails instead of hanging the suite. A self-test checks that the detector flags a known quadratic pattern.
+with a CPU-time limit, so an exponential one fails instead of hanging the suite. A self-test checks that the
+detector flags a known quadratic pattern.
 """
 
 from __future__ import annotations

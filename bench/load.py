@@ -5,7 +5,7 @@
     python bench/load.py --url http://127.0.0.1:7860/ --loras a.safetensors b.safetensors [...]
 
 Without --url it launches the studio on a tiny kit in this process, on 127.0.0.1. Request i is a compare, a generate
-or a sweep, with one of the LoRAs at one of several strengths (the mix of tests/test_security_app.py), and its own
+or a sweep, with one of the LoRAs at one of several strengths (the mix of tests/helpers.py), and its own
 seed; C worker threads each hold one gradio_client Client (one session each, as C browsers would) and take the next
 request when the last is done. Latency is submit to result, waiting in the queue included. Errors are counted by
 their message (gradio's "Queue is full" among them). On the launched kit, unless --no-check, every request that came
@@ -28,63 +28,30 @@ from pathlib import Path
 
 import numpy as np
 from gradio_client import Client
-from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, without installing fluxdemo
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # run from a checkout, without installing fluxdemo; tests' helpers
+
+import helpers  # noqa: E402
 
 from fluxdemo.model.manager import default_device  # noqa: E402
-from fluxdemo.model.presets import get_preset  # noqa: E402
 from fluxdemo.model.tiny import ensure_kit  # noqa: E402
-from fluxdemo.pipeline import (  # noqa: E402
-    GenerateOptions,
-    Model,  # noqa: E402
-    compare,
-    generate,
-    sweep,
-)
+from fluxdemo.pipeline import GenerateOptions  # noqa: E402
 from fluxdemo.studio import build_studio  # noqa: E402
 
-# (endpoint, index into the LoRA list or None, strength): plain images, every LoRA, strengths from off to over-driven
-MIX = [
-    ("compare", 0, 0.5),
-    ("generate", None, 1.0),
-    ("compare", 1, 1.0),
-    ("generate", 2, 0.8),
-    ("compare", 3, 1.5),
-    ("generate", 1, 0.3),
-    ("compare", 2, 0.0),
-    ("sweep", 0, "0, 0.7, 1.4"),
-]
+KIT_LORAS = sorted({lora for _, lora, _ in helpers.MIX if lora})  # the mix's LoRAs, in the order --loras stand in
 
 
 def plan(n: int, loras: list[str], size: int, steps: int) -> list[tuple[str, str | None, object, GenerateOptions]]:
+    """Request i is helpers.MIX[i], its kit LoRA replaced by the one at the same place in `loras`."""
     requests = []
     for i in range(n):
-        endpoint, lora, strength = MIX[i % len(MIX)]
+        endpoint, lora, strength = helpers.MIX[i % len(helpers.MIX)]
         prompt = f"request {i % 7}: a lighthouse at dusk"  # repeats, so the embedding cache is exercised too
         options = GenerateOptions(prompt, seed=1000 + i, steps=steps, width=size, height=size)
-        requests.append((endpoint, None if lora is None else loras[lora % len(loras)], strength, options))
+        chosen = None if lora is None else loras[KIT_LORAS.index(lora) % len(loras)]
+        requests.append((endpoint, chosen, strength, options))
     return requests
-
-
-def api_args(lora: str | None, strength, o: GenerateOptions) -> tuple:
-    return o.prompt, lora, strength, o.seed, o.steps, o.guidance, o.width, o.height
-
-
-def images_of(endpoint: str, result) -> list[np.ndarray]:
-    first = result[0]
-    paths = list(first) if endpoint == "compare" else [x["image"] for x in first] if endpoint == "sweep" else [first]
-    return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-
-
-def alone(manager: Model, endpoint: str, lora: str | None, strength, o: GenerateOptions) -> list[np.ndarray]:
-    if endpoint == "compare":
-        images = compare(manager, o, lora, strength).images
-    elif endpoint == "sweep":
-        images = sweep(manager, o, lora, [float(s) for s in strength.split(",")]).images
-    else:
-        images = generate(manager, o, lora, strength).images
-    return [np.asarray(image) for image in images.values()]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -100,7 +67,7 @@ def run(url: str, requests: list, concurrency: int) -> tuple[list[dict], float]:
             local.client = Client(url, verbose=False)
         start = time.perf_counter()
         try:
-            result = local.client.predict(*api_args(lora, strength, options), api_name=f"/{endpoint}")
+            result = local.client.predict(*helpers.api_args(options, lora, strength), api_name=f"/{endpoint}")
             error = None
         except Exception as e:  # counted, not raised: an error is one of the numbers this measures
             result, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
@@ -155,20 +122,18 @@ def main() -> None:
             parser.error("--url needs --loras: the names of LoRAs in that app's folder")
     else:
         kit = ensure_kit(args.kind)
-        manager = Model(get_preset(args.kind, use_env=False), device=default_device(), lora_dir=kit / "loras")
-        # the library judges fit against FLUX.1-dev; a kit's LoRAs fit its own small model, which loading checks
-        loras = args.loras or sorted(e.name for e in manager.adapters.library.refresh() if e.refused is None)
+        manager = helpers.tiny_model(kit / "loras", args.kind, device=default_device())
+        loras = args.loras or KIT_LORAS
         demo = build_studio(manager, queue_size=args.queue_size or args.requests)
         demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
         url = demo.local_url
         if not args.no_check:  # the same files on a manager of its own; an app elsewhere cannot be checked so
-            reference = Model(get_preset(args.kind, use_env=False), device=default_device(),
-                                     lora_dir=kit / "loras")  # fmt: skip
+            reference = helpers.tiny_model(kit / "loras", args.kind, device=default_device())
     if not loras:
         parser.error("no LoRAs to use: pass --loras")
     requests = plan(args.requests, loras, args.size, args.steps)
     try:
-        Client(url, verbose=False).predict(*api_args(None, 1.0, requests[1][3]), api_name="/generate")  # warm
+        Client(url, verbose=False).predict(*helpers.api_args(requests[1][3], None, 1.0), api_name="/generate")  # warm
         outcomes, wall = run(url, requests, args.concurrency)
     finally:
         if demo is not None:
@@ -178,9 +143,8 @@ def main() -> None:
         mixups = 0
         for (endpoint, lora, strength, options), outcome in zip(requests, outcomes, strict=True):
             if outcome["error"] is None:
-                served = images_of(endpoint, outcome["result"])
-                expected = alone(reference, endpoint, lora, strength, options)
-                mixups += len(served) != len(expected) or not all(map(np.array_equal, served, expected))
+                served = helpers.served(endpoint, outcome["result"])
+                mixups += not helpers.same(served, helpers.alone(reference, endpoint, options, lora, strength))
         report["mixups"] = mixups
 
     print(f"{report['requests']} requests, {args.concurrency} concurrent clients, {args.size}px, {args.steps} steps")

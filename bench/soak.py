@@ -37,12 +37,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # run from a checkout, without installing fluxdemo; tests' helpers
 
+import helpers  # noqa: E402
 import soak_mix as sm  # noqa: E402
-import test_security_app as tsa  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
 from fluxdemo.model.manager import default_device  # noqa: E402
-from fluxdemo.model.presets import get_preset  # noqa: E402
 from fluxdemo.model.tiny import ensure_kit  # noqa: E402
 from fluxdemo.pipeline import Model  # noqa: E402
 
@@ -108,12 +107,12 @@ def main() -> None:
         quota = args.hub_quota_kb * 1000
 
         def manager() -> Model:
-            return Model(get_preset("tiny", use_env=False), device=default_device(), lora_dir=lora_dir)
+            return helpers.tiny_model(lora_dir, device=default_device())
 
         app = manager()
         with sm.fake_hub(kit / "loras") as hub:
-            sm.use_hub(app, hub.endpoint, folders["hub_cache"], quota, tsa.MAX_UPLOAD)
-            with tsa.launched(app, queue_size=64, public=True) as url:
+            sm.use_hub(app, hub.endpoint, folders["hub_cache"], quota, helpers.MAX_UPLOAD)
+            with helpers.launched(app, queue_size=64, public=True) as url:
                 warm = sm.model_values("compare", 0)
                 Client(url, verbose=False, download_files=str(work / "dl")).predict(*warm, api_name="/compare")
                 pinger, sampler = sm.Pinger(url, args.ping_every), Sampler(folders)
@@ -149,11 +148,10 @@ def main() -> None:
             }
             if not args.no_check:
                 clean = manager()
-                sm.use_hub(clean, hub.endpoint, work / "clean-hub", quota, tsa.MAX_UPLOAD)
+                sm.use_hub(clean, hub.endpoint, work / "clean-hub", quota, helpers.MAX_UPLOAD)
                 found = sm.problems(outcomes, clean, lora_dir, kit_lora)
-                found["after"] = [] if tsa.same(sm.served("compare", after), sm.solo(clean, "compare", warm)) else [
-                    "the compare after the soak differs from its solo run"
-                ]  # fmt: skip
+                whole = helpers.same(sm.served("compare", after), sm.solo(clean, "compare", warm))
+                found["after"] = [] if whole else ["the compare after the soak differs from its solo run"]
                 report |= {"mixups": len(found["mixups"]), "unanswered": len(found["unanswered"]),
                            "unexpected_errors": len(found["errors"]), "problems": found}  # fmt: skip
     finally:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +35,28 @@ def fluxdemo_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield cache
 
 
+@pytest.fixture(scope="session", autouse=True)
+def patient_launch() -> Iterator[None]:
+    """gradio's launch asks its own page up to five times with 3 s timeouts and then refuses to start ("When
+    localhost is not accessible..."); beside the model jobs of a test process on a busy machine the page can take
+    longer. Here it waits as a hang guard instead; the page must still answer."""
+    import gradio.networking
+    import httpx
+
+    def url_ok(url: str) -> bool:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.head(url, timeout=30, verify=False).status_code in (200, 401, 301, 302, 303, 307, 308):
+                    return True
+            time.sleep(0.5)
+        return False
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gradio.networking, "url_ok", url_ok)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_kit(fluxdemo_cache: Path) -> Path:
     from fluxdemo.model.tiny import ensure_kit
@@ -51,10 +75,33 @@ def tiny_wide_kit(fluxdemo_cache: Path) -> Path:
 @pytest.fixture(scope="session")
 def manager(tiny_kit: Path):
     """One Model over the tiny preset, on the CPU, shared like the app shares its one manager."""
-    from fluxdemo.model.presets import get_preset
-    from fluxdemo.pipeline import Model
+    from helpers import tiny_model  # here, not at the top: a run of only the light tests never imports torch
 
-    return Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=tiny_kit / "loras")
+    return tiny_model(tiny_kit / "loras")
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_kit: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The module's own copy of the kit's LoRA folder, for tests that upload into it or break its files."""
+    folder = tmp_path_factory.mktemp("loras") / "loras"
+    shutil.copytree(tiny_kit / "loras", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def app_manager(lora_dir: Path):
+    """The module's Model over its own LoRA folder: what a launched studio serves."""
+    from helpers import tiny_model
+
+    return tiny_model(lora_dir)
+
+
+@pytest.fixture(scope="module")
+def clean(lora_dir: Path):
+    """A second Model over the same files that nothing else touches: each request run alone, for the references."""
+    from helpers import tiny_model
+
+    return tiny_model(lora_dir)
 
 
 @pytest.fixture(scope="session")

@@ -460,7 +460,7 @@ def check_consistent(manager) -> None:
 
 def fn_index(base_url: str, api_name: str) -> int:
     """The index of the event with this API name, as the page's /config lists it (what a browser reads)."""
-    config = httpx.get(f"{base_url.rstrip('/')}/config", timeout=10).json()
+    config = httpx.get(f"{base_url.rstrip('/')}/config", timeout=240).json()  # a hang guard
     return next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name)
 
 

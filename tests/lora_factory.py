@@ -14,7 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fluxdemo.model.names import SWAPPED_HALVES, FluxDims, fused_map, linear_map
-from fluxdemo.model.tiny_loras import Pair
+from fluxdemo.model.tiny import TINY_TRANSFORMER, WIDE_TRANSFORMER
+from fluxdemo.model.tiny_loras import Pair, canonical_pairs
+
+TINY, WIDE = FluxDims.from_config(TINY_TRANSFORMER), FluxDims.from_config(WIDE_TRANSFORMER)  # the kits' own
+CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2)
+# At real width a few modules cover every kind of mapping: fused qkv, fused linear1 (q,k,v + mlp), swapped halves and
+# an embedder (the tiny runs cover every module); ranks stay tiny.
+WIDE_MODULES = ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1", "final_layer.adaLN_modulation.1", "img_in")
 
 
 def save(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
@@ -216,3 +223,46 @@ class HandMerge:
     def __exit__(self, *exc) -> None:
         for h in self.hooks:
             h.remove()
+
+
+def pairs_for(fmt: str, dims: FluxDims, seed: int = 0) -> dict[str, Pair]:
+    wide = dims == WIDE
+    if fmt == "xlabs":  # XLabs files store no alpha and adapt only attention
+        return canonical_pairs(dims, rank=2, seed=seed, xlabs=True)
+    return canonical_pairs(
+        dims,
+        CLIP,
+        rank=2 if wide else 3,
+        seed=seed,
+        alphas=(None, 1.0, 6.0),
+        modules=(lambda b: b in WIDE_MODULES) if wide else (lambda b: True),
+    )
+
+
+def comfy_save(dims: FluxDims, g: torch.Generator, dtype=torch.float16, size: float = 1.0) -> tuple[dict, dict]:
+    """What ComfyUI's LoraSave writes (bias_diff=True, its default): lora_up/down per changed weight, diff_b per bias;
+    the FULL_DIFF type writes .diff instead. Returns the tensors and, per BFL module, (delta, bias delta).
+
+    Entries shrink with the input width no faster than fp8 can follow: e4m3 holds nothing below 2**-9, so a
+    real-width delta of size 1/width would be all zeros in it, and an fp8 file would test nothing."""
+    d = dims.inner
+    shapes = {"double_blocks.0.img_attn.qkv": (3 * d, d), "single_blocks.0.linear2": (d, d + dims.mlp),
+              "final_layer.adaLN_modulation.1": (2 * d, d), "txt_in": (d, dims.joint_attention_dim),
+              "double_blocks.0.txt_mlp.0": (dims.mlp, d)}  # fmt: skip
+    t, want = {}, {}
+    for i, (bfl, (out, inp)) in enumerate(shapes.items()):
+        p = f"diffusion_model.{bfl}"
+        bias = (torch.randn(out, generator=g) * 0.1 * size).to(dtype)
+        t[f"{p}.diff_b"] = bias
+        if i % 3 == 0:  # a LoRA plus its bias delta
+            up = (torch.randn(out, 2, generator=g) * size / inp**0.5).to(dtype)
+            down = (torch.randn(2, inp, generator=g) / inp**0.5).to(dtype)
+            t |= {f"{p}.lora_up.weight": up, f"{p}.lora_down.weight": down}
+            want[bfl] = (up.float() @ down.float(), bias.float())
+        elif i % 3 == 1:  # FULL_DIFF: the whole weight delta
+            diff = (torch.randn(out, inp, generator=g) * size / inp**0.75).to(dtype)
+            t[f"{p}.diff"] = diff
+            want[bfl] = (diff.float(), bias.float())
+        else:  # only the bias changed
+            want[bfl] = (torch.zeros(out, inp), bias.float())
+    return t, want

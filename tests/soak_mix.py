@@ -9,8 +9,8 @@ Hub file listed small but served large, a Hub card with 3,000 newlines of front 
 12,992x12,992 decompression-bomb PNG and a PNG whose zipped chunk inflates to 52 MB. Every outcome is kept; a
 `Pinger` asks /gradio_api/info meanwhile; `footprint` reads the server's RSS and disk.
 
-The Hub is test_hub's loopback fake (the real huggingface_hub client talks to it), with test_lora_hub's LyingHub for
-the file larger than listed; the hostile PNGs are test_images'.
+The Hub is tests/fake_hub.py's loopback fake (the real huggingface_hub client talks to it), with its LyingHub for the
+file larger than listed; the hostile PNGs are tests/helpers.py's.
 """
 
 from __future__ import annotations
@@ -26,15 +26,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import fake_hub as fh
+import helpers
 import httpx
 import numpy as np
-import test_hub as th
-import test_images
-import test_security_app as tsa
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from huggingface_hub import constants
 from PIL import Image
-from test_lora_hub import LyingHub
 
 from fluxdemo import pipeline
 from fluxdemo.pipeline import Model
@@ -75,18 +73,18 @@ def hub_repos(kit_loras: Path) -> dict[str, dict[str, bytes]]:
 
 
 @contextlib.contextmanager
-def fake_hub(kit_loras: Path) -> Iterator[LyingHub]:
-    """The loopback Hub with hub_repos() in it (test_hub.FILES restored afterwards); no token, not offline."""
-    saved, offline = dict(th.FILES), constants.HF_HUB_OFFLINE
-    th.FILES.update(hub_repos(kit_loras))
+def fake_hub(kit_loras: Path) -> Iterator[fh.LyingHub]:
+    """The loopback Hub with hub_repos() in it (fake_hub.FILES restored afterwards); no token, not offline."""
+    saved, offline = dict(fh.FILES), constants.HF_HUB_OFFLINE
+    fh.FILES.update(hub_repos(kit_loras))
     constants.HF_HUB_OFFLINE = False
-    hub = LyingHub()
+    hub = fh.LyingHub()
     try:
         yield hub
     finally:
         hub.stop()
-        th.FILES.clear()
-        th.FILES.update(saved)
+        fh.FILES.clear()
+        fh.FILES.update(saved)
         constants.HF_HUB_OFFLINE = offline
 
 
@@ -101,10 +99,10 @@ def hostile_pngs(folder: Path) -> dict[str, Path]:
     """The PNGs a visitor drops: A1111 text, 32 kB of it, the 12,992x12,992 bomb and a 52 MB zipped chunk."""
     folder.mkdir(parents=True, exist_ok=True)
     data = {
-        "png": test_images._png_with({"parameters": "a soak fox\nSteps: 3, Seed: 9, Size: 16x16, CFG scale: 3.5"}),
-        "png-long": test_images._png_with({"parameters": "a\nSteps: 1, " + "a" * 32_000}),
-        "png-bomb": test_images._png_bomb(),
-        "png-zip": test_images._png_with(
+        "png": helpers.png_with({"parameters": "a soak fox\nSteps: 3, Seed: 9, Size: 16x16, CFG scale: 3.5"}),
+        "png-long": helpers.png_with({"parameters": "a\nSteps: 1, " + "a" * 32_000}),
+        "png-bomb": helpers.png_bomb(),
+        "png-zip": helpers.png_with(
             {"fluxdemo": '{"prompt": "' + "p" * 52_000_000 + '", "steps": -5}'}, zip_itxt=True
         ),  # fmt: skip
     }
@@ -147,7 +145,7 @@ class Visitor:
 
     def __init__(self, url: str, downloads: Path, pngs: dict[str, Path], kit_lora: Path) -> None:
         self.url = url.rstrip("/")
-        self.client = Client(url, verbose=False, download_files=str(downloads))
+        self.client = helpers.open_client(url, download_files=str(downloads))
         self.http = httpx.Client(base_url=self.url, timeout=300)
         self.session = uuid.uuid4().hex[:12]
         self.pngs, self.kit_lora = pngs, kit_lora
@@ -264,7 +262,7 @@ def served(kind: str, result) -> list[np.ndarray]:
     """The images a model endpoint returned, in order (a grid's cells, as its second gallery lists them)."""
     if kind == "grid":
         return [np.asarray(Image.open(cell["image"]).convert("RGB")) for cell in result[1]]
-    return tsa.served("compare" if kind == "hub" else kind, result)
+    return helpers.served("compare" if kind == "hub" else kind, result)
 
 
 def solo(manager: Model, kind: str, values: tuple) -> list[np.ndarray]:
@@ -295,7 +293,7 @@ def problems(outcomes: list[Outcome], clean: Model, lora_dir: Path, kit_lora: Pa
             key = (o.kind, o.values)
             if key not in expected:
                 expected[key] = solo(clean, o.kind, o.values)
-            if not tsa.same(served(o.kind, o.result), expected[key]):
+            if not helpers.same(served(o.kind, o.result), expected[key]):
                 found["mixups"].append(what)
         elif o.kind == "upload":
             if (lora_dir / o.result).read_bytes() != kit_lora.read_bytes():

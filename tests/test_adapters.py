@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from helpers import tiny_model
 from hostile import base_weights_hash
 
-from fluxdemo.model.presets import get_preset
 from fluxdemo.pipeline import GenerateOptions, Model, compare, generate
 
 OPTS = GenerateOptions("a red fox in the snow", seed=3, steps=3, width=32, height=32)
@@ -17,14 +17,14 @@ def pixels(image) -> np.ndarray:
 @pytest.fixture
 def fresh(tiny_kit) -> Model:
     """A manager of its own, so what a test loads and evicts is the whole story."""
-    return Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=tiny_kit / "loras")
+    return tiny_model(tiny_kit / "loras")
 
 
 def test_a_b_a_equals_a_alone(fresh, tiny_kit):
     a_first = generate(fresh, OPTS, "peft.safetensors", 0.8).images["lora"]
     generate(fresh, OPTS, "comfy.safetensors", 1.2)
     a_again = generate(fresh, OPTS, "peft.safetensors", 0.8).images["lora"]
-    only_a = Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=tiny_kit / "loras")
+    only_a = tiny_model(tiny_kit / "loras")
     a_alone = generate(only_a, OPTS, "peft.safetensors", 0.8).images["lora"]
     assert np.array_equal(pixels(a_first), pixels(a_again))
     assert np.array_equal(pixels(a_again), pixels(a_alone))

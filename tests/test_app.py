@@ -13,6 +13,7 @@ import pytest
 import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError, ValidationError
+from helpers import HANG_S, open_client, tiny_model
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import load_file, save_file
@@ -38,12 +39,9 @@ def pixels(source) -> np.ndarray:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_kit):
     """The studio over its own manager, on a copy of the kit's LoRA folder (uploads land there)."""
-    from fluxdemo.model.presets import get_preset
-    from fluxdemo.pipeline import Model
-
     loras = tmp_path_factory.mktemp("app") / "loras"
     shutil.copytree(tiny_kit / "loras", loras)
-    manager = Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=loras)
+    manager = tiny_model(loras)
     demo = build_studio(manager, max_upload_bytes=MAX_UPLOAD)
     demo.launch(prevent_thread_lock=True, quiet=True)
     yield demo, loras
@@ -52,7 +50,7 @@ def app(tmp_path_factory, tiny_kit):
 
 @pytest.fixture(scope="module")
 def client(app) -> Client:
-    return Client(app[0].local_url, verbose=False)
+    return open_client(app[0].local_url)
 
 
 @pytest.fixture(scope="module")
@@ -146,13 +144,13 @@ def test_errors_are_sentences_and_the_next_call_works(client, tmp_path, expected
 def test_cancel_stops_after_a_step_and_the_app_stays_ready(client, expected, kit_lora):
     long = GenerateOptions("a long run", seed=1, steps=100, width=256, height=256)
     job = client.submit(*api_args(long, kit_lora), api_name="/compare")
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + HANG_S
     while not any("baseline" in (unit.desc or "") for unit in job.status().progress_data or []):
         assert not job.done() and time.monotonic() < deadline, "the long run never reported a step"
         time.sleep(0.02)
     client.predict(api_name="/cancel")
     with pytest.raises(AppError, match=r"Cancelled during the \w+ image, after step \d+ of 100"):
-        job.result(timeout=60)
+        job.result(timeout=HANG_S)
     (baseline, adapted), _ = client.predict(*api_args(OPTS, kit_lora), api_name="/compare")
     assert np.array_equal(pixels(baseline), np.asarray(expected["baseline"]))
     assert np.array_equal(pixels(adapted), np.asarray(expected["lora"]))
@@ -188,15 +186,14 @@ def test_zero_gpu_duration_grows_with_steps_size_and_images():
 def test_error_sentences_reach_clients_without_the_machines_paths(tmp_path, tiny_kit, kit_lora):
     """A missing model file: the server log has the path, the client only the sentence with the path cut short."""
     from fluxdemo.model.presets import get_preset
-    from fluxdemo.pipeline import Model
 
     missing = tmp_path / "deep" / "inside" / "flux1-dev-Q8_0.gguf"
     preset = get_preset("tiny", {"transformer": missing}, use_env=False)
-    demo = build_studio(Model(preset, device="cpu", lora_dir=tiny_kit / "loras"), max_upload_bytes=MAX_UPLOAD)
+    demo = build_studio(tiny_model(tiny_kit / "loras", preset), max_upload_bytes=MAX_UPLOAD)
     demo.launch(prevent_thread_lock=True, quiet=True)
     try:
         with pytest.raises(AppError) as e:
-            Client(demo.local_url, verbose=False).predict(*api_args(OPTS, kit_lora), api_name="/generate")
+            open_client(demo.local_url).predict(*api_args(OPTS, kit_lora), api_name="/generate")
     finally:
         demo.close()
     assert "flux1-dev-Q8_0.gguf" in str(e.value) and ".../flux1-dev-Q8_0.gguf" in str(e.value)

@@ -13,18 +13,18 @@ import time
 import urllib.request
 from pathlib import Path
 
+import fake_hub as fh
 import lora_factory as lf
 import pytest
-import test_hub as th
 from conftest import FAILED
-from test_lora_hub import CARD
 
 ROOT = Path(__file__).resolve().parents[1]
 # The README's screenshot is refreshed only on request (FLUXDEMO_SCREENSHOT=docs/screenshot.png), so a test run
 # never leaves the checkout modified.
 SCREENSHOT_ENV = "FLUXDEMO_SCREENSHOT"
 AB_SCREENSHOT_ENV = "FLUXDEMO_AB_SCREENSHOT"  # docs/ab-compare.png: two results of a session on the slider
-START_BUDGET_S = 15  # the issue's acceptance: a working page within 15 s of start
+WAIT_MS = 120_000  # how long a page may take to show what a step leads to: a hang guard for a busy machine
+START_GUARD_S = 300  # a hang guard for imports on a busy machine; how fast the page is up is bench/startup.py's
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 
@@ -44,23 +44,22 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def fake_hub(tiny_kit, tmp_path_factory):
-    """test_hub's loopback fake Hub with a LoRA repo (a kit LoRA whose trigger words are in the model card) and a
+    """The loopback fake Hub with a LoRA repo (a kit LoRA whose trigger words are in the model card) and a
     repo holding only a model, for the studio's Hub box."""
     plain = tmp_path_factory.mktemp("hub-lora") / "style.safetensors"
     lf.save(plain, lf.load(tiny_kit / "loras" / "peft.safetensors"))  # no metadata: the card's trigger words count
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(th.FILES, "bob/style-lora", {"style.safetensors": plain.read_bytes(), "README.md": CARD})
-        mp.setitem(th.FILES, "bob/a-model", {"model.safetensors": th._safetensors({"model.embed.weight": 64})})
-        hub = th.FakeHub()
+        mp.setitem(fh.FILES, "bob/style-lora", {"style.safetensors": plain.read_bytes(), "README.md": fh.CARD})
+        mp.setitem(fh.FILES, "bob/a-model", {"model.safetensors": fh.safetensors_bytes({"model.embed.weight": 64})})
+        hub = fh.FakeHub()
         yield hub
         hub.stop()
 
 
 @pytest.fixture(scope="module")
 def served(tiny_kit, fake_hub, tmp_path_factory):
-    """The app in its own process on a free port: (url, seconds until the page answered, its log file). Its Hub is
-    the fake one on loopback, with a cache of its own and no token: nothing leaves the machine, nothing of the
-    machine's Hugging Face setup comes in."""
+    """The app in its own process on a free port: (url, its log file). Its Hub is the fake one on loopback, with a
+    cache of its own and no token: nothing leaves the machine, nothing of the machine's Hugging Face setup comes in."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     folder = tmp_path_factory.mktemp("app")
@@ -86,9 +85,9 @@ def served(tiny_kit, fake_hub, tmp_path_factory):
                         break
             except OSError:
                 assert app.poll() is None, f"app.py exited with {app.returncode}; see {log.name}"
-                assert time.monotonic() - start < 60, f"app.py did not answer within 60 s; see {log.name}"
+                assert time.monotonic() - start < START_GUARD_S, f"app.py never answered; see {log.name}"
                 time.sleep(0.1)
-        yield url, time.monotonic() - start, Path(log.name)
+        yield url, Path(log.name)
     finally:
         app.terminate()
         app.wait(timeout=30)
@@ -100,7 +99,7 @@ def app_log_on_failure(request, served):
     """A failed browser test shows the end of the app's log: on CI it is all there is to go on."""
     yield
     if request.node.stash.get(FAILED, False):
-        print(f"--- the last lines of {served[2]} ---", *served[2].read_text().splitlines()[-60:], sep="\n")
+        print(f"--- the last lines of {served[1]} ---", *served[1].read_text().splitlines()[-60:], sep="\n")
 
 
 def chromium_path() -> str:
@@ -123,15 +122,10 @@ def page(served):
         browser.close()
 
 
-def test_page_is_up_within_the_start_budget(served):
-    _, seconds, _ = served
-    assert seconds < START_BUDGET_S, f"the page answered after {seconds:.1f} s"
-
-
 def test_compare_in_a_real_browser(served, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    url, _, _ = served
+    url, _ = served
     with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
             tmp_path / "profile", executable_path=chromium_path(), headless=True, args=CHROMIUM_FLAGS,
@@ -142,7 +136,7 @@ def test_compare_in_a_real_browser(served, tmp_path):
         page.get_by_label("Prompt").fill("a photo of a cat sitting on a wooden table, soft window light")
         page.get_by_label("Prompt").press("Enter")  # Enter runs Compare
         # Both images of the slider, loaded: baseline.png and lora.png at the tiny preset's 256x256.
-        loaded = page.wait_for_function(SLIDER_IMAGES, timeout=60_000).json_value()
+        loaded = page.wait_for_function(SLIDER_IMAGES, timeout=WAIT_MS).json_value()
         assert sorted(loaded) == [["baseline.png", 256, 256], ["lora.png", 256, 256]]
         expect(page.get_by_role("row", name=re.compile(r"^side_by_side\.png"))).to_be_visible()  # the downloads
         expect(page.get_by_text("Seed 0", exact=True)).to_be_visible()  # the run panel
@@ -154,7 +148,7 @@ def test_compare_in_a_real_browser(served, tmp_path):
         browser.close()
 
 
-def wait_for_line(log: Path, pattern: re.Pattern, timeout: float = 30.0) -> str:
+def wait_for_line(log: Path, pattern: re.Pattern, timeout: float = WAIT_MS / 1000) -> str:
     """The first line of the app's log that matches, waiting for it to be written."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -170,13 +164,13 @@ def test_history_ab_errors_cancel_and_progress_in_a_real_browser(served, page, t
     Sweep and Grid show their progress in view, at 1280x800, without scrolling."""
     from playwright.sync_api import expect
 
-    log = served[2]
+    log = served[1]
     page.get_by_label("Prompt").fill("a lighthouse on a rocky island")
     compare = page.get_by_role("button", name="Compare", exact=True)
     for seed in (0, 1, 2):
         page.get_by_label("Seed").fill(str(seed))
         compare.click()
-        page.get_by_text(f"Seed {seed}", exact=True).wait_for(timeout=60_000)
+        page.get_by_text(f"Seed {seed}", exact=True).wait_for(timeout=WAIT_MS)
     # Run 1 made #1 (baseline) and #2 (LoRA); run 3 made #5 and #6, which the slider shows now.
     page.get_by_label("Left (A)").click()
     page.get_by_role("option", name=re.compile(r"^#2 · run 1 ")).click()
@@ -198,7 +192,7 @@ def test_history_ab_errors_cancel_and_progress_in_a_real_browser(served, page, t
     lora.fill("no-such-lora.safetensors")
     lora.press("Enter")
     compare.click()
-    expect(page.get_by_text(re.compile("No LoRA named 'no-such-lora.safetensors'"))).to_be_visible(timeout=30_000)
+    expect(page.get_by_text(re.compile("No LoRA named 'no-such-lora.safetensors'"))).to_be_visible(timeout=WAIT_MS)
     expect(shown).to_be_visible()
     lora.fill(chosen)
     lora.press("Enter")
@@ -213,10 +207,10 @@ def test_history_ab_errors_cancel_and_progress_in_a_real_browser(served, page, t
     compare.click()
     expect(compare).to_be_disabled()
     progress = page.get_by_text(re.compile(r"image \d+ of 2 · \S+ · step \d+/100"))
-    expect(progress.first).to_be_in_viewport(timeout=30_000)
+    expect(progress.first).to_be_in_viewport(timeout=WAIT_MS)
     page.get_by_role("button", name="Cancel").click()
     wait_for_line(log, re.compile(r"Cancelled during the \w+ image, after step \d+ of 100\."))  # the work stopped
-    expect(compare).to_be_enabled(timeout=30_000)
+    expect(compare).to_be_enabled(timeout=WAIT_MS)
     expect(shown).to_be_visible()
 
     # Sweep and Grid: progress where the user is looking, the page not scrolled by the test.
@@ -224,11 +218,11 @@ def test_history_ab_errors_cancel_and_progress_in_a_real_browser(served, page, t
         page.evaluate("window.scrollTo(0, 0)")
         page.get_by_role("button", name=button, exact=True).click()
         progress = page.get_by_text(re.compile(rf"image \d+ of {total} · .* · step \d+/100"))
-        expect(progress.first).to_be_in_viewport(timeout=30_000)
+        expect(progress.first).to_be_in_viewport(timeout=WAIT_MS)
         assert page.evaluate("window.scrollY") == 0
         page.get_by_role("button", name="Cancel").click()
         wait_for_line(log, re.compile(rf"Cancelled during the {first} image, after step \d+ of 100\."))
-        expect(compare).to_be_enabled(timeout=30_000)
+        expect(compare).to_be_enabled(timeout=WAIT_MS)
     page.get_by_role("tab", name="Compare").click()
     expect(shown).to_be_visible()  # after an error and three Cancels, run 1 against run 3 is still on the slider
 
@@ -251,10 +245,10 @@ def test_uploads_keep_the_picker_and_the_list_is_current_in_a_real_browser(page,
             page.get_by_role("button", name="Upload a .safetensors LoRA").click()
         chooser.value.set_files(file)
         if file is bad:
-            expect(page.get_by_text("not a safetensors file at all").first).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("not a safetensors file at all").first).to_be_visible(timeout=WAIT_MS)
             expect(lora).to_have_value(before)
             expect(lora).to_be_enabled()
-    expect(lora).to_have_value("my_style.safetensors", timeout=30_000)
+    expect(lora).to_have_value("my_style.safetensors", timeout=WAIT_MS)
     page.reload()
     lora = page.get_by_label("LoRA", exact=True)
     lora.click()
@@ -272,16 +266,16 @@ def test_the_hub_box_in_a_real_browser(page, fake_hub):
     box.fill("bob/a-model")
     box.press("Enter")
     expect(page.get_by_text("bob/a-model has no LoRA: none of its .safetensors files").first).to_be_visible(
-        timeout=30_000
+        timeout=WAIT_MS
     )
     expect(lora).to_have_value(before)
 
     box.fill("https://huggingface.co/bob/style-lora")
     page.get_by_role("button", name="Use a LoRA from the Hub").click()
-    expect(lora).to_have_value("https://huggingface.co/bob/style-lora", timeout=30_000)
+    expect(lora).to_have_value("https://huggingface.co/bob/style-lora", timeout=WAIT_MS)
     expect(page.get_by_role("heading", name="bob/style-lora/style.safetensors")).to_be_visible()
     expect(page.get_by_text(re.compile(r"^Trigger words: zkz style$"))).to_be_visible()
     page.get_by_role("button", name="Insert trigger words into the prompt").click()
     expect(page.get_by_label("Prompt")).to_have_value(re.compile("zkz style"))
-    lora_file = th.FILES["bob/style-lora"]["style.safetensors"]
-    assert ("GET", f"/cdn/{th._sha256(lora_file)}") in fake_hub.requests  # the app's Hub was the fake one
+    lora_file = fh.FILES["bob/style-lora"]["style.safetensors"]
+    assert ("GET", f"/cdn/{fh.sha256(lora_file)}") in fake_hub.requests  # the app's Hub was the fake one

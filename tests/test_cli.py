@@ -1,25 +1,61 @@
-"""The CLI as a user runs it: separate processes, so seeds must reproduce across processes, not just calls."""
+"""The CLI as a user runs it: its main(argv) in this process (what it prints, its exit code), and a separate
+process where the process itself is the point: the entry point, an exit code, seeds that reproduce across processes,
+the terminal's log."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from huggingface_hub import constants
 from PIL import Image
 
-from fluxdemo.cli import COMPARE_FILES
+from fluxdemo.cli import COMPARE_FILES, main
 from fluxdemo.pipeline.png_settings import read_params
 
 ARGS = ["--model", "tiny", "--prompt", "a cat", "--seed", "42", "--steps", "3", "--width", "64", "--height", "64"]
+LIBRARIES = ("diffusers", "transformers", "httpx", "huggingface_hub", "gguf", "peft")  # the CLI quiets them
+
+
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
 def run(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    """`python -m fluxdemo ...` in a process of its own, offline."""
     env = {**os.environ, "FLUXDEMO_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "fluxdemo", *args], capture_output=True, text=True, env=env,
-                          timeout=240)  # fmt: skip
+    command = [sys.executable, "-m", "fluxdemo", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)  # timeout: a hang guard
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """main(argv) in this process, offline: Done(exit code, stdout, stderr). The library log levels the CLI sets are
+    put back afterwards, as the rest of the session had them."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", os.environ.get("TRANSFORMERS_VERBOSITY", "warning"))
+    levels = {name: logging.getLogger(name).level for name in LIBRARIES}
+
+    def call(*args: str) -> Done:
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's own exit
+            code = e.code
+        out, err = capsys.readouterr()
+        return Done(code, out, err)
+
+    yield call
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -28,10 +64,16 @@ def pixels(path: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, fluxdemo_cache, tiny_kit, kit_lora) -> tuple[Path, Path]:
+    """The same compare twice: in a process of its own, and in this one (after other work here, as a server's is)."""
     first, second = tmp_path_factory.mktemp("a") / "out", tmp_path_factory.mktemp("b") / "out"
-    for out in (first, second):
-        done = run("compare", *ARGS, "--lora", kit_lora, "--strength", "1", "--out", str(out), cache=fluxdemo_cache)
-        assert done.returncode == 0, done.stderr
+    done = run("compare", *ARGS, "--lora", kit_lora, "--strength", "1", "--out", str(first), cache=fluxdemo_cache)
+    assert done.returncode == 0, done.stderr
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        levels = {name: logging.getLogger(name).level for name in LIBRARIES}
+        assert main(["compare", *ARGS, "--lora", kit_lora, "--strength", "1", "--out", str(second)]) == 0
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
     return first, second
 
 
@@ -48,9 +90,9 @@ def test_compare_is_identical_across_processes(compared):
         assert np.array_equal(pixels(first / name), pixels(second / name)), name
 
 
-def test_baseline_equals_generate_without_lora(compared, tmp_path, fluxdemo_cache):
+def test_baseline_equals_generate_without_lora(compared, tmp_path, cli):
     out = tmp_path / "single.png"
-    done = run("generate", *ARGS, "--out", str(out), cache=fluxdemo_cache)
+    done = cli("generate", *ARGS, "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert np.array_equal(pixels(out), pixels(compared[0] / "baseline.png"))
 
@@ -69,10 +111,10 @@ def test_report_and_png_parameters(compared, kit_lora):
     assert read_params(out / "baseline.png").lora_name is None
 
 
-def test_a_batched_compare_makes_both_images_in_one_pass(compared, tmp_path, fluxdemo_cache, kit_lora):
+def test_a_batched_compare_makes_both_images_in_one_pass(compared, tmp_path, cli, kit_lora):
     """--batch 2: baseline and LoRA image share the transformer's passes, each within 1/255 of the exact run."""
     out = tmp_path / "out"
-    done = run("compare", *ARGS, "--lora", kit_lora, "--batch", "2", "--out", str(out), cache=fluxdemo_cache)
+    done = cli("compare", *ARGS, "--lora", kit_lora, "--batch", "2", "--out", str(out))
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["batches"] == [["baseline", "lora"]]
@@ -83,17 +125,17 @@ def test_a_batched_compare_makes_both_images_in_one_pass(compared, tmp_path, flu
         assert np.abs(pixels(out / name) - pixels(compared[0] / name)).max() <= 1, name
 
 
-def test_existing_output_is_not_overwritten(compared, fluxdemo_cache, kit_lora):
+def test_existing_output_is_not_overwritten(compared, cli, kit_lora):
     out, _ = compared
     before = (out / "lora.png").read_bytes()
-    done = run("compare", *ARGS, "--lora", kit_lora, "--out", str(out), cache=fluxdemo_cache)
+    done = cli("compare", *ARGS, "--lora", kit_lora, "--out", str(out))
     assert done.returncode == 2
     files = "baseline.png, lora.png, side_by_side.png, report.json"
     assert done.stderr.strip().endswith(f"already holds {files}; choose another --out or pass --overwrite.")
     assert (out / "lora.png").read_bytes() == before
 
 
-def test_bad_option_is_one_line_and_exit_2(tmp_path, fluxdemo_cache):
+def test_bad_option_is_one_line_and_exit_2_from_the_process(tmp_path, fluxdemo_cache):
     done = run("generate", *ARGS, "--width", "50", "--out", str(tmp_path / "x.png"), cache=fluxdemo_cache)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
@@ -102,9 +144,9 @@ def test_bad_option_is_one_line_and_exit_2(tmp_path, fluxdemo_cache):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_inspect_lora_json_schema_and_exit_codes(tmp_path, fluxdemo_cache, tiny_kit):
+def test_inspect_lora_json_schema_and_exit_codes(tmp_path, cli, tiny_kit):
     lora = tiny_kit / "loras" / "kohya.safetensors"
-    fits = run("inspect-lora", str(lora), "--json", "--model", "tiny", cache=fluxdemo_cache)
+    fits = cli("inspect-lora", str(lora), "--json", "--model", "tiny")
     assert fits.returncode == 0, fits.stderr
     report = json.loads(fits.stdout)
     schema = {"format", "rank", "alpha", "targets", "matched", "unmatched", "text_encoder", "base_model_hint",
@@ -113,12 +155,12 @@ def test_inspect_lora_json_schema_and_exit_codes(tmp_path, fluxdemo_cache, tiny_
     assert (report["format"], report["compatible"], report["unmatched"], report["text_encoder"]) == (
         "kohya", True, [], True,
     )  # fmt: skip
-    wrong_model = run("inspect-lora", str(lora), "--json", cache=fluxdemo_cache)  # judged against FLUX.1-dev
+    wrong_model = cli("inspect-lora", str(lora), "--json")  # judged against FLUX.1-dev
     assert wrong_model.returncode == 2
     assert json.loads(wrong_model.stdout)["problems"][0].startswith("made for a model of width 32")
     pickle = tmp_path / "style.safetensors"
     pickle.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
-    unreadable = run("inspect-lora", str(pickle), cache=fluxdemo_cache)
+    unreadable = cli("inspect-lora", str(pickle))
     assert unreadable.returncode == 1
     assert "pickle" in unreadable.stderr and "not opened" in unreadable.stderr
 
@@ -126,7 +168,7 @@ def test_inspect_lora_json_schema_and_exit_codes(tmp_path, fluxdemo_cache, tiny_
 # -- user errors: one sentence on stderr, exit 2, no traceback (-v anywhere on the line shows it) -------------------
 
 
-def user_error(done: subprocess.CompletedProcess) -> str:
+def user_error(done: Done | subprocess.CompletedProcess) -> str:
     """The one error line of a run that failed with a user error."""
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
@@ -135,21 +177,21 @@ def user_error(done: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-def test_inspect_lora_on_a_missing_file(tmp_path, fluxdemo_cache):
+def test_inspect_lora_on_a_missing_file(tmp_path, cli):
     missing = tmp_path / "nope.safetensors"
-    done = run("inspect-lora", str(missing), cache=fluxdemo_cache)
+    done = cli("inspect-lora", str(missing))
     assert user_error(done) == f"error: There is no file {missing}; give the path of a LoRA .safetensors file."
 
 
-def test_tiny_into_a_non_empty_folder(tmp_path, fluxdemo_cache):
+def test_tiny_into_a_non_empty_folder(tmp_path, cli):
     (tmp_path / "notes.txt").write_text("mine")
-    done = run("tiny", "--out", str(tmp_path), cache=fluxdemo_cache)
+    done = cli("tiny", "--out", str(tmp_path))
     assert user_error(done) == f"error: {tmp_path} is not an empty folder; choose a new or empty --out for the kit."
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
-def test_unknown_lora_name(tmp_path, fluxdemo_cache, tiny_kit):
-    done = run("compare", *ARGS, "--lora", "nosuch", "--out", str(tmp_path / "out"), cache=fluxdemo_cache)
+def test_unknown_lora_name(tmp_path, cli, tiny_kit):
+    done = cli("compare", *ARGS, "--lora", "nosuch", "--out", str(tmp_path / "out"))
     assert user_error(done) == (
         "error: No LoRA named 'nosuch.safetensors' in the LoRA folder 'loras'; available: comfy.safetensors, "
         "kohya.safetensors, peft.safetensors, xlabs.safetensors."
@@ -165,23 +207,24 @@ def test_unknown_lora_name(tmp_path, fluxdemo_cache, tiny_kit):
         (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
     ],
 )
-def test_bad_value_on_the_command_line(args, sentence, tmp_path, fluxdemo_cache):
-    done = run("compare", "--prompt", "a cat", "--lora", "peft", *args, "--out", str(tmp_path), cache=fluxdemo_cache)
+def test_bad_value_on_the_command_line(args, sentence, tmp_path, cli):
+    done = cli("compare", "--prompt", "a cat", "--lora", "peft", *args, "--out", str(tmp_path))
     assert user_error(done) == f"error: {sentence}; see `python -m fluxdemo compare --help`."
     assert "usage:" not in done.stderr
 
 
-def test_verbose_after_the_verb_shows_the_traceback(tmp_path, fluxdemo_cache):
+def test_verbose_after_the_verb_shows_the_traceback(tmp_path, cli):
     (tmp_path / "notes.txt").write_text("mine")
     for line in (["tiny", "--out", str(tmp_path), "-v"], ["-v", "tiny", "--out", str(tmp_path)]):
-        done = run(*line, cache=fluxdemo_cache)
+        done = cli(*line)
         assert done.returncode == 2
         assert "Traceback" in done.stderr and "OptionsError" in done.stderr
         assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path} is not an empty folder")
 
 
-def test_download_offline_says_how_to_get_the_files(fluxdemo_cache):
-    done = run("download", "--model", "dev-q4", cache=fluxdemo_cache)  # run() sets HF_HUB_OFFLINE=1
+def test_download_offline_says_how_to_get_the_files(cli, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as huggingface_hub reads HF_HUB_OFFLINE=1 at import
+    done = cli("download", "--model", "dev-q4")
     assert user_error(done) == (
         "error: download fetches from the Hugging Face Hub, but offline mode is on (HF_HUB_OFFLINE=1): unset it, or "
         "run download on a machine with network and copy its Hugging Face cache (HF_HOME) here."
@@ -203,23 +246,24 @@ def test_download_without_network_says_how_to_get_the_files(tmp_path, fluxdemo_c
 # -- defaults and files -----------------------------------------------------------------------------------------------
 
 
-def test_tiny_model_defaults_are_small(tmp_path, fluxdemo_cache):
+def test_tiny_model_defaults_are_small(tmp_path, cli):
     out = tmp_path / "cat.png"
-    done = run("generate", "--model", "tiny", "--prompt", "a cat", "--out", str(out), cache=fluxdemo_cache)
+    done = cli("generate", "--model", "tiny", "--prompt", "a cat", "--out", str(out))
     assert done.returncode == 0, done.stderr
     params = read_params(out)
     assert (Image.open(out).size, params.steps) == ((256, 256), 12)
-    help_text = run("generate", "--help", cache=fluxdemo_cache).stdout
+    help_text = cli("generate", "--help").stdout
     assert "default 28, what FLUX.1-dev is tuned for; 12 with a tiny --model" in " ".join(help_text.split())
 
 
-def test_pngs_follow_the_umask(tmp_path, fluxdemo_cache, kit_lora):
+def test_pngs_follow_the_umask(tmp_path, cli, kit_lora):
     for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
         out = tmp_path / f"umask-{umask:o}"
-        env = {**os.environ, "FLUXDEMO_CACHE": str(fluxdemo_cache), "HF_HUB_OFFLINE": "1"}
-        done = subprocess.run([sys.executable, "-m", "fluxdemo", "compare", *ARGS, "--lora", kit_lora, "--out",
-                               str(out)], capture_output=True, text=True, env=env, timeout=240,
-                              preexec_fn=lambda umask=umask: os.umask(umask))  # fmt: skip
+        previous = os.umask(umask)
+        try:
+            done = cli("compare", *ARGS, "--lora", kit_lora, "--out", str(out))
+        finally:
+            os.umask(previous)
         assert done.returncode == 0, done.stderr
         modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
         assert modes == dict.fromkeys(COMPARE_FILES, mode)
@@ -237,13 +281,12 @@ def test_uploaded_lora_follows_the_umask(tmp_path, tiny_kit):
 
 
 def test_default_log_is_quiet(tmp_path, fluxdemo_cache):
+    """What the terminal shows: our stages only, whatever the libraries log or warn."""
     built = run("tiny", "--out", str(tmp_path / "kit"), cache=fluxdemo_cache)
     assert built.returncode == 0, built.stderr
     assert "gguf" not in built.stderr.lower().replace(".gguf", "")  # gguf's writer logs lines for every file
-    done = run("generate", *ARGS, "--out", str(tmp_path / "cat.png"), cache=fluxdemo_cache)
-    assert done.returncode == 0, done.stderr
-    assert "reusing" not in done.stderr  # the kit is looked up once per component: -v only
     stacked = run("compare", *ARGS, "--lora", "peft:0.8", "--lora", "comfy:0.5", "--out", str(tmp_path / "stack"),
                   cache=fluxdemo_cache)  # fmt: skip
     assert stacked.returncode == 0, stacked.stderr
+    assert "reusing" not in stacked.stderr  # the kit is looked up once per component: -v only
     assert "Warning" not in stacked.stderr  # PEFT warns for each adapter beside another, which is what a stack is

@@ -11,12 +11,13 @@ import lora_factory as lf
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_model
+from lora_factory import TINY
 from PIL import Image
 
 from fluxdemo.cli import main as cli_main
 from fluxdemo.errors import LoraError, OptionsError
 from fluxdemo.model.manager import STRATEGIES
-from fluxdemo.model.presets import get_preset
 from fluxdemo.model.tiny_loras import canonical_pairs, write_lora
 from fluxdemo.pipeline import (
     Controls,
@@ -44,7 +45,7 @@ def pixels(image) -> np.ndarray:
 
 
 def fresh(folder, strategy: str = "resident") -> Model:
-    return Model(get_preset("tiny", use_env=False), device="cpu", strategy=strategy, lora_dir=folder)
+    return tiny_model(folder, strategy=strategy)
 
 
 def names(report: RunReport) -> list[str]:
@@ -69,8 +70,6 @@ def test_stacks_parse_like_a1111_and_keep_colons_in_names():
 @pytest.fixture(scope="module")
 def stack_folder(tmp_path_factory):
     """Two transformer-only LoRAs in the PEFT layout, strong enough to move a 32x32 picture, and their pairs."""
-    from test_lora_formats import TINY
-
     folder = tmp_path_factory.mktemp("stack-loras")
     pairs = {}
     for name, seed in (("a", 1), ("b", 2)):

@@ -77,3 +77,14 @@ def test_rooms_are_small(module: str) -> None:
             assert size <= MAX_FUNCTION_LINES, f"{name}: {node.name} has {size} lines"
         elif isinstance(node, ast.ClassDef):
             assert size <= MAX_CLASS_LINES, f"{name}: class {node.name} has {size} lines"
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared builders live in helper modules (tests/helpers.py, lora_factory.py, fake_hub.py, hostile.py)."""
+    found = []
+    for path in [*PACKAGE.parent.joinpath("tests").glob("*.py"), *PACKAGE.parent.joinpath("bench").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            found += [f"{path.name} imports {n}" for n in names if n.split(".")[0].startswith("test_")]
+    assert found == []

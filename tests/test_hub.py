@@ -1,205 +1,39 @@
-"""fluxdemo.model.files against a small fake Hugging Face Hub on 127.0.0.1: the real huggingface_hub client, real HTTP.
-
-The fake answers the way huggingface.co does for what hub.py uses: HEAD/GET /{repo}/resolve/{rev}/{file} (regular
-files answered directly with ETag + X-Repo-Commit, LFS files redirected to a "CDN" on another port with X-Linked-Etag
-and X-Linked-Size), /api/models/{repo}/revision/{rev} and /api/models/{repo}/tree/{rev} for snapshot_download, and the
-error headers (X-Error-Code: GatedRepo / RepoNotFound / EntryNotFound) that huggingface_hub turns into its errors.
-"""
+"""fluxdemo.model.files against the loopback fake Hub (tests/fake_hub.py): the real huggingface_hub client."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
-from huggingface_hub import constants
+from fake_hub import (
+    COMMIT,
+    FILES,
+    GATED_REPO,
+    GGUF,
+    GGUF_REPO,
+    GRANTED_TOKEN,
+    LICENCE,
+    FakeHub,
+    no_hub_setup,
+    sha256,
+)
 
 from fluxdemo.errors import HubError, ModelFileError
 from fluxdemo.model.files import download_preset, resolve
 from fluxdemo.model.presets import PACKAGE_CONFIGS, PRESETS, Preset, Source
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GGUF_REPO = "city96/FLUX.1-dev-gguf"
-GATED_REPO = "black-forest-labs/FLUX.1-dev"
-LICENCE = "https://huggingface.co/black-forest-labs/FLUX.1-dev"
-GRANTED_TOKEN = "hf_granted"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def _safetensors(tensors: dict[str, int], *, truncate: int = 0) -> bytes:
-    """A valid safetensors file of F32 vectors {name: length}, optionally cut short by `truncate` bytes."""
-    header, offset = {}, 0
-    for name, n in tensors.items():
-        header[name] = {"dtype": "F32", "shape": [n], "data_offsets": [offset, offset + 4 * n]}
-        offset += 4 * n
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    data = len(raw).to_bytes(8, "little") + raw + bytes(offset)
-    return data[: len(data) - truncate]
-
-
-GGUF = b"GGUF" + (3).to_bytes(4, "little") + bytes(16) + b"tensor data"
-FILES = {
-    GGUF_REPO: {
-        "flux1-dev-Q8_0.gguf": GGUF,
-        "t5-v1_1-xxl-encoder-Q8_0.gguf": GGUF + b"t5",
-        "not-a-gguf.gguf": b"<!DOCTYPE html><html>an error page saved as a model</html>",
-        "big-Q8_0.gguf": GGUF + bytes(300_000),
-    },
-    GATED_REPO: {
-        "text_encoder/model.safetensors": _safetensors({"w": 4, "b": 2}),
-        "vae/diffusion_pytorch_model.safetensors": _safetensors({"w": 8}),
-        "vae/truncated.safetensors": _safetensors({"w": 8}, truncate=5),
-        "tokenizer/vocab.json": b'{"a": 0}',
-        "tokenizer/merges.txt": b"#version: 0.2\na b\n",
-        "tokenizer_2/spiece.model": b"sentencepiece",
-        "README.md": b"gated",
-    },
-}
-GATED = {GATED_REPO}
-
-
-def _sha1(b: bytes) -> str:
-    return hashlib.sha1(b).hexdigest()  # git blob ids are sha1 (identity, not security)
-
-
-def _sha256(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
-
-
-def _is_lfs(path: str) -> bool:
-    return path.endswith((".gguf", ".safetensors"))
-
-
-class FakeHub:
-    """Two loopback HTTP servers: the Hub and the CDN it redirects LFS downloads to. `requests` logs every call."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, str]] = []
-        self.auths: list[tuple[str, str | None]] = []  # (path, Authorization header) of every call
-        self.blobs = {_sha256(b): b for files in FILES.values() for b in files.values()}
-        self.hub = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, self._route_hub))
-        self.cdn = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, self._route_cdn))
-        self.threads = [
-            threading.Thread(target=s.serve_forever, args=(0.05,), daemon=True) for s in (self.hub, self.cdn)
-        ]
-        for t in self.threads:
-            t.start()
-        self.stopped = False
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.hub.server_address[1]}"
-
-    def stop(self) -> None:
-        if not self.stopped:
-            for server in (self.hub, self.cdn):
-                server.shutdown()
-                server.server_close()
-            for t in self.threads:
-                t.join(timeout=5)
-            self.stopped = True
-
-    def _route_cdn(self, path: str, auth: str | None) -> tuple[int, dict[str, str], bytes]:
-        blob = self.blobs.get(path.removeprefix("/cdn/"))
-        return (200, {}, blob) if blob is not None else (404, {}, b"")
-
-    def _route_hub(self, path: str, auth: str | None) -> tuple[int, dict[str, str], bytes]:
-        api = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(revision|tree)/([^/]+)(/.*)?", path)
-        resolve_ = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
-        repo_id = (api or resolve_).group(1) if (api or resolve_) else None
-        if repo_id not in FILES:
-            return _error(401, "RepoNotFound", "Repository not found")
-        if repo_id in GATED and auth != f"Bearer {GRANTED_TOKEN}":
-            if auth is None:
-                return _error(
-                    401,
-                    "GatedRepo",
-                    f"Access to model {repo_id} is restricted. You must have access to it and be authenticated to "
-                    "access it. Please log in.",
-                )
-            return _error(
-                403,
-                "GatedRepo",
-                f"Access to model {repo_id} is restricted and you are not in the authorized list. Visit "
-                f"https://huggingface.co/{repo_id} to ask for access.",
-            )
-        files = FILES[repo_id]
-        if api and api.group(2) == "revision":
-            body = {"id": repo_id, "sha": COMMIT, "siblings": [{"rfilename": p} for p in files]}
-            return 200, {"Content-Type": "application/json"}, json.dumps(body).encode()
-        if api:
-            tree = []
-            for p, b in files.items():
-                entry = {"type": "file", "path": p, "size": len(b), "oid": _sha1(b)}
-                if _is_lfs(p):
-                    entry["lfs"] = {"oid": _sha256(b), "size": len(b), "pointerSize": 134}
-                tree.append(entry)
-            return 200, {"Content-Type": "application/json"}, json.dumps(tree).encode()
-        name = resolve_.group(3)
-        if name not in files:
-            return _error(404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": COMMIT})
-        data = files[name]
-        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{_sha1(data)}"'}
-        if _is_lfs(name):
-            # like huggingface.co: LFS files redirect to a CDN, the real etag and size ride on X-Linked-* headers
-            cdn = f"http://127.0.0.1:{self.cdn.server_address[1]}/cdn/{_sha256(data)}"
-            headers |= {"Location": cdn, "X-Linked-Etag": f'"{_sha256(data)}"', "X-Linked-Size": str(len(data))}
-            return 302, headers, b""
-        return 200, headers, data
-
-
-def _error(status: int, code: str, message: str, extra: dict[str, str] | None = None):
-    headers = {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"}
-    return status, headers | (extra or {}), json.dumps({"error": message}).encode()
-
-
-def _handler(fake: FakeHub, route):
-    class Handler(BaseHTTPRequestHandler):
-        timeout = 10  # a stuck client must not hang the suite
-
-        def do_HEAD(self) -> None:
-            self._answer(send_body=False)
-
-        def do_GET(self) -> None:
-            self._answer(send_body=True)
-
-        def _answer(self, send_body: bool) -> None:
-            path = urlsplit(self.path).path
-            fake.requests.append((self.command, path))
-            fake.auths.append((path, self.headers.get("Authorization")))
-            status, headers, body = route(path, self.headers.get("Authorization"))
-            self.send_response(status)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if send_body:
-                self.wfile.write(body)
-
-        def log_message(self, format: str, *args) -> None:
-            pass  # keep the test output for failures
-
-    return Handler
 
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    # Nothing of this machine's Hugging Face setup may leak in: no token, no offline flag, no login file.
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    no_hub_setup(monkeypatch, tmp_path)
     fake = FakeHub()
     yield fake
     fake.stop()
@@ -221,7 +55,7 @@ def test_download_then_cache_hit_without_the_hub(hub, cache, caplog):
     path = resolve(source, component="transformer", cache_dir=cache, endpoint=hub.endpoint)
     assert path.read_bytes() == GGUF
     assert path.is_relative_to(cache)
-    assert ("GET", f"/cdn/{_sha256(GGUF)}") in hub.requests
+    assert ("GET", f"/cdn/{sha256(GGUF)}") in hub.requests
     assert f"transformer: {GGUF_REPO}/flux1-dev-Q8_0.gguf from download, 35 B" in caplog.text
 
     calls = len(hub.requests)

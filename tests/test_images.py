@@ -5,14 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
 import tracemalloc
-import zlib
 from pathlib import Path
 
 import pytest
+from helpers import png_bomb, png_with
 from PIL import Image, PngImagePlugin
 
 from fluxdemo.errors import FluxdemoError, OptionsError
@@ -169,29 +168,6 @@ def test_disk_full_leaves_no_partial_file(tiny_disk):
 # --- settings from a PNG, checked like any input (issue 16) --------------------------------------------------------
 
 
-def _png_with(text_chunks: dict[str, str], size: tuple[int, int] = (16, 16), zip_itxt: bool = False) -> bytes:
-    info = PngImagePlugin.PngInfo()
-    for key, value in text_chunks.items():
-        info.add_itxt(key, value, zip=True) if zip_itxt else info.add_text(key, value)
-    buffer = io.BytesIO()
-    Image.new("RGB", size).save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _png_bomb(side: int = 12_992) -> bytes:
-    """A 1-bit PNG of side x side pixels (21 MB once decoded) in a few tens of kB, with A1111 parameters."""
-    row, deflate = b"\0" * (1 + (side + 7) // 8), zlib.compressobj(9)
-    idat = b"".join(deflate.compress(row) for _ in range(side)) + deflate.flush()
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    text = b"parameters\0a bomb\nSteps: 20, Seed: 5, Size: 512x512"
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"tEXt", text) + _chunk(b"IDAT", idat)
-            + _chunk(b"IEND", b""))  # fmt: skip
-
-
 def test_a1111_quoted_values_hold_commas_and_colons():
     params = parse_a1111(
         'a fox, in snow <lora:fox:0.7>\nSteps: 30, Lora hashes: "fox: 0123456789, owl: 9876543210", Seed: 9, '
@@ -214,14 +190,14 @@ def test_a1111_parts_without_a_key_and_an_unclosed_quote_are_skipped():
 
 def test_long_parameters_text_is_cut_before_it_is_parsed():
     """The 32 kB infotext the old pattern took 28 s over: read up to MAX_PARAMETERS_CHARS, values as they stand."""
-    settings = settings_from_png(_png_with({"parameters": "a\nSteps: 1, " + "a" * 32_000}))
+    settings = settings_from_png(png_with({"parameters": "a\nSteps: 1, " + "a" * 32_000}))
     assert (settings.params.prompt, settings.params.steps, settings.params.seed) == ("a", 1, 0)
     assert settings.notes == (f"The A1111 parameters are 32,012 characters; only the first {MAX_PARAMETERS_CHARS:,} "
                               "were read.",)  # fmt: skip
 
 
 def test_settings_are_read_without_decoding_pixels(monkeypatch):
-    bomb = _png_bomb()
+    bomb = png_bomb()
     assert len(bomb) < 512 * 2**10
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: pytest.fail("the pixels were decoded"))
     tracemalloc.start()
@@ -237,7 +213,7 @@ def test_settings_are_read_without_decoding_pixels(monkeypatch):
 def test_fluxdemo_chunk_values_are_clamped_with_notes():
     data = {"schema": 1, "prompt": "p" * 100_000, "seed": -3, "steps": -5, "guidance": float("nan"), "width": 1000,
             "height": 99_999_999, "model": "m", "quant": "q", "role": "lora", "loras": [["x", None, 7.5]]}  # fmt: skip
-    settings = settings_from_png(_png_with({"fluxdemo": json.dumps(data)}))
+    settings = settings_from_png(png_with({"fluxdemo": json.dumps(data)}))
     p = settings.params
     assert (len(p.prompt), p.seed, p.steps, p.guidance, p.width, p.height) == (2000, 0, 1, 3.5, 992, MAX_SIDE)
     assert p.loras == (("x", None, 2.0),)
@@ -254,7 +230,7 @@ def test_fluxdemo_chunk_values_are_clamped_with_notes():
 
 def test_a_huge_compressed_fluxdemo_chunk_is_refused_without_inflating_it():
     """52 MB of prompt compress to about 50 kB: refused with a sentence, never inflated whole."""
-    png = _png_with({"fluxdemo": '{"prompt": "' + "p" * 52_000_000 + '", "steps": -5}'}, zip_itxt=True)
+    png = png_with({"fluxdemo": '{"prompt": "' + "p" * 52_000_000 + '", "steps": -5}'}, zip_itxt=True)
     tracemalloc.start()
     try:
         with pytest.raises(FluxdemoError, match=r"The PNG's 'fluxdemo' text is over 262,144 bytes, far more than"):
@@ -267,7 +243,7 @@ def test_a_huge_compressed_fluxdemo_chunk_is_refused_without_inflating_it():
 
 def test_damaged_fluxdemo_json_is_a_sentence():
     with pytest.raises(FluxdemoError, match=r"'fluxdemo' text is not the JSON object fluxdemo writes"):
-        read_params(_png_with({"fluxdemo": "[" * 100_000}))
+        read_params(png_with({"fluxdemo": "[" * 100_000}))
 
 
 def test_a_file_that_is_not_a_png_is_a_sentence(tmp_path):

@@ -258,5 +258,4 @@ def test_real_width_transformer_costs_no_anonymous_memory_for_its_blocks(tiny_wi
     # Only the swapped halves of the final norm (2 x 3072 x 3072 F32, 75.5 MB) are copied; the copying loader grew by
     # more than the file's size.
     assert grown < 0.15 * size, f"loading grew anonymous memory by {grown / 1e6:.0f} MB for a {size / 1e6:.0f} MB file"
-    assert summary.seconds < 5  # nothing is read but the header and the final norm
     assert_same_as_copying_loader(path, tiny_wide_kit)

@@ -11,7 +11,7 @@ import threading
 import lora_factory as lf
 import pytest
 import torch
-from test_lora_formats import CLIP, TINY, pairs_for
+from lora_factory import CLIP, TINY, pairs_for
 
 from fluxdemo.errors import LoraError
 from fluxdemo.lora import (

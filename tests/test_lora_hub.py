@@ -1,26 +1,26 @@
-"""LoRAs named by a Hub repo id or URL, against test_hub's loopback fake Hub (the real huggingface_hub client):
+"""LoRAs named by a Hub repo id or URL, against the loopback fake Hub of tests/fake_hub.py (the real client):
 found, size-checked, downloaded into the cache, inspected and applied like a local file; every failure a sentence."""
 
 from __future__ import annotations
 
-import json
 import re
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
+import fake_hub as fh
 import lora_factory as lf
 import pytest
-import test_hub as th
+from helpers import open_client, tiny_model
 from huggingface_hub import constants
-from test_lora_formats import CLIP, TINY, pairs_for
+from lora_factory import CLIP, TINY, pairs_for
 
 from fluxdemo.errors import LoraError
 from fluxdemo.lora import LoraLibrary
 from fluxdemo.lora.hub import HubLoraRef, parse_hub_lora
 from fluxdemo.model.tiny_loras import write_lora
-
-PRIVATE = "alice/private-lora"
-CARD = b"---\nbase_model: black-forest-labs/FLUX.1-dev\ninstance_prompt: zkz style\nwidget:\n- text: a zkz fox\n---\n"
 
 
 @pytest.fixture(scope="module")
@@ -35,44 +35,23 @@ def lora_bytes(tmp_path_factory) -> dict[str, bytes]:
     return files
 
 
-class LoraHub(th.FakeHub):
-    """The fake Hub plus a private repo (without the granted token it is answered like a missing one) and revisions:
-    every repo has the branch main, the tag v2 and its commit; any other revision is answered as the Hub does."""
-
-    REVISIONS = {"main", "v2", th.COMMIT}
-    REVISION = re.compile(r"/api/models/[^/]+/[^/]+/(?:revision|tree)/([^/]+)(?:/.*)?|/[^/]+/[^/]+/resolve/([^/]+)/.+")
-
-    def _route_hub(self, path, auth):
-        if f"/{PRIVATE}/" in path + "/" and auth != f"Bearer {th.GRANTED_TOKEN}":
-            return th._error(401, "RepositoryNotFound", "Repository not found")
-        answer = super()._route_hub(path, auth)  # a missing, gated or private repo is refused before its revision
-        revision = self.REVISION.fullmatch(path)
-        if answer[0] < 400 and revision and (revision[1] or revision[2]) not in self.REVISIONS:
-            return th._error(404, "RevisionNotFound", f"Invalid rev id: {revision[1] or revision[2]}")
-        return answer
-
-
 @pytest.fixture
 def fake(tmp_path, monkeypatch, lora_bytes):
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    full = th._safetensors({"model.embed.weight": 64, "model.norm.weight": 8})
+    fh.no_hub_setup(monkeypatch, tmp_path)
+    full = fh.safetensors_bytes({"model.embed.weight": 64, "model.norm.weight": 8})
     repos = {
-        "bob/style-lora": {"style.safetensors": lora_bytes["plain"], "README.md": CARD, "preview.png": b"png"},
+        "bob/style-lora": {"style.safetensors": lora_bytes["plain"], "README.md": fh.CARD, "preview.png": b"png"},
         "bob/two-loras": {"a.safetensors": lora_bytes["kohya"], "b.safetensors": lora_bytes["peft"]},
         "bob/lora-and-model": {"lora.safetensors": lora_bytes["peft"], "model.safetensors": full},
         "bob/a-model": {"model.safetensors": full},
         "bob/gated-lora": {"g.safetensors": lora_bytes["kohya"]},
-        "bob/pickled-lora": {"lora.ckpt": b"a pickle", "README.md": CARD},
-        PRIVATE: {"p.safetensors": lora_bytes["peft"]},
+        "bob/pickled-lora": {"lora.ckpt": b"a pickle", "README.md": fh.CARD},
+        fh.PRIVATE: {"p.safetensors": lora_bytes["peft"]},
     }
     for repo, files in repos.items():
-        monkeypatch.setitem(th.FILES, repo, files)
-    monkeypatch.setattr(th, "GATED", th.GATED | {"bob/gated-lora"})
-    hub = LoraHub()
+        monkeypatch.setitem(fh.FILES, repo, files)
+    monkeypatch.setattr(fh, "GATED", fh.GATED | {"bob/gated-lora"})
+    hub = fh.LoraHub()
     yield hub
     hub.stop()
 
@@ -113,10 +92,10 @@ def test_repo_id_downloads_inspects_and_takes_the_card_trigger_words(fake, libra
     entry = library.get("bob/style-lora")
     assert entry.path.read_bytes() == lora_bytes["plain"] and entry.usable
     assert entry.report.name == "bob/style-lora/style.safetensors" and entry.report.trigger_words == ["zkz style"]
-    assert ("GET", "/cdn/" + th._sha256(lora_bytes["plain"])) in fake.requests
+    assert ("GET", "/cdn/" + fh.sha256(lora_bytes["plain"])) in fake.requests
     assert not any("preview.png" in p for _, p in fake.requests)  # only what the LoRA needs
     # pinned: the branch is resolved once, then the listing, headers, file and card are all read at that commit
-    assert [p for _, p in fake.requests if "/cdn/" not in p and th.COMMIT not in p] == [
+    assert [p for _, p in fake.requests if "/cdn/" not in p and fh.COMMIT not in p] == [
         "/api/models/bob/style-lora/revision/main"
     ]
     downloads = len(fake.requests)
@@ -129,7 +108,7 @@ def test_revision_file_and_several_files(fake, library, lora_bytes):
     assert entry.path.read_bytes() == lora_bytes["peft"]
     # the tag is resolved once, then everything is read at its commit
     assert ("GET", "/api/models/bob/two-loras/revision/v2") in fake.requests
-    assert ("GET", f"/bob/two-loras/resolve/{th.COMMIT}/b.safetensors") in fake.requests
+    assert ("GET", f"/bob/two-loras/resolve/{fh.COMMIT}/b.safetensors") in fake.requests
     assert not any("/resolve/v2/" in p or "/tree/v2" in p for _, p in fake.requests)
     several = r"^bob/two-loras holds several LoRA files; name the one you want: bob/two-loras/a.safetensors \(.*\), "
     with pytest.raises(LoraError, match=several + r"bob/two-loras/b.safetensors"):
@@ -141,7 +120,7 @@ def test_revision_file_and_several_files(fake, library, lora_bytes):
     "name, message",
     [
         ("bob/nope", r"^There is no repository bob/nope on the Hub \(or it is private\)\. Check the name at https"),
-        (PRIVATE, r"^There is no repository alice/private-lora on the Hub \(or it is private\)\. Check the name"),
+        (fh.PRIVATE, r"^There is no repository alice/private-lora on the Hub \(or it is private\)\. Check the name"),
         ("bob/gated-lora", r"^bob/gated-lora is a gated repository, which this app does not open: accept its terms"),
         ("bob/a-model", r"^bob/a-model has no LoRA: none of its .safetensors files \(model.safetensors\) holds LoRA"),
         (
@@ -180,14 +159,14 @@ def test_the_operators_token_is_never_sent_and_a_lora_token_is_opt_in(fake, libr
     """HF_TOKEN and the login file are the operator's, for gated model files: a visitor's Hub name must not use them
     (they could list and apply the operator's private LoRAs), and no sentence may tell whether the server has one."""
     with pytest.raises(LoraError) as without:
-        library.get(PRIVATE)
-    monkeypatch.setenv("HF_TOKEN", th.GRANTED_TOKEN)
+        library.get(fh.PRIVATE)
+    monkeypatch.setenv("HF_TOKEN", fh.GRANTED_TOKEN)
     token_file = tmp_path / "token"
-    token_file.write_text(th.GRANTED_TOKEN)
+    token_file.write_text(fh.GRANTED_TOKEN)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(token_file))
     fake.auths.clear()
     with pytest.raises(LoraError) as with_token:
-        library.get(PRIVATE)
+        library.get(fh.PRIVATE)
     assert str(with_token.value) == str(without.value)
     assert str(with_token.value).startswith("There is no repository alice/private-lora on the Hub (or it is private)")
     library.get("bob/style-lora")
@@ -197,9 +176,9 @@ def test_the_operators_token_is_never_sent_and_a_lora_token_is_opt_in(fake, libr
         return LoraLibrary(library.folder, TINY, CLIP, hub_endpoint=fake.endpoint, hub_cache=tmp_path / "hub-loras",
                            hub_token=token)  # fmt: skip
 
-    assert lora_library(th.GRANTED_TOKEN).get(PRIVATE).usable  # a token for LoRAs only, when the operator sets one
+    assert lora_library(fh.GRANTED_TOKEN).get(fh.PRIVATE).usable  # a token for LoRAs only, when the operator sets one
     with pytest.raises(LoraError) as wrong:
-        lora_library("hf_wrong").get(PRIVATE)
+        lora_library("hf_wrong").get(fh.PRIVATE)
     assert str(wrong.value) == str(without.value)
     cdn = [auth for path, auth in fake.auths if path.startswith("/cdn/")]
     assert cdn and all(auth is None for auth in cdn)  # the LoRA token goes to the Hub, never on to its CDN
@@ -234,30 +213,50 @@ def test_the_default_cache_is_fluxdemos_not_huggingfaces(fake, tmp_path, monkeyp
     assert library.get("bob/two-loras/a.safetensors").path.is_relative_to(tmp_path / "fx" / "hub-loras")
 
 
-def test_an_unreachable_hub_is_a_sentence_at_once_and_the_cache_still_serves(fake, library, tmp_path, lora_bytes):
-    """No network (a port nobody listens on): huggingface_hub's listing would retry for 23 s; one request says so."""
+@contextmanager
+def hanging_up() -> Iterator[tuple[str, list[int]]]:
+    """A Hub that takes each connection and hangs up at once, as a dead network does: (its endpoint, connections)."""
+    seen: list[int] = []
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.05)
+        done = threading.Event()
+
+        def answer() -> None:
+            while not done.is_set():
+                with suppress(TimeoutError):
+                    server.accept()[0].close()
+                    seen.append(1)
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.getsockname()[1]}", seen
+        finally:
+            done.set()
+            thread.join()
+
+
+def test_an_unreachable_hub_is_one_request_and_the_cache_still_serves(fake, library, tmp_path, lora_bytes):
+    """No network: huggingface_hub's listing would retry five times with back-off (23 s); one request says so."""
     cached = library.get("bob/two-loras/a.safetensors")
-    with socket.socket() as s:  # a free port, closed again: connections to it are refused
-        s.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
-    away = LoraLibrary(library.folder, TINY, CLIP, hub_endpoint=closed, hub_cache=tmp_path / "hf")
-    start = time.monotonic()
-    assert away.get("bob/two-loras/a.safetensors").path.read_bytes() == lora_bytes["kohya"] == cached.path.read_bytes()
-    with pytest.raises(LoraError, match=r"^bob/style-lora is not among the Hub LoRAs this app downloaded before, and "
-                                        r"the Hub could not be reached\. Try again once"):  # fmt: skip
-        away.get("bob/style-lora")
-    assert time.monotonic() - start < 5
+    with hanging_up() as (endpoint, connections):
+        away = LoraLibrary(library.folder, TINY, CLIP, hub_endpoint=endpoint, hub_cache=tmp_path / "hf")
+        assert away.get("bob/two-loras/a.safetensors").path.read_bytes() == lora_bytes["kohya"]
+        assert cached.path.read_bytes() == lora_bytes["kohya"] and len(connections) == 1
+        with pytest.raises(LoraError, match=r"^bob/style-lora is not among the Hub LoRAs this app downloaded before, "
+                                            r"and the Hub could not be reached\. Try again once"):  # fmt: skip
+            away.get("bob/style-lora")
+        assert len(connections) == 2
 
 
 def test_a_hub_lora_applies_like_the_same_file_in_the_folder(fake, tmp_path, tiny_kit, lora_bytes):
-    from fluxdemo.model.presets import get_preset
-    from fluxdemo.pipeline import GenerateOptions, Model, generate
+    from fluxdemo.pipeline import GenerateOptions, generate
 
     folder = tmp_path / "local"
     folder.mkdir()
     (folder / "style.safetensors").write_bytes(lora_bytes["plain"])
     options = GenerateOptions("a fox", seed=2, steps=2, width=32, height=32)
-    manager = Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=folder)
+    manager = tiny_model(folder)
     manager.adapters.library.hub_endpoint, manager.adapters.library.hub_cache = fake.endpoint, tmp_path / "hf"
     local = generate(manager, options, "style.safetensors", 0.5).images["lora"]
     hub = generate(manager, options, "bob/style-lora", 0.5)
@@ -269,14 +268,12 @@ def test_a_hub_lora_applies_like_the_same_file_in_the_folder(fake, tmp_path, tin
 def studio_url(fake, tmp_path, monkeypatch):
     """The studio over an empty LoRA folder, its Hub the fake one; the operator holds HF_TOKEN, as on a Space."""
     from fluxdemo.lora import HubLoras
-    from fluxdemo.model.presets import get_preset
-    from fluxdemo.pipeline import Model
     from fluxdemo.studio import build_studio
 
-    monkeypatch.setenv("HF_TOKEN", th.GRANTED_TOKEN)
+    monkeypatch.setenv("HF_TOKEN", fh.GRANTED_TOKEN)
     (tmp_path / "loras").mkdir()
     hub = HubLoras(endpoint=fake.endpoint, cache=tmp_path / "hub-loras")
-    manager = Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=tmp_path / "loras", hub_loras=hub)
+    manager = tiny_model(tmp_path / "loras", hub_loras=hub)
     demo = build_studio(manager)
     demo.launch(prevent_thread_lock=True, quiet=True)
     try:
@@ -288,10 +285,9 @@ def studio_url(fake, tmp_path, monkeypatch):
 def test_the_studio_takes_a_lora_from_the_hub(fake, studio_url):
     """The studio's Hub box (its /hub_lora endpoint): a repo id gives a LoRA to pick, compare with and stack; a repo
     without a LoRA gives its sentence; the operator's HF_TOKEN is never sent."""
-    from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    client = Client(studio_url, verbose=False)
+    client = open_client(studio_url)
     assert client.predict("https://huggingface.co/bob/style-lora", api_name="/hub_lora") == (
         "https://huggingface.co/bob/style-lora"
     )
@@ -307,10 +303,9 @@ def test_the_studio_takes_a_lora_from_the_hub(fake, studio_url):
 def test_a_model_job_never_downloads_a_hub_lora(fake, studio_url):
     """From the API a Hub name must be fetched first (/hub_lora, or the page's own step before the job): the job
     is refused before it is queued, and nothing is requested from the Hub."""
-    from gradio_client import Client
     from gradio_client.exceptions import AppError, ValidationError
 
-    client = Client(studio_url, verbose=False)
+    client = open_client(studio_url)
     with pytest.raises(ValidationError, match=r"The Hub LoRA bob/style-lora is not downloaded yet: a model job never"):
         client.predict("a fox", "bob/style-lora", 1.0, 2, 2, 3.5, 32, 32, api_name="/compare")
     with pytest.raises(AppError, match=r"bob/style-lora is a Hub LoRA not downloaded yet"):
@@ -319,13 +314,12 @@ def test_a_model_job_never_downloads_a_hub_lora(fake, studio_url):
 
 
 def test_a_grid_of_64_rows_of_hub_names_is_refused_before_any_request(fake, studio_url):
-    from gradio_client import Client
     from gradio_client.exceptions import ValidationError
 
     rows = "\n".join("+".join(f"u/{r}.{i}" for i in range(4)) for r in range(64))  # within the text limit
     pickers = ("", 1.0, "", 1.0, "", 1.0)
     with pytest.raises(ValidationError) as error:
-        Client(studio_url, verbose=False).predict("a fox", "", rows, "1", "1", 2, 3.5, 16, 16, "", 1.0, *pickers,
+        open_client(studio_url).predict("a fox", "", rows, "1", "1", 2, 3.5, 16, 16, "", 1.0, *pickers,
                                                   api_name="/grid")  # fmt: skip
     assert "One run can use at most 8 different LoRAs, but this one names 256: split it into smaller runs." in str(
         error.value
@@ -360,26 +354,10 @@ def test_the_cache_keeps_its_quota_by_evicting_the_least_recently_used(fake, lib
         library.get("bob/two-loras/b.safetensors")
 
 
-class LyingHub(LoraHub):
-    """bob/liar's file is listed as 1,000 bytes and, with `served_lie`, announced so too; its CDN sends all of it."""
-
-    served_lie = True
-
-    def _route_hub(self, path, auth):
-        status, headers, body = super()._route_hub(path, auth)
-        if path.startswith("/api/models/bob/liar/tree/"):
-            body = json.dumps(
-                [e | {"size": 1000, "lfs": e["lfs"] | {"size": 1000}} for e in json.loads(body)]
-            ).encode()
-        elif path.startswith("/bob/liar/resolve/") and self.served_lie:
-            headers = headers | {"X-Linked-Size": "1000"}
-        return status, headers, body
-
-
 @pytest.mark.parametrize("served_lie", [False, True], ids=["stopped-by-the-served-size", "stopped-while-counting"])
 def test_a_file_larger_than_listed_is_stopped_and_leaves_nothing(fake, tmp_path, monkeypatch, lora_bytes, served_lie):
-    monkeypatch.setitem(th.FILES, "bob/liar", {"l.safetensors": lora_bytes["kohya"] + bytes(3 * 2**20)})
-    liar = LyingHub()
+    monkeypatch.setitem(fh.FILES, "bob/liar", {"l.safetensors": lora_bytes["kohya"] + bytes(3 * 2**20)})
+    liar = fh.LyingHub()
     liar.served_lie = served_lie
     library = LoraLibrary(tmp_path / "loras", TINY, CLIP, hub_endpoint=liar.endpoint, hub_cache=tmp_path / "hf",
                           hub_max_bytes=2**20)  # fmt: skip
@@ -400,9 +378,9 @@ def test_a_file_larger_than_listed_is_stopped_and_leaves_nothing(fake, tmp_path,
 
 def test_files_that_fail_inspection_are_deleted(fake, library, monkeypatch, tmp_path):
     garbage = {f"g{i}.safetensors": bytes([i]) * 3000 for i in range(15)}
-    garbage["bad-header.safetensors"] = th._safetensors({"not.a.lora": 4})[:-3] + b"xyz" + bytes(900)
-    monkeypatch.setitem(th.FILES, "bob/garbage", garbage)
-    hub = LoraHub()
+    garbage["bad-header.safetensors"] = fh.safetensors_bytes({"not.a.lora": 4})[:-3] + b"xyz" + bytes(900)
+    monkeypatch.setitem(fh.FILES, "bob/garbage", garbage)
+    hub = fh.LoraHub()
     library.hub_endpoint, library.hub_max_bytes, library.hub_quota_bytes = hub.endpoint, 4000, 10_000
     try:
         for name in garbage:
@@ -418,8 +396,8 @@ def test_files_that_fail_inspection_are_deleted(fake, library, monkeypatch, tmp_
 def test_listings_sentences_and_the_memo_are_bounded(fake, library, monkeypatch, lora_bytes):
 
     files = {f"f{i:04d}.bin": b"x" for i in range(1001)} | {"zz/lora.safetensors": lora_bytes["kohya"]}
-    monkeypatch.setitem(th.FILES, "bob/huge", files)
-    hub = LoraHub()
+    monkeypatch.setitem(fh.FILES, "bob/huge", files)
+    hub = fh.LoraHub()
     library.hub_endpoint = hub.endpoint
     try:
         with pytest.raises(LoraError, match=r"^bob/huge holds more than 1,000 files; name the LoRA file: "
@@ -442,9 +420,9 @@ def test_listings_sentences_and_the_memo_are_bounded(fake, library, monkeypatch,
 def test_a_large_model_card_is_no_card_and_never_fetched(fake, library, monkeypatch, lora_bytes):
     from fluxdemo.untrusted import MAX_CARD_BYTES
 
-    big = CARD + b"\n" * MAX_CARD_BYTES
-    monkeypatch.setitem(th.FILES, "bob/big-card", {"s.safetensors": lora_bytes["plain"], "README.md": big})
-    hub = LoraHub()
+    big = fh.CARD + b"\n" * MAX_CARD_BYTES
+    monkeypatch.setitem(fh.FILES, "bob/big-card", {"s.safetensors": lora_bytes["plain"], "README.md": big})
+    hub = fh.LoraHub()
     library.hub_endpoint = hub.endpoint
     try:
         assert library.get("bob/big-card").report.trigger_words == []
@@ -474,9 +452,9 @@ def test_is_hub_name_and_prefetch_fetch_before_the_gpu_work(fake, library, lora_
 
 def test_a_redirect_off_the_cdn_is_not_followed(fake, library, monkeypatch):
     """The Hub may send a download on to its CDN, once; a further hop (to any other host) is never taken."""
-    elsewhere = th.FakeHub()
+    elsewhere = fh.FakeHub()
 
-    class Bouncing(LoraHub):
+    class Bouncing(fh.LoraHub):
         def _route_cdn(self, path, auth):
             return 302, {"Location": f"{elsewhere.endpoint}/internal/secret"}, b""
 

@@ -11,7 +11,8 @@ import lora_factory as lf
 import numpy as np
 import pytest
 import torch
-from test_lora_formats import TINY, WIDE, comfy_save
+from helpers import tiny_model
+from lora_factory import TINY, WIDE, comfy_save
 
 from fluxdemo.model.names import FluxDims
 from fluxdemo.model.presets import get_preset
@@ -21,7 +22,8 @@ OPTS = GenerateOptions("a lighthouse at dusk", seed=5, steps=3, width=32, height
 # At real width a step dequantizes 0.5 GB of Q8_0 blocks (about 5 s on 2 CPU cores) whatever the picture's size:
 # one step, and 16 T5 tokens so that the text adds nothing to it.
 WIDE_OPTS = GenerateOptions("a lighthouse at dusk", seed=5, steps=1, width=32, height=32, max_sequence_length=16)
-STRENGTHS = (1.0, 0.5)
+# The tiny kit checks both strengths; at real width, where a step is dear, 0.5 alone (a scale that is not 1)
+STRENGTHS = {"tiny": (1.0, 0.5), "tiny-wide": (0.5,)}
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
@@ -46,15 +48,16 @@ class Bench:
     dims: FluxDims
     options: GenerateOptions
     folder: Path
+    strengths: tuple[float, ...]
     adapted: Model
     reference: Model
     baseline: np.ndarray
 
     def assert_picture_is_the_hand_merge(self, name: str, tensors: dict, deltas: dict) -> None:
-        """The file's picture at strengths 1 and 0.5 against the hand merge of `deltas`, which moves the picture
+        """The file's picture at the kit's strengths against the hand merge of `deltas`, which moves the picture
         visibly (so that 1/255 means something)."""
         lf.save(self.folder / name, tensors)
-        for strength in STRENGTHS:
+        for strength in self.strengths:
             adapted = pixels(generate(self.adapted, self.options, name, strength).images["lora"])
             with lf.HandMerge(self.reference.get("transformer"), deltas, strength):
                 merged = pixels(generate(self.reference, self.options).images["baseline"])
@@ -77,12 +80,12 @@ def unpack(transformer: torch.nn.Module) -> None:
 def make_bench(kind: str, kit: Path, folder: Path) -> Bench:
     preset = get_preset(kind, use_env=False)
     options = OPTS if kind == "tiny" else WIDE_OPTS
-    reference = Model(preset, device="cpu", lora_dir=kit / "loras")
+    reference = tiny_model(kit / "loras", preset)
     baseline = pixels(generate(reference, options).images["baseline"])  # also loads the transformer
     unpack(reference.get("transformer"))
     assert np.array_equal(pixels(generate(reference, options).images["baseline"]), baseline)
-    adapted = Model(preset, device="cpu", lora_dir=folder)
-    return Bench(TINY if kind == "tiny" else WIDE, options, folder, adapted, reference, baseline)
+    adapted = tiny_model(folder, preset)
+    return Bench(TINY if kind == "tiny" else WIDE, options, folder, STRENGTHS[kind], adapted, reference, baseline)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +165,7 @@ def test_a_clip_only_lokr_changes_the_picture_and_is_off_at_zero(tiny_kit, tmp_p
     folder.mkdir()
     prefix = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
     lf.save(folder / "clip.safetensors", {f"{prefix}.{r}": v * 3 for r, v in kind.items()})
-    manager = Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=folder)
+    manager = tiny_model(folder)
     base = pixels(generate(manager, OPTS).images["baseline"])
     adapted = generate(manager, OPTS, "clip.safetensors", 1.0)
     assert adapted.report.text_encoder_lora is True

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import lora_factory as lf
 import torch
-from test_lora_formats import WIDE
+from lora_factory import WIDE
 
 from fluxdemo.model.names import bfl_linear_shapes
 

@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_model
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fluxdemo.errors import CancelledError, OutOfMemoryError
 from fluxdemo.model import planner
 from fluxdemo.model.manager import LARGE_COMPONENTS, STRATEGIES
-from fluxdemo.model.presets import PACKAGE_CONFIGS, PRESETS, get_preset
+from fluxdemo.model.presets import PACKAGE_CONFIGS, PRESETS
 from fluxdemo.pipeline import Controls, GenerateOptions, Model, compare, generate
 
 DEVICES = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
@@ -46,7 +47,7 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 
 
 def fresh(kit: Path, device: torch.device, strategy: str) -> Model:
-    return Model(get_preset("tiny", use_env=False), device=device, strategy=strategy, lora_dir=kit / "loras")
+    return tiny_model(kit / "loras", device=device, strategy=strategy)
 
 
 _REFERENCES: dict[tuple[str, str], dict] = {}
@@ -381,7 +382,7 @@ def test_gpu_benchmark_builds_loadable_random_weight_files(tiny_kit, tmp_path):
     for qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):  # bit-exact with gguf-py's own
         assert np.array_equal(bench.quantize(data, qtype).numpy(), gguf.quants.quantize(data.numpy(), qtype))
     files = bench.build_files(tmp_path, tiny_kit, "Q4_0")
-    manager = Model(bench.bench_preset(files, tiny_kit, "Q4_0"), device="cpu", strategy="model-offload")
+    manager = tiny_model(preset=bench.bench_preset(files, tiny_kit, "Q4_0"), strategy="model-offload")
     result = generate(manager, GenerateOptions("a cat", steps=1, width=32, height=32))
     assert result.images["baseline"].size == (32, 32)
     quants = {s.component: s.quant for s in manager.loaded().values()}

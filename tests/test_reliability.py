@@ -18,7 +18,6 @@ import resource
 import shutil
 import struct
 import sys
-import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,21 +28,20 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
+from helpers import tiny_model
 
 from fluxdemo.errors import CancelledError, LoraError, ModelFileError
 from fluxdemo.errors import OutOfMemoryError as FluxdemoOOM
 from fluxdemo.lora import MAX_HEADER_BYTES, LoraLibrary, inspect_lora, save_upload, to_diffusers
 from fluxdemo.model import loading
 from fluxdemo.model.names import FluxDims
-from fluxdemo.model.presets import PACKAGE_CONFIGS, get_preset
+from fluxdemo.model.presets import PACKAGE_CONFIGS
 from fluxdemo.pipeline import Controls, GenerateOptions, Model, compare, generate
 
 OPTS = GenerateOptions("a red fox in the snow", seed=7, steps=2, width=16, height=16)
 STRENGTH = 0.8
 FUZZ_SEED = 1234
 FUZZ_RANDOM_CASES = 400  # plus about 110 named attacks
-FUZZ_BUDGET_S = 60.0  # the whole fuzz loop, on a shared CI core
-FILE_BUDGET_S = 10.0  # any one file (the slowest, 10 000 tensors, takes about 1 s)
 RSS_GROWTH_BOUND = 200 * 2**20
 PYTHON_ALLOC_BOUND = 64 * 2**20  # per file, what tracemalloc sees (Python objects and numpy arrays)
 OOM = "CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test)"
@@ -59,18 +57,6 @@ def assert_same_images(got: dict, want: dict) -> None:
         assert np.array_equal(got[role], want[role]), f"{role} image differs from the reference"
 
 
-def new_manager(lora_dir: Path) -> Model:
-    return Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=lora_dir)
-
-
-@pytest.fixture(scope="module")
-def lora_dir(tiny_kit: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("reliability-loras")
-    for path in (tiny_kit / "loras").glob("*.safetensors"):
-        shutil.copy(path, folder / path.name)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny_sizes(tiny_kit: Path) -> tuple[FluxDims, dict]:
     """The tiny transformer's sizes and CLIP config: what the kit's LoRAs are checked against."""
@@ -78,17 +64,11 @@ def tiny_sizes(tiny_kit: Path) -> tuple[FluxDims, dict]:
     return FluxDims.from_config(config), json.loads((tiny_kit / "text_encoder" / "config.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def clean(lora_dir: Path) -> Model:
-    """A manager no fault ever touches: it makes the reference images."""
-    return new_manager(lora_dir)
-
-
 @pytest.fixture
 def faulty(lora_dir: Path) -> Model:
     """A fresh manager per test to inject faults into: after an out-of-memory error a manager stays on the lighter
     strategy, which would make each test start where the last one left it."""
-    return new_manager(lora_dir)
+    return tiny_model(lora_dir)
 
 
 def reference(clean: Model, options: GenerateOptions, lora: str | None) -> dict[str, np.ndarray]:
@@ -141,13 +121,14 @@ def attempt(case: str, fn: Callable, *args, **kwargs) -> object:
         raise AssertionError(f"{case}: {type(e).__name__} instead of a LoraError: {e}") from e
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(900)  # a hang guard: 500 files through three parsers on a busy machine
 def test_fuzz_lora_files(tiny_kit: Path, tiny_sizes: tuple, tmp_path: Path) -> None:
     """Hundreds of mutated safetensors files through the inspector, the converter and the live loader: each gets a
-    result or a LoraError, quickly and in bounded memory, nothing is unpickled, and the model is unharmed."""
+    result or a LoraError in bounded memory, nothing is unpickled, and the model is unharmed. The time each file
+    takes, against a good LoRA's, is bench/hostile_files.py's to measure."""
     folder = tmp_path / "loras"
     folder.mkdir()
-    manager = new_manager(folder)
+    manager = tiny_model(folder)
     dims, clip = tiny_sizes
     peft, kohya = ((tiny_kit / "loras" / f"{n}.safetensors").read_bytes() for n in ("peft", "kohya"))
     canary = tmp_path / "unpickled"
@@ -157,13 +138,10 @@ def test_fuzz_lora_files(tiny_kit: Path, tiny_sizes: tuple, tmp_path: Path) -> N
     base_hash = hostile.base_weights_hash(manager.get("transformer"))
 
     outcomes = {"refused": 0, "inspected": 0, "loaded": 0}
-    slowest = (0.0, "")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    start = time.perf_counter()
     with no_unpickling() as unpickled:
         for i, case in enumerate(cases):
             path = case.write(folder / f"case-{i:04d}.safetensors")
-            t0 = time.perf_counter()
             # tracemalloc sees what the parsers allocate (Python objects, numpy); it would triple the cost of the
             # live load, whose tensors it cannot see anyway: those count in the peak RSS below.
             with traced() as peak:
@@ -172,8 +150,6 @@ def test_fuzz_lora_files(tiny_kit: Path, tiny_sizes: tuple, tmp_path: Path) -> N
                 parsed_peak = peak()
             with manager.session():
                 loaded = attempt(case.name, manager.adapters.load, path.name)
-            seconds = time.perf_counter() - t0
-            assert seconds < FILE_BUDGET_S, f"{case.name}: {seconds:.1f} s"
             assert parsed_peak < PYTHON_ALLOC_BOUND, f"{case.name}: {parsed_peak / 2**20:.0f} MiB allocated"
             if not isinstance(converted, LoraError):
                 tensors = [*converted.transformer.values(), *converted.text_encoder.values()]
@@ -182,13 +158,10 @@ def test_fuzz_lora_files(tiny_kit: Path, tiny_sizes: tuple, tmp_path: Path) -> N
             hostile.check_consistent(manager)
             outcomes["loaded" if not isinstance(loaded, LoraError) else "refused"] += 1
             outcomes["inspected"] += not isinstance(report, LoraError)
-            slowest = max(slowest, (seconds, case.name))
             path.unlink()
-    elapsed = time.perf_counter() - start
     rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
 
     assert unpickled == [] and not canary.exists()
-    assert elapsed < FUZZ_BUDGET_S, f"{len(cases)} files in {elapsed:.1f} s; slowest {slowest}"
     # Peak RSS is a high-water mark: within a whole suite it catches only a new peak; run alone, any growth.
     assert rss_growth < RSS_GROWTH_BOUND, f"peak RSS grew {rss_growth / 2**20:.0f} MiB"
     # Mutations must reach every outcome, or the fuzz is not exercising the loader.
@@ -230,7 +203,7 @@ def test_header_limits_are_enforced_before_reading(tmp_path: Path) -> None:
 
 def test_hostile_gguf_files_are_refused_before_allocation(tiny_kit: Path, tmp_path: Path) -> None:
     """GGUF headers with huge counts, dims, string lengths, unknown types and far offsets: a ModelFileError (or, for
-    a flip the format cannot detect, a model) in bounded time and memory, never another exception."""
+    a flip the format cannot detect, a model) in bounded memory, never another exception."""
     loaders = {
         "flux1-tiny-Q8_0.gguf": loading.load_transformer,
         "t5-v1_1-tiny-encoder-Q8_0.gguf": loading.load_t5,
@@ -243,14 +216,12 @@ def test_hostile_gguf_files_are_refused_before_allocation(tiny_kit: Path, tmp_pa
             for i, case in enumerate(hostile.gguf_cases(tiny_kit / "gguf" / filename, rng, flips=15)):
                 path = case.write(tmp_path / f"{i:03d}-{filename}")
                 peak()
-                t0 = time.perf_counter()
                 try:
                     load(path, tiny_kit, torch.float32)
                 except ModelFileError as e:
                     assert str(e).startswith(path.name), str(e)
                     refused += 1
                 growth = peak()
-                assert time.perf_counter() - t0 < FILE_BUDGET_S, case.name
                 assert growth < 32 * 2**20, f"{filename} {case.name}: {growth / 2**20:.0f} MiB before refusing"
         assert refused >= 20, f"{filename}: only {refused} refused"
 

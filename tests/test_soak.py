@@ -1,4 +1,4 @@
-"""A soak of the studio on a public link (issue 16): a dozen visitors at once, each sending a fixed number of mixed
+"""A soak of the studio on a public link (issue 16): six visitors at once, each sending a fixed number of mixed
 requests (compare, generate, a grid, an upload, a Hub LoRA fetched then compared, PNGs dropped for their settings)
 and hostile ones (a Hub name never fetched, a Hub file larger than listed, a 3,000-newline card, 32 kB of A1111 text,
 a 12,992x12,992 PNG bomb, a 52 MB zipped chunk), while a pinger asks /gradio_api/info. No wall-clock bound here: the
@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import tempfile
 
+import helpers
 import soak_mix as sm
-import test_security_app as tsa
-from gradio_client import Client
 from huggingface_hub import constants
-from test_security_app import app_manager, clean, lora_dir  # noqa: F401 (fixtures)
 
-CLIENTS = 10
+CLIENTS = 6  # concurrent enough to mix requests on the shared model; each still sends the whole mix
 REQUESTS_EACH = 13  # one pass over the mix each, from a different place in it
 HUB_QUOTA = 400_000  # the three Hub LoRAs fit; the liar's 3 MB never does
 RSS_GROWTH = 300 * 2**20
 
 
-def test_mixed_visitors_at_once(app_manager, clean, lora_dir, tiny_kit, tmp_path, monkeypatch) -> None:  # noqa: F811
+def test_mixed_visitors_at_once(app_manager, clean, lora_dir, tiny_kit, tmp_path, monkeypatch) -> None:
     """Each model result equals its solo run, each hostile request gets its sentence, and the app stays well."""
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
@@ -37,11 +35,11 @@ def test_mixed_visitors_at_once(app_manager, clean, lora_dir, tiny_kit, tmp_path
     folders = {"hub_cache": tmp_path / "hub-loras", "gradio_cache": tmp_path / "gradio", "runs": tmp_path / "tmp",
                "lora_folder": lora_dir}  # fmt: skip
     with sm.fake_hub(tiny_kit / "loras") as hub:
-        sm.use_hub(app_manager, hub.endpoint, folders["hub_cache"], HUB_QUOTA, tsa.MAX_UPLOAD)
-        sm.use_hub(clean, hub.endpoint, tmp_path / "clean-hub", HUB_QUOTA, tsa.MAX_UPLOAD)
-        with tsa.launched(app_manager, queue_size=64, public=True) as url:
+        sm.use_hub(app_manager, hub.endpoint, folders["hub_cache"], HUB_QUOTA, helpers.MAX_UPLOAD)
+        sm.use_hub(clean, hub.endpoint, tmp_path / "clean-hub", HUB_QUOTA, helpers.MAX_UPLOAD)
+        with helpers.launched(app_manager, queue_size=64, public=True) as url:
             warm = sm.model_values("compare", 0)
-            Client(url, verbose=False, download_files=str(tmp_path)).predict(*warm, api_name="/compare")
+            helpers.open_client(url, download_files=str(tmp_path)).predict(*warm, api_name="/compare")
             before = sm.footprint(folders)
             pinger = sm.Pinger(url)
             pinger.start()
@@ -50,7 +48,7 @@ def test_mixed_visitors_at_once(app_manager, clean, lora_dir, tiny_kit, tmp_path
             finally:
                 pinger.stop()
             after = sm.footprint(folders)
-            client = Client(url, verbose=False, download_files=str(tmp_path))
+            client = helpers.open_client(url, download_files=str(tmp_path))
             last = client.predict(*warm, api_name="/compare")
             long_card = client.predict("soak/long-card", api_name="/inspect_lora")
         found = sm.problems(outcomes, clean, lora_dir, kit_lora)
@@ -65,5 +63,5 @@ def test_mixed_visitors_at_once(app_manager, clean, lora_dir, tiny_kit, tmp_path
     assert after["rss_bytes"] - before["rss_bytes"] < RSS_GROWTH, (before, after)
     assert 0 < after["hub_cache_bytes"] <= HUB_QUOTA, after
     assert after["lora_folder_bytes"] == before["lora_folder_bytes"], (before, after)  # uploads of a known file
-    assert tsa.same(sm.served("compare", last), expected_last)
+    assert helpers.same(sm.served("compare", last), expected_last)
     assert long_card["name"] == "soak/long-card/lc.safetensors" and not long_card["problems"]  # 3,000-line card

@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from helpers import tiny_model
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -93,12 +94,9 @@ def test_ci_runs_the_torch_constraints_txt_pins():
 @pytest.fixture
 def resident_manager(tiny_kit):
     """A manager as app.py builds it on ZeroGPU (on the CPU here: the moves it records are the same)."""
-    from fluxdemo.model.presets import get_preset
-    from fluxdemo.pipeline import Model
     from fluxdemo.studio.zero_gpu import ZERO_GPU_STRATEGY
 
-    return Model(get_preset("tiny", use_env=False), device="cpu", strategy=ZERO_GPU_STRATEGY,
-                        lora_dir=tiny_kit / "loras")  # fmt: skip
+    return tiny_model(tiny_kit / "loras", strategy=ZERO_GPU_STRATEGY)
 
 
 def test_zero_gpu_tasks_move_nothing(resident_manager, kit_lora):

@@ -1,0 +1,131 @@
+"""Builders the tests share: the one way a test opens a model, a studio launched on loopback and the request mix sent
+to it, and hand-made PNGs. LoRA files and their references are in tests/lora_factory.py, the fake Hub in
+tests/fake_hub.py, hostile files in tests/hostile.py. Test modules import these, never each other."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from gradio_client import Client
+from PIL import Image, PngImagePlugin
+
+from fluxdemo.model.presets import Preset, get_preset
+from fluxdemo.pipeline import GenerateOptions, Model, compare, generate, sweep
+from fluxdemo.pipeline.limits import DEFAULT_LIMITS, Limits
+from fluxdemo.studio import build_studio
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_model(lora_dir: Path | None = None, preset: str | Preset = "tiny", **kwargs) -> Model:
+    """A Model on the CPU over a kit preset (the environment's overrides ignored), as the app opens one."""
+    if isinstance(preset, str):
+        preset = get_preset(preset, use_env=False)
+    if lora_dir is not None:
+        kwargs["lora_dir"] = lora_dir
+    return Model(preset, **{"device": "cpu", **kwargs})
+
+
+# --- the studio on loopback, and the mix of requests strangers send it ----------------------------------------------
+
+SIZE = dict(steps=2, width=16, height=16)
+MAX_UPLOAD = 2**20
+# How long a test waits for an answer before it calls the app hung: a guard for a busy machine, never a speed limit
+# (gradio_client's and httpx's own default, 5 s, is less than an in-process server takes beside a running model).
+HANG_S = 240
+
+# (endpoint, LoRA or None, strength): every LoRA of the kit, strengths from off to over-driven, and plain images
+MIX = [
+    ("compare", "peft.safetensors", 0.5),
+    ("generate", None, 1.0),
+    ("compare", "kohya.safetensors", 1.0),  # also adapts CLIP: the prompt embeddings depend on it
+    ("generate", "comfy.safetensors", 0.8),
+    ("compare", "xlabs.safetensors", 1.5),
+    ("generate", "kohya.safetensors", 0.3),
+    ("compare", "comfy.safetensors", 0.0),
+    ("sweep", "peft.safetensors", "0, 0.7, 1.4"),
+]
+
+
+def options(i: int) -> GenerateOptions:
+    return GenerateOptions(f"request {i % 5}: a lighthouse at dusk", seed=100 + i, guidance=3.5, **SIZE)
+
+
+def api_args(o: GenerateOptions, lora: str | None, strength) -> tuple:
+    return o.prompt, lora, strength, o.seed, o.steps, o.guidance, o.width, o.height
+
+
+def alone(manager: Model, endpoint: str, o: GenerateOptions, lora: str | None, strength) -> list[np.ndarray]:
+    """The library's own result for one request, as the images the endpoint returns, in order."""
+    if endpoint == "compare":
+        images = compare(manager, o, lora, strength).images
+    elif endpoint == "sweep":
+        images = sweep(manager, o, lora, [float(s) for s in strength.split(",")]).images
+    else:
+        images = generate(manager, o, lora, strength).images
+    return [np.asarray(image) for image in images.values()]
+
+
+def served(endpoint: str, result) -> list[np.ndarray]:
+    """The images of a gradio_client result, read from the PNGs it downloaded."""
+    first = result[0]
+    if endpoint == "compare":
+        paths = list(first)
+    elif endpoint == "sweep":
+        paths = [item["image"] for item in first]
+    else:
+        paths = [first]
+    return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+
+
+def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def open_client(url: str, **kwargs) -> Client:
+    """A gradio_client Client (one session, as one browser has) that waits up to HANG_S for each answer."""
+    return Client(url, verbose=False, httpx_kwargs={"timeout": HANG_S}, **kwargs)
+
+
+@contextmanager
+def launched(manager: Model, queue_size: int, limits: Limits = DEFAULT_LIMITS, public: bool = False) -> Iterator[str]:
+    """The studio over `manager` on 127.0.0.1 (uploads bounded by MAX_UPLOAD); its URL."""
+    demo = build_studio(manager, max_upload_bytes=MAX_UPLOAD, queue_size=queue_size, limits=limits, public=public)
+    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, max_file_size=MAX_UPLOAD)
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+# --- PNGs a visitor drops ------------------------------------------------------------------------------------------
+
+
+def png_with(text_chunks: dict[str, str], size: tuple[int, int] = (16, 16), zip_itxt: bool = False) -> bytes:
+    """A black PNG carrying these text chunks (tEXt, or zipped iTXt)."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in text_chunks.items():
+        info.add_itxt(key, value, zip=True) if zip_itxt else info.add_text(key, value)
+    buffer = io.BytesIO()
+    Image.new("RGB", size).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bomb(side: int = 12_992) -> bytes:
+    """A 1-bit PNG of side x side pixels (21 MB once decoded) in a few tens of kB, with A1111 parameters."""
+    row, deflate = b"\0" * (1 + (side + 7) // 8), zlib.compressobj(9)
+    idat = b"".join(deflate.compress(row) for _ in range(side)) + deflate.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    text = b"parameters\0a bomb\nSteps: 20, Seed: 5, Size: 512x512"
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"tEXt", text) + _chunk(b"IDAT", idat)
+            + _chunk(b"IEND", b""))  # fmt: skip

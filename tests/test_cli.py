@@ -138,7 +138,10 @@ def user_error(done: subprocess.CompletedProcess) -> str:
 def test_inspect_lora_on_a_missing_file(tmp_path, fluxdemo_cache):
     missing = tmp_path / "nope.safetensors"
     done = run("inspect-lora", str(missing), cache=fluxdemo_cache)
-    assert user_error(done) == f"error: There is no file {missing}; give the path of a LoRA .safetensors file."
+    assert user_error(done) == (
+        f"error: There is no LoRA file {missing} (nor one of that name in the LoRA folder {Path('loras').absolute()}"
+        "); check the path, or name a Hub LoRA as user/repo or user/repo/file.safetensors."
+    )
 
 
 def test_tiny_into_a_non_empty_folder(tmp_path, fluxdemo_cache):
@@ -151,7 +154,7 @@ def test_tiny_into_a_non_empty_folder(tmp_path, fluxdemo_cache):
 def test_unknown_lora_name(tmp_path, fluxdemo_cache, tiny_kit):
     done = run("compare", *ARGS, "--lora", "nosuch", "--out", str(tmp_path / "out"), cache=fluxdemo_cache)
     assert user_error(done) == (
-        "error: No LoRA named 'nosuch.safetensors' in the LoRA folder 'loras'; available: comfy.safetensors, "
+        f"error: No LoRA named 'nosuch' in the LoRA folder {tiny_kit / 'loras'}; available: comfy.safetensors, "
         "kohya.safetensors, peft.safetensors, xlabs.safetensors."
     )
     assert not (tmp_path / "out").exists()

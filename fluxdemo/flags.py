@@ -153,6 +153,7 @@ def quiet_libraries() -> None:
     """The default log: our stages only. Third-party lines (gguf's per file written, transformers' and diffusers'
     notices, PEFT's warning for each adapter beside another, which is how stacks work) show with -v only."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # transformers' own handler reads it at import
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # so does huggingface_hub's (else its retries print twice)
     for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub", "gguf", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)

@@ -14,10 +14,13 @@ import threading
 from pathlib import Path
 
 import pytest
-import test_hub as th  # the loopback fake Hub (to move to tests/helpers.py)
+import test_hub as th
+import torch  # the loopback fake Hub (to move to tests/helpers.py)
+from safetensors.torch import save_file
 
 from fluxdemo.errors import HubError
-from fluxdemo.lora import LoraLibrary
+from fluxdemo.lora import LoraLibrary, inspect_lora
+from fluxdemo.lora.report import flux_dev_dims
 from fluxdemo.model.files import resolve
 from fluxdemo.model.presets import Source
 from fluxdemo.pipeline.options import PUBLIC_STRENGTH_RANGE, STRENGTH_RANGE
@@ -213,3 +216,138 @@ def test_tiny_kit_prints_commands_that_work(tmp_path, fluxdemo_cache):
         "baseline.png", "lora.png", "report.json", "side_by_side.png",
     ]  # fmt: skip
     assert not (tmp_path / "empty").exists()  # nothing came from (or went to) the kit cache
+
+
+# -- verdicts: the family named, from keys in each trainer's spelling or from musubi-tuner's metadata ---------------
+
+
+def lora_file(path: Path, modules: dict[str, tuple[int, int]], meta: dict[str, str] | None = None) -> Path:
+    """A kohya-style LoRA (lora_down/lora_up, alpha) of the given modules and (out, in) shapes."""
+    tensors = {}
+    for module, (out, inp) in modules.items():
+        tensors |= {f"{module}.lora_down.weight": torch.zeros(2, inp), f"{module}.lora_up.weight": torch.zeros(out, 2)}
+        tensors[f"{module}.alpha"] = torch.tensor(2.0)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def peft_file(path: Path, modules: dict[str, tuple[int, int]], meta: dict[str, str] | None = None) -> Path:
+    """A PEFT-style LoRA (lora_A/lora_B), as diffusers and ai-toolkit save them."""
+    tensors = {}
+    for module, (out, inp) in modules.items():
+        tensors |= {f"{module}.lora_A.weight": torch.zeros(2, inp), f"{module}.lora_B.weight": torch.zeros(out, 2)}
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+W = 3072  # Qwen-Image's and HunyuanVideo's width is FLUX.1's: their attention shapes fit, their names tell
+FAMILIES = {
+    "sd15-kohya-mid-block": (
+        lambda p: lora_file(
+            p,
+            {
+                "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k": (1280, 768),
+                "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q": (1280, 1280),
+                "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k": (1280, 768),
+            },
+        ),
+        "an SD1.5 LoRA (kohya naming: lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q), not FLUX: it "
+        "adapts a UNet FLUX.1-dev does not have",
+    ),
+    "qwen-image-musubi": (
+        lambda p: lora_file(
+            p,
+            {
+                "lora_unet_transformer_blocks_0_attn_to_q": (W, W),
+                "lora_unet_transformer_blocks_0_img_mlp_net_0_proj": (4 * W, W),
+            },
+            {"ss_network_module": "networks.lora_qwen_image", "modelspec.architecture": "Qwen-Image/lora"},
+        ),
+        "a Qwen-Image LoRA: it does not fit FLUX.1-dev (its key lora_unet_transformer_blocks_0_img_mlp_net_0_proj is "
+        "Qwen-Image's)",
+    ),
+    "qwen-image-ai-toolkit": (
+        lambda p: peft_file(
+            p,
+            {
+                "diffusion_model.transformer_blocks.59.attn.to_q": (W, W),
+                "diffusion_model.transformer_blocks.59.txt_mod.1": (6 * W, W),
+            },
+        ),
+        "a Qwen-Image LoRA: it does not fit FLUX.1-dev (its key diffusion_model.transformer_blocks.59.txt_mod.1 is "
+        "Qwen-Image's)",
+    ),
+    "qwen-image-attention-only-metadata": (
+        lambda p: lora_file(
+            p, {"lora_unet_transformer_blocks_0_attn_to_q": (W, W)}, {"ss_network_module": "networks.lora_qwen_image"}
+        ),  # fmt: skip
+        "a Qwen-Image LoRA: it does not fit FLUX.1-dev (its metadata names 'networks.lora_qwen_image')",
+    ),
+    "wan-musubi": (
+        lambda p: lora_file(
+            p,
+            {
+                "lora_unet_blocks_0_self_attn_q": (5120, 5120),
+                "lora_unet_blocks_0_cross_attn_k": (5120, 5120),
+                "lora_unet_blocks_0_ffn_0": (13824, 5120),
+            },
+            {"ss_network_module": "networks.lora_wan", "modelspec.architecture": "wan2.1/lora"},
+        ),
+        "a Wan LoRA: it does not fit FLUX.1-dev (its key lora_unet_blocks_0_cross_attn_k is Wan's)",
+    ),
+    "wan-ai-toolkit": (
+        lambda p: peft_file(p, {"diffusion_model.blocks.3.self_attn.o": (1536, 1536)}),
+        "a Wan LoRA: it does not fit FLUX.1-dev (its key diffusion_model.blocks.3.self_attn.o is Wan's)",
+    ),
+    "hunyuan-video-original": (
+        lambda p: peft_file(
+            p,
+            {
+                "diffusion_model.double_blocks.0.img_attn_qkv": (3 * W, W),
+                "diffusion_model.double_blocks.0.img_mlp.fc1": (4 * W, W),
+                "diffusion_model.single_blocks.0.linear1": (7 * W, W),
+            },
+        ),
+        "a HunyuanVideo LoRA: it does not fit FLUX.1-dev (its key diffusion_model.double_blocks.0.img_attn_qkv is "
+        "HunyuanVideo's)",
+    ),
+    "hunyuan-video-musubi": (
+        lambda p: lora_file(
+            p,
+            {
+                "lora_unet_double_blocks_0_img_attn_qkv": (3 * W, W),
+                "lora_unet_double_blocks_0_img_mod_linear": (6 * W, W),
+            },
+            {"ss_network_module": "networks.lora", "modelspec.architecture": "hunyuan-video/lora"},
+        ),
+        "a HunyuanVideo LoRA: it does not fit FLUX.1-dev (its key lora_unet_double_blocks_0_img_mod_linear is "
+        "HunyuanVideo's)",
+    ),
+    "hunyuan-video-attention-only-metadata": (
+        lambda p: lora_file(
+            p, {"lora_unet_double_blocks_0_img_attn_qkv": (3 * W, W)}, {"modelspec.architecture": "hunyuan-video/lora"}
+        ),  # fmt: skip
+        "a HunyuanVideo LoRA: it does not fit FLUX.1-dev (its metadata names 'hunyuan-video/lora')",
+    ),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_is_named(family, tmp_path):
+    build, verdict = FAMILIES[family]
+    report = inspect_lora(build(tmp_path / "x.safetensors"), flux_dev_dims())
+    assert report.compatible is False
+    assert report.problems[0] == verdict
+
+
+@pytest.mark.parametrize(
+    "modules",
+    [
+        {"lora_unet_double_blocks_0_img_attn_qkv": (3 * W, W), "lora_unet_double_blocks_0_img_mod_lin": (6 * W, W)},
+        {"lora_unet_single_blocks_0_linear1": (7 * W, W), "lora_unet_single_blocks_0_modulation_lin": (3 * W, W)},
+    ],
+    ids=["double", "single"],
+)
+def test_flux_kohya_names_are_not_taken_for_another_family(modules, tmp_path):
+    report = inspect_lora(lora_file(tmp_path / "x.safetensors", modules), flux_dev_dims())
+    assert (report.compatible, report.problems) == (True, [])

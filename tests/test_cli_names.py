@@ -4,6 +4,7 @@ tiny kit that says how to use it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shlex
@@ -24,6 +25,7 @@ from fluxdemo.lora.report import flux_dev_dims
 from fluxdemo.model.files import resolve
 from fluxdemo.model.presets import Source
 from fluxdemo.pipeline.options import PUBLIC_STRENGTH_RANGE, STRENGTH_RANGE
+from fluxdemo.studio.forms import strength_range
 
 TINY = ["--model", "tiny", "--prompt", "a cat", "--steps", "2", "--width", "64", "--height", "64"]
 REPO = "bob/tiny-lora"
@@ -108,7 +110,24 @@ def test_a_local_name_works_without_its_suffix(tiny_kit):
     assert not library.is_hub_name("peft") and not library.is_hub_name("peft", scan=False)
 
 
-def test_the_studio_range_is_the_public_one_inside_the_library_range():
+@pytest.mark.parametrize(
+    ("flags", "limits", "why"),
+    [
+        ([], STRENGTH_RANGE, None),
+        (["--share"], PUBLIC_STRENGTH_RANGE, "0 to 2 on a public link, the range LoRAs are made for"),
+        (["--host", "0.0.0.0"], PUBLIC_STRENGTH_RANGE, "0 to 2 on a public link, the range LoRAs are made for"),
+    ],
+    ids=["local", "share", "host"],
+)
+def test_the_studio_takes_the_cli_range_unless_public(flags, limits, why):
+    """One range (options.STRENGTH_RANGE) for the CLI, the library and a studio on this machine; a public link's
+    narrower one comes from the same module, and its sliders say why."""
+    spec = importlib.util.spec_from_file_location("app", Path(__file__).resolve().parents[1] / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    got = app.check_flags(app.build_parser({}).parse_args(flags))
+    assert (got.strength_min, got.strength_max) == limits
+    assert strength_range(got) == (*limits, why)
     assert STRENGTH_RANGE[0] <= PUBLIC_STRENGTH_RANGE[0] <= PUBLIC_STRENGTH_RANGE[1] <= STRENGTH_RANGE[1]
 
 

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Callable
@@ -353,8 +354,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Every check that needs no model and no network, before anything imports torch: the numbers, the strengths
-    (each LoRA's, and times each grid column), the LoRA names and --out."""
+    """Every check that needs no model and no network, before anything imports torch: --out, the numbers, the
+    strengths (each LoRA's, and times each grid column) and the LoRA names."""
+    if getattr(args, "out", None) is not None:
+        _check_out(args)
     if hasattr(args, "steps"):
         for seed in getattr(args, "seeds", None) or [args.seed]:
             replace(_options(args), seed=seed).validate()
@@ -374,8 +377,6 @@ def check_args(args: argparse.Namespace) -> None:
                         )
     elif args.verb == "inspect-lora" and not Path(args.name).is_file():
         check_lora_name(args.name, lora_folder(args, get_preset(args.model)))
-    if getattr(args, "out", None) is not None:
-        _check_out(args)
 
 
 def _check_out(args: argparse.Namespace) -> None:
@@ -394,7 +395,8 @@ def _check_out(args: argparse.Namespace) -> None:
             raise OptionsError(f"{out} already holds {', '.join(existing)}; choose another --out or pass --overwrite.")
         if args.verb == "grid" and out.is_dir() and any(out.iterdir()):
             raise OptionsError(f"{out} is not empty; choose another --out or pass --overwrite.")
-    nearest = next(p for p in (out, *out.absolute().parents) if p.exists())  # what will hold the new files
+    start = out.absolute() if folder else out.absolute().parent  # a PNG replaces its file by a rename in its folder
+    nearest = next(p for p in (start, *start.parents) if p.exists())  # what will hold the new files
     if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
         why = "is a file" if not nearest.is_dir() else "is not writable"
         raise OptionsError(f"{out} cannot be written: {nearest} {why}; choose another --out.")
@@ -404,8 +406,9 @@ def kit_usage(kit: Path, kind: str) -> str:
     """What `tiny --out` prints: the kit's folder, then the commands that use it (each of its files named by its
     FLUXDEMO_* variable, so nothing is taken from the kit cache)."""
     kit = kit.absolute()
-    files = " ".join(f"{env}={kit / PRESETS[kind].sources()[c].path}" for env, c in ENV_OVERRIDES.items())
-    lora = f"--lora-dir {kit / 'loras'}"
+    sources = PRESETS[kind].sources()
+    files = " ".join(f"{env}={shlex.quote(str(kit / sources[c].path))}" for env, c in ENV_OVERRIDES.items())
+    lora = f"--lora-dir {shlex.quote(str(kit / 'loras'))}"
     return (
         f"{kit}\nThe {kind} kit is ready. Point the model's files at it, then use it as --model {kind}:\n"
         f"  export {files}\n"

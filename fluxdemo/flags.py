@@ -58,7 +58,8 @@ def manager_from_args(args: argparse.Namespace, hub_loras: HubLoras | None = Non
 
     overrides = {c: getattr(args, c) for c in CLI_FLAGS}
     preset = get_preset(args.model, overrides)
-    lora_dir, stacks = lora_folder(args, preset, build=True), lora_stacks(args)
+    lora_dir = lora_folder(args, preset, build=True)
+    stacks = [tuple(replace(c, name=file_name(c.name, lora_dir)) for c in stack) for stack in lora_stacks(args)]
     device = torch.device(args.device) if args.device else default_device()
     if device.type == "cpu" and not preset.transformer.kit:
         _warn_real_model_on_cpu(preset)
@@ -122,6 +123,14 @@ def lora_stacks(args: argparse.Namespace) -> list[Stack]:
     return [tuple(replace(c, name=Path(c.name).name) if Path(c.name).is_file() else c for c in s) for s in stacks]
 
 
+def file_name(name: str, folder: Path) -> str:
+    """A folder name as its file is called (`peft` -> `peft.safetensors`), so reports and PNGs name the file; any
+    other name (a Hub LoRA, one not found) as given, for the library to judge."""
+    if name.lower().endswith(LORA_SUFFIX) or len(name) > MAX_NAME_CHARS or (folder / name).is_file():
+        return name
+    return name + LORA_SUFFIX if (folder / (name + LORA_SUFFIX)).is_file() else name
+
+
 def check_lora_name(name: str, folder: Path) -> None:
     """A LoRA name the library will find, judged from names alone (no file opened, no network): a file in `folder`
     (its .safetensors may be left out) or a Hub reference; else one sentence naming the folder."""
@@ -137,13 +146,13 @@ def check_lora_name(name: str, folder: Path) -> None:
             f"No LoRA named {capped(name, MAX_FIELD_CHARS)!r}: the LoRA folder {folder} does not exist. Give the "
             "path of a .safetensors file, --lora-dir FOLDER, or a Hub name such as user/repo."
         )
-    found = islice((p for p in folder.rglob("*" + LORA_SUFFIX) if p.is_file()), MAX_LIST_FILES)
-    shown = sorted(p.relative_to(folder).as_posix() for p in found)
     if "/" in name or "\\" in name or name.lower().endswith(LORA_SUFFIX):
         raise OptionsError(
             f"There is no LoRA file {capped(name, MAX_FIELD_CHARS)} (nor one of that name in the LoRA folder "
             f"{folder}); check the path, or name a Hub LoRA as user/repo or user/repo/file.safetensors."
         )
+    found = islice((p for p in folder.rglob("*" + LORA_SUFFIX) if p.is_file()), MAX_LIST_FILES)
+    shown = sorted(p.relative_to(folder).as_posix() for p in found)
     raise OptionsError(
         f"No LoRA named {capped(name, MAX_FIELD_CHARS)!r} in the LoRA folder {folder}; available: {names_list(shown)}."
     )

@@ -81,6 +81,9 @@ def test_mistakes_are_answered_before_torch_is_imported(tmp_path, fluxdemo_cache
             f"{loras}); check the path, or name a Hub LoRA as user/repo or user/repo/file.safetensors."
         ),
         ("generate", *TINY, "--out", str(taken)): f"{taken} exists; choose another --out or pass --overwrite.",
+        ("generate", *TINY, "--overwrite", "--width", "8", "--out", str(taken)): (
+            "`width` must be a multiple of 16 between 16 and 2048, but is 8."  # --overwrite lets the file pass
+        ),
         ("generate", *TINY, "--out", str(taken / "x.png")): (
             f"{taken / 'x.png'} cannot be written: {taken} is a file; choose another --out."
         ),
@@ -219,15 +222,15 @@ def test_generate_without_network_is_one_sentence(tmp_path, fluxdemo_cache):
 
 def test_tiny_kit_prints_commands_that_work(tmp_path, fluxdemo_cache):
     env = env_for(fluxdemo_cache)
-    built = fluxdemo("tiny", "--out", str(tmp_path / "kit"), env=env)
+    built = fluxdemo("tiny", "--out", str(tmp_path / "my kit"), env=env)
     assert built.returncode == 0, built.stderr
     lines = built.stdout.splitlines()
-    assert lines[0] == str(tmp_path / "kit")
+    assert lines[0] == str(tmp_path / "my kit")
     export = next(line.strip() for line in lines if line.strip().startswith("export "))
     compare = next(line.strip() for line in lines if line.strip().startswith("python -m fluxdemo compare"))
     assert any(line.strip().startswith("python app.py --model tiny --lora-dir ") for line in lines)
     files = dict(item.split("=", 1) for item in shlex.split(export)[1:])
-    assert all(Path(path).exists() and Path(path).is_relative_to(tmp_path / "kit") for path in files.values())
+    assert all(Path(path).exists() and Path(path).is_relative_to(tmp_path / "my kit") for path in files.values())
     args = shlex.split(compare)[3:] + ["--steps", "2", "--width", "64", "--height", "64"]
     used = fluxdemo(*args, env={**env, **files, "FLUXDEMO_CACHE": str(tmp_path / "empty")}, cwd=tmp_path)
     assert used.returncode == 0, used.stderr

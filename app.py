@@ -25,7 +25,7 @@ from fluxdemo.lora import HubLoras
 from fluxdemo.lora.hub import HUB_LORA_QUOTA_BYTES
 from fluxdemo.model.manager import STRATEGIES
 from fluxdemo.model.presets import DEFAULT_PRESET, PRESETS
-from fluxdemo.pipeline import DEFAULT_CACHE_IMAGES, MAX_BATCH
+from fluxdemo.pipeline import DEFAULT_CACHE_IMAGES, MAX_BATCH, PUBLIC_STRENGTH_RANGE, STRENGTH_RANGE
 from fluxdemo.pipeline.limits import DEFAULT_MAX_JOBS_PER_CLIENT, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_WORK, Limits
 from fluxdemo.pipeline.previews import preview_drawer
 
@@ -227,8 +227,13 @@ def check_flags(args: argparse.Namespace) -> Limits:
     if not 0 < args.hub_lora_quota_gb < float("inf"):
         quota = args.hub_lora_quota_gb
         raise FluxdemoError(f"{named('--hub-lora-quota-gb')} must be a number above 0, but is {quota}.")
+    low, high = PUBLIC_STRENGTH_RANGE if is_public(args) else STRENGTH_RANGE  # the CLI's range, unless public
     return Limits(
-        max_prompt_chars=args.max_prompt_chars, max_work=args.max_work, max_jobs_per_client=args.max_jobs_per_client
+        max_prompt_chars=args.max_prompt_chars,
+        max_work=args.max_work,
+        max_jobs_per_client=args.max_jobs_per_client,
+        strength_min=low,
+        strength_max=high,
     )
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
 import sys
 import traceback
 from collections.abc import Callable
@@ -16,8 +18,17 @@ from pathlib import Path
 from typing import NoReturn
 
 from fluxdemo.errors import FluxdemoError, HubError, LoraError, OptionsError
-from fluxdemo.flags import add_model_flags, manager_from_args, quiet_libraries
-from fluxdemo.model.presets import DEFAULT_PRESET, PRESETS, get_preset
+from fluxdemo.flags import (
+    add_model_flags,
+    check_lora_name,
+    cli_hub_loras,
+    lora_folder,
+    lora_stacks,
+    manager_from_args,
+    quiet_libraries,
+)
+from fluxdemo.model.presets import CLI_FLAGS, DEFAULT_PRESET, ENV_OVERRIDES, PRESETS, get_preset
+from fluxdemo.pipeline.options import MAX_BATCH, STRENGTH_RANGE, GenerateOptions, check_lora_strength
 
 logger = logging.getLogger("fluxdemo")
 
@@ -39,7 +50,12 @@ BATCH_HELP = (
     "images denoised together, up to this many: one stack's seeds and prompts, or the base model beside "
     "single LoRAs; 1.3-2.6x faster on a CPU, within 1/255 of one at a time (default 1: exact)"
 )
-LORA_HELP = "a .safetensors file or a name in the LoRA folder, optionally NAME:STRENGTH; repeat it for a stack"
+NAME_HELP = (
+    "a .safetensors file, a name in the LoRA folder (with or without .safetensors), or a Hub LoRA: user/repo, "
+    "user/repo/file.safetensors, either with @revision, or its huggingface.co URL"
+)
+LORA_HELP = NAME_HELP + "; optionally NAME:STRENGTH; repeat it for a stack"
+STRENGTH_HELP = f"from {STRENGTH_RANGE[0]:g} to {STRENGTH_RANGE[1]:g}"
 
 
 def _add_image_flags(p: argparse.ArgumentParser, *, lora_required: bool, grid: bool = False) -> None:
@@ -52,7 +68,7 @@ def _add_image_flags(p: argparse.ArgumentParser, *, lora_required: bool, grid: b
             required=True,
             action="append",
             metavar="STACK",
-            help="one grid row: a LoRA name or file, NAME:STRENGTH, or a stack such as a:0.8+b:0.5; "
+            help="one grid row: a LoRA (" + NAME_HELP + "), NAME:STRENGTH, or a stack such as a:0.8+b:0.5; "
             "repeat it for more rows",
         )
         g.add_argument("--seeds", type=_numbers(int), default=[0], help="comma-separated seeds, one grid each")
@@ -68,7 +84,12 @@ def _add_image_flags(p: argparse.ArgumentParser, *, lora_required: bool, grid: b
         g.add_argument("--seed", type=int, default=0, help="same seed + same settings = the same pixels, on any run")
     if grid or lora_required:
         g.add_argument("--batch", type=int, default=1, help=BATCH_HELP)
-    g.add_argument("--strength", type=float, default=1.0, help="strength of a LoRA named without one (default 1)")
+    g.add_argument(
+        "--strength",
+        type=float,
+        default=1.0,
+        help=f"strength of a LoRA named without one, {STRENGTH_HELP} (default 1)",
+    )
     g.add_argument(
         "--steps",
         type=int,
@@ -123,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the folder to write into")
 
     p = verbs.add_parser("inspect-lora", help="what a LoRA file is, what it adapts, and whether it fits FLUX.1-dev")
-    p.add_argument("file", type=Path)
+    p.add_argument("name", metavar="LORA", help=NAME_HELP)
     p.add_argument("--model", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="judge it against this preset")
+    p.add_argument("--lora-dir", type=Path, default=None, help="LoRA folder (default: loras/, or the tiny kit's)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     p = verbs.add_parser("download", help="fetch and verify every file of a preset into the Hugging Face cache")
@@ -150,9 +172,7 @@ def _numbers(kind: type) -> Callable[[str], list]:
     return parse
 
 
-def _options(args):
-    from fluxdemo.pipeline.api import GenerateOptions
-
+def _options(args) -> GenerateOptions:
     prompt = args.prompt[0] if isinstance(args.prompt, list) else args.prompt
     return GenerateOptions(
         prompt,
@@ -174,8 +194,6 @@ def cmd_generate(args) -> int:
     from fluxdemo.pipeline.images import params_from_report, save_png
 
     manager, stacks = manager_from_args(args)
-    if args.out.exists() and not args.overwrite:
-        raise OptionsError(f"{args.out} exists; choose another --out or pass --overwrite.")
     result = generate(manager, _options(args), _stack(stacks))
     ((label, image),) = result.images.items()
     path = save_png(image, params_from_report(result.report, label), args.out, overwrite=args.overwrite)
@@ -188,11 +206,6 @@ def cmd_compare(args) -> int:
     from fluxdemo.pipeline.images import params_from_report, save_png, side_by_side
 
     manager, stacks = manager_from_args(args)
-    existing = [f for f in COMPARE_FILES if (args.out / f).exists()]
-    if existing and not args.overwrite:
-        raise OptionsError(
-            f"{args.out} already holds {', '.join(existing)}; choose another --out or pass --overwrite."
-        )
     stack = _stack(stacks)
     result = compare(manager, _options(args), stack, batch=args.batch)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -214,8 +227,6 @@ def cmd_grid(args) -> int:
     from fluxdemo.pipeline.images import params_from_report, save_png
 
     manager, stacks = manager_from_args(args)
-    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        raise OptionsError(f"{args.out} is not empty; choose another --out or pass --overwrite.")
     result = grid(manager, _options(args), args.prompt, args.seeds, stacks, args.strengths, batch=args.batch)
     args.out.mkdir(parents=True, exist_ok=True)
     report = result.report
@@ -253,16 +264,19 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def cmd_inspect_lora(args) -> int:
-    from fluxdemo.lora import format_report, inspect_lora
+    from fluxdemo.lora import LoraLibrary, format_report, inspect_lora
     from fluxdemo.model.files import resolve
     from fluxdemo.model.loading import model_dims
 
     preset = get_preset(args.model)
-    if not args.file.is_file():
-        raise OptionsError(f"There is no file {args.file}; give the path of a LoRA .safetensors file.")
     try:
         dims, clip_config = model_dims(resolve(preset.config_dir, component="config_dir", preset=preset.name))
-        report = inspect_lora(args.file, dims, clip_config=clip_config)
+        if Path(args.name).is_file():
+            report = inspect_lora(Path(args.name), dims, clip_config=clip_config)
+        else:  # a name in the LoRA folder or a Hub LoRA, as --lora takes it
+            folder = lora_folder(args, preset, build=True)
+            library = LoraLibrary(folder, dims, clip_config, **cli_hub_loras().library_args())
+            report = library.get(args.name).report
     except LoraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -300,9 +314,8 @@ def cmd_download(args) -> int:
 def cmd_tiny(args) -> int:
     from fluxdemo.model.tiny import build_kit
 
-    if args.out.exists() and not (args.out.is_dir() and not any(args.out.iterdir())):
-        raise OptionsError(f"{args.out} is not an empty folder; choose a new or empty --out for the kit.")
-    print(build_kit(args.out, kind=args.kind, seed=args.seed))
+    kit = build_kit(args.out, kind=args.kind, seed=args.seed)
+    print(kit_usage(kit, args.kind))
     return 0
 
 
@@ -320,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         quiet_libraries()
     try:
+        check_args(args)  # before torch is imported: a mistake is answered at once
         return VERBS[args.verb](args)
     except (FluxdemoError, OSError) as e:
         if args.verbose:
@@ -334,6 +348,70 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every check that needs no model and no network, before anything imports torch: --out, the numbers, the
+    strengths (each LoRA's, and times each grid column) and the LoRA names."""
+    if getattr(args, "out", None) is not None:
+        _check_out(args)
+    if hasattr(args, "steps"):
+        for seed in getattr(args, "seeds", None) or [args.seed]:
+            replace(_options(args), seed=seed).validate()
+        check_lora_strength(args.strength)
+        if not 1 <= getattr(args, "batch", 1) <= MAX_BATCH:
+            raise OptionsError(f"--batch must be from 1 to {MAX_BATCH}, but is {args.batch}.")
+        folder = lora_folder(args, get_preset(args.model, {c: getattr(args, c) for c in CLI_FLAGS}))
+        for stack in lora_stacks(args):
+            for choice in stack:
+                check_lora_name(choice.name, folder)
+                check_lora_strength(choice.strength)
+                for column in getattr(args, "strengths", None) or []:
+                    if not STRENGTH_RANGE[0] <= choice.strength * column <= STRENGTH_RANGE[1]:
+                        raise OptionsError(
+                            f"The grid column x{column:g} takes {choice.label()} to strength "
+                            f"{choice.strength * column:g}, outside {STRENGTH_HELP}; choose smaller strengths."
+                        )
+    elif args.verb == "inspect-lora" and not Path(args.name).is_file():
+        check_lora_name(args.name, lora_folder(args, get_preset(args.model)))
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """--out: a file for generate, a folder for the rest; not in the way of what is there, and writable."""
+    out, folder = args.out, args.verb != "generate"
+    if out.exists() and out.is_dir() != folder:
+        kind, wanted = ("a file", "the folder to write into") if folder else ("a folder", "the PNG file to write")
+        raise OptionsError(f"{out} is {kind}; --out names {wanted}.")
+    if args.verb == "tiny" and out.exists() and any(out.iterdir()):
+        raise OptionsError(f"{out} is not an empty folder; choose a new or empty --out for the kit.")
+    if not getattr(args, "overwrite", True):
+        if out.is_file():
+            raise OptionsError(f"{out} exists; choose another --out or pass --overwrite.")
+        existing = [f for f in COMPARE_FILES if (out / f).exists()] if args.verb == "compare" else []
+        if existing:
+            raise OptionsError(f"{out} already holds {', '.join(existing)}; choose another --out or pass --overwrite.")
+        if args.verb == "grid" and out.is_dir() and any(out.iterdir()):
+            raise OptionsError(f"{out} is not empty; choose another --out or pass --overwrite.")
+    start = out.absolute() if folder else out.absolute().parent  # a PNG replaces its file by a rename in its folder
+    nearest = next(p for p in (start, *start.parents) if p.exists())  # what will hold the new files
+    if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+        why = "is a file" if not nearest.is_dir() else "is not writable"
+        raise OptionsError(f"{out} cannot be written: {nearest} {why}; choose another --out.")
+
+
+def kit_usage(kit: Path, kind: str) -> str:
+    """What `tiny --out` prints: the kit's folder, then the commands that use it (each of its files named by its
+    FLUXDEMO_* variable, so nothing is taken from the kit cache)."""
+    kit = kit.absolute()
+    sources = PRESETS[kind].sources()
+    files = " ".join(f"{env}={shlex.quote(str(kit / sources[c].path))}" for env, c in ENV_OVERRIDES.items())
+    lora = f"--lora-dir {shlex.quote(str(kit / 'loras'))}"
+    return (
+        f"{kit}\nThe {kind} kit is ready. Point the model's files at it, then use it as --model {kind}:\n"
+        f"  export {files}\n"
+        f"  python -m fluxdemo compare --model {kind} {lora} --lora peft --prompt 'a red fox' --out compare/\n"
+        f"  python app.py --model {kind} {lora}"
+    )
 
 
 def _fill_image_defaults(args: argparse.Namespace) -> None:

@@ -180,7 +180,10 @@ def user_error(done: Done | subprocess.CompletedProcess) -> str:
 def test_inspect_lora_on_a_missing_file(tmp_path, cli):
     missing = tmp_path / "nope.safetensors"
     done = cli("inspect-lora", str(missing))
-    assert user_error(done) == f"error: There is no file {missing}; give the path of a LoRA .safetensors file."
+    assert user_error(done) == (
+        f"error: There is no LoRA file {missing} (nor one of that name in the LoRA folder {Path('loras').absolute()}"
+        "); check the path, or name a Hub LoRA as user/repo or user/repo/file.safetensors."
+    )
 
 
 def test_tiny_into_a_non_empty_folder(tmp_path, cli):
@@ -193,7 +196,7 @@ def test_tiny_into_a_non_empty_folder(tmp_path, cli):
 def test_unknown_lora_name(tmp_path, cli, tiny_kit):
     done = cli("compare", *ARGS, "--lora", "nosuch", "--out", str(tmp_path / "out"))
     assert user_error(done) == (
-        "error: No LoRA named 'nosuch.safetensors' in the LoRA folder 'loras'; available: comfy.safetensors, "
+        f"error: No LoRA named 'nosuch' in the LoRA folder {tiny_kit / 'loras'}; available: comfy.safetensors, "
         "kohya.safetensors, peft.safetensors, xlabs.safetensors."
     )
     assert not (tmp_path / "out").exists()

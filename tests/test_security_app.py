@@ -33,7 +33,7 @@ from gradio_client.exceptions import AppError, ValidationError
 from gradio_client.utils import QueueError
 from helpers import HANG_S, MAX_UPLOAD, MIX, ROOT, alone, api_args, launched, open_client, options, same, served
 
-from fluxdemo.pipeline import Model
+from fluxdemo.pipeline import STRENGTH_RANGE, Model
 from fluxdemo.pipeline.limits import Limits
 
 CONCURRENT = 28
@@ -587,7 +587,10 @@ def test_operator_flags_and_variables_set_the_limits(monkeypatch) -> None:
     args = app.build_parser({"FLUXDEMO_MAX_WORK": "2000", "FLUXDEMO_MAX_PROMPT_CHARS": "500"}).parse_args(
         ["--max-jobs-per-client", "4"]
     )
-    assert app.check_flags(args) == Limits(max_prompt_chars=500, max_work=2000.0, max_jobs_per_client=4)
+    low, high = STRENGTH_RANGE  # on this machine the studio takes the CLI's range (a public link: test_cli_names)
+    assert app.check_flags(args) == Limits(
+        max_prompt_chars=500, max_work=2000.0, max_jobs_per_client=4, strength_min=low, strength_max=high
+    )
 
 
 def test_one_client_may_not_fill_a_cheap_queue_group(url, tiny_kit, lora_dir) -> None:

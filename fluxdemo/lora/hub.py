@@ -26,6 +26,8 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 
 from fluxdemo.errors import CancelledError, HubError
 from fluxdemo.files import new_file_mode
+from fluxdemo.lora.names import HubLoraRef
+from fluxdemo.lora.names import parse_hub_lora as parse_hub_lora  # its home before lora/names.py
 from fluxdemo.model.files import disk_size, hub_failure, human_size, offline_mode, safetensors_problem
 from fluxdemo.untrusted import MAX_CARD_BYTES, MAX_FIELD_CHARS, capped, model_card, names_list, read_capped
 
@@ -33,11 +35,6 @@ logger = logging.getLogger(__name__)
 
 # --- LoRAs from the Hub ---------------------------------------------------------------------------------------------
 
-HUB_URL = re.compile(
-    r"https?://(?:www\.)?(?:huggingface\.co|hf\.co)/(?P<repo>[\w.-]+/[\w.-]+)"
-    r"(?:/(?:blob|resolve|tree)/(?P<rev>[^/?#]+))?(?:/(?P<file>[^?#]+?))?/?(?:[?#].*)?"
-)
-HUB_NAME = re.compile(r"(?P<repo>[\w][\w.-]*/[\w][\w.-]*)(?P<file>(?:/[\w.\- ]+)*)(?:@(?P<rev>[\w.\-/]+))?")
 MAX_LORA_CANDIDATES = 8  # safetensors files whose headers are read to find the LoRA among them
 MAX_LISTED_FILES = 1000  # a repo listing is read this far at most: LoRA repos hold a handful of files
 HUB_LORA_QUOTA_BYTES = 4 * 2**30  # the Hub-LoRA cache's total; the least recently used files are deleted first
@@ -51,20 +48,6 @@ _RESERVED: dict[Path, int] = {}  # cache root -> bytes that downloads in progres
 
 
 @dataclass(frozen=True)
-class HubLoraRef:
-    """Where a LoRA lives on the Hub: a repo, optionally one file in it and a revision (branch, tag or commit)."""
-
-    repo_id: str
-    filename: str | None = None
-    revision: str | None = None
-
-    def __str__(self) -> str:
-        return "".join(
-            (self.repo_id, f"/{self.filename}" * bool(self.filename), f"@{self.revision}" * bool(self.revision))
-        )
-
-
-@dataclass(frozen=True)
 class HubLora:
     """A LoRA file downloaded into this app's Hub-LoRA cache, with what the repo's model card says about it."""
 
@@ -72,21 +55,6 @@ class HubLora:
     path: Path
     trigger_words: list[str]
     example_prompts: list[str]
-
-
-def parse_hub_lora(name: str) -> HubLoraRef | None:
-    """A Hub reference in `name` (user/repo, user/repo/file.safetensors, user/repo@rev, or a huggingface.co URL),
-    or None when `name` is not one. A two-part name ending in .safetensors is a local path, never a repo."""
-    m = HUB_URL.fullmatch(name.strip())
-    if m:
-        return HubLoraRef(m["repo"], m["file"] or None, m["rev"])
-    m = HUB_NAME.fullmatch(name.strip())
-    if m is None or m["repo"].lower().endswith(".safetensors") or m["repo"].startswith(".") or ".." in name:
-        return None
-    filename = m["file"].lstrip("/") or None
-    if filename and not filename.lower().endswith(".safetensors"):
-        return None
-    return HubLoraRef(m["repo"], filename, m["rev"])
 
 
 def hub_lora_cache_dir() -> Path:

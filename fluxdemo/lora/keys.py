@@ -65,7 +65,10 @@ NOT_LINEAR_DELTA = (
 APPLIED_KINDS = frozenset({"lora", "lokr", "loha", "full", "bias"})
 
 # SD1.x/SD2/SDXL UNet blocks (diffusers and original LDM spellings) and SD3's MMDiT: another model entirely.
-SD_UNET = re.compile(r"(?:^|[._])(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)[._]\d")
+# SD1.x/SDXL UNet blocks: numbered down/up blocks, and the one middle block (kohya: mid_block_attentions_0_...)
+SD_UNET = re.compile(
+    r"(?:^|[._])(?:(?:down_blocks|up_blocks|input_blocks|output_blocks)[._]\d|mid_block[._]|middle_block[._]\d)"
+)
 _SD3 = re.compile(r"(?:^|[._])joint_blocks[._]\d")
 
 

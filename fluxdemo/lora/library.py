@@ -14,8 +14,9 @@ from pathlib import Path, PurePosixPath
 
 from fluxdemo.errors import CancelledError, HubError, LoraError
 from fluxdemo.lora.convert import inspect_lora
-from fluxdemo.lora.hub import HUB_LORA_QUOTA_BYTES, HubLoraRef, download_lora, mark_used, parse_hub_lora
+from fluxdemo.lora.hub import HUB_LORA_QUOTA_BYTES, download_lora, mark_used
 from fluxdemo.lora.keys import split_role
+from fluxdemo.lora.names import LORA_SUFFIX, HubLoraRef, parse_hub_lora
 from fluxdemo.lora.report import REPORT_MAX_ITEMS, LoraReport, bounded, flux_dev_dims
 from fluxdemo.lora.upload import MAX_UPLOAD_BYTES
 from fluxdemo.lru import LRU
@@ -164,34 +165,39 @@ class LoraLibrary:
                 return self._from_hub(name, ref)
             names = names_list([e.name for e in self.entries if e.usable])
             raise LoraError(
-                f"No LoRA named {capped(name, MAX_FIELD_CHARS)!r} in the LoRA folder "
-                f"{self.folder.name!r}; available: {names}."
+                f"No LoRA named {capped(name, MAX_FIELD_CHARS)!r} in the LoRA folder {self.folder}; "
+                f"available: {names}."
             )
         if not entry.path.resolve().is_relative_to(self.folder.resolve()):
-            raise LoraError(f"{name!r} is a link leading outside the LoRA folder {self.folder.name!r}; not opened.")
+            raise LoraError(f"{name!r} is a link leading outside the LoRA folder {self.folder}; not opened.")
         if entry.refused:
             raise LoraError(f"{name}: {entry.refused}")
         return entry
 
     def _local(self, name: str) -> LoraEntry | None:
-        """The folder's entry for a name, rescanning when it is new or changed; LoraError for an unsafe name."""
+        """The folder's entry for a name, with or without its .safetensors (as the CLI and the studio's rows write
+        it), rescanning when it is new or changed; LoraError for an unsafe name."""
         pure = PurePosixPath(name)
         if not name or "\\" in name or "\x00" in name or pure.is_absolute() or ".." in pure.parts:
             raise LoraError(
                 f"{capped(name, MAX_FIELD_CHARS)!r} is not a LoRA name: give a path inside the LoRA "
-                f"folder {self.folder.name!r}."
+                f"folder {self.folder}."
             )
-        key = pure.as_posix()
-        if key not in self._index or _changed(self._index[key]):  # new, edited or deleted since the last scan
-            self.refresh()
-        return self._index.get(key)
+        keys = [pure.as_posix()]
+        if not name.lower().endswith(LORA_SUFFIX):
+            keys.append(keys[0] + LORA_SUFFIX)
+        if all(k not in self._index for k in keys) or any(_changed(self._index[k]) for k in keys if k in self._index):
+            self.refresh()  # new, edited or deleted since the last scan
+        return next((self._index[k] for k in keys if k in self._index), None)
 
     def is_hub_name(self, name: str, scan: bool = True) -> bool:
         """Whether get(name) goes to the Hub: a Hub reference that names no file in the LoRA folder. No network,
         so a caller can fetch Hub LoRAs (prefetch) before it queues the GPU work that uses them; with scan=False
         not even the disk (the folder as last scanned), for callers in the server's event loop."""
         if not scan:
-            return PurePosixPath(name).as_posix() not in self._index and parse_hub_lora(name) is not None
+            key = PurePosixPath(name).as_posix()
+            local = key in self._index or key + LORA_SUFFIX in self._index
+            return not local and parse_hub_lora(name) is not None
         try:
             return self._local(name) is None and parse_hub_lora(name) is not None
         except LoraError:

@@ -29,6 +29,7 @@ SD_CONTEXT = {2048: "SDXL", 1024: "SD2.x", 768: "SD1.5"}  # cross-attention to_k
 DENSE_MAX_BYTES = 2**30
 FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2"})  # upcast to float32 when read: every value is exact in float32
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"}) | FP8_DTYPES
+MAX_META_CHARS = 200  # of a metadata value read for a family name: what a name needs, whatever the file holds
 _NO_ADAPTER = "keys that form no adapter (an alpha without weights, or LoRA and LyCORIS keys on one module)"
 
 
@@ -279,6 +280,53 @@ _META_FAMILIES: tuple[tuple[Callable[[str], bool], str, str], ...] = (
 )
 
 
+# Other model families, each told by module names FLUX.1-dev has none of (in diffusers', musubi-tuner's kohya-style
+# and ai-toolkit's spellings: Qwen-Image's transformer_blocks.N.img_mlp/txt_mod, Wan's blocks.N.self_attn/cross_attn/
+# ffn, HunyuanVideo's img_mlp.fc1, img_mod.linear and dotted img_attn_qkv) or by musubi-tuner's metadata
+# (modelspec.architecture "Qwen-Image/lora", "wan2.1/lora", "hunyuan-video/lora", "framepack/lora"; ss_network_module
+# networks.lora_qwen_image, networks.lora_wan, networks.lora_framepack). ai-toolkit writes no family in its metadata.
+_OTHER_FAMILIES: tuple[tuple[str, str, re.Pattern, tuple[str, ...]], ...] = (
+    (
+        "qwen-image",
+        "Qwen-Image",
+        re.compile(r"transformer_blocks[._]\d+[._](?:img|txt)_(?:mlp|mod)(?:[._]|$)"),
+        ("qwen-image", "qwen_image"),
+    ),
+    (
+        "wan",
+        "Wan",
+        re.compile(r"(?:^|\.|lora_unet_)blocks[._]\d+[._](?:self_attn|cross_attn|ffn)(?:[._]|$)"),
+        ("wan",),
+    ),
+    (
+        "hunyuan-video",
+        "HunyuanVideo",
+        re.compile(
+            r"(?:img|txt)_(?:mlp[._]fc[12]|mod[._]linear)|(?:^|[._])modulation[._]linear|individual_token_refiner"
+            r"|double_blocks\.\d+\.(?:img|txt)_attn_(?:qkv|proj)"
+        ),
+        ("hunyuan", "framepack"),
+    ),
+)
+_META_WORD = re.compile(r"[a-z0-9_-]+")
+
+
+def _other_family(adapters: list[Adapter], meta: Mapping[str, str]) -> tuple[str, str, str] | None:
+    """(format, family, evidence) when a key or musubi-tuner's metadata names a family of _OTHER_FAMILIES."""
+    for fmt, name, keys, _ in _OTHER_FAMILIES:
+        key = next((a.module for a in adapters if keys.search(a.module)), None)
+        if key:
+            return fmt, name, f"its key {key} is {name}'s"
+    arch = meta.get("modelspec.architecture", "")[:MAX_META_CHARS].lower()
+    module = meta.get("ss_network_module", "")[:MAX_META_CHARS].lower().rpartition(".lora_")[2]
+    words = {*_META_WORD.findall(arch.partition("/")[0]), module}
+    for fmt, name, _, tells in _OTHER_FAMILIES:
+        if any(word.startswith(tells) for word in words if word):
+            said = arch or meta.get("ss_network_module", "")[:MAX_META_CHARS]
+            return fmt, name, f"its metadata names {said.strip()[:80]!r}"
+    return None
+
+
 def _in_out(a: Adapter, shapes: Mapping[str, tuple]) -> tuple[int, int] | None:
     try:
         return delta_shape(a, shapes)[0]
@@ -287,7 +335,11 @@ def _in_out(a: Adapter, shapes: Mapping[str, tuple]) -> tuple[int, int] | None:
 
 
 def _family(adapters: list[Adapter], shapes: Mapping[str, tuple], meta: Mapping[str, str]) -> tuple | None:
-    """(format, family, evidence) when the keys, shapes or metadata say the file is for a FLUX.1 look-alike."""
+    """(format, family, evidence) when the keys, shapes or metadata say the file is for a FLUX.1 look-alike or for
+    another family whose LoRAs share some of FLUX.1's module names."""
+    other = _other_family(adapters, meta)
+    if other:
+        return other
     flux2 = next((a.module for a in adapters if _FLUX2_KEYS.search(a.module)), None)
     evidence = f"its key {flux2} is FLUX.2's" if flux2 else ""
     for a in adapters if not flux2 else ():

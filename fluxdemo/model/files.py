@@ -27,6 +27,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import get_session
 
 from fluxdemo.errors import HubError, ModelFileError
 from fluxdemo.model.presets import CLI_FLAGS, COMPONENTS, Preset, Source
@@ -206,6 +207,7 @@ def _from_hub(
     except LocalEntryNotFoundError:
         if offline:
             raise
+    _reach(endpoint)
     path = get(local_files_only=False)
     if source.folder and not path.is_dir():
         # snapshot_download only warns when the patterns match nothing, and returns the snapshot root
@@ -215,6 +217,12 @@ def _from_hub(
             f"point {_override(component)} at a local copy."
         )
     return path, "download"
+
+
+def _reach(endpoint: str | None) -> None:
+    """One plain request before huggingface_hub's own, which retry an unreachable Hub with back-off (five tries a
+    file: 44 s and 27 log lines for a preset): a refused or timed-out request raises httpx2.TransportError at once."""
+    get_session().head(endpoint or constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
 
 
 def offline_mode() -> bool:

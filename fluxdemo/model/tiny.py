@@ -32,6 +32,10 @@ from typing import TYPE_CHECKING
 import gguf
 import torch
 
+from fluxdemo.model.kits import KINDS as KINDS
+from fluxdemo.model.kits import KIT_VERSION as KIT_VERSION
+from fluxdemo.model.kits import kit_cache_dir as kit_cache_dir
+from fluxdemo.model.kits import kit_folder
 from fluxdemo.model.names import SWAPPED_HALVES, FluxDims, fused_map, linear_map, norm_map
 from fluxdemo.model.tiny_loras import write_sample_loras
 
@@ -41,8 +45,6 @@ if TYPE_CHECKING:  # diffusers + transformers cost 3 s to import; reusing a buil
 
 logger = logging.getLogger(__name__)
 
-KIT_VERSION = 1  # bump whenever what build_kit writes changes: it names the cache folder, so old kits are rebuilt
-KINDS = ("tiny", "tiny-wide")
 
 _SCHEDULER_DIR = Path(__file__).parents[1] / "configs" / "flux1-dev" / "scheduler"
 
@@ -223,12 +225,6 @@ _CLIP_MAX_LENGTH, _T5_MAX_LENGTH = 77, 512
 # Each component draws from its own seed, so adding or resizing one never changes the others' weights, and both
 # kinds share identical text encoders and VAE.
 _SEED_OFFSETS = {"transformer": 0, "text_encoder": 1, "text_encoder_2": 2, "vae": 3}
-
-
-def kit_cache_dir() -> Path:
-    """Where ensure_kit keeps built kits: $FLUXDEMO_CACHE/kits, else ~/.cache/fluxdemo/kits."""
-    root = os.environ.get("FLUXDEMO_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "fluxdemo") / "kits"
 
 
 def _check_kind(kind: str) -> None:
@@ -537,8 +533,8 @@ def _is_complete(kit: Path, kind: str) -> bool:
 def ensure_kit(kind: str = "tiny", cache_dir: Path | None = None) -> Path:
     """The kit of `kind` in the cache (kit_cache_dir() unless given), built on first use; safe across processes."""
     _check_kind(kind)
-    root = Path(cache_dir) if cache_dir is not None else kit_cache_dir()
-    kit = root / f"{kind}-v{KIT_VERSION}"
+    kit = kit_folder(kind, cache_dir)
+    root = kit.parent
     if _is_complete(kit, kind):
         logger.debug("tiny kit %r: reusing %s", kind, kit)  # asked once per file resolved: -v only
         return kit

@@ -29,7 +29,7 @@ from fluxdemo.pipeline.options import (
     MAX_STACK,
     GenerateOptions,
     Stack,
-    _strength,
+    check_lora_strength,
     stack_label,
 )
 from fluxdemo.pipeline.report import ImageReport, LoraSummary, LoraUse, ModelInfo, RunReport
@@ -161,7 +161,7 @@ def _resolve(manager: Model, stack: Stack) -> _Resolved:
     library = manager.adapters.library
     named, problems = [], []
     for choice in stack:
-        strength = _strength(choice.strength)
+        strength = check_lora_strength(choice.strength)
         if not isinstance(choice.name, str) or not choice.name.strip():
             raise OptionsError("A LoRA of the stack has no name: pick one from the list or remove the row.")
         try:

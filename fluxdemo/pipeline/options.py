@@ -14,10 +14,11 @@ GUIDANCE_MAX = 10.0  # the controls' guidance: FLUX.1-dev's distilled guidance i
 MAX_SEED = 2**32 - 1
 MAX_T5_TOKENS = 512
 
-# One strength range for each audience: past the library's a LoRA's delta swamps the model; a public app's
-# default keeps to the range LoRAs are made for (Limits' default, the studio's sliders).
-STRENGTH_RANGE = (-4.0, 4.0)  # the library and the CLI
-PUBLIC_STRENGTH_RANGE = (0.0, 2.0)  # the public app's default (Limits)
+# The strength range, here only: the library, the CLI and a studio on this machine take STRENGTH_RANGE (past it a
+# LoRA's delta swamps the model); a studio on a public link keeps to PUBLIC_STRENGTH_RANGE inside it, the range LoRAs
+# are made for (Limits' default; app.py picks one, the sliders show it and say why).
+STRENGTH_RANGE = (-4.0, 4.0)
+PUBLIC_STRENGTH_RANGE = (0.0, 2.0)
 STRENGTH_MIN, STRENGTH_MAX = STRENGTH_RANGE
 MAX_STACK = 4  # LoRAs active at once in one image
 MAX_LORAS_PER_RUN = 8  # distinct LoRAs one experiment may load (each stays attached for the whole run)
@@ -100,7 +101,7 @@ def as_stack(value, default_strength: float = 1.0) -> Stack:
     if isinstance(value, str):
         return parse_stack(value, default_strength)
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and not isinstance(value[1], str):
-        return (LoraChoice(value[0], _strength(value[1])),)
+        return (LoraChoice(value[0], check_lora_strength(value[1])),)
     if isinstance(value, (list, tuple)):
         return tuple(choice for item in value for choice in as_stack(item, default_strength))
     raise OptionsError(f"A LoRA is a name or a (name, strength) pair, not {type(value).__name__}.")
@@ -111,8 +112,8 @@ def stack_label(stack: Stack) -> str:
     return " + ".join(choice.label() for choice in stack) or "base"
 
 
-def _strength(value) -> float:
-    """The one check of the library's strength range (a public app narrows it with Limits)."""
+def check_lora_strength(value) -> float:
+    """The one check of STRENGTH_RANGE (a public app narrows it with Limits)."""
     try:
         strength = float(value)
     except (TypeError, ValueError):

@@ -9,12 +9,20 @@ from dataclasses import dataclass
 from fluxdemo.errors import OptionsError
 from fluxdemo.lora import LoraLibrary
 from fluxdemo.model.presets import Preset
-from fluxdemo.pipeline import MAX_LORAS_PER_RUN, MAX_STACK, ImageParams, LoraChoice, Stack, as_stack
+from fluxdemo.pipeline import (
+    MAX_LORAS_PER_RUN,
+    MAX_STACK,
+    PUBLIC_STRENGTH_RANGE,
+    STRENGTH_RANGE,
+    ImageParams,
+    LoraChoice,
+    Stack,
+    as_stack,
+)
 from fluxdemo.pipeline.api import MAX_GRID_CELLS, MAX_SEED, GenerateOptions
 from fluxdemo.pipeline.limits import DEFAULT_LIMITS, Limits, check_prompt, check_request
 from fluxdemo.pipeline.model import Model
 
-STRENGTH_RANGE = (DEFAULT_LIMITS.strength_min, DEFAULT_LIMITS.strength_max)  # the pipeline's range, not a second one
 DEFAULT_SWEEP = "0, 0.25, 0.5, 0.75, 1, 1.25"
 MAX_SWEEP_IMAGES = 8  # each image is one more denoising loop on the one shared GPU
 DEFAULT_GRID_STRENGTHS = "0, 0.5, 1"
@@ -72,8 +80,8 @@ def to_options(
     )
 
 
-def parse_strengths(text: str | None) -> list[float]:
-    """A sweep's strengths from text such as "0, 0.5, 1": in the order given, each once."""
+def parse_strengths(text: str | None, limits: Limits = DEFAULT_LIMITS) -> list[float]:
+    """A sweep's strengths from text such as "0, 0.5, 1": in the order given, each once, within the limits' range."""
     try:
         strengths = [float(part) for part in (text or "").replace(";", ",").split(",") if part.strip()]
     except ValueError:
@@ -81,11 +89,19 @@ def parse_strengths(text: str | None) -> list[float]:
     strengths = list(dict.fromkeys(strengths))  # the pipeline labels images by strength, so a repeat would collide
     if not 1 <= len(strengths) <= MAX_SWEEP_IMAGES:
         raise OptionsError(f"A sweep takes 1 to {MAX_SWEEP_IMAGES} strengths, but got {len(strengths)}.")
-    low, high = STRENGTH_RANGE
+    low, high = limits.strength_min, limits.strength_max
     bad = [s for s in strengths if not low <= s <= high]
     if bad:
         raise OptionsError(f"Strengths must be between {low:g} and {high:g}, but {bad[0]:g} is not.")
     return strengths
+
+
+def strength_range(limits: Limits) -> tuple[float, float, str | None]:
+    """The sliders' range: the one the app enforces (app.py: STRENGTH_RANGE, or PUBLIC_STRENGTH_RANGE on a public
+    link), and a line that says why when it is the narrower public one."""
+    low, high = limits.strength_min, limits.strength_max
+    narrower = (low, high) != STRENGTH_RANGE and (low, high) == PUBLIC_STRENGTH_RANGE
+    return low, high, f"{low:g} to {high:g} on a public link, the range LoRAs are made for" if narrower else None
 
 
 def parse_seeds(text: str | None) -> list[int]:
@@ -147,7 +163,7 @@ def read_request(kind: str, values: Sequence, limits: Limits = DEFAULT_LIMITS) -
             )
         seed_list = tuple(parse_seeds(seeds))
         options = to_options(prompt_list[0], seed_list[0], steps, guidance, width, height)
-        ask = Ask(kind, options, stacks, tuple(parse_strengths(strengths)), prompt_list, seed_list)
+        ask = Ask(kind, options, stacks, tuple(parse_strengths(strengths, limits)), prompt_list, seed_list)
         for text in prompt_list[1:]:
             check_prompt(text, limits)
     else:
@@ -156,7 +172,7 @@ def read_request(kind: str, values: Sequence, limits: Limits = DEFAULT_LIMITS) -
         if kind != "generate" and not stack:
             goal = "sweep its strength" if kind == "sweep" else "compare with the base model"
             raise OptionsError(f"Pick a LoRA to {goal}, or upload one.")
-        columns = tuple(parse_strengths(strength)) if kind == "sweep" else ()
+        columns = tuple(parse_strengths(strength, limits)) if kind == "sweep" else ()
         ask = Ask(kind, options, (stack,), columns)
     _check_counts(ask)
     strengths = [choice.strength for stack in ask.stacks for choice in stack]

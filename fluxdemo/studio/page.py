@@ -27,13 +27,13 @@ from fluxdemo.studio.forms import (
     MAX_GRID_SEEDS,
     MAX_SWEEP_IMAGES,
     SIZE_PRESETS,
-    STRENGTH_RANGE,
     controls_params,
     default_options,
     preset_of,
     random_seed,
     read_request,
     size_of,
+    strength_range,
 )
 from fluxdemo.studio.handlers import DEFAULT_MAX_UPLOAD_BYTES, Studio
 from fluxdemo.studio.history import stale_note
@@ -161,11 +161,11 @@ def _controls_column(p: SimpleNamespace, d: GenerateOptions, public: bool) -> No
 def _lora_rows(p: SimpleNamespace) -> None:
     """The LoRA stack: the first row, the further rows (shown one by one), the folder's and the Hub's buttons."""
     choices = p.files.lora_choices()
-    low, high = STRENGTH_RANGE
+    low, high, why = strength_range(p.limits)
     # allow_custom_value: API callers may name a LoRA added since; the library checks every name
     with gr.Row(equal_height=True):
         p.lora = gr.Dropdown(label="LoRA", allow_custom_value=True, scale=3, **choices)
-        p.strength = gr.Slider(low, high, value=1.0, step=0.05, label="LoRA strength", scale=2)
+        p.strength = gr.Slider(low, high, value=1.0, step=0.05, label="LoRA strength", info=why, scale=2)
     p.rows, p.extra, p.removers = [], [], []
     for n in EXTRA_ROWS:
         with gr.Row(visible=False, equal_height=True) as row:
@@ -206,7 +206,7 @@ def _numbers(p: SimpleNamespace, d: GenerateOptions) -> None:
 
 
 def _axes(p: SimpleNamespace) -> None:
-    low, high = STRENGTH_RANGE
+    low, high, _ = strength_range(p.limits)
     with gr.Accordion("Sweep and grid axes", open=False):
         p.strengths = gr.Textbox(
             DEFAULT_SWEEP, label="Sweep strengths", info=f"up to {MAX_SWEEP_IMAGES}, between {low:g} and {high:g}"

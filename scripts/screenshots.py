@@ -8,6 +8,7 @@ tests start the app with `serve` from here.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -94,8 +95,8 @@ def run_compare(page, prompt: str = PROMPT, wait_ms: int = 300_000, previous: li
 
 
 def small_png(path: Path) -> None:
-    """A screenshot as a 256-colour PNG: a fifth of the size, and no visible loss on a UI."""
-    Image.open(path).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    """A screenshot as a 128-colour PNG: a fifth of the size, and no visible loss on a UI."""
+    Image.open(path).convert("RGB").quantize(128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
 def ab_compare(page, first: list[str]) -> None:
@@ -108,7 +109,7 @@ def ab_compare(page, first: list[str]) -> None:
     page.get_by_text("Where #2 and #4 differ (brighter: more)").wait_for()
 
 
-def save(shoot, path: Path) -> None:
+def save(shoot: Callable, path: Path) -> None:
     shoot(path=path)
     small_png(path)
     print(f"{path}: {path.stat().st_size / 1e3:.0f} KB")
@@ -119,7 +120,8 @@ def main() -> int:
 
     docs = ROOT / "docs"
     log = Path(tempfile.mkdtemp(prefix="fluxdemo-screenshots-")) / "app.log"
-    with serve(log) as url, sync_playwright() as p:
+    # online as a user runs it (the tiny model downloads nothing): no offline notice in the pictures
+    with serve(log, env={"HF_HUB_OFFLINE": "0"}) as url, sync_playwright() as p:
         browser = launch(p)
         for name, (width, height) in SIZES.items():
             page = browser.new_page(viewport={"width": width, "height": height})
@@ -129,7 +131,10 @@ def main() -> int:
             save(page.screenshot, docs / name)
             if name == "screenshot.png":  # and the A/B view on the laptop: the results column only
                 ab_compare(page, first)
-                save(page.locator("#results").screenshot, docs / "ab-compare.png")
+                top, bottom = page.locator("#results").bounding_box(), page.locator("#difference").bounding_box()
+                scrolled = page.evaluate("window.scrollY")  # boxes are the viewport's; a full-page clip, the page's
+                area = {**top, "y": top["y"] + scrolled, "height": bottom["y"] + bottom["height"] - top["y"]}
+                save(functools.partial(page.screenshot, clip=area, full_page=True), docs / "ab-compare.png")
             page.close()
         browser.close()
     shutil.rmtree(log.parent)

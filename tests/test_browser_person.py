@@ -21,6 +21,7 @@ _spec.loader.exec_module(screenshots)
 
 WAIT_MS = 300_000  # a generous wait for a run on a busy machine; nothing here is a timing
 pytestmark = pytest.mark.timeout(1800)  # several runs a test, each on a loaded machine
+PLAYWRIGHT_DEFAULT_MS = 5_000
 PHONE = {"width": 390, "height": 844}
 LAPTOP = {"width": 1280, "height": 800}
 
@@ -37,16 +38,19 @@ def url(tiny_kit, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(url):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=WAIT_MS)  # every wait generous: a busy machine answers late, never wrongly
     with sync_playwright() as p:
         chromium = screenshots.launch(p)
         yield chromium
         chromium.close()
+    expect.set_options(timeout=PLAYWRIGHT_DEFAULT_MS)
 
 
 def open_page(browser, url: str, viewport: dict):
     page = browser.new_page(viewport=viewport)
+    page.set_default_timeout(WAIT_MS)  # clicks and fills wait as long as the expectations
     page.goto(url)
     return page
 

@@ -248,7 +248,7 @@ def _tabs(p: SimpleNamespace) -> None:
                 type="filepath",
                 format="png",
                 buttons=["download", "fullscreen"],
-                max_height=768,
+                max_height=560,  # the caption and the A/B pickers stay in view on a laptop
             )
             p.caption = gr.Markdown("", elem_id="slider-caption")  # below the slider: never under its buttons
             with gr.Row(equal_height=True):
@@ -256,7 +256,7 @@ def _tabs(p: SimpleNamespace) -> None:
                 p.pick_b = gr.Dropdown(label="Right (B)", choices=[], scale=3)
                 p.swap_button = gr.Button("Swap A/B", size="sm", scale=1)
                 p.show_diff = gr.Checkbox(label="Show where they differ", scale=1)
-            p.diff_image = gr.Image(visible=False, type="pil", format="png", interactive=False)
+            p.diff_image = gr.Image(visible=False, type="pil", format="png", interactive=False, elem_id="difference")
         with gr.Tab("Sweep", id="sweep"):
             p.gallery = gr.Gallery(label="Same seed, rising strength", format="png", columns=3, object_fit="contain")
         with gr.Tab("Grid", id="grid"):

@@ -263,7 +263,7 @@ def test_the_hub_box_in_a_real_browser(page, fake_hub):
 
     lora = page.get_by_label("LoRA", exact=True)
     before = lora.input_value()
-    box = page.get_by_placeholder("user/repo, user/repo/file.safetensors@revision, or its URL")
+    box = page.get_by_label("A LoRA from the Hugging Face Hub")
     box.fill("bob/a-model")
     box.press("Enter")
     expect(page.get_by_text("bob/a-model has no LoRA: none of its .safetensors files").first).to_be_visible(

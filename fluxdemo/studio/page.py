@@ -164,8 +164,9 @@ def _lora_rows(p: SimpleNamespace) -> None:
     low, high = STRENGTH_RANGE
     # allow_custom_value: API callers may name a LoRA added since; the library checks every name
     with gr.Row(equal_height=True):
-        p.lora = gr.Dropdown(label="LoRA", allow_custom_value=True, scale=3, **choices)
-        p.strength = gr.Slider(low, high, value=1.0, step=0.05, label="LoRA strength", scale=2)
+        # min widths: on a phone the two take a line each, and a LoRA's name is not cut
+        p.lora = gr.Dropdown(label="LoRA", allow_custom_value=True, scale=3, min_width=220, **choices)
+        p.strength = gr.Slider(low, high, value=1.0, step=0.05, label="LoRA strength", scale=2, min_width=160)
     p.rows, p.extra, p.removers = [], [], []
     for n in EXTRA_ROWS:
         with gr.Row(visible=False, equal_height=True) as row:
@@ -180,9 +181,12 @@ def _lora_rows(p: SimpleNamespace) -> None:
         p.add_lora = gr.Button("+ Stack another LoRA", size="sm")
         p.refresh = gr.Button("Refresh the LoRA folder", size="sm")
         p.upload = gr.UploadButton("Upload a .safetensors LoRA", file_types=[".safetensors"], size="sm")
-    # the box on a line of its own: its placeholder is never cut
+    # the box on a line of its own, the forms it takes in its (wrapping) info: nothing is cut on a phone
     p.hub_ref = gr.Textbox(
-        placeholder="user/repo, user/repo/file.safetensors@revision, or its URL", show_label=False, max_lines=1
+        label="A LoRA from the Hugging Face Hub",
+        placeholder="user/repo",
+        info="user/repo, user/repo/file.safetensors@revision, or its URL",
+        max_lines=1,
     )
     p.hub_button = gr.Button("Use a LoRA from the Hub", size="sm")
     if offline_mode() and p.files.library.hub:
@@ -252,8 +256,8 @@ def _tabs(p: SimpleNamespace) -> None:
             )
             p.caption = gr.Markdown("", elem_id="slider-caption")  # below the slider: never under its buttons
             with gr.Row(equal_height=True):
-                p.pick_a = gr.Dropdown(label="Left (A)", choices=[], scale=3)
-                p.pick_b = gr.Dropdown(label="Right (B)", choices=[], scale=3)
+                p.pick_a = gr.Dropdown(label="Left (A)", choices=[], scale=3, min_width=240)  # a title uncut
+                p.pick_b = gr.Dropdown(label="Right (B)", choices=[], scale=3, min_width=240)
                 p.swap_button = gr.Button("Swap A/B", size="sm", scale=1)
                 p.show_diff = gr.Checkbox(label="Show where they differ", scale=1)
             p.diff_image = gr.Image(visible=False, type="pil", format="png", interactive=False, elem_id="difference")

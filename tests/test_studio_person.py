@@ -23,7 +23,9 @@ def studio(tiny_kit, tmp_path) -> Studio:
     """A Studio over a copy of the kit's LoRAs and an SDXL LoRA (readable, but not for FLUX)."""
     shutil.copytree(tiny_kit / "loras", tmp_path / "loras")
     lf.sdxl_kohya(tmp_path / "loras" / "sdxl.safetensors")
-    return Studio(Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=tmp_path / "loras"))
+    studio = Studio(Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=tmp_path / "loras"))
+    studio.library.refresh()  # as build_studio does: the folder listed once before the page is up
+    return studio
 
 
 def files_of(studio: Studio) -> LoraFiles:
@@ -78,3 +80,20 @@ def test_a_lora_without_alpha_reads_as_scale_1():
               "targets": 2, "modules": {}, "text_encoder": False, "base_model_hint": None, "trigger_words": [],
               "problems": [], "warnings": []}  # fmt: skip
     assert "rank 4 · no alpha stored (scale 1) · 2.5 MB" in lora_card(report)
+
+
+def test_a_png_naming_a_lora_the_app_lacks_sets_the_rest_and_warns(studio, tmp_path):
+    """The missing LoRA stays out of the pickers (no picker holds an unknown name), and the note says so."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(
+        "parameters", "a fox <lora:gone:0.5> <lora:peft:0.8>\nSteps: 20, Seed: 5, Size: 512x768, CFG scale: 1"
+    )
+    Image.new("RGB", (8, 8)).save(tmp_path / "forge.png", pnginfo=info)
+    *values, note = studio.settings_from_png(str(tmp_path / "forge.png"))
+    assert values[6:] == ["peft.safetensors", 0.8, *("", 1.0) * 3]
+    assert note.endswith(
+        r"**Warning:** not in the LoRA folder: gone\.safetensors. They are left out of the stack: upload them (or "
+        "fetch them from the Hub), then pick them to reproduce the picture."
+    )

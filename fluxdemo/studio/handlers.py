@@ -398,8 +398,10 @@ class Studio:
         most = 1 + len(EXTRA_ROWS)
         if len(p.loras) > most:
             raise FluxdemoError(f"The PNG names {len(p.loras)} LoRAs; the studio stacks at most {most}.")
-        loras = list(p.loras) + [("", None, 1.0)] * (most - len(p.loras))
         missing = [name for name, _, _ in p.loras if not self._listed(name) and not self.library.fetched(name)]
+        # a LoRA the app lacks stays out of the pickers (the note warns of it), so no picker holds an unknown name
+        loras = [lora for lora in p.loras if lora[0] not in missing]
+        loras += [("", None, 1.0)] * (most - len(loras))
         stack = stack_label(tuple(LoraChoice(name, s) for name, _, s in p.loras))
         said = [
             f"**Set from the PNG:** seed {p.seed}, {p.steps} steps, guidance {p.guidance:g}, {p.width}×{p.height}, "
@@ -409,7 +411,8 @@ class Studio:
         if missing:
             said.append(
                 f"**Warning:** not in the LoRA folder: {markdown_text(names_list(missing), MAX_SENTENCE_CHARS)}. "
-                "Upload them (or fetch them from the Hub) to reproduce the picture."
+                "They are left out of the stack: upload them (or fetch them from the Hub), then pick them to "
+                "reproduce the picture."
             )
         rows = [value for name, _, s in loras[1:] for value in (name, s)]
         note = "\n\n".join(said)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from fluxdemo.errors import FluxdemoError, LoraError, OptionsError
+from fluxdemo.errors import FluxdemoError, OptionsError
 from fluxdemo.lora import LoraLibrary, save_upload
 from fluxdemo.studio.guard import for_people, without_paths
 from fluxdemo.studio.handlers import CancelFlags
@@ -106,17 +106,12 @@ class LoraFiles:
 
     @for_people
     def inspect_lora(self, lora: str | None) -> dict:
-        """The LoRA report (format, rank, alpha, targets, trigger words, problems, ...) of a name in the folder; {} and
-        a warning for a name the folder lacks (the card says what to do)."""
+        """The LoRA report (format, rank, alpha, targets, trigger words, problems, ...) of a name in the folder."""
         if not lora:
             return {}
         if self.library.is_hub_name(lora) and not self.library.fetched(lora):  # inspecting never downloads
             raise OptionsError(f'{lora} is a Hub LoRA not downloaded yet: press "Use a LoRA from the Hub" first.')
-        try:
-            return self.library.get(lora).report.to_dict()
-        except LoraError as e:
-            gr.Warning(without_paths(str(e)))
-            return {}
+        return self.library.get(lora).report.to_dict()
 
     def stack_card(self, *names: str | None) -> str:
         """The card of every LoRA of the stack, in the pickers' order."""

@@ -403,6 +403,8 @@ class Studio:
         loras = [lora for lora in p.loras if lora[0] not in missing]
         loras += [("", None, 1.0)] * (most - len(loras))
         stack = stack_label(tuple(LoraChoice(name, s) for name, _, s in p.loras))
+        for note in settings.notes:  # what was changed: a toast as well, since it changes what will be made
+            gr.Warning(note)
         said = [
             f"**Set from the PNG:** seed {p.seed}, {p.steps} steps, guidance {p.guidance:g}, {p.width}×{p.height}, "
             f"LoRAs {markdown_text(stack, MAX_SENTENCE_CHARS)}, and its prompt.",

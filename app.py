@@ -30,7 +30,7 @@ from fluxdemo.pipeline.limits import DEFAULT_MAX_JOBS_PER_CLIENT, DEFAULT_MAX_PR
 from fluxdemo.pipeline.previews import preview_drawer
 
 # Before anything that may touch CUDA: on ZeroGPU the `spaces` package must patch torch first.
-from fluxdemo.studio import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_QUEUE_SIZE, build_studio, zero_gpu
+from fluxdemo.studio import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_QUEUE_SIZE, STUDIO_CSS, build_studio, zero_gpu
 from fluxdemo.studio.upload_quota import UploadQuota
 
 logger = logging.getLogger("fluxdemo")
@@ -267,6 +267,7 @@ def launch_options(args: argparse.Namespace, auth: tuple[str, str] | None) -> di
         auth=auth,
         max_file_size=args.max_upload_mb * MB,
         footer_links=["api", "gradio"],
+        css=STUDIO_CSS,  # the page's layout on a phone (gradio 6 takes a page's CSS at launch)
         app_kwargs={"middleware": [Middleware(UploadQuota)]},  # gradio bounds each file's size, not their count
     )
     if public:

@@ -15,6 +15,7 @@ import numpy as np
 from gradio_client import Client
 from PIL import Image, PngImagePlugin
 
+from fluxdemo.lora import LoraReport
 from fluxdemo.model.presets import Preset, get_preset
 from fluxdemo.pipeline import GenerateOptions, Model, compare, generate, sweep
 from fluxdemo.pipeline.limits import DEFAULT_LIMITS, Limits
@@ -129,3 +130,14 @@ def png_bomb(side: int = 12_992) -> bytes:
     text = b"parameters\0a bomb\nSteps: 20, Seed: 5, Size: 512x512"
     return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"tEXt", text) + _chunk(b"IDAT", idat)
             + _chunk(b"IEND", b""))  # fmt: skip
+
+
+def card_report(**fields) -> LoraReport:
+    """A LoRA report for the card, every field given; `fields` override."""
+    report = {
+        "name": "style.safetensors", "format": "kohya", "naming": "kohya", "compatible": True, "rank": 4,
+        "alpha": 4.0, "scale": 1.0, "size": 10**6, "targets": 8, "modules": {"double blocks": 8},
+        "text_encoder": False, "t5": False, "base_model_hint": "", "trigger_words": [], "problems": [],
+        "warnings": [], "metadata": {}, "matched": [], "unmatched": [], "sha256": "0" * 64,
+    }  # fmt: skip
+    return LoraReport(**{**report, **fields})

@@ -229,15 +229,19 @@ def test_settings_come_back_from_a_png(manager, tmp_path, kit_lora):
     studio = Studio(manager)
     result = compare(manager, GenerateOptions("a cat", seed=11, steps=2, width=32, height=48), kit_lora, 0.7)
     png = save_png(result.images["lora"], params_from_report(result.report, "lora"), tmp_path / "lora.png")
-    values = studio.settings_from_png(str(png))
-    assert values == ("a cat", 11, 2, 3.5, 32, 48, kit_lora, 0.7, *("", 1.0) * 3)
+    *values, note = studio.settings_from_png(str(png))
+    assert values == ["a cat", 11, 2, 3.5, 32, 48, kit_lora, 0.7, *("", 1.0) * 3]
+    assert note == "**Set from the PNG:** seed 11, 2 steps, guidance 3.5, 32×48, LoRAs peft:0\\.7, and its prompt."
     info = PngInfo()
     info.add_text("parameters", "a fox <lora:peft:0.8> <lora:kohya:0.4>\nNegative prompt: blur\nSteps: 20, Sampler: "
                                 "Euler, Distilled CFG Scale: 3, Seed: 5, Size: 512x768, Model: flux1-dev")  # fmt: skip
     Image.new("RGB", (8, 8)).save(tmp_path / "forge.png", pnginfo=info)
-    values = studio.settings_from_png(str(tmp_path / "forge.png"))
-    assert values == ("a fox", 5, 20, 3.0, 512, 768, "peft.safetensors", 0.8, "kohya.safetensors", 0.4,
-                      *("", 1.0) * 2)  # fmt: skip
+    *values, note = studio.settings_from_png(str(tmp_path / "forge.png"))
+    assert values == ["a fox", 5, 20, 3.0, 512, 768, "peft.safetensors", 0.8, "kohya.safetensors", 0.4,
+                      *("", 1.0) * 2]  # fmt: skip
+    assert note.startswith(
+        "**Set from the PNG:** seed 5, 20 steps, guidance 3, 512×768, LoRAs peft:0\\.8 \\+ kohya:0\\.4"
+    )
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     with pytest.raises(gr.Error, match=r"plain.png carries no fluxdemo parameters .* and no A1111 `parameters`"):
         studio.settings_from_png(str(tmp_path / "plain.png"))

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import card_report
 from PIL import Image
 
 from fluxdemo.errors import OptionsError
-from fluxdemo.lora import LoraReport
 from fluxdemo.pipeline import Controls, GenerateOptions, ResultsCache, RunReport, compare
 from fluxdemo.pipeline import api as pipeline
 from fluxdemo.pipeline.limits import DEFAULT_LIMITS, MEGAPIXEL, STEP_FIXED_PIXELS, check_work, work
@@ -110,16 +110,6 @@ def test_a_grid_picture_is_scaled_down_to_its_pixel_bound(monkeypatch) -> None:
     fitted = pipeline._fit_cells(rows)
     assert {cell.size for row in fitted for cell in row} == {(16, 16)}
     assert sum(cell.width * cell.height for row in fitted for cell in row) <= 64 * 64
-
-
-def card_report(**fields) -> LoraReport:
-    report = {
-        "name": "style.safetensors", "format": "kohya", "naming": "kohya", "compatible": True, "rank": 4,
-        "alpha": 4.0, "scale": 1.0, "size": 10**6, "targets": 8, "modules": {"double blocks": 8},
-        "text_encoder": False, "t5": False, "base_model_hint": "", "trigger_words": [], "problems": [],
-        "warnings": [], "metadata": {}, "matched": [], "unmatched": [], "sha256": "0" * 64,
-    }  # fmt: skip
-    return LoraReport(**{**report, **fields})
 
 
 def test_file_derived_text_on_the_lora_card_is_text_not_markup() -> None:

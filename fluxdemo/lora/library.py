@@ -223,7 +223,8 @@ class LoraLibrary:
         if not self.hub:
             raise LoraError(
                 f"LoRAs from the Hub are turned off on this app; put the .safetensors file of "
-                f"{capped(name, MAX_FIELD_CHARS)} in the LoRA folder (or upload it) instead."
+                f"{capped(name, MAX_FIELD_CHARS)} in the LoRA folder (or upload it) instead, or start the app with "
+                "--hub-loras on (FLUXDEMO_HUB_LORAS=on)."
             )
         key = _memo_key(name)
         with self._hub_lock:

@@ -15,7 +15,8 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from fluxdemo.errors import FluxdemoError, OptionsError
+from fluxdemo.errors import FluxdemoError, LoraError, OptionsError
+from fluxdemo.lru import LRU
 from fluxdemo.model.manager import MODEL_COMPONENTS
 from fluxdemo.pipeline import (
     DEFAULT_CACHE_IMAGES,
@@ -45,13 +46,15 @@ from fluxdemo.pipeline.previews import DrawPreview, latent_preview
 from fluxdemo.studio.admission import Admission
 from fluxdemo.studio.forms import EXTRA_ROWS, FIELDS, Ask, read_request, shown_params, unfetched_hub_loras
 from fluxdemo.studio.guard import for_people
-from fluxdemo.studio.history import add, slider_label
+from fluxdemo.studio.history import add, entry_of, slider_label
 from fluxdemo.studio.render import STAGE_LABELS
 from fluxdemo.studio.zero_gpu import run_on_gpu
-from fluxdemo.untrusted import names_list
+from fluxdemo.untrusted import MAX_SENTENCE_CHARS, markdown_text, names_list
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 2**20
 PREVIEW_EVERY = 2  # steps between live previews; bench/speed.py measures what they cost
+PREVIEW_SIDE = 224  # px: the live preview's longer side on the page
+MAX_NOTES = 4096  # sessions whose last failure is kept for its note
 KEEP_RUNS = 16  # run folders kept on disk; gradio serves its own copies of what it has shown
 
 
@@ -136,17 +139,23 @@ def model_job(kind: str) -> Callable:
     )
 
     def decorate(method: Callable) -> Callable:
+        def job(values: dict) -> tuple:
+            studio, ask = values["self"], values["self"].read(kind, [values[name] for name in fields])
+            return method(studio, ask, values["history"], values["request"], values["progress"])
+
+        job.__name__ = method.__name__  # for_people logs it
+        guarded = for_people(job)
+
         def handler(*args, **kwargs) -> tuple:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
-            values = bound.arguments
-            studio, ask = values["self"], values["self"].read(kind, [values[name] for name in fields])
-            return method(studio, ask, values["history"], values["request"], values["progress"])
+            with bound.arguments["self"].noting(bound.arguments["request"]):
+                return guarded(bound.arguments)
 
         handler.__name__, handler.__qualname__, handler.__doc__ = method.__name__, method.__qualname__, method.__doc__
         handler.__signature__ = signature  # gradio reads the API's parameters, and where to hand `request` in, here
         handler.__annotations__ = {"request": gr.Request, "progress": gr.Progress, "return": tuple}
-        return for_people(handler)
+        return handler
 
     return decorate
 
@@ -177,6 +186,7 @@ class Studio:
         self.batch = batch  # images per transformer pass (experiments.run): the operator's, like the strategy
         self.draw_preview = draw_preview  # fluxdemo.pipeline.previews: the latent projection or TAEF1
         self.previews: dict[str, tuple[str, Image.Image]] = {}  # session -> newest live preview of its job
+        self.refusals = LRU(MAX_NOTES)  # session -> (title, sentence) of its last failed request, for the note
 
     # -- model work: gradio_client calls these by position, so their parameters keep their order and names ----------
     @model_job("compare")
@@ -197,10 +207,10 @@ class Studio:
             self._png(folder / "side_by_side.png", both, result, "lora", "side_by_side"),
         ]
         history = self._remember(history, "compare", result, {"baseline": files[0], "lora": files[1]})
-        a, b = history[-2], history[-1]
+        a, b = (entry_of(history, params_from_report(result.report, label)) for label in ("baseline", "lora"))
         shown = shown_params(self.manager, ask.options, stack)
         run = {"tab": "compare", "files": files, "a": a.title, "b": b.title, "shown": shown, "report": result.report}
-        run["label"] = slider_label(a, b)
+        run["caption"] = markdown_text(slider_label(a, b), MAX_SENTENCE_CHARS)
         return (files[0], files[1]), result.report.to_dict(), run, history
 
     @model_job("generate")
@@ -280,22 +290,47 @@ class Studio:
         """The admission's rule for a model event: the request read and checked before it is queued."""
         return lambda data: self.read(kind, data[:-1], scan=False)  # the last value is the session's history
 
-    def fetcher(self, kind: str) -> Callable:
-        """fetch_loras for one kind of request, as an event handler (gradio hands `request` in by its annotation)."""
+    def checker(self, kind: str) -> Callable:
+        """check_loras for one kind of request, as an event handler (gradio hands `request` in by its annotation)."""
 
-        def fetch(request: gr.Request, *values) -> None:
-            self.fetch_loras(kind, values, request)
+        def check(request: gr.Request, *values) -> None:
+            with self.noting(request):
+                self.check_loras(kind, values, request)
 
-        return fetch
+        return check
 
     @for_people
-    def fetch_loras(self, kind: str, values: Sequence, request: gr.Request) -> None:
-        """A model request's Hub LoRAs downloaded before it joins the GPU queue, in the Hub's own queue group;
-        Cancel stops a download between its chunks."""
-        names = unfetched_hub_loras(self.library, read_request(kind, values, self.limits))
+    def check_loras(self, kind: str, values: Sequence, request: gr.Request) -> None:
+        """A model request's LoRAs, before it joins the GPU queue: Hub ones downloaded (in the Hub's own queue group;
+        Cancel stops a download between its chunks), and every one found and fitting the model, so a request that
+        would fail is refused before its job is handed anything."""
+        ask = read_request(kind, values, self.limits)
+        names = unfetched_hub_loras(self.library, ask)
         if names:
             with self.cancel_flags.watch(request) as cancelled:
                 self.library.prefetch(names, cancelled.is_set)
+        for name in ask.lora_names:
+            report = self.library.get(name).report
+            if report is not None and not report.compatible:
+                raise LoraError(f"{name} cannot be applied to this model: " + "; ".join(report.problems))
+
+    @contextmanager
+    def noting(self, request: gr.Request) -> Iterator[None]:
+        """A request's sentence, when it fails, kept for the note beside the result (refusal)."""
+        try:
+            yield
+        except gr.Error as e:
+            self.refusals.put(session_of(request), (e.title, str(e.message)))
+            raise
+
+    def refusal(self, request: gr.Request) -> str:
+        """The note after a failed request: what happened, and that the result on screen stays."""
+        session = session_of(request)
+        said = self.refusals.get(session)
+        self.refusals.put(session, None)
+        title, message = said or ("", "It was refused or cancelled before it started.")
+        head = "" if title == "Cancelled" else "**Not run:** "  # a Cancel's sentence starts with "Cancelled"
+        return f"{head}{markdown_text(message, MAX_SENTENCE_CHARS)} The result on screen stays as it was."
 
     def _run(self, task: Callable[[Model, Controls], Result], ask: Ask, request: gr.Request, progress) -> Result:
         """A library task on the GPU, with progress (image i of n, step x of y), previews, Cancel and the budget."""
@@ -362,40 +397,51 @@ class Studio:
         if latest is None:
             return gr.skip()
         caption, image = latest
+        scale = PREVIEW_SIDE / max(image.size)  # a latent preview is 1/8 of the image's side: shown at a readable size
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
         return gr.Image(value=image, label=f"Live preview · {caption}")
 
     @for_people
     def settings_from_png(self, file: str | None) -> tuple:
         """The controls set from a PNG's parameters (fluxdemo's own, or A1111/Forge infotext), each value checked
-        like the controls' own; what was changed, and LoRAs this app lacks, are said beside the confirmation."""
+        like the controls' own; then a note of what was set, of what was changed, and of LoRAs this app lacks."""
         if not file:
-            return (gr.skip(),) * (8 + 2 * len(EXTRA_ROWS))
+            return (gr.skip(),) * (9 + 2 * len(EXTRA_ROWS))
         settings = settings_from_png(Path(file), self.limits)
-        params = settings.params
+        p = settings.params
         most = 1 + len(EXTRA_ROWS)
-        if len(params.loras) > most:
-            raise FluxdemoError(f"The PNG names {len(params.loras)} LoRAs; the studio stacks at most {most}.")
-        loras = list(params.loras) + [("", None, 1.0)] * (most - len(params.loras))
-        missing = [name for name, _, _ in params.loras if not self._listed(name) and not self.library.fetched(name)]
-        for note in settings.notes:
+        if len(p.loras) > most:
+            raise FluxdemoError(f"The PNG names {len(p.loras)} LoRAs; the studio stacks at most {most}.")
+        missing = [name for name, _, _ in p.loras if not self._listed(name) and not self.library.fetched(name)]
+        # a LoRA the app lacks stays out of the pickers (the note warns of it), so no picker holds an unknown name
+        loras = [lora for lora in p.loras if lora[0] not in missing]
+        loras += [("", None, 1.0)] * (most - len(loras))
+        stack = stack_label(tuple(LoraChoice(name, s) for name, _, s in p.loras))
+        for note in settings.notes:  # what was changed: a toast as well, since it changes what will be made
             gr.Warning(note)
+        said = [
+            f"**Set from the PNG:** seed {p.seed}, {p.steps} steps, guidance {p.guidance:g}, {p.width}×{p.height}, "
+            f"LoRAs {markdown_text(stack, MAX_SENTENCE_CHARS)}, and its prompt.",
+            *(f"Note: {markdown_text(note, MAX_SENTENCE_CHARS)}" for note in settings.notes),
+        ]
         if missing:
-            gr.Warning(
-                f"Not in the LoRA folder: {names_list(missing)}. Upload them (or fetch them from the Hub) to "
+            said.append(
+                f"**Warning:** not in the LoRA folder: {markdown_text(names_list(missing), MAX_SENTENCE_CHARS)}. "
+                "They are left out of the stack: upload them (or fetch them from the Hub), then pick them to "
                 "reproduce the picture."
             )
-        stack = stack_label(tuple(LoraChoice(name, s) for name, _, s in params.loras))
-        gr.Info(
-            f"Set from the PNG: seed {params.seed}, {params.steps} steps, guidance {params.guidance:g}, "
-            f"{params.width}x{params.height}, LoRAs {stack}."
-        )
         rows = [value for name, _, s in loras[1:] for value in (name, s)]
-        p = params
-        return (p.prompt, p.seed, p.steps, p.guidance, p.width, p.height, loras[0][0], loras[0][2], *rows)
+        note = "\n\n".join(said)
+        return (p.prompt, p.seed, p.steps, p.guidance, p.width, p.height, loras[0][0], loras[0][2], *rows, note)
 
     def _listed(self, name: str) -> bool:
         return any(entry.name == name and entry.usable for entry in self.library.entries)
 
-    def cancel(self, request: gr.Request) -> None:
-        if self.cancel_flags.cancel(session_of(request)):
-            gr.Info("Cancelling after the current step.")
+    def cancel(self, request: gr.Request) -> str:
+        """Stop the session's running work; the note says so (an unqueued event's gr.Info never reaches the page)."""
+        session = session_of(request)
+        if self.cancel_flags.cancel(session):
+            # the page stops waiting at once, so the job's own sentence may come too late for the note
+            self.refusals.put(session, ("Cancelled", "Cancelled after the current step."))
+            return "**Cancelling** after the current step; the result on screen stays as it was."
+        return "**Cancelled;** the result on screen stays as it was."

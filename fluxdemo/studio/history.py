@@ -36,11 +36,29 @@ def describe_loras(params: ImageParams) -> str:
 
 
 def add(history: list[Entry], kind: str, images: list[tuple[str, str, ImageParams]]) -> list[Entry]:
-    """The history with a run's images (label, PNG path, parameters) appended, at most MAX_HISTORY kept."""
+    """The history with a run's images (label, PNG path, parameters) appended, at most MAX_HISTORY kept. An image
+    made alike before (a compare's baseline again, a grid's strength-0 cells) is not added twice: entry_of finds
+    the earlier one."""
     number = history[-1].number if history else 0
     run = history[-1].run + 1 if history else 1
-    new = [Entry(number + i + 1, run, kind, label, path, params) for i, (label, path, params) in enumerate(images)]
+    seen = {_image_key(e.params) for e in history}
+    new = []
+    for label, path, params in images:
+        if _image_key(params) not in seen:
+            seen.add(_image_key(params))
+            new.append(Entry(number + len(new) + 1, run, kind, label, path, params))
     return (history + new)[-MAX_HISTORY:]
+
+
+def entry_of(history: list[Entry], params: ImageParams) -> Entry | None:
+    """The newest entry for an image made alike."""
+    return next((e for e in reversed(history) if _image_key(e.params) == _image_key(params)), None)
+
+
+def _image_key(p: ImageParams) -> tuple:
+    """What decides the pixels: a LoRA at strength 0 adds nothing (a grid's strength-0 cells are the base image)."""
+    loras = tuple((name, strength) for name, _, strength in p.loras if strength != 0)
+    return (p.prompt, p.seed, p.steps, p.guidance, p.width, p.height, p.model, p.quant, loras)
 
 
 def find(history: list[Entry], title: str | None) -> Entry | None:

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import gradio as gr
 
-from fluxdemo.errors import OptionsError
+from fluxdemo.errors import FluxdemoError, OptionsError
 from fluxdemo.lora import LoraLibrary, LoraReport, save_upload
-from fluxdemo.studio.guard import for_people
+from fluxdemo.studio.guard import for_people, without_paths
 from fluxdemo.studio.handlers import CancelFlags
-from fluxdemo.studio.render import show_card
+from fluxdemo.studio.render import lora_card
+from fluxdemo.untrusted import MAX_SENTENCE_CHARS, markdown_text
 
 logger = logging.getLogger(__name__)
+NONE, NONE_LABEL = "", "none: the base model"  # the pickers' choice of no LoRA (Generate then makes a base image)
 
 
 class LoraFiles:
@@ -32,9 +34,9 @@ class LoraFiles:
         info = f"{len(names)} in {self.library.folder.name}/"  # never the absolute path: the page is public
         if refused:
             info += f"; not listed: {', '.join(e.name for e in refused[:3])} (see the server log)"
-        if value not in names:
+        if value != NONE and value not in names:  # a LoRA gone from the folder: the first usable one instead
             value = next((e.name for e in entries if e.usable), names[0] if names else None)
-        return dict(choices=names, value=value, info=info)
+        return dict(choices=[(NONE_LABEL, NONE), *names], value=value, info=info)
 
     @for_people
     def refresh_loras(self, current: str | None) -> gr.Dropdown:
@@ -59,7 +61,13 @@ class LoraFiles:
             raise gr.Error("Choose a .safetensors LoRA file to upload.", print_exception=False)
         src = Path(file)
         path = save_upload(src, self.library.folder, src.name, self.max_upload_bytes)
-        gr.Info(f"Saved {src.name} as {path.name}.")
+        if self._fits(path.name):
+            gr.Info(f"Saved {src.name} as {path.name}.")
+        else:
+            gr.Warning(
+                f"Saved {src.name} as {path.name}, but it does not fit this model (its card says why): it is listed, "
+                "not picked, and Compare refuses it."
+            )
         return path.name
 
     @for_people
@@ -79,11 +87,22 @@ class LoraFiles:
         return ref
 
     def pick(self, name: str, first: str | None, *others: str | None) -> list:
-        """The pickers after an upload or a Hub download: the folder listed again, the new LoRA in the first one."""
+        """The pickers after an upload or a Hub download: the folder listed again (its count too), and the new LoRA
+        in the first one when it fits the model; one that does not is listed, not picked (upload_lora said why)."""
         pickers = self.refresh_pickers(first, *others)
-        names = self.lora_choices()["choices"]
-        pickers[0] = gr.Dropdown(choices=names if name in names else [*names, name], value=name)
+        if not self._fits(name):
+            return pickers
+        shown = self.lora_choices()
+        names = shown["choices"]
+        pickers[0] = gr.Dropdown(**{**shown, "choices": names if name in names else [*names, name], "value": name})
         return pickers
+
+    def _fits(self, name: str) -> bool:
+        try:
+            report = self.library.get(name).report
+        except FluxdemoError:
+            return False
+        return report is None or report.compatible
 
     @for_people
     def inspect_lora(self, lora: str | None) -> dict:
@@ -91,14 +110,24 @@ class LoraFiles:
         report = self.report(lora)
         return report.to_dict() if report else {}
 
-    @for_people
-    def card(self, lora: str | None) -> tuple:
-        """The LoRA card of a name just inspected, and the trigger-word button (render.show_card)."""
-        return show_card(self.report(lora))
-
     def report(self, lora: str | None) -> LoraReport | None:
         if not lora:
             return None
         if self.library.is_hub_name(lora) and not self.library.fetched(lora):  # inspecting never downloads
             raise OptionsError(f'{lora} is a Hub LoRA not downloaded yet: press "Use a LoRA from the Hub" first.')
         return self.library.get(lora).report
+
+    def stack_card(self, *names: str | None) -> str:
+        """The card of every LoRA of the stack, in the pickers' order."""
+        cards = [self._card(name) for name in names if name]
+        return "\n\n---\n\n".join(cards) if cards else lora_card(None)
+
+    def _card(self, name: str) -> str:
+        if self.library.is_hub_name(name) and not self.library.fetched(name):
+            sentence = 'A Hub LoRA not downloaded yet: press "Use a LoRA from the Hub" with its name.'
+        else:
+            try:
+                return lora_card(self.library.get(name).report)
+            except FluxdemoError as e:
+                sentence = without_paths(str(e))
+        return f"### {markdown_text(name)}\n\n- **Problem:** {markdown_text(sentence, MAX_SENTENCE_CHARS)}"

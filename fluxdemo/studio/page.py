@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from fluxdemo.model.files import offline_mode
 from fluxdemo.model.manager import STRATEGIES
 from fluxdemo.pipeline import DEFAULT_CACHE_IMAGES, GUIDANCE_MAX
 from fluxdemo.pipeline.api import MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, SIDE_MULTIPLE, GenerateOptions
@@ -23,7 +24,6 @@ from fluxdemo.studio.forms import (
     DEFAULT_GRID_STRENGTHS,
     DEFAULT_SWEEP,
     EXTRA_ROWS,
-    FIELDS,
     MAX_GRID_SEEDS,
     MAX_SWEEP_IMAGES,
     SIZE_PRESETS,
@@ -31,12 +31,12 @@ from fluxdemo.studio.forms import (
     default_options,
     preset_of,
     random_seed,
-    read_request,
     size_of,
     strength_range,
 )
 from fluxdemo.studio.handlers import DEFAULT_MAX_UPLOAD_BYTES, Studio
 from fluxdemo.studio.history import stale_note
+from fluxdemo.studio.jobs import CHEAP, HUB_DOWNLOADS, hidden_outputs, inputs_of, job_events
 from fluxdemo.studio.lora_files import LoraFiles
 from fluxdemo.studio.render import (
     insert_trigger_words,
@@ -44,28 +44,27 @@ from fluxdemo.studio.render import (
     model_summary,
     pick_from_strip,
     show_pair,
-    show_run,
     swap,
+    trigger_button,
 )
 
 DEFAULT_QUEUE_SIZE = 16
-HUB_DOWNLOADS = 2  # Hub LoRA downloads at once, for every visitor together
 EXAMPLES = [
     "a photo of a cat sitting on a wooden table, soft window light",
     "a watercolor painting of a lighthouse on a rocky island at sunset",
     "portrait of an astronaut in a field of flowers, cinematic lighting",
     "a tiny robot reading a book in a cozy library, detailed illustration",
 ]
+# The live preview sits over the result's right side (below its buttons) while a job runs: it never moves the result.
+STUDIO_CSS = """
+#result-area { position: relative; }
+#preview { position: absolute; top: 84px; right: 8px; width: 232px; z-index: 20; box-shadow: 0 2px 12px #0006; }
+@media (max-width: 640px) { #preview { width: 168px; } }
+"""
 STRATEGY_HELP = (
     "auto: planned from free memory for each image size. resident: all on the GPU; model-offload: one large part "
     "at a time; group-offload: the transformer a few blocks at a time; disk: the least RAM"
 )
-GPU_EVENT = dict(concurrency_limit=1, concurrency_id="gpu")  # one model job at a time, across all events
-HUB_EVENT = dict(concurrency_limit=HUB_DOWNLOADS, concurrency_id="hub", api_visibility="private")
-# Cheap events skip the queue from a page, and join it from gradio_client under a bound of their own (admission):
-# a full model queue never turns away a Cancel, an inspect, a refresh or an upload.
-CHEAP = dict(queue=False, api_visibility="private")
-TABS = {"compare": "compare", "generate": "single", "sweep": "sweep", "grid": "grid"}  # each job's tab
 
 
 def build_studio(
@@ -99,12 +98,12 @@ def build_studio(
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320):
                 _controls_column(page, defaults or default_options(manager.preset), public)
-            with gr.Column(scale=3, min_width=320):
+            with gr.Column(scale=3, min_width=320, elem_id="results"):
                 _results_column(page)
         page.last_run, page.history, page.shown = gr.State(), gr.State([]), gr.State()
         page.row_shown = gr.State([False] * len(page.rows))
         page.timer = gr.Timer(0.5, active=False)
-        checked = _job_events(page)
+        checked = job_events(page)
         _result_events(page)
         _stack_events(page)
         _lora_events(page)
@@ -139,8 +138,9 @@ def _controls_column(p: SimpleNamespace, d: GenerateOptions, public: bool) -> No
     _axes(p)
     gr.Examples(examples=[[prompt] for prompt in EXAMPLES], inputs=[p.prompt], label="Examples")
     p.png_drop = gr.File(
-        label="Settings from a PNG (fluxdemo's, or one with A1111 parameters)", file_types=[".png"], height=90
+        label="Settings from a PNG (fluxdemo's, or one with A1111 parameters)", file_types=[".png"], height=120
     )
+    p.png_note = gr.Markdown("")  # what the PNG set, and what this app lacks to reproduce it
     with gr.Accordion("Advanced", open=False):
         # Shown, not set: the strategy is global, so only the operator sets it (--strategy)
         gr.Dropdown(
@@ -164,8 +164,11 @@ def _lora_rows(p: SimpleNamespace) -> None:
     low, high, why = strength_range(p.limits)
     # allow_custom_value: API callers may name a LoRA added since; the library checks every name
     with gr.Row(equal_height=True):
-        p.lora = gr.Dropdown(label="LoRA", allow_custom_value=True, scale=3, **choices)
-        p.strength = gr.Slider(low, high, value=1.0, step=0.05, label="LoRA strength", info=why, scale=2)
+        # min widths: on a phone the two take a line each, and a LoRA's name is not cut
+        p.lora = gr.Dropdown(label="LoRA", allow_custom_value=True, scale=3, min_width=220, **choices)
+        p.strength = gr.Slider(
+            low, high, value=1.0, step=0.05, label="LoRA strength", info=why, scale=2, min_width=160
+        )
     p.rows, p.extra, p.removers = [], [], []
     for n in EXTRA_ROWS:
         with gr.Row(visible=False, equal_height=True) as row:
@@ -180,14 +183,19 @@ def _lora_rows(p: SimpleNamespace) -> None:
         p.add_lora = gr.Button("+ Stack another LoRA", size="sm")
         p.refresh = gr.Button("Refresh the LoRA folder", size="sm")
         p.upload = gr.UploadButton("Upload a .safetensors LoRA", file_types=[".safetensors"], size="sm")
-    with gr.Row(equal_height=True):
-        p.hub_ref = gr.Textbox(
-            placeholder="user/repo, user/repo/file.safetensors@revision, or its URL",
-            show_label=False,
-            scale=3,
-            max_lines=1,
+    # the box on a line of its own, the forms it takes in its (wrapping) info: nothing is cut on a phone
+    p.hub_ref = gr.Textbox(
+        label="A LoRA from the Hugging Face Hub",
+        placeholder="user/repo",
+        info="user/repo, user/repo/file.safetensors@revision, or its URL",
+        max_lines=1,
+    )
+    p.hub_button = gr.Button("Use a LoRA from the Hub", size="sm")
+    if offline_mode() and p.files.library.hub:
+        gr.Markdown(
+            "This app runs offline (`HF_HUB_OFFLINE=1`): only Hub LoRAs downloaded before are found. Restart it with "
+            "`HF_HUB_OFFLINE=0` to fetch others."
         )
-        p.hub_button = gr.Button("Use a LoRA from the Hub", size="sm", scale=2)
     p.picked = gr.Textbox(visible=False)  # an upload's or download's result; its errors show as toasts
 
 
@@ -226,25 +234,36 @@ def _axes(p: SimpleNamespace) -> None:
 
 
 def _results_column(p: SimpleNamespace) -> None:
+    # what happened to the last request, and the running job's progress: above the result, never in its place
     p.note = gr.Markdown("")
-    p.preview = gr.Image(label="Live preview", visible=False, height=160, interactive=False)
+    p.progress = gr.Markdown("", visible=False, elem_id="progress", min_height=56)
+    hidden_outputs(p)
+    with gr.Column(elem_id="result-area"):
+        # over the result's corner (STUDIO_CSS), so it never pushes the result down
+        p.preview = gr.Image(label="Live preview", visible=False, height=224, interactive=False, elem_id="preview")
+        _tabs(p)
+
+
+def _tabs(p: SimpleNamespace) -> None:
+    # short tab names: all four fit a phone's width, none behind a "..." menu
     with gr.Tabs() as p.tabs:
         with gr.Tab("Compare", id="compare"):
             p.slider = gr.ImageSlider(
-                label="left: baseline · right: LoRA",
+                label="A (left) · B (right)",
                 elem_id="slider",  # the page's tests find its two images apart from the history's
                 type="filepath",
                 format="png",
                 buttons=["download", "fullscreen"],
-                max_height=768,
+                max_height=560,  # the caption and the A/B pickers stay in view on a laptop
             )
+            p.caption = gr.Markdown("", elem_id="slider-caption")  # below the slider: never under its buttons
             with gr.Row(equal_height=True):
-                p.pick_a = gr.Dropdown(label="Left (A)", choices=[], scale=3)
-                p.pick_b = gr.Dropdown(label="Right (B)", choices=[], scale=3)
+                p.pick_a = gr.Dropdown(label="Left (A)", choices=[], scale=3, min_width=240)  # a title uncut
+                p.pick_b = gr.Dropdown(label="Right (B)", choices=[], scale=3, min_width=240)
                 p.swap_button = gr.Button("Swap A/B", size="sm", scale=1)
                 p.show_diff = gr.Checkbox(label="Show where they differ", scale=1)
-            p.diff_image = gr.Image(visible=False, type="pil", format="png", interactive=False)
-        with gr.Tab("Strength sweep", id="sweep"):
+            p.diff_image = gr.Image(visible=False, type="pil", format="png", interactive=False, elem_id="difference")
+        with gr.Tab("Sweep", id="sweep"):
             p.gallery = gr.Gallery(label="Same seed, rising strength", format="png", columns=3, object_fit="contain")
         with gr.Tab("Grid", id="grid"):
             p.grid_pics = gr.Gallery(
@@ -256,12 +275,13 @@ def _results_column(p: SimpleNamespace) -> None:
             p.grid_cells = gr.Gallery(
                 label="Cells (each PNG carries its parameters)", format="png", columns=6, object_fit="contain"
             )
-        with gr.Tab("Single image", id="single"):
+        with gr.Tab("Single", id="single"):
             p.single = gr.Image(label="Image", type="filepath", format="png")
     p.strip = gr.Gallery(
-        label="History: every result of this session (click one to put it on the right)",
-        columns=8,
-        height=150,
+        label="History: this session's results, each once (a reload starts afresh); click one to put it on the right",
+        columns=6,
+        height=190,
+        object_fit="contain",  # whole thumbnails, each under its title
         allow_preview=False,
         format="png",
     )
@@ -284,77 +304,17 @@ def _results_column(p: SimpleNamespace) -> None:
 # --- the events: the model jobs share one concurrency group; everything else is instant ----------------------------
 
 
-def _inputs(p: SimpleNamespace, kind: str) -> list:
-    """A model job's components in its API order (forms.FIELDS)."""
-    named = {
-        "prompt": p.prompt, "lora": p.lora, "strength": p.strength, "strengths": p.strengths, "seed": p.seed,
-        "steps": p.steps, "guidance": p.guidance, "width": p.width, "height": p.height, "prompts": p.prompts,
-        "rows": p.rows_text, "seeds": p.seeds,
-    }  # fmt: skip
-    extra = dict(zip(FIELDS["compare"][-len(p.extra) :], p.extra, strict=True))
-    if kind == "grid":
-        named["strengths"] = p.grid_strengths
-    return [{**named, **extra}[name] for name in FIELDS[kind]]
-
-
-def _busy(p: SimpleNamespace, tab: str | None) -> list:
-    """While a job runs: its tab in front, the live preview shown and polled, the job buttons off."""
-    on = tab is not None
-    shown = [gr.Tabs(selected=tab) if on else gr.skip(), gr.Image(visible=on, value=None), gr.Timer(active=on)]
-    return shown + [gr.Button(interactive=not on) for _ in p.buttons]
-
-
-def _job_events(p: SimpleNamespace) -> list:
-    """Each model job's chain: busy, its Hub LoRAs fetched, the job, the result shown; -> (event, admission rule)s."""
-    busy_outputs = [p.tabs, p.preview, p.timer, *p.buttons]
-    idle = dict(fn=lambda: _busy(p, None), inputs=None, outputs=busy_outputs, **CHEAP)
-    outputs = {
-        "compare": [p.slider],
-        "generate": [p.single],
-        "sweep": [p.gallery],
-        "grid": [p.grid_pics, p.grid_cells],
-    }
-    triggers = {"compare": [p.compare_button.click, p.prompt.submit], "generate": [p.generate_button.click]}
-    triggers |= {"sweep": [p.sweep_button.click], "grid": [p.grid_button.click]}
-    jobs, checked = [], []
-    for kind, tab in TABS.items():
-        inputs = _inputs(p, kind)
-        # busy first, then the job: in parallel, a job refused at once could finish before busy() and leave the
-        # buttons off
-        started = gr.on(triggers[kind], lambda tab=tab: _busy(p, tab), None, busy_outputs, **CHEAP)
-        # Hub LoRAs are downloaded in the Hub's queue group, so the job that follows never downloads in the slot
-        fetched = started.then(p.studio.fetcher(kind), inputs, None, **HUB_EVENT)
-        job = fetched.success(
-            getattr(p.studio, kind),
-            [*inputs, p.history],
-            [*outputs[kind], p.info, p.last_run, p.history],
-            api_name=kind,
-            **GPU_EVENT,
-        )
-        fetched.failure(**idle)
-        job.then(**idle)
-        job.failure(**idle)  # gradio 6.31's page skips .then on errors
-        shown = [p.downloads, p.chart, p.run_md, p.tabs, p.strip, p.pick_a, p.pick_b]
-        job.success(show_run, [p.last_run, p.history], shown, api_visibility="private").then(
-            lambda run: (run.get("shown"), ""), p.last_run, [p.shown, p.note], **CHEAP
-        )
-        if kind == "compare":  # the slider names its two sides (its API value stays the plain pair)
-            job.success(lambda run: gr.ImageSlider(label=run["label"]), p.last_run, p.slider, **CHEAP)
-        jobs += [fetched, job]
-        checked += [(fetched, lambda data, kind=kind: read_request(kind, data, p.limits)), (job, p.studio.admit(kind))]
-    p.cancel.click(p.studio.cancel, None, None, api_name="cancel", cancels=jobs, concurrency_limit=None, queue=False)
-    p.cancel.click(**idle)
-    p.timer.tick(p.studio.latest_preview, None, p.preview, **CHEAP)
-    return checked
-
-
 def _result_events(p: SimpleNamespace) -> None:
     """The result on screen: any two of the session's, and whether the controls still describe it."""
-    pair = dict(fn=show_pair, inputs=[p.pick_a, p.pick_b, p.show_diff, p.history], outputs=[p.slider, p.diff_image])
+    pair = dict(
+        fn=show_pair,
+        inputs=[p.pick_a, p.pick_b, p.show_diff, p.history],
+        outputs=[p.slider, p.diff_image, p.caption, p.note],
+    )
     gr.on([p.pick_a.input, p.pick_b.input, p.show_diff.input], **pair, **CHEAP)
     p.swap_button.click(swap, [p.pick_a, p.pick_b], [p.pick_a, p.pick_b], **CHEAP).then(**pair, **CHEAP)
     p.strip.select(pick_from_strip, p.history, p.pick_b, **CHEAP).then(**pair, **CHEAP)
-    controls = _inputs(p, "generate")
+    controls = inputs_of(p, "generate")
     gr.on(
         [c.change for c in controls],
         lambda was, *values: stale_note(was, controls_params(p.manager, *values)),
@@ -391,7 +351,7 @@ def _stack_events(p: SimpleNamespace) -> None:
     loaded = p.png_drop.upload(
         p.studio.settings_from_png,
         p.png_drop,
-        [p.prompt, *numbers, p.lora, p.strength, *p.extra],
+        [p.prompt, *numbers, p.lora, p.strength, *p.extra, p.png_note],
         concurrency_limit=2,
         concurrency_id="png",
         api_visibility="private",
@@ -408,8 +368,9 @@ def _lora_events(p: SimpleNamespace) -> None:
         p.demo.load(**inspect, **CHEAP),
     ]
     for event in shown_card:
-        event.success(files.card, p.lora, [p.card, p.trigger], api_visibility="private")
+        event.success(trigger_button, p.report_json, p.trigger, api_visibility="private")
     pickers = [p.lora, *p.extra[::2]]
+    gr.on([p.demo.load] + [picker.change for picker in pickers], files.stack_card, pickers, p.card, **CHEAP)
     p.refresh.click(files.refresh_pickers, pickers, pickers, **CHEAP)
     # The list is current on every page load; an upload or a Hub download that fails leaves the pickers alone.
     p.demo.load(files.refresh_pickers, pickers, pickers, **CHEAP)

@@ -7,7 +7,6 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from fluxdemo.errors import FluxdemoError
 from fluxdemo.lora import LoraReport
 from fluxdemo.model.presets import PRESETS
 from fluxdemo.pipeline import RunReport, difference, params_from_report
@@ -38,7 +37,7 @@ def lora_card(report: LoraReport | None) -> str:
     lines = [
         f"### {text(report.name)}",
         f"**{text(report.format)}** LoRA, {verdict} · rank {text(report.rank)} · "
-        f"alpha {text(report.alpha)} · {report.size / 1e6:.1f} MB",
+        f"{_alpha(report.alpha)} · {_size(report.size)}",
         f"Adapts {text(report.targets)} modules ({modules or 'none'}); CLIP text encoder: "
         f"{'yes' if report.text_encoder else 'no'}",
         f"Base model: {text(report.base_model_hint or 'unknown')}",
@@ -47,6 +46,14 @@ def lora_card(report: LoraReport | None) -> str:
     lines += [f"- **Problem:** {text(p, MAX_SENTENCE_CHARS)}" for p in report.problems[:MAX_LIST_ITEMS]]
     lines += [f"- Warning: {text(w, MAX_SENTENCE_CHARS)}" for w in report.warnings[:MAX_LIST_ITEMS]]
     return "\n\n".join(lines)
+
+
+def _alpha(alpha: object) -> str:
+    return "no alpha stored (scale 1)" if alpha is None else f"alpha {markdown_text(alpha)}"
+
+
+def _size(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{max(size / 1e3, 1):.0f} kB"
 
 
 def stage_seconds(report: RunReport):
@@ -122,26 +129,37 @@ def swap(a: str | None, b: str | None) -> tuple:
     return b, a
 
 
-def show_card(report: LoraReport | None) -> tuple:
-    """The LoRA card, and the trigger-word button only when there are trigger words."""
-    return lora_card(report), gr.Button(visible=bool(report and report.trigger_words))
+def trigger_button(report: dict | None) -> gr.Button:
+    """The trigger-word button, only when the first LoRA has trigger words."""
+    return gr.Button(visible=bool(report and report["trigger_words"]))
 
 
 @for_people
-def show_pair(a_title: str | None, b_title: str | None, show_difference: bool, history: list | None):
-    """The slider over any two results of the session, labelled with what differs; and their difference."""
+def show_pair(a_title: str | None, b_title: str | None, show_difference: bool, history: list | None) -> tuple:
+    """The slider over any two results of the session, captioned with what differs; their difference; and the note.
+    A pair that cannot be shown leaves the slider as it is and says why in the note (an unqueued event's error would
+    reach the page only as a mark on the slider)."""
     a, b = find(history or [], a_title), find(history or [], b_title)
     if a is None or b is None:
-        return gr.skip(), gr.Image(visible=False)
-    for entry in (a, b):
-        if not Path(entry.path).is_file():
-            raise FluxdemoError(f"Result #{entry.number} has expired from the server's disk; run it again.")
-    slider = gr.ImageSlider(value=(a.path, b.path), label=slider_label(a, b))
+        return gr.skip(), gr.Image(visible=False), gr.skip(), gr.skip()
+    expired = [entry for entry in (a, b) if not Path(entry.path).is_file()]
+    if expired:
+        return _kept(f"Result #{expired[0].number} has expired from the server's disk; run it again.")
+    caption = markdown_text(slider_label(a, b), MAX_SENTENCE_CHARS)
+    slider = gr.ImageSlider(value=(a.path, b.path))
     if not show_difference:
-        return slider, gr.Image(visible=False)
+        return slider, gr.Image(visible=False), caption, ""
     left, right = Image.open(a.path), Image.open(b.path)
     if left.size != right.size:
-        raise FluxdemoError(f"#{a.number} and #{b.number} differ in size; a difference needs two of one size.")
-    return slider, gr.Image(
-        value=difference(left, right), visible=True, label=f"Where #{a.number} and #{b.number} differ (brighter: more)"
+        return _kept(f"#{a.number} and #{b.number} differ in size; a difference needs two of one size.")
+    shown = difference(left, right)
+    return (
+        slider,
+        gr.Image(value=shown, visible=True, label=f"Where #{a.number} and #{b.number} differ (brighter: more)"),
+        caption,
+        "",
     )
+
+
+def _kept(sentence: str) -> tuple:
+    return gr.skip(), gr.Image(visible=False), gr.skip(), f"**Not shown:** {sentence} The slider stays as it was."

@@ -323,3 +323,22 @@ def test_a_bad_download_setting_is_a_sentence_and_exit_2(monkeypatch, caplog):
     assert (
         "--download-at-start (or FLUXDEMO_DOWNLOAD_AT_START) must be auto, on or off, but is 'maybe'." in caplog.text
     )
+
+
+def test_the_studio_shows_the_download_on_each_page_load_and_stops_asking_when_it_is_done(manager):
+    from fluxdemo.studio import build_studio
+
+    states = iter([PrefetchState(168_000_000, 17_928_000_000, "text_encoder_2", False, None)])
+    done = PrefetchState(17_928_000_000, 17_928_000_000, None, True, None)
+    demo = build_studio(manager, download=lambda: next(states, done))
+    (refresh,) = [f for f in demo.fns.values() if f.name == "refresh"]
+    assert {t[1] for t in refresh.targets} == {"load", "tick"} and refresh.queue is False
+    line, timer = refresh.fn()
+    assert (line.value, line.visible, timer.active) == (
+        "Downloading the model files: **0.2 of 17.9 GB** (now: text encoder 2). A run started now waits for them.",
+        True,
+        True,
+    )
+    line, timer = refresh.fn()
+    assert (line.visible, timer.active) == (False, False)
+    assert "Downloading" not in str(build_studio(manager).config)  # no line without a start-up download

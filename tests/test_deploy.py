@@ -60,10 +60,14 @@ def table_rows(section: str) -> dict[str, str]:
     return rows
 
 
-def commands(section: str) -> list[list[str]]:
-    """The `hf` command lines of the section's bash blocks, split as a shell would."""
+def commands(section: str, inline: bool = False) -> list[list[str]]:
+    """The `hf` command lines of the section's bash blocks (and with `inline`, the commands on a Space in its text),
+    split as a shell would."""
     blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
-    return [shlex.split(line) for block in blocks for line in block.splitlines() if line.startswith("hf ")]
+    lines = [line for block in blocks for line in block.splitlines() if line.startswith("hf ")]
+    return [
+        shlex.split(line) for line in lines + (re.findall(r"`(hf [a-z -]+ YOU/[^`]+)`", section) if inline else [])
+    ]
 
 
 def names_read_by_code() -> set[str]:
@@ -112,14 +116,27 @@ def test_the_variables_defaults_in_the_table_are_the_apps():
         assert value.replace(",", "") == default or float(value.replace(",", "")) == float(default), name
 
 
-def test_every_hf_command_and_option_is_one_the_installed_hf_has():
-    for cmd in commands(deploy_section()):
-        words = [w for w in cmd[1:4] if re.fullmatch(r"[a-z]+", w)]
-        words = words[: next((i for i, w in enumerate(cmd[1:]) if not re.fullmatch(r"[a-z]+", w)), len(words))]
-        shown = subprocess.run([str(HF), *words, "--help"], capture_output=True, text=True, env={"NO_COLOR": "1"})
-        assert shown.returncode == 0, (cmd, shown.stderr)
-        for option in (w.split("=")[0] for w in cmd if w.startswith("-") and w != "-"):
-            assert re.search(rf"(^|[\s,]){re.escape(option)}\b", shown.stdout), (cmd, option)
+def test_every_hf_command_parses_and_gets_as_far_as_the_hub(tmp_path):
+    """Each command of the section as written, run offline: the installed `hf` takes every argument and option and
+    fails only where it would reach the Hub (an unknown option would stop it before, with exit 2)."""
+    section = deploy_section()
+    space = tmp_path / "space"  # the section's /tmp/fluxdemo-space, filled by its own git archive line
+    (archive,) = [line for line in section.splitlines() if "git archive HEAD" in line]
+    subprocess.run(["bash", "-c", archive.replace("/tmp/fluxdemo-space", str(space))], cwd=ROOT, check=True)
+    assert (space / "app.py").read_text() == (ROOT / "app.py").read_text()
+    offline = {"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_test", "HF_HOME": str(tmp_path / "hf"), "NO_COLOR": "1"}
+    ran = []
+    for cmd in commands(section, inline=True):
+        if cmd[1:3] == ["auth", "login"]:  # interactive: its help is enough
+            cmd = [*cmd, "--help"]
+        argv = [str(HF), *(str(space) if a == "/tmp/fluxdemo-space" else a for a in cmd[1:])]
+        done = subprocess.run(argv, capture_output=True, text=True, env=offline, input="HF_TOKEN=hf_x\n", cwd=ROOT)
+        said = done.stdout + done.stderr
+        assert "--help" in cmd or "offline mode is enabled" in said, (cmd, said[-500:])
+        assert done.returncode in (0, 1), (cmd, said[-500:])
+        ran.append(" ".join(cmd[1:3]))
+    blocks = ["auth login", "buckets create", "repos create", "spaces secrets", "upload YOU/fluxdemo", "spaces logs"]
+    assert ran[:6] == blocks and set(ran[6:]) == {"spaces variables", "spaces secrets", "repos delete-files"}
 
 
 def test_the_create_command_asks_for_the_hardware_the_front_matter_suggests():
@@ -342,3 +359,10 @@ def test_the_studio_shows_the_download_on_each_page_load_and_stops_asking_when_i
     line, timer = refresh.fn()
     assert (line.visible, timer.active) == (False, False)
     assert "Downloading" not in str(build_studio(manager).config)  # no line without a start-up download
+
+
+def test_the_section_quotes_the_line_the_page_shows_for_dev_q8():
+    sizes = {name: source.approx_bytes for name, source in PRESETS["dev-q8"].sources().items()}
+    before = sum(sizes.values()) - sizes["transformer"]
+    note = download_note(PrefetchState(before, sum(sizes.values()), "transformer", False, None))
+    assert note.split(". A run")[0] + "." in deploy_section()

@@ -171,7 +171,7 @@ def test_the_lora_folder_and_cache_the_commands_set_live_on_the_mounted_bucket()
 
 
 class LoopbackHub:
-    """A loopback Hub serving plain (non-LFS) files; `hold` names a file whose download waits for `release`."""
+    """A loopback Hub serving plain (non-LFS) files; `hold` names a file sent half, then the rest on `release`."""
 
     def __init__(self, files: dict[str, dict[str, bytes]], gated: frozenset[str] = frozenset()) -> None:
         self.files, self.gated, self.hold, self.release = files, gated, None, threading.Event()
@@ -201,8 +201,6 @@ class LoopbackHub:
 
             def do_GET(self) -> None:
                 hub.gets.append(self.path)
-                if hub.hold and self.path.endswith(hub.hold):
-                    hub.release.wait(timeout=30)
                 self._send(body=True)
 
             def _send(self, body: bool) -> None:
@@ -211,6 +209,11 @@ class LoopbackHub:
                 for key, value in {**headers, "Content-Length": str(len(data))}.items():
                     self.send_header(key, value)
                 self.end_headers()
+                if body and hub.hold and self.path.endswith(hub.hold):  # the first half, then a pause
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    hub.release.wait(timeout=30)
+                    data = data[len(data) // 2 :]
                 if body:
                     self.wfile.write(data)
 
@@ -225,6 +228,7 @@ class LoopbackHub:
         self.server.server_close()
 
 
+MiB = 2**20
 GGUF = b"GGUF" + bytes(60)
 VAE = save({"w": np.zeros(4, dtype=np.float32)})
 # A preset shaped like dev-q8: three big files on the Hub, the rest local (the tiny kit's tokenizers and configs)
@@ -269,18 +273,24 @@ def test_the_start_up_download_fetches_the_presets_hub_files_smallest_first(hub_
     assert download_note(prefetch.state()) == ""
 
 
-def test_the_page_says_how_far_the_download_is(hub_preset, hub, tmp_path):
-    hub.hold = "flux.gguf"
-    prefetch = Prefetch(hub_preset, cache_dir=tmp_path, endpoint=hub.endpoint).start()
-    wait_for(lambda: prefetch.state().current == "transformer", "the transformer's turn")
-    state = prefetch.state()
-    assert (state.done_bytes, state.finished) == (168_000_000 + 5_060_000_000, False)
-    assert download_note(state) == (
-        "Downloading the model files: **5.2 of 17.9 GB** (now: transformer). A run started now waits for them."
-    )
-    hub.release.set()
-    prefetch.join(timeout=60)
-    assert prefetch.state().finished
+def test_the_page_says_how_far_the_download_is(hub_preset, tmp_path):
+    # 24 MiB: its first half is more than one of huggingface_hub's 10 MiB download chunks, so some of it is written
+    hub = LoopbackHub({**CONTENTS, "city/flux": {"flux.gguf": GGUF + bytes(24 * MiB)}})
+    hub.hold, before = "flux.gguf", 168_000_000 + 5_060_000_000
+    try:
+        prefetch = Prefetch(hub_preset, cache_dir=tmp_path, endpoint=hub.endpoint).start()
+        wait_for(lambda: prefetch.state().done_bytes > before, "the transformer's first bytes")
+        state = prefetch.state()
+        assert (state.current, state.finished) == ("transformer", False)
+        assert 10 * MiB <= state.done_bytes - before <= 12 * MiB  # what is on disk of the half sent so far
+        assert download_note(state) == (
+            "Downloading the model files: **5.2 of 17.9 GB** (now: transformer). A run started now waits for them."
+        )
+        hub.release.set()
+        prefetch.join(timeout=60)
+    finally:
+        hub.stop()
+    assert prefetch.state().done_bytes == prefetch.state().total_bytes
 
 
 def test_a_failed_download_is_one_sentence_on_the_page_without_the_machines_paths(hub_preset, tmp_path):

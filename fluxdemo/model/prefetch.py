@@ -8,10 +8,14 @@ being fetched instead of fetching it twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from huggingface_hub import constants
+from huggingface_hub.file_download import repo_folder_name
 
 from fluxdemo.errors import FluxdemoError
 from fluxdemo.model.files import download_preset
@@ -66,13 +70,27 @@ class Prefetch:
 
     def state(self) -> PrefetchState:
         with self._lock:
-            return PrefetchState(
-                done_bytes=sum(self._sizes[name] for name in self._done),
-                total_bytes=sum(self._sizes.values()),
-                current=self._current,
-                finished=self._finished,
-                error=self._error,
+            done, current, finished, error = (
+                sum(self._sizes[n] for n in self._done),
+                self._current,
+                self._finished,
+                self._error,
             )
+        partly = self._written(current) if current in self._sizes and error is None else 0
+        return PrefetchState(done + partly, sum(self._sizes.values()), current, finished, error)
+
+    def _written(self, component: str) -> int:
+        """The bytes of the file being fetched that are on disk already. huggingface_hub tells its progress only to
+        tqdm bars, which differ between its HTTP and Xet downloads; both write the file as `blobs/*.incomplete` in
+        the repo's cache folder first, so this counts that file's allocated blocks (right even if written sparsely)."""
+        repo = self.preset.sources()[component].repo_id
+        cache = Path(self._options["cache_dir"] or constants.HF_HUB_CACHE)
+        blobs = cache / repo_folder_name(repo_id=repo, repo_type="model") / "blobs"
+        written = 0
+        for part in blobs.glob("*.incomplete"):
+            with contextlib.suppress(OSError):  # renamed into place between the listing and the stat
+                written += part.stat().st_blocks * 512
+        return min(written, self._sizes[component])
 
     def _advance(self, component: str | None, finished: bool = False) -> None:
         """The file being fetched was done: on to `component` (None: none, at the end)."""

@@ -2,7 +2,8 @@
 
 Builds the page from the library (fluxdemo.studio) over one model manager and launches it; the model loads on the
 first run, so the page is up in seconds. On a Space the same flags come from the environment (see --help); HF_TOKEN
-comes from the Space's secrets.
+comes from the Space's secrets, and the model's files start downloading at launch (--download-at-start), the page
+saying how far they are. The README's "Deploying on Hugging Face Spaces" has the commands.
 """
 
 from __future__ import annotations

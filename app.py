@@ -2,7 +2,8 @@
 
 Builds the page from the library (fluxdemo.studio) over one model manager and launches it; the model loads on the
 first run, so the page is up in seconds. On a Space the same flags come from the environment (see --help); HF_TOKEN
-comes from the Space's secrets.
+comes from the Space's secrets, and the model's files start downloading at launch (--download-at-start), the page
+saying how far they are. The README's "Deploying on Hugging Face Spaces" has the commands.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import signal
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,7 +25,8 @@ from fluxdemo.flags import add_model_flags, manager_from_args, quiet_libraries
 from fluxdemo.lora import HubLoras
 from fluxdemo.lora.hub import HUB_LORA_QUOTA_BYTES
 from fluxdemo.model.manager import STRATEGIES
-from fluxdemo.model.presets import DEFAULT_PRESET, PRESETS
+from fluxdemo.model.prefetch import Prefetch
+from fluxdemo.model.presets import DEFAULT_PRESET, PRESETS, Preset
 from fluxdemo.pipeline import DEFAULT_CACHE_IMAGES, MAX_BATCH, PUBLIC_STRENGTH_RANGE, STRENGTH_RANGE
 from fluxdemo.pipeline.limits import DEFAULT_MAX_JOBS_PER_CLIENT, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_WORK, Limits
 from fluxdemo.pipeline.previews import preview_drawer
@@ -88,6 +90,14 @@ SERVER_FLAGS = (
         "whether visitors may name LoRAs on the Hugging Face Hub; off leaves the model's own download alone, "
         "unlike HF_HUB_OFFLINE=1 (default: %(default)s)",
         options={"choices": ("on", "off")},
+    ),
+    Flag(
+        "--download-at-start",
+        "FLUXDEMO_DOWNLOAD_AT_START",
+        "auto",
+        "fetch the model's files in the background at launch, the page saying how far it is, so that the first "
+        "run does not download them; auto: on a Hugging Face Space (SPACE_ID set) (default: %(default)s)",
+        options={"choices": ("auto", "on", "off")},
     ),
     Flag(
         "--hub-lora-quota-gb",
@@ -222,8 +232,11 @@ def check_flags(args: argparse.Namespace) -> Limits:
         raise FluxdemoError(f"{named('--cache-images')} must be 0 or more, but is {args.cache_images}.")
     if not 1 <= args.batch <= MAX_BATCH:
         raise FluxdemoError(f"{named('--batch')} must be from 1 to {MAX_BATCH}, but is {args.batch}.")
-    if args.hub_loras not in ("on", "off"):  # argparse checks a flag's choices, not a variable's
-        raise FluxdemoError(f"{named('--hub-loras')} must be on or off, but is {args.hub_loras!r}.")
+    for f in SERVER_FLAGS:  # argparse checks a flag's choices, not a variable's
+        choices, value = (f.options or {}).get("choices"), getattr(args, f.flag[2:].replace("-", "_"))
+        if choices and value not in choices:
+            one_of = f"{', '.join(choices[:-1])} or {choices[-1]}"
+            raise FluxdemoError(f"{named(f.flag)} must be {one_of}, but is {value!r}.")
     if not 0 < args.hub_lora_quota_gb < float("inf"):
         quota = args.hub_lora_quota_gb
         raise FluxdemoError(f"{named('--hub-lora-quota-gb')} must be a number above 0, but is {quota}.")
@@ -245,6 +258,17 @@ def hub_loras(args: argparse.Namespace) -> HubLoras:
         quota_bytes=int(args.hub_lora_quota_gb * GB),
         token=os.environ.get("FLUXDEMO_HUB_LORA_TOKEN") or None,
     )
+
+
+def start_download(args: argparse.Namespace, preset: Preset, env: Mapping[str, str]) -> Prefetch | None:
+    """The start-up download (--download-at-start), started; None when it is off or there is nothing to fetch.
+    ZeroGPU needs none: it loads everything before the launch (zero_gpu.preload_for_zero_gpu)."""
+    wanted = args.download_at_start == "on" or (args.download_at_start == "auto" and bool(env.get("SPACE_ID")))
+    prefetch = Prefetch(preset)
+    if not (wanted and prefetch.needed):
+        return None
+    logger.info("Downloading the files of %s in the background; the page says how far it is.", preset.name)
+    return prefetch.start()
 
 
 def is_public(args: argparse.Namespace) -> bool:
@@ -294,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         manager, _ = manager_from_args(args, hub_loras(args))
         if on_zero_gpu:
             zero_gpu.preload_for_zero_gpu(manager, draw)
+        download = None if on_zero_gpu else start_download(args, manager.preset, os.environ)
     except FluxdemoError as e:
         logger.error("%s", e)
         return 2
@@ -306,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_images=args.cache_images,
         batch=args.batch,
         draw_preview=draw,
+        download=download.state if download else None,
     )
     # How Spaces and container hosts stop an app: exit as on Ctrl+C, so the atexit clean-ups (run folders) run
     signal.signal(signal.SIGTERM, signal.default_int_handler)

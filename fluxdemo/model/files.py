@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,15 +106,25 @@ def resolve(
 
 
 def download_preset(
-    preset: Preset, *, token: str | None = None, cache_dir: Path | None = None, endpoint: str | None = None
+    preset: Preset,
+    *,
+    token: str | None = None,
+    cache_dir: Path | None = None,
+    endpoint: str | None = None,
+    on_file: Callable[[str], None] | None = None,
 ) -> DownloadReport:
-    """Fetch and verify every file of a preset; files already in the cache are checked, not downloaded again."""
+    """Fetch and verify every file of a preset; files already in the cache are checked, not downloaded again.
+    `on_file` is called with each component's name before its file is fetched (a progress display's hook)."""
     sources = preset.sources()
     # Smallest first: the gated files are the small ones, so a licence or token problem shows up in seconds,
     # not after 18 GB of transformer and T5.
     order = sorted(sources, key=lambda n: sources[n].approx_bytes)
-    files = tuple(_fetch(sources[n], n, preset.name, token, None, cache_dir, endpoint) for n in order)
-    report = DownloadReport(preset=preset.name, files=files)
+    files = []
+    for name in order:
+        if on_file is not None:
+            on_file(name)
+        files.append(_fetch(sources[name], name, preset.name, token, None, cache_dir, endpoint))
+    report = DownloadReport(preset=preset.name, files=tuple(files))
     logger.info(
         "preset %s: %d files, %s, %.1f s", preset.name, len(files), human_size(report.total_bytes), report.seconds
     )

@@ -13,8 +13,9 @@ from fluxdemo.errors import CancelledError, FluxdemoError
 
 logger = logging.getLogger(__name__)
 
-# An absolute path of two or more parts, e.g. /root/.cache/huggingface/hub (quotes and brackets end it).
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/(?:[^\s/'\"`()]+/)+[^\s/'\"`()]*")
+# An absolute path of two or more parts, e.g. /root/.cache/huggingface/hub (quotes and brackets end it); not the path
+# of a URL such as https://huggingface.co/settings/tokens, which a sentence gives so that people can follow it.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/:])/(?:[^\s/'\"`()]+/)+[^\s/'\"`()]*")
 
 
 def without_paths(message: str) -> str:

@@ -38,6 +38,7 @@ from fluxdemo.studio.handlers import DEFAULT_MAX_UPLOAD_BYTES, Studio
 from fluxdemo.studio.history import stale_note
 from fluxdemo.studio.jobs import CHEAP, HUB_DOWNLOADS, hidden_outputs, inputs_of, job_events
 from fluxdemo.studio.lora_files import LoraFiles
+from fluxdemo.studio.model_download import DownloadState, download_line
 from fluxdemo.studio.render import (
     insert_trigger_words,
     lora_card,
@@ -78,12 +79,13 @@ def build_studio(
     cache_images: int = DEFAULT_CACHE_IMAGES,
     batch: int = 1,
     draw_preview: DrawPreview = latent_preview,
+    download: DownloadState | None = None,
 ) -> gr.Blocks:
     """The whole app over one model manager; the model loads on the first run, so building and launching are quick.
 
     `limits` bound each request (pipeline.limits); a `public` app shows no facts about its host; `cache_images` bounds
     the results cache that lets a run reuse what an earlier one made; `batch` is how many images may share a
-    transformer pass; `draw_preview` draws the live previews."""
+    transformer pass; `draw_preview` draws the live previews; `download` tells how far the start-up download is."""
     studio = Studio(manager, max_upload_bytes, limits, public, cache_images, batch, draw_preview)
     files = LoraFiles(studio.library, max_upload_bytes, studio.cancel_flags)
     manager.adapters.library.refresh()
@@ -95,6 +97,7 @@ def build_studio(
             "# fluxdemo studio\nThe base model and a LoRA stack, from the same seed, one slider apart. "
             f"Model: **{manager.preset.name}**; it loads on the first run."
         )
+        download_line(demo, download)
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320):
                 _controls_column(page, defaults or default_options(manager.preset), public)

@@ -38,6 +38,7 @@ logger = logging.getLogger("fluxdemo")
 MB = 2**20
 GB = 2**30
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+RAY_HERE = "here"  # --ray without an address
 
 
 class Flag(NamedTuple):
@@ -88,6 +89,23 @@ SERVER_FLAGS = (
         "whether visitors may name LoRAs on the Hugging Face Hub; off leaves the model's own download alone, "
         "unlike HF_HUB_OFFLINE=1 (default: %(default)s)",
         options={"choices": ("on", "off")},
+    ),
+    Flag(
+        "--ray",
+        None,
+        None,
+        "make the model's images on Ray Serve replicas (pip install \"fluxdemo[ray]\"): at ADDRESS, a cluster's "
+        "(`ray start --head` prints it); without one, RAY_ADDRESS or a cluster started on this machine, else a new "
+        "one here",
+        options={"nargs": "?", "const": RAY_HERE, "metavar": "ADDRESS"},
+    ),
+    Flag(
+        "--replicas",
+        None,
+        None,
+        "with --ray: model replicas, one device each (default: the running `fluxdemo serve`'s, else one per GPU, "
+        "else 2 on the CPU)",
+        int,
     ),
     Flag(
         "--hub-lora-quota-gb",
@@ -222,6 +240,8 @@ def check_flags(args: argparse.Namespace) -> Limits:
         raise FluxdemoError(f"{named('--cache-images')} must be 0 or more, but is {args.cache_images}.")
     if not 1 <= args.batch <= MAX_BATCH:
         raise FluxdemoError(f"{named('--batch')} must be from 1 to {MAX_BATCH}, but is {args.batch}.")
+    if args.replicas is not None and args.ray is None:
+        raise FluxdemoError("--replicas needs --ray: replicas are Ray Serve's.")
     if args.hub_loras not in ("on", "off"):  # argparse checks a flag's choices, not a variable's
         raise FluxdemoError(f"{named('--hub-loras')} must be on or off, but is {args.hub_loras!r}.")
     if not 0 < args.hub_lora_quota_gb < float("inf"):
@@ -269,6 +289,18 @@ def launch_options(args: argparse.Namespace, auth: tuple[str, str] | None) -> di
     return options
 
 
+def scale_out(manager, args: argparse.Namespace) -> None:
+    """The model's images made on Ray Serve replicas; Ray is imported here only, so without --ray it never is."""
+    if zero_gpu.on_zero_gpu():
+        raise FluxdemoError("--ray and ZeroGPU do not mix: on a ZeroGPU Space, Hugging Face's pool already scales.")
+    try:
+        from fluxdemo.serve import ServeSettings, serve_model
+    except ImportError as e:
+        raise FluxdemoError(f'--ray needs Ray Serve ({e.name} is missing): pip install "fluxdemo[ray]".') from e
+    address = None if args.ray == RAY_HERE else args.ray
+    serve_model(manager, ServeSettings(address=address, replicas=args.replicas))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -288,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         manager, _ = manager_from_args(args, hub_loras(args))
         if on_zero_gpu:
             zero_gpu.preload_for_zero_gpu(manager, draw)
+        if args.ray is not None:
+            scale_out(manager, args)
     except FluxdemoError as e:
         logger.error("%s", e)
         return 2

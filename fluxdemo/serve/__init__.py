@@ -3,7 +3,7 @@
 Only `python app.py --ray` and `fluxdemo serve` import this wing; without them Ray is never imported.
 """
 
-from fluxdemo.serve.deploy import APP, ServeSettings, connect, deploy, running_replicas, serve_model
+from fluxdemo.serve.deploy import APP, ServeSettings, connect, deploy, running_replicas, serve_forever, serve_model
 from fluxdemo.serve.front import RayFront
 
-__all__ = ["APP", "RayFront", "ServeSettings", "connect", "deploy", "running_replicas", "serve_model"]
+__all__ = ["APP", "RayFront", "ServeSettings", "connect", "deploy", "running_replicas", "serve_forever", "serve_model"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import time
 from dataclasses import dataclass
 
 import ray
@@ -44,9 +45,10 @@ def connect(address: str | None) -> None:
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except ConnectionError as e:
+            where = "here or at RAY_ADDRESS" if address == "auto" else f"at {address}"
             raise FluxdemoError(
-                f"No Ray cluster answers at {address}: start one with `ray start --head`, then pass the address "
-                "it prints (e.g. --ray 10.0.0.1:6379)."
+                f"No Ray cluster answers {where}: start one with `ray start --head`, then pass the address it "
+                "prints (e.g. --ray 10.0.0.1:6379)."
             ) from e
     serve.start(proxy_location="Disabled")
 
@@ -81,7 +83,34 @@ def serve_model(model: Model, settings: ServeSettings) -> RayFront:
         logger.info("Ray Serve: using the running application %r (%d replicas)", APP, replicas)
     else:
         handle, replicas = deploy(model, settings)
-        atexit.register(serve.delete, APP)
+        atexit.register(_take_down)
     front = RayFront(handle, replicas)
     model.runner = front
     return front
+
+
+def _take_down() -> None:
+    """The replicas this process deployed, taken down as it ends (unless Ray went first)."""
+    if ray.is_initialized():
+        serve.delete(APP)
+
+
+def serve_forever(model: Model, settings: ServeSettings) -> None:
+    """`fluxdemo serve`: the replicas deployed on a running cluster (a process's own Ray would end with it) and kept
+    up until Ctrl+C; `python app.py --ray ADDRESS` then sends its runs there."""
+    connect(settings.address or "auto")
+    _, replicas = deploy(model, settings)
+    address = ray.get_runtime_context().gcs_address
+    logger.info(
+        "%d replicas of %s are up as the Serve application %r; start the page with: python app.py --ray %s "
+        "(Ctrl+C here takes them down)",
+        replicas,
+        model.preset.name,
+        APP,
+        address,
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(APP)

@@ -61,7 +61,7 @@ STRATEGY_HELP = (
     "auto: planned from free memory for each image size. resident: all on the GPU; model-offload: one large part "
     "at a time; group-offload: the transformer a few blocks at a time; disk: the least RAM"
 )
-GPU_EVENT = dict(concurrency_limit=1, concurrency_id="gpu")  # one model job at a time, across all events
+GPU_EVENT = dict(concurrency_limit=1, concurrency_id="gpu")  # one model job at a time, across all events (or replica)
 HUB_EVENT = dict(concurrency_limit=HUB_DOWNLOADS, concurrency_id="hub", api_visibility="private")
 # Cheap events skip the queue from a page, and join it from gradio_client under a bound of their own (admission):
 # a full model queue never turns away a Cancel, an inspect, a refresh or an upload.
@@ -330,7 +330,7 @@ def _job_events(p: SimpleNamespace) -> list:
             [*inputs, p.history],
             [*outputs[kind], p.info, p.last_run, p.history],
             api_name=kind,
-            **GPU_EVENT,
+            **GPU_EVENT | ({"concurrency_limit": p.manager.runner.jobs} if p.manager.runner else {}),  # one a replica
         )
         fetched.failure(**idle)
         job.then(**idle)

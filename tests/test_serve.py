@@ -12,14 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray  # the extra fluxdemo[ray]: requirements-dev.txt installs it
 import torch
+from PIL import Image
 
 import app
+import fluxdemo.cli
 from fluxdemo.errors import CancelledError, FluxdemoError
 from fluxdemo.model.presets import get_preset
 from fluxdemo.pipeline import Controls, GenerateOptions, Model, ResultsCache, compare, generate, grid
-
-ray = pytest.importorskip("ray", reason='the Ray tests need the extra: pip install "fluxdemo[ray]"')
 
 OPTS = GenerateOptions("a lighthouse at dusk", seed=7, steps=3, width=32, height=32)
 LORA = "peft.safetensors"
@@ -116,13 +117,28 @@ def test_cancel_stops_the_job_on_its_replica(front):
     assert generate(model, OPTS).report["images"]["baseline"]["replica"]  # the replicas serve the next request
 
 
-def test_the_studio_lets_one_model_job_in_per_replica(front):
+def test_the_studio_on_replicas_lets_one_job_in_per_replica_and_shows_who_made_what(front, tiny_kit, one_thread):
+    from gradio_client import Client
+
     from fluxdemo.studio import build_studio
 
     model, _ = front
     demo = build_studio(model)
     limits = {fn.api_name: fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id == "gpu"}
     assert limits == {"compare": 2, "generate": 2, "sweep": 2, "grid": 2}
+    demo.launch(prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        o = replace(OPTS, seed=11)
+        (baseline, adapted), report = client.predict(
+            o.prompt, LORA, 0.5, o.seed, o.steps, o.guidance, o.width, o.height, api_name="/compare"
+        )
+    finally:
+        demo.close()
+    assert {report["images"][label]["replica"] for label in ("baseline", "lora")} == set(report["replicas"])
+    here = compare(Model(model.preset, device="cpu", lora_dir=tiny_kit / "loras"), o, LORA, 0.5)
+    assert np.array_equal(np.asarray(Image.open(adapted).convert("RGB")), pixels(here.images["lora"]))
+    assert np.array_equal(np.asarray(Image.open(baseline).convert("RGB")), pixels(here.images["baseline"]))
 
 
 def test_without_ray_a_run_imports_no_ray(tiny_kit, tmp_path):
@@ -142,3 +158,8 @@ def test_replicas_without_ray_is_a_sentence(caplog):
     with caplog.at_level(logging.ERROR):
         assert app.main(["--model", "tiny", "--replicas", "2"]) == 2
     assert "--replicas needs --ray: replicas are Ray Serve's." in [r.getMessage() for r in caplog.records]
+
+
+def test_fluxdemo_serve_checks_its_flags_first(capsys):
+    assert fluxdemo.cli.main(["serve", "--model", "tiny", "--replicas", "0"]) == 2
+    assert capsys.readouterr().err == "error: --replicas must be at least 1, but is 0.\n"

@@ -26,11 +26,13 @@ CPU_REPLICAS = 2  # replicas when the cluster has no GPU and none were asked for
 class ServeSettings:
     """Where and how many: `address` of a running Ray cluster (None: RAY_ADDRESS, a cluster started on this machine
     with `ray start`, else a new one here); `replicas` (None: the running application's, else one per GPU of the
-    cluster, else CPU_REPLICAS); `threads`, torch threads per CPU replica (None: the cluster's CPUs shared out)."""
+    cluster, else CPU_REPLICAS); `threads`, torch threads per CPU replica (None: the cluster's CPUs shared out);
+    `app`, the Serve application's name (two fronts of other models, or bench/scale.py's 1 and 2, side by side)."""
 
     address: str | None = None
     replicas: int | None = None
     threads: int | None = None
+    app: str = APP
 
     def __post_init__(self) -> None:
         for name in ("replicas", "threads"):
@@ -53,9 +55,9 @@ def connect(address: str | None) -> None:
     serve.start(proxy_location="Disabled")
 
 
-def running_replicas() -> int:
+def running_replicas(name: str = APP) -> int:
     """Replicas of the application running now (0: none deployed)."""
-    app = serve.status().applications.get(APP)
+    app = serve.status().applications.get(name)
     if app is None or DEPLOYMENT not in app.deployments:
         return 0
     return app.deployments[DEPLOYMENT].replica_states.get("RUNNING", 0)
@@ -69,7 +71,7 @@ def deploy(model: Model, settings: ServeSettings) -> tuple[serve.handle.Deployme
     spec = ModelSpec(model.preset, model.requested_strategy, str(model.lora_dir), model.hub_loras, threads)
     where = f"{replicas} GPU replicas" if gpus else f"{replicas} CPU replicas of {threads} threads"
     logger.info("Ray Serve: deploying %s of %s", where, model.preset.name)
-    handle = serve.run(deployment(spec, replicas, bool(gpus)), name=APP, route_prefix=None)
+    handle = serve.run(deployment(spec, replicas, bool(gpus)), name=settings.app, route_prefix=None)
     return handle, replicas
 
 
@@ -77,22 +79,22 @@ def serve_model(model: Model, settings: ServeSettings) -> RayFront:
     """Make `model`'s runs go to Ray Serve replicas: the running application's when no replica count is asked for,
     else freshly deployed ones (taken down when this process ends)."""
     connect(settings.address)
-    replicas = running_replicas() if settings.replicas is None else 0
+    replicas = running_replicas(settings.app) if settings.replicas is None else 0
     if replicas:
-        handle = serve.get_app_handle(APP)
-        logger.info("Ray Serve: using the running application %r (%d replicas)", APP, replicas)
+        handle = serve.get_app_handle(settings.app)
+        logger.info("Ray Serve: using the running application %r (%d replicas)", settings.app, replicas)
     else:
         handle, replicas = deploy(model, settings)
-        atexit.register(_take_down)
+        atexit.register(_take_down, settings.app)
     front = RayFront(handle, replicas)
     model.runner = front
     return front
 
 
-def _take_down() -> None:
+def _take_down(app: str) -> None:
     """The replicas this process deployed, taken down as it ends (unless Ray went first)."""
     if ray.is_initialized():
-        serve.delete(APP)
+        serve.delete(app)
 
 
 def serve_forever(model: Model, settings: ServeSettings) -> None:
@@ -106,11 +108,11 @@ def serve_forever(model: Model, settings: ServeSettings) -> None:
         "(Ctrl+C here takes them down)",
         replicas,
         model.preset.name,
-        APP,
+        settings.app,
         address,
     )
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.delete(APP)
+        serve.delete(settings.app)

@@ -77,12 +77,14 @@ class RayFront:
         (gradio's progress belongs to it) and watches Cancel."""
         events: queue.Queue = queue.Queue()
         responses: dict[int, object] = {}
+        halt = threading.Event()  # no job sends again once the run is given up
         with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="fluxdemo-job") as pool:
-            futures = [pool.submit(self._job, n, job, batch, controls.cache_scope, events, responses) for n, job in
-                       enumerate(jobs)]  # fmt: skip
+            futures = [pool.submit(self._job, n, job, batch, controls.cache_scope, events, responses, halt)
+                       for n, job in enumerate(jobs)]  # fmt: skip
             try:
                 self._watch(futures, events, controls, sum(len(job.specs) for job in jobs))
             except BaseException:
+                halt.set()
                 for response in list(responses.values()):
                     response.cancel()
                 raise
@@ -107,9 +109,13 @@ class RayFront:
             elif kind == "step" and controls.progress:
                 controls.progress(*event)
 
-    def _job(self, n: int, job: Job, batch: int, scope: str, events: queue.Queue, responses: dict) -> Part | None:
+    def _job(
+        self, n: int, job: Job, batch: int, scope: str, events: queue.Queue, responses: dict, halt: threading.Event
+    ) -> Part:
         """One job's stream read to its end, on a live replica: a replica that dies costs one retry."""
         for attempt in range(1, ATTEMPTS + 1):
+            if halt.is_set():
+                break
             options = self.handle.options(stream=True, multiplexed_model_id=job.stack_id)
             responses[n] = response = options.job.remote(job.specs, batch, scope)
             replica = None
@@ -134,6 +140,7 @@ class RayFront:
                 raise CancelledError("Cancelled.") from e
             finally:
                 self.busy.pop(replica, None)
+        raise CancelledError("Cancelled.")
 
 
 def _same_files(manager: Model, resolved: dict, specs: list[ImageSpec], parts: list[Part]) -> None:

@@ -2,8 +2,8 @@
 
     python bench/scale.py [--kind tiny-wide] [--requests 12] [--rounds 2]
 
-Two Serve applications side by side on a local Ray instance with 2 CPUs, one of 1 replica and one of 2 (one torch
-thread each), each warmed (model loaded, LoRA and prompt seen) before it is timed; then rounds that take turns
+Two Serve applications side by side on a local Ray instance (4 logical CPUs: a replica asks one), one of 1 replica
+and one of 2 (one torch thread each), each warmed (model loaded, LoRA and prompt seen) before it is timed; then rounds that take turns
 between them, so a change in the machine's load falls on both:
 1. Throughput: `--requests` single-image requests sent at once (each its own seed, so nothing is reused):
    seconds on 1 replica / seconds on 2, summed over the rounds. Target >= 1.6.
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)  # 3 replicas
     models = {replicas: deployed(args.kind, replicas) for replicas in (1, 2)}
     many, pair = {1: 0.0, 2: 0.0}, {1: 0.0, 2: 0.0}
     for n in range(args.rounds):

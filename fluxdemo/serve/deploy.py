@@ -50,7 +50,7 @@ def connect(address: str | None) -> None:
             where = "here or at RAY_ADDRESS" if address == "auto" else f"at {address}"
             raise FluxdemoError(
                 f"No Ray cluster answers {where}: start one with `ray start --head`, then pass the address it "
-                "prints (e.g. --ray 10.0.0.1:6379)."
+                "prints (e.g. --ray 10.0.0.1:6379); a cluster with token authentication also wants RAY_AUTH_TOKEN."
             ) from e
     serve.start(proxy_location="Disabled")
 

@@ -3,8 +3,8 @@
     python bench/scale.py [--kind tiny-wide] [--requests 12] [--rounds 2]
 
 Two Serve applications side by side on a local Ray instance (4 logical CPUs: a replica asks one), one of 1 replica
-and one of 2 (one torch thread each), each warmed (model loaded, LoRA and prompt seen) before it is timed; then rounds that take turns
-between them, so a change in the machine's load falls on both:
+and one of 2 (one torch thread each), each warmed (model loaded, LoRA and prompt seen) before it is timed; then
+rounds that take turns between them, so a change in the machine's load falls on both:
 1. Throughput: `--requests` single-image requests sent at once (each its own seed, so nothing is reused):
    seconds on 1 replica / seconds on 2, summed over the rounds. Target >= 1.6.
 2. Compare latency: a compare (a new seed, so both images are made) on 2 replicas, its two images at once, against

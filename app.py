@@ -40,6 +40,7 @@ logger = logging.getLogger("fluxdemo")
 MB = 2**20
 GB = 2**30
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+RAY_HERE = "here"  # --ray without an address
 
 
 class Flag(NamedTuple):
@@ -98,6 +99,23 @@ SERVER_FLAGS = (
         "fetch the model's files in the background at launch, the page saying how far it is, so that the first "
         "run does not download them; auto: on a Hugging Face Space (SPACE_ID set) (default: %(default)s)",
         options={"choices": ("auto", "on", "off")},
+    ),
+    Flag(
+        "--ray",
+        None,
+        None,
+        "make the model's images on Ray Serve replicas (pip install \"fluxdemo[ray]\"): at ADDRESS, a cluster's "
+        "(`ray start --head` prints it); without one, RAY_ADDRESS or a cluster started on this machine, else a new "
+        "one here",
+        options={"nargs": "?", "const": RAY_HERE, "metavar": "ADDRESS"},
+    ),
+    Flag(
+        "--replicas",
+        None,
+        None,
+        "with --ray: model replicas, one device each (default: the running `fluxdemo serve`'s, else one per GPU, "
+        "else 2 on the CPU)",
+        int,
     ),
     Flag(
         "--hub-lora-quota-gb",
@@ -232,6 +250,8 @@ def check_flags(args: argparse.Namespace) -> Limits:
         raise FluxdemoError(f"{named('--cache-images')} must be 0 or more, but is {args.cache_images}.")
     if not 1 <= args.batch <= MAX_BATCH:
         raise FluxdemoError(f"{named('--batch')} must be from 1 to {MAX_BATCH}, but is {args.batch}.")
+    if args.replicas is not None and args.ray is None:
+        raise FluxdemoError("--replicas needs --ray: replicas are Ray Serve's.")
     for f in SERVER_FLAGS:  # argparse checks a flag's choices, not a variable's
         choices, value = (f.options or {}).get("choices"), getattr(args, f.flag[2:].replace("-", "_"))
         if choices and value not in choices:
@@ -299,6 +319,18 @@ def launch_options(args: argparse.Namespace, auth: tuple[str, str] | None) -> di
     return options
 
 
+def scale_out(manager, args: argparse.Namespace) -> None:
+    """The model's images made on Ray Serve replicas; Ray is imported here only, so without --ray it never is."""
+    if zero_gpu.on_zero_gpu():
+        raise FluxdemoError("--ray and ZeroGPU do not mix: on a ZeroGPU Space, Hugging Face's pool already scales.")
+    try:
+        from fluxdemo.serve import ServeSettings, serve_model
+    except ImportError as e:
+        raise FluxdemoError(f'--ray needs Ray Serve ({e.name} is missing): pip install "fluxdemo[ray]".') from e
+    address = None if args.ray == RAY_HERE else args.ray
+    serve_model(manager, ServeSettings(address=address, replicas=args.replicas))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -318,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         manager, _ = manager_from_args(args, hub_loras(args))
         if on_zero_gpu:
             zero_gpu.preload_for_zero_gpu(manager, draw)
-        download = None if on_zero_gpu else start_download(args, manager.preset, os.environ)
+        download = None if on_zero_gpu or args.ray is not None else start_download(args, manager.preset, os.environ)
+        if args.ray is not None:
+            scale_out(manager, args)
     except FluxdemoError as e:
         logger.error("%s", e)
         return 2

@@ -1,4 +1,4 @@
-"""python -m fluxdemo generate | compare | grid | inspect-lora | download | tiny
+"""python -m fluxdemo generate | compare | grid | inspect-lora | download | tiny | serve
 
 Every verb is a thin shell over a library call; errors a user can fix print one line and exit 2.
 """
@@ -156,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--kind", default="tiny", choices=("tiny", "tiny-wide"))
     p.add_argument("--seed", type=int, default=0)
+    p = verbs.add_parser(
+        "serve", help='keep model replicas up on a Ray cluster for `python app.py --ray` (pip install "fluxdemo[ray]")'
+    )
+    add_model_flags(p)
+    p.add_argument(
+        "--ray", metavar="ADDRESS", help="the cluster (default: RAY_ADDRESS, or one `ray start` began here)"
+    )
+    p.add_argument("--replicas", type=int, help="one device each (default: one per GPU of the cluster, else 2)")
+    p.add_argument("--replica-threads", type=int, help="torch threads per CPU replica (default: the CPUs shared out)")
+    p.set_defaults(lora=None, strength=1.0)
     # -v after the verb too: SUPPRESS leaves the main parser's value alone unless the verb's -v is given.
     for p in verbs.choices.values():
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
@@ -319,8 +329,21 @@ def cmd_tiny(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:  # Ray is imported for this verb only: the extra `fluxdemo[ray]`
+        from fluxdemo.serve import ServeSettings, serve_forever
+    except ImportError as e:
+        raise OptionsError(
+            f'fluxdemo serve needs Ray Serve ({e.name} is missing): pip install "fluxdemo[ray]".'
+        ) from e
+    settings = ServeSettings(address=args.ray, replicas=args.replicas, threads=args.replica_threads)
+    manager, _ = manager_from_args(args)
+    serve_forever(manager, settings)
+    return 0
+
+
 VERBS = {"generate": cmd_generate, "compare": cmd_compare, "grid": cmd_grid, "inspect-lora": cmd_inspect_lora,
-         "download": cmd_download, "tiny": cmd_tiny}  # fmt: skip
+         "download": cmd_download, "tiny": cmd_tiny, "serve": cmd_serve}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

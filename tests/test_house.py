@@ -9,7 +9,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fluxdemo"
 # Each module's floor: an import may point into the same floor or a lower one, never up.
-FLOORS = {"model": 1, "lora": 2, "pipeline": 3, "studio": 4, "flags": 4, "cli": 5, "__main__": 6}
+FLOORS = {"model": 1, "lora": 2, "pipeline": 3, "serve": 4, "studio": 5, "flags": 5, "cli": 6, "__main__": 7}
 BIG_ALLOWED = {"model/tiny.py"}  # the tiny-kit builder: one table-like recipe per component
 MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_CLASS_LINES = 450, 60, 300
 

@@ -86,6 +86,8 @@ def run(
     kept factored only with their own stack). About 1.3-2.6x faster on a CPU (bench/RESULTS.md), within 1/255 of
     one at a time but not bit-identical, so batched images are cached apart from unbatched ones; the report lists
     the batches."""
+    if manager.runner is not None:  # made elsewhere, e.g. on Ray Serve replicas (fluxdemo.serve.front)
+        return manager.runner.run(manager, specs, controls, cache, batch)
     # 1. Check every option and every stack, before anything is loaded or applied.
     specs, resolved = _check(manager, specs, batch)
     if cache is not None:

@@ -4,8 +4,10 @@ prompt embeddings; `open_model()` wires them together (the manager tells the ada
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from fluxdemo.lora import Adapters, HubLoras, LoraLibrary
 from fluxdemo.lru import LRU
@@ -16,6 +18,15 @@ from fluxdemo.model.presets import Preset
 EMBEDDINGS_KEPT = 64  # T5 and CLIP outputs, each under its own key
 
 
+class Runner(Protocol):
+    """Where a run's images are made when not in this process (fluxdemo.serve: Ray Serve replicas); `jobs` is how
+    many runs may go at once. Its `run` has experiments.run's arguments and result."""
+
+    jobs: int
+
+    def run(self, manager: Model, specs: Sequence, controls, cache, batch: int): ...
+
+
 @dataclass
 class Model(ModelManager):
     """A ModelManager with what a run needs beside the components: the LoRA folder (and Hub LoRAs) as a library,
@@ -23,6 +34,7 @@ class Model(ModelManager):
 
     lora_dir: Path = Path("loras")
     hub_loras: HubLoras = HubLoras()  # what LoRAs named by a Hub repo may be fetched, and how
+    runner: Runner | None = None  # None: runs are made here; else where (the model then never loads here)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -337,7 +337,7 @@ class Studio:
         session = session_of(request)
         with self.cancel_flags.watch(request) as cancelled:
             controls = self._controls(session, cancelled, progress)
-            if not set(MODEL_COMPONENTS) <= set(self.manager.loaded()):
+            if self.manager.runner is None and not set(MODEL_COMPONENTS) <= set(self.manager.loaded()):
                 progress(0, desc="Loading the model")
             try:
                 result = run_on_gpu(task, self.manager, ask.options, ask.images, controls)

@@ -14,7 +14,7 @@ from fluxdemo.studio.forms import FIELDS, read_request
 from fluxdemo.studio.render import show_run
 
 HUB_DOWNLOADS = 2  # Hub LoRA downloads at once, for every visitor together
-GPU_EVENT = dict(concurrency_limit=1, concurrency_id="gpu")  # one model job at a time, across all events
+GPU_EVENT = dict(concurrency_limit=1, concurrency_id="gpu")  # one model job at a time, across all events (or replica)
 HUB_EVENT = dict(concurrency_limit=HUB_DOWNLOADS, concurrency_id="hub", api_visibility="private")
 # Cheap events skip the queue from a page, and join it from gradio_client under a bound of their own (admission):
 # a full model queue never turns away a Cancel, an inspect, a refresh or an upload.
@@ -99,7 +99,7 @@ def job_events(p: SimpleNamespace) -> list:
             [*p.made[kind], p.made_report, p.last_run, p.history],
             api_name=kind,
             show_progress_on=p.progress,
-            **GPU_EVENT,
+            **GPU_EVENT | ({"concurrency_limit": p.manager.runner.jobs} if p.manager.runner else {}),  # one a replica
         )
         for failed in (check, job):  # gradio 6.31's page skips .then on errors
             failed.failure(**idle)

@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import sys
 import traceback
 from collections.abc import Callable
@@ -27,7 +26,8 @@ from fluxdemo.flags import (
     manager_from_args,
     quiet_libraries,
 )
-from fluxdemo.model.presets import CLI_FLAGS, DEFAULT_PRESET, ENV_OVERRIDES, PRESETS, get_preset
+from fluxdemo.model.kits import kit_usage
+from fluxdemo.model.presets import CLI_FLAGS, DEFAULT_PRESET, PRESETS, get_preset
 from fluxdemo.pipeline.options import MAX_BATCH, STRENGTH_RANGE, GenerateOptions, check_lora_strength
 
 logger = logging.getLogger("fluxdemo")
@@ -420,21 +420,6 @@ def _check_out(args: argparse.Namespace) -> None:
     if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
         why = "is a file" if not nearest.is_dir() else "is not writable"
         raise OptionsError(f"{out} cannot be written: {nearest} {why}; choose another --out.")
-
-
-def kit_usage(kit: Path, kind: str) -> str:
-    """What `tiny --out` prints: the kit's folder, then the commands that use it (each of its files named by its
-    FLUXDEMO_* variable, so nothing is taken from the kit cache)."""
-    kit = kit.absolute()
-    sources = PRESETS[kind].sources()
-    files = " ".join(f"{env}={shlex.quote(str(kit / sources[c].path))}" for env, c in ENV_OVERRIDES.items())
-    lora = f"--lora-dir {shlex.quote(str(kit / 'loras'))}"
-    return (
-        f"{kit}\nThe {kind} kit is ready. Point the model's files at it, then use it as --model {kind}:\n"
-        f"  export {files}\n"
-        f"  python -m fluxdemo compare --model {kind} {lora} --lora peft --prompt 'a red fox' --out compare/\n"
-        f"  python app.py --model {kind} {lora}"
-    )
 
 
 def _fill_image_defaults(args: argparse.Namespace) -> None:

@@ -58,20 +58,20 @@ def test_a_compare_runs_on_two_replicas_and_equals_the_single_process_compare(fr
     model, _ = front
     cache = ResultsCache()
     result = compare(model, OPTS, LORA, 0.8, cache=cache)
-    made_by = {label: entry["replica"] for label, entry in result.report["images"].items()}
+    made_by = {label: entry.replica for label, entry in result.report.images.items()}
     assert made_by["baseline"] != made_by["lora"]  # the two images at once, on the two replicas
-    assert set(result.report["replicas"]) == set(made_by.values())
-    assert result.report["model"]["preset"] == "tiny" and result.report["batches"] == [["baseline"], ["lora"]]
+    assert set(result.report.replicas) == set(made_by.values())
+    assert result.report.model.preset == "tiny" and result.report.batches == [["baseline"], ["lora"]]
     here = compare(
         Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=tiny_kit / "loras"), OPTS, LORA, 0.8
     )
     for label in ("baseline", "lora"):
         assert np.array_equal(pixels(result.images[label]), pixels(here.images[label])), label
-    assert result.report["images"]["lora"]["loras"] == here.report["images"]["lora"]["loras"]
+    assert result.report.images["lora"].loras == here.report.images["lora"].loras
     # The results cache stays in front: a new strength reuses the baseline, wherever it was made.
     again = compare(model, OPTS, LORA, 0.4, cache=cache)
-    assert "baseline" in again.report["reused"] and "replica" not in again.report["images"]["baseline"]
-    assert list(again.report["replicas"]) == [again.report["images"]["lora"]["replica"]]
+    assert "baseline" in again.report.reused and again.report.images["baseline"].replica is None
+    assert list(again.report.replicas) == [again.report.images["lora"].replica]
     assert np.array_equal(pixels(again.images["baseline"]), pixels(result.images["baseline"]))
 
 
@@ -93,17 +93,17 @@ def test_a_replica_killed_during_a_grid_costs_one_retry_and_the_next_request_wor
         assert str(e).startswith("The model replica making ") and str(e).endswith("run it again."), str(e)
     else:
         assert killed and len(result.images) == 6
-        assert killed[0] not in {entry.get("replica") for entry in result.report["images"].values()}
-        for cell in result.report["cells"]:  # every cell is the picture a single process makes
-            stack = [(x["name"], x["strength"]) for x in cell["loras"]]
+        assert killed[0] not in {entry.replica for entry in result.report.images.values()}
+        for cell in result.report.cells:  # every cell is the picture a single process makes
+            stack = [(x.name, x.strength) for x in cell.loras]
             one = generate(
                 Model(model.preset, device="cpu", lora_dir=model.lora_dir),
                 replace(options, prompt="a fox", seed=1),
                 stack,
             )
-            assert np.array_equal(pixels(result.images[cell["label"]]), pixels(next(iter(one.images.values()))))
+            assert np.array_equal(pixels(result.images[cell.label]), pixels(next(iter(one.images.values()))))
     after = generate(model, OPTS, LORA)
-    assert after.report["images"]["lora"]["replica"] != killed[0]
+    assert after.report.images["lora"].replica != killed[0]
 
 
 def test_cancel_stops_the_job_on_its_replica(front):
@@ -114,7 +114,7 @@ def test_cancel_stops_the_job_on_its_replica(front):
 
     with pytest.raises(CancelledError):
         generate(model, replace(OPTS, steps=100), LORA, controls=Controls(cancelled=cancel_once_started))
-    assert generate(model, OPTS).report["images"]["baseline"]["replica"]  # the replicas serve the next request
+    assert generate(model, OPTS).report.images["baseline"].replica  # the replicas serve the next request
 
 
 def test_the_studio_on_replicas_lets_one_job_in_per_replica_and_shows_who_made_what(front, tiny_kit, one_thread):

@@ -44,6 +44,7 @@ class ImageReport(Record):
     options: GenerateOptions
     loras: list[LoraUse]
     reused: bool
+    replica: str | None = optional()  # the Ray Serve replica that made it (fluxdemo.serve)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,6 +104,17 @@ class GridLayout(Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ReplicaReport(Record):
+    """What one Ray Serve replica made of a run (fluxdemo.serve), and on what."""
+
+    images: list[str]
+    model: ModelInfo
+    strategy: str
+    memory: MemoryReport
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunReport(Record):
     """One run: the first image's options, the model, each image by label, the LoRAs, what was reused, the stage
     timeline, the memory strategy and peaks; a grid adds its cells and layout."""
@@ -124,3 +136,4 @@ class RunReport(Record):
     batches: list[list[str]]  # the image labels of each transformer pass
     cells: list[GridCell] | None = optional()
     grid: GridLayout | None = optional()
+    replicas: dict[str, ReplicaReport] | None = optional()

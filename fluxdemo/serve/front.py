@@ -65,8 +65,7 @@ class RayFront:
         with self._lock:
             for spec in todo if cache is not None else ():
                 cache.put(keys[spec.label], made[keys[spec.label]])
-        report = _report(manager, specs, resolved, {}, reused, todo, timeline, start)
-        report["batches"] = []
+        report = _report(manager, specs, resolved, {}, reused, todo, timeline, start, [])
         if parts:
             replica_of = {s.label: by_key[keys[s.label]][1] for s in specs if s.label not in reused}
             report = merge(report, parts, replica_of, time.perf_counter() - start)
@@ -148,13 +147,13 @@ def _same_files(manager: Model, resolved: dict, specs: list[ImageSpec], parts: l
     make other pictures under the front's cache keys)."""
     shas = {spec.label: [e.sha256 for e, _ in resolved[spec.stack].named] for spec in specs}
     for part in parts:
-        if part.report["model"]["preset"] != manager.preset.name:
+        if part.report.model.preset != manager.preset.name:
             raise FluxdemoError(
-                f"Replica {part.replica} runs the model {part.report['model']['preset']}, the front "
+                f"Replica {part.replica} runs the model {part.report.model.preset}, the front "
                 f"{manager.preset.name}: start both with the same --model."
             )
-        for label, entry in part.report["images"].items():
-            if [lora["sha256"] for lora in entry["loras"]] != shas[label]:
+        for label, entry in part.report.images.items():
+            if [lora.sha256 for lora in entry.loras] != shas[label]:
                 raise LoraError(
                     f"Replica {part.replica} read other LoRA files than the front for {label}: every machine needs "
                     "the same LoRA folder (a shared path)."

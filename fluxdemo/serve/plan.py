@@ -8,9 +8,10 @@ report is experiments.run's own for the whole run, with each image's replica and
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fluxdemo.pipeline.experiments import ImageSpec
+from fluxdemo.pipeline.report import ReplicaReport, RunReport
 
 
 @dataclass(frozen=True)
@@ -37,31 +38,40 @@ def split(todo: Sequence[ImageSpec], resolved: dict, batch: int) -> list[Job]:
     ]
 
 
-def merge(report: dict, parts: Sequence, replica_of: dict[str, str], seconds: float) -> dict:
+def merge(report: RunReport, parts: Sequence, replica_of: dict[str, str], seconds: float) -> RunReport:
     """The front's report for the whole run (experiments' own, with the front's reuses) completed by the parts
     the replicas made: which replica made each image (`replica_of`: label -> replica), their stages, batches and
     model facts."""
-    for label, replica in replica_of.items():
-        report["images"][label]["replica"] = replica
-    first = parts[0].report
-    report["replicas"] = {
-        part.replica: {
-            "images": list(part.report["images"]),
-            "model": part.report["model"],
-            "strategy": part.report["strategy"],
-            "memory": part.report["memory"],
-            "seconds": part.report["seconds"],
-        }
+    images = {
+        label: replace(image, replica=replica_of[label]) if label in replica_of else image
+        for label, image in report.images.items()
+    }
+    replicas = {
+        part.replica: ReplicaReport(
+            images=list(part.report.images),
+            model=part.report.model,
+            strategy=part.report.strategy,
+            memory=part.report.memory,
+            seconds=part.report.seconds,
+        )
         for part in parts
     }
-    stages = [s for part in parts for s in part.report["reused"] if s.startswith("encode")]
-    report["reused"] = list(dict.fromkeys(stages)) + [s for s in report["reused"] if not s.startswith("encode")]
-    report["model"], report["strategy"], report["memory"] = first["model"], first["strategy"], first["memory"]
-    report["events"] = [event for part in parts for event in part.report["events"]]
-    report["truncated_tokens"] = max(part.report["truncated_tokens"] for part in parts)
-    report["timeline"] += [
-        {**stage, "name": f"{stage['name']} [{part.replica}]"} for part in parts for stage in part.report["timeline"]
+    first = parts[0].report
+    stages = [s for part in parts for s in part.report.reused if s.startswith("encode")]
+    timeline = report.timeline + [
+        replace(stage, name=f"{stage.name} [{part.replica}]") for part in parts for stage in part.report.timeline
     ]
-    report["batches"] = [labels for part in parts for labels in part.report["batches"]]
-    report["seconds"] = seconds
-    return report
+    return replace(
+        report,
+        images=images,
+        replicas=replicas,
+        reused=list(dict.fromkeys(stages)) + [s for s in report.reused if not s.startswith("encode")],
+        model=first.model,
+        strategy=first.strategy,
+        memory=first.memory,
+        events=[event for part in parts for event in part.report.events],
+        truncated_tokens=max(part.report.truncated_tokens for part in parts),
+        timeline=timeline,
+        batches=[labels for part in parts for labels in part.report.batches],
+        seconds=seconds,
+    )

@@ -22,6 +22,7 @@ from fluxdemo.lora import HubLoras
 from fluxdemo.model.presets import Preset
 from fluxdemo.pipeline.experiments import ImageSpec, run
 from fluxdemo.pipeline.model import open_model
+from fluxdemo.pipeline.report import RunReport
 from fluxdemo.pipeline.stages import Controls
 
 # The stacks a replica says it holds, for Ray Serve's routing: a LoRA adapter stays loaded on the replica's model
@@ -47,7 +48,7 @@ class Part:
     replica: str
     actor: str  # the replica's Ray actor name (namespace "serve"), e.g. to stop it
     images: dict[str, Image.Image]
-    report: dict
+    report: RunReport
 
 
 class FluxReplica:

@@ -350,6 +350,7 @@ def _report(manager, specs, resolved, embeddings, reused, todo, timeline, start)
         "truncated_tokens": max((e.truncated_tokens for e in encodings), default=0),
         "reused": stages,
         "strategy": manager.strategy,
+        **manager.weights_choice.report(),
         "events": list(manager.events),
         "timeline": timeline.to_list(),
         "seconds": time.perf_counter() - start,

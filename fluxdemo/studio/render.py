@@ -87,6 +87,8 @@ def run_summary(report: dict) -> str:
         f"Memory strategy **{report['strategy']}** on {model['device']} ({model['dtype']}) · " + " · ".join(peaks),
         f"Denoising: {speeds}",
     ]
+    if report.get("weights_reason"):  # which weight format ran, and why (fluxdemo.model.weights)
+        lines.append(report["weights_reason"])
     lines += [f"Note: {event}" for event in report.get("events", [])]  # e.g. an out-of-memory fallback
     return "\n\n".join(lines)
 

@@ -27,6 +27,7 @@ from fluxdemo.lora.hub import HUB_LORA_QUOTA_BYTES
 from fluxdemo.model.manager import STRATEGIES
 from fluxdemo.model.prefetch import Prefetch
 from fluxdemo.model.presets import DEFAULT_PRESET, PRESETS, Preset
+from fluxdemo.model.weights import WEIGHT_FORMATS
 from fluxdemo.pipeline import DEFAULT_CACHE_IMAGES, MAX_BATCH, PUBLIC_STRENGTH_RANGE, STRENGTH_RANGE
 from fluxdemo.pipeline.limits import DEFAULT_MAX_JOBS_PER_CLIENT, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_WORK, Limits
 from fluxdemo.pipeline.previews import preview_drawer
@@ -175,7 +176,12 @@ LIMIT_FLAGS = (
     ),
 )
 # The model flags a Space may set by variable (add_model_flags declares them); the strategy is the operator's only.
-MODEL_VARIABLES = {"--model": "FLUXDEMO_MODEL", "--lora-dir": "FLUXDEMO_LORA_DIR", "--strategy": "FLUXDEMO_STRATEGY"}
+MODEL_VARIABLES = {
+    "--model": "FLUXDEMO_MODEL",
+    "--lora-dir": "FLUXDEMO_LORA_DIR",
+    "--strategy": "FLUXDEMO_STRATEGY",
+    "--weights": "FLUXDEMO_WEIGHTS",
+}
 VARIABLES = {**MODEL_VARIABLES, **{f.flag: f.env for f in (*SERVER_FLAGS, *LIMIT_FLAGS) if f.env}}
 EXAMPLES = {f.env: f.example for f in (*SERVER_FLAGS, *LIMIT_FLAGS) if f.example}
 EPILOG = (
@@ -221,7 +227,10 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
     )
     # Parser-level defaults override add_model_flags' own.
     parser.set_defaults(
-        model=env.get("FLUXDEMO_MODEL", DEFAULT_PRESET), strategy=env.get("FLUXDEMO_STRATEGY", "auto"), lora=None
+        model=env.get("FLUXDEMO_MODEL", DEFAULT_PRESET),
+        strategy=env.get("FLUXDEMO_STRATEGY", "auto"),
+        weights=env.get("FLUXDEMO_WEIGHTS", "auto"),
+        lora=None,
     )
     if env.get("FLUXDEMO_LORA_DIR"):
         parser.set_defaults(lora_dir=Path(env["FLUXDEMO_LORA_DIR"]))
@@ -246,6 +255,9 @@ def check_flags(args: argparse.Namespace) -> Limits:
     if args.strategy not in ("auto", *STRATEGIES):
         choices = ", ".join(("auto", *STRATEGIES))
         raise FluxdemoError(f"{named('--strategy')} must be one of {choices}, but is {args.strategy!r}.")
+    if args.weights not in WEIGHT_FORMATS:
+        choices = ", ".join(WEIGHT_FORMATS)
+        raise FluxdemoError(f"{named('--weights')} must be one of {choices}, but is {args.weights!r}.")
     if args.cache_images < 0:
         raise FluxdemoError(f"{named('--cache-images')} must be 0 or more, but is {args.cache_images}.")
     if not 1 <= args.batch <= MAX_BATCH:

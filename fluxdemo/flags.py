@@ -31,6 +31,11 @@ STRATEGY_HELP = (
     "where components wait between stages: auto (planned from free VRAM), resident, model-offload, group-offload, disk"
 )
 
+WEIGHTS_HELP = (
+    "the transformer's weight format: auto (bf16 where it fits, fp8 on GPUs with fp8 units, else GGUF; GGUF on the "
+    "CPU), gguf, bf16, fp8 (needs torchao)"
+)
+
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """--model, the local-file overrides, --device, --strategy, --lora-dir: shared by the CLI and app.py."""
@@ -44,6 +49,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, type=Path, metavar="PATH", dest=component, help=help_text)
     g.add_argument("--device", default=None, help="execution device: cuda, cuda:1, mps, cpu (default: best found)")
     g.add_argument("--strategy", default="auto", help=STRATEGY_HELP)
+    g.add_argument("--weights", default="auto", help=WEIGHTS_HELP)
     g.add_argument("--lora-dir", type=Path, default=None, help="LoRA folder (default: loras/, or the tiny kit's)")
 
 
@@ -65,7 +71,9 @@ def manager_from_args(args: argparse.Namespace, hub_loras: HubLoras | None = Non
         _warn_real_model_on_cpu(preset)
     if hub_loras is None:
         hub_loras = cli_hub_loras()
-    manager = open_model(preset, device=device, strategy=args.strategy, lora_dir=lora_dir, hub_loras=hub_loras)
+    manager = open_model(
+        preset, device=device, strategy=args.strategy, weights=args.weights, lora_dir=lora_dir, hub_loras=hub_loras
+    )
     return manager, stacks
 
 

@@ -23,7 +23,15 @@ def test_a_compare_report_is_typed_and_writes_the_same_json_keys_in_order(manage
     assert report.images["lora"].loras[0].sha256 == report.loras[0].sha256 and report.images["baseline"].loras == []
     data = json.loads(json.dumps(report.to_dict()))
     assert list(data) == TOP
-    assert list(data["model"]) == ["preset", "transformer_quant", "t5_quant", "dtype", "device"]
+    assert list(data["model"]) == [
+        "preset",
+        "transformer_quant",
+        "t5_quant",
+        "dtype",
+        "device",
+        "weights",
+        "weights_reason",
+    ]
     assert data["options"] == {"prompt": "a report", "seed": 7, "steps": 1, "guidance": 3.5, "width": 16,
                                "height": 16, "max_sequence_length": 512}  # fmt: skip
     assert list(data["images"]) == ["baseline", "lora"]

@@ -31,7 +31,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from fluxdemo.errors import OptionsError, OutOfMemoryError
-from fluxdemo.model import files, loading, memory, placement, planner
+from fluxdemo.model import files, loading, memory, placement, planner, weights
 from fluxdemo.model.placement import ComponentState, Move, tensors
 from fluxdemo.model.presets import Preset, Source
 from fluxdemo.model.timeline import Timeline
@@ -64,6 +64,7 @@ class ModelManager:
     strategy: str = "auto"  # "auto" (the planner decides per request) or one of STRATEGIES
     dtype: torch.dtype | None = None  # compute dtype: bf16 on accelerators, fp32 on CPU unless set
     token: str | None = None
+    weights: str = "auto"  # the transformer's weight format: auto (fluxdemo.model.weights chooses) or one of its own
     moves: list[Move] = field(default_factory=list)
     watchers: list[ComponentWatcher] = field(default_factory=list)
 
@@ -86,6 +87,7 @@ class ModelManager:
         # A first plan from the preset's figures alone (reading nothing); each request plans again with real sizes.
         self.plan = self._plan(planner.FLUX_DEV, _sizes(self.preset, self._sizes_seen, path=None))
         self.strategy = self.plan.strategy
+        self.weights_choice = weights.choose_here(self.weights, self.device, _sizes(self.preset, {}, path=None))
         dtype = str(self.dtype).removeprefix("torch.")
         logger.info(
             "model manager: preset %s on %s (%s), strategy %s", self.preset.name, self.device, dtype, self.strategy
@@ -169,7 +171,8 @@ class ModelManager:
         if name not in self._components:
             start = time.perf_counter()
             with self.timeline.stage(f"load {name}"):
-                module, summary = _LOADERS[name](self.path(name), self.config_dir(), self.dtype)
+                loaded = _LOADERS[name](self.path(name), self.config_dir(), self.dtype)
+                module, summary = weights.apply(*loaded, self.weights_choice.format)
             self._components[name] = ComponentState(module, summary, files=loading.file_backed(tensors(module)))
             self._sizes_seen[name] = summary.bytes
             self._log(Move(name, False, loading.module_bytes(module), time.perf_counter() - start, "load"))
@@ -224,10 +227,8 @@ class ModelManager:
         elif state.on_device:
             self._offload(name)
 
-    @property
-    def _pin(
-        self,
-    ) -> bool:  # pinned RAM copies: ~2x faster asynchronous copies, but memory the kernel cannot take back
+    @property  # pinned RAM copies: ~2x faster asynchronous copies, but memory the kernel cannot take back
+    def _pin(self) -> bool:
         return self.plan.ram == "pinned"
 
     def _onload(self, name: str) -> None:

@@ -26,6 +26,8 @@ class ModelInfo(Record):
     t5_quant: str
     dtype: str  # "bfloat16"
     device: str  # "cuda:0", "cpu"
+    weights: str | None = optional()  # the transformer's format: gguf, bf16 or fp8 (fluxdemo.model.weights)
+    weights_reason: str | None = optional()  # why the planner chose it, one sentence
 
 
 @dataclass(frozen=True)

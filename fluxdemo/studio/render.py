@@ -85,6 +85,8 @@ def run_summary(report: RunReport) -> str:
         f"Memory strategy **{report.strategy}** on {model.device} ({model.dtype}) · " + " · ".join(peaks),
         f"Denoising: {speeds}",
     ]
+    if report.model.weights_reason:  # which weight format ran, and why (fluxdemo.model.weights)
+        lines.append(report.model.weights_reason)
     lines += [f"Note: {event}" for event in report.events]  # e.g. an out-of-memory fallback
     return "\n\n".join(lines)
 

@@ -193,7 +193,7 @@ def slammed_door():
 
 def test_an_unreachable_hub_costs_one_request(slammed_door, tmp_path, monkeypatch):
     endpoint, seen = slammed_door
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    th.no_hub_setup(monkeypatch, tmp_path)  # CI runs with HF_HUB_OFFLINE=1, which huggingface_hub read at import
     with pytest.raises(HubError) as e:
         resolve(Source("flux1-dev-Q8_0.gguf", th.GGUF_REPO), component="transformer", preset="dev-q8",
                 offline=False, cache_dir=tmp_path, endpoint=endpoint)  # fmt: skip

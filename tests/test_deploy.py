@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_hub import no_hub_setup
 from huggingface_hub import SpaceHardware, hf_hub_download
 from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
@@ -241,9 +242,8 @@ CONTENTS = {"city/flux": {"flux.gguf": GGUF}, "city/t5": {"t5.gguf": GGUF}, "bfl
 
 
 @pytest.fixture
-def hub_preset(tiny_kit, monkeypatch):
-    for var in ("HF_TOKEN", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
+def hub_preset(tiny_kit, monkeypatch, tmp_path):
+    no_hub_setup(monkeypatch, tmp_path)  # CI runs with HF_HUB_OFFLINE=1, which huggingface_hub read at import
     return dataclasses.replace(PRESETS["tiny"], **HUB_FILES)
 
 

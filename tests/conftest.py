@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import time
@@ -10,6 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# One torch thread per test process (and the apps and CLIs it starts): OpenMP's threads spin while they wait, and
+# beside other work on 2 cores two of them made a tiny compare 10x slower than one (0.24 s against 2.4 s).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 FAILED = pytest.StashKey[bool]()  # set on a test whose call failed, for fixtures that add what they saw
 

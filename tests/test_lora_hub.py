@@ -199,7 +199,8 @@ def test_too_big_and_offline_from_this_apps_own_cache(fake, library, monkeypatch
     fake.requests.clear()
     assert library.get("bob/two-loras/a.safetensors").path == cached.path  # from the cache, named exactly
     with pytest.raises(LoraError, match=r"^bob/style-lora is not among the Hub LoRAs this app downloaded before, "
-                                        r"and offline mode is on \(HF_HUB_OFFLINE=1\)\. Try again once"):  # fmt: skip
+                                        r"and offline mode is on \(HF_HUB_OFFLINE=1\)\. Restart the app with "
+                                        r"HF_HUB_OFFLINE=0 to fetch it \(a LoRA named with its file"):  # fmt: skip
         library.get("bob/style-lora")
     assert fake.requests == []
 

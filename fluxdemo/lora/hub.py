@@ -402,11 +402,15 @@ def _lora_hub_error(error: Exception, ref: HubLoraRef) -> HubError:
             f"{_shown(ref.repo_id)} has no file {_shown(ref.filename)}; see its files at {page}/tree/main."
         )
     if kind == "unreachable":
-        why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline_mode() else "the Hub could not be reached"
+        why, fix = (
+            ("offline mode is on (HF_HUB_OFFLINE=1)", "Restart the app with HF_HUB_OFFLINE=0 to fetch it")
+            if offline_mode()
+            else ("the Hub could not be reached", "Try again once the Hub can be reached")
+        )
         return HubError(
-            f"{_shown(ref)} is not among the Hub LoRAs this app downloaded before, and {why}. Try again once the "
-            "Hub can be reached (a LoRA named with its file, user/repo/file.safetensors, is then kept for offline "
-            "use), or put the .safetensors file in the LoRA folder."
+            f"{_shown(ref)} is not among the Hub LoRAs this app downloaded before, and {why}. {fix} (a LoRA named "
+            "with its file, user/repo/file.safetensors, is then kept for offline use), or put the .safetensors file "
+            "in the LoRA folder."
         )
     if kind == "disk-full":
         return HubError(

@@ -170,19 +170,6 @@ def test_ui_values_become_options():
     assert insert_trigger_words("", {"trigger_words": ["tinycat"]}) == "tinycat"
 
 
-def test_zero_gpu_duration_grows_with_steps_size_and_images():
-    from fluxdemo.studio.zero_gpu import FIXED_SECONDS, MAX_SECONDS, gpu_seconds
-
-    one_megapixel = GenerateOptions("a cat", steps=28, width=1024, height=1024)
-    per_image = round(gpu_seconds(None, None, one_megapixel, 1, None) - FIXED_SECONDS)
-    assert per_image > 0
-    for images in (2, 3, 4):
-        got = gpu_seconds(None, None, one_megapixel, images, None)
-        want = min(MAX_SECONDS, FIXED_SECONDS + images * per_image)
-        assert abs(got - want) <= images  # each image's seconds were rounded
-    assert gpu_seconds(None, None, GenerateOptions("a", steps=100, width=2048, height=2048), 8, None) == MAX_SECONDS
-
-
 def test_error_sentences_reach_clients_without_the_machines_paths(tmp_path, tiny_kit, kit_lora):
     """A missing model file: the server log has the path, the client only the sentence with the path cut short."""
     from fluxdemo.model.presets import get_preset

@@ -439,15 +439,15 @@ def test_the_heaviest_request_is_refused_at_once_and_runs_when_the_operator_rais
         "work; the limit is 512 (the operator can raise it with --max-work or FLUXDEMO_MAX_WORK). Ask for fewer "
         "images, fewer steps or a smaller size."
     )
-    # The same shape of request at 16x16 (183 units: each step carries the prompt's tokens), against a limit
+    # The same sweep at 10 steps and 16x16 (18.28 units: each step carries the prompt's tokens), against a limit
     # lowered below it and then raised above it
-    small = (*heaviest[:6], 16, 16)
-    lowered = pytest.raises(ValidationError, match=r"= 183 units of work; the limit is 182 \(the operator can raise")
-    with launched(app_manager, queue_size=4, limits=Limits(max_work=182)) as local_url, lowered:
+    small = (*heaviest[:4], 10, 3.5, 16, 16)
+    lowered = pytest.raises(ValidationError, match=r"= 18 units of work; the limit is 18.2 \(the operator can raise")
+    with launched(app_manager, queue_size=4, limits=Limits(max_work=18.2)) as local_url, lowered:
         open_client(local_url).predict(*small, api_name="/sweep")
-    with launched(app_manager, queue_size=4, limits=Limits(max_work=183)) as local_url:
+    with launched(app_manager, queue_size=4, limits=Limits(max_work=18.3)) as local_url:
         gallery, report = open_client(local_url).predict(*small, api_name="/sweep")
-    assert len(gallery) == 8 and report["options"]["steps"] == 100
+    assert len(gallery) == 8 and report["options"]["steps"] == 10
 
 
 def wait_for_step(job, at_least: int, deadline_s: float = HANG_S) -> int:

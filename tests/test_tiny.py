@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import gguf
@@ -274,10 +273,8 @@ def test_t5_gguf_loads_in_transformers_and_matches_the_reference(tiny_kit: Path)
 
 
 @pytest.mark.slow
-def test_tiny_wide_kit_loads_with_diffusers_stock_single_file_loader(tiny_kit: Path, tmp_path: Path):
-    start = time.perf_counter()
-    kit = tiny.build_kit(tmp_path / "wide", "tiny-wide")
-    print(f"tiny-wide build: {time.perf_counter() - start:.1f} s")
+def test_tiny_wide_kit_loads_with_diffusers_stock_single_file_loader(tiny_kit: Path, tiny_wide_kit: Path):
+    kit = tiny_wide_kit  # the session's build, which the other real-width tests share
     files = _manifest(kit)["files"]
     for name, source in get_preset("tiny-wide", use_env=False).sources().items():
         assert (kit / source.path).exists(), (name, source.path)

@@ -48,7 +48,7 @@ from fluxdemo.studio.forms import EXTRA_ROWS, FIELDS, Ask, read_request, shown_p
 from fluxdemo.studio.guard import for_people
 from fluxdemo.studio.history import add, entry_of, slider_label
 from fluxdemo.studio.render import STAGE_LABELS
-from fluxdemo.studio.zero_gpu import run_on_gpu
+from fluxdemo.studio.zero_gpu import run_measured
 from fluxdemo.untrusted import MAX_SENTENCE_CHARS, markdown_text, names_list
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 2**20
@@ -161,7 +161,7 @@ def model_job(kind: str) -> Callable:
 
 
 class Studio:
-    """The model jobs and the instant handlers beside them. Model work goes through zero_gpu.run_on_gpu, one job at a
+    """The model jobs and the instant handlers beside them. Model work goes through zero_gpu.run_measured, one job at a
     time (the queue's "gpu" concurrency group, and the manager's lock behind it)."""
 
     def __init__(
@@ -340,7 +340,7 @@ class Studio:
             if self.manager.runner is None and not set(MODEL_COMPONENTS) <= set(self.manager.loaded()):
                 progress(0, desc="Loading the model")
             try:
-                result = run_on_gpu(task, self.manager, ask.options, ask.images, controls)
+                result = run_measured(task, self.manager, ask.options, ask.images, controls)
             finally:
                 self.previews.pop(session, None)
         if self.public:

@@ -9,14 +9,21 @@ the `spaces` package must patch torch first.
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from threading import Lock
 from typing import TypeVar
 
+from fluxdemo.lru import LRU
 from fluxdemo.model.manager import MODEL_COMPONENTS
 from fluxdemo.pipeline.api import Controls, GenerateOptions, Result
+from fluxdemo.pipeline.limits import MEGAPIXEL, STEP_FIXED_PIXELS
 from fluxdemo.pipeline.model import Model
 from fluxdemo.pipeline.previews import DrawPreview, TinyDecoder, latent_preview
+from fluxdemo.pipeline.report import RunReport
 
 try:  # preinstalled on Spaces; optional anywhere else
     import spaces
@@ -45,6 +52,85 @@ ZERO_GPU_STRATEGY = "resident"
 SECONDS_PER_STEP_MEGAPIXEL = 1.2
 FIXED_SECONDS = 15
 MAX_SECONDS = 300  # ZeroGPU weighs each ask against the visitor's daily quota (minutes): never ask for more
+# Once a path has run, its own figures replace that prior: the slowest of its last RUNS_KEPT runs, times MARGIN
+# (ZeroGPU stops a task at its ask, so an ask a little long costs quota and one too short costs the pictures), plus
+# TASK_START_SECONDS for what no run report sees: the fork and its CUDA context.
+RUNS_KEPT = 5
+MARGIN = 1.25
+TASK_START_SECONDS = 5
+PATHS_KEPT = 16  # paths are few (formats x speed settings); a bound all the same
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How fast one path ran: denoising seconds per unit of step work (one image's step at one megapixel of image
+    and prompt tokens, as fluxdemo.pipeline.limits counts them), and the rest of the run's seconds."""
+
+    step_unit_seconds: float
+    fixed_seconds: float
+
+
+def step_units(options: GenerateOptions, images: int) -> float:
+    """The denoising work of `images` images: each step carries the image's tokens and the prompt's."""
+    return images * options.steps * (options.width * options.height + STEP_FIXED_PIXELS) / MEGAPIXEL
+
+
+# the derivation above is for a 1024x1024 step, prompt tokens included
+PRIOR = Pace(
+    SECONDS_PER_STEP_MEGAPIXEL / step_units(GenerateOptions("", steps=1, width=1024, height=1024), 1),
+    FIXED_SECONDS - TASK_START_SECONDS,
+)
+
+
+def path_of(weights: str | None) -> tuple[str, ...]:
+    """What sets a run's pace besides its size: the transformer's weight format."""
+    return (weights or "gguf",)
+
+
+def pace_of(report: RunReport) -> Pace | None:
+    """The pace a finished run shows in its timeline; None when it denoised nothing (every image reused)."""
+    units = step_units(report.options, sum(len(batch) for batch in report.batches))
+    if not units:
+        return None
+    stepping = sum(stage.seconds for stage in report.timeline if _is_step(stage.name))
+    return Pace(stepping / units, max(0.0, report.seconds - stepping))
+
+
+def _is_step(stage: str) -> bool:
+    """A denoising step's timeline entry, "<label> step 3/28" (a label is a LoRA's or a cell's name: any text)."""
+    done, _, total = stage.rpartition(" step ")[2].partition("/")
+    return " step " in stage and done.isdigit() and total.isdigit()
+
+
+class StepClock:
+    """The seconds a ZeroGPU task asks for, from the measured pace of its path (PRIOR until the path has run)."""
+
+    def __init__(self) -> None:
+        self._runs = LRU(PATHS_KEPT)  # path -> deque of its last RUNS_KEPT paces
+        self._lock = Lock()  # finished jobs record while other visitors' asks are sized
+
+    def record(self, report: RunReport) -> None:
+        if (pace := pace_of(report)) is not None:
+            with self._lock:
+                runs = self._runs.get(path_of(report.model.weights)) or deque(maxlen=RUNS_KEPT)
+                runs.append(pace)
+                self._runs.put(path_of(report.model.weights), runs)
+
+    def pace(self, path: tuple[str, ...]) -> tuple[Pace, float]:
+        """The pace to plan with and its margin: the slowest recent run of the path, or the prior."""
+        with self._lock:
+            runs = list(self._runs.get(path) or ())
+        if not runs:
+            return PRIOR, 1.0
+        return Pace(max(r.step_unit_seconds for r in runs), max(r.fixed_seconds for r in runs)), MARGIN
+
+    def seconds(self, options: GenerateOptions, images: int, path: tuple[str, ...]) -> int:
+        pace, margin = self.pace(path)
+        planned = pace.fixed_seconds + step_units(options, images) * pace.step_unit_seconds
+        return min(MAX_SECONDS, math.ceil(TASK_START_SECONDS + margin * planned))
+
+
+CLOCK = StepClock()  # one per server: every visitor's runs teach it, none can make it ask for less than they took
 
 
 def on_zero_gpu() -> bool:
@@ -69,10 +155,9 @@ def gpu_seconds(
     images: int,
     controls: Controls,
 ) -> int:
-    """Seconds of GPU a task needs: one denoising loop per image, scaled by steps and image size."""
-    megapixels = options.width * options.height / 2**20
-    seconds = FIXED_SECONDS + images * options.steps * megapixels * SECONDS_PER_STEP_MEGAPIXEL
-    return min(MAX_SECONDS, round(seconds))
+    """Seconds of GPU a task needs: one denoising loop per image, scaled by steps and image size, at the pace its
+    path last ran (StepClock)."""
+    return CLOCK.seconds(options, images, path_of(manager.weights_choice.format if manager else None))
 
 
 @gpu(duration=gpu_seconds)
@@ -86,6 +171,19 @@ def run_on_gpu(
     """Run a library task (a pipeline call with its arguments bound) with the GPU held for it on ZeroGPU, for as long
     as `images` images of `options`' steps and size need."""
     return task(manager, controls)
+
+
+def run_measured(
+    task: Callable[[Model, Controls], Result],
+    manager: Model,
+    options: GenerateOptions,
+    images: int,
+    controls: Controls,
+) -> Result:
+    """run_on_gpu, and its pace recorded here: on ZeroGPU the task runs in a fork, whose memory is gone after it."""
+    result = run_on_gpu(task, manager, options, images, controls)
+    CLOCK.record(result.report)
+    return result
 
 
 def preload_for_zero_gpu(manager: Model, draw: DrawPreview = latent_preview) -> None:

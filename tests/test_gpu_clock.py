@@ -1,0 +1,67 @@
+"""How many GPU seconds a ZeroGPU task asks for (issue 19): the derived prior until a path has run, then the pace
+its own runs measured, never less than the slowest recent run, per weight format."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import pytest
+
+from fluxdemo.pipeline import GenerateOptions, compare
+from fluxdemo.pipeline.api import Controls
+from fluxdemo.studio import zero_gpu
+from fluxdemo.studio.zero_gpu import MARGIN, MAX_SECONDS, TASK_START_SECONDS, StepClock, gpu_seconds
+
+OPTS = GenerateOptions("a clock on a tower", seed=5, steps=3, width=32, height=16)
+DEFAULT_COMPARE = GenerateOptions("a cat", steps=28, width=1024, height=1024)
+
+
+@pytest.fixture()
+def clock(monkeypatch) -> StepClock:
+    fresh = StepClock()
+    monkeypatch.setattr(zero_gpu, "CLOCK", fresh)
+    return fresh
+
+
+def step_seconds(report) -> float:
+    return sum(s.seconds for s in report.timeline if re.search(r" step \d+/\d+$", s.name))
+
+
+def test_before_any_run_a_default_compare_asks_the_derived_prior(clock):
+    # 15 s fixed + 2 images x 28 steps x 1 megapixel x 1.2 s = 82.2 s
+    assert gpu_seconds(None, None, DEFAULT_COMPARE, 2, None) == 83
+    assert gpu_seconds(None, None, DEFAULT_COMPARE, 1, None) == 49  # 15 + 33.6
+    assert gpu_seconds(None, None, GenerateOptions("a", steps=100, width=2048, height=2048), 8, None) == MAX_SECONDS
+
+
+def test_after_a_run_its_path_asks_what_the_run_measured(clock, manager, kit_lora):
+    run = lambda m, c: compare(m, OPTS, kit_lora, 0.8)  # noqa: E731
+    report = zero_gpu.run_measured(run, manager, OPTS, 2, Controls()).report
+    clock.record(dataclasses.replace(report, batches=[]))  # a run whose images all came from the cache
+    [(path, runs)] = clock._runs.items()
+    assert path == (manager.weights_choice.format,) == ("gguf",) and len(runs) == 1
+    images = sum(len(batch) for batch in report.batches)
+    assert images == 2 and report.reused == []
+    # each step carries the image's 32x16 pixels and the prompt's 935 x 256 pixels' worth of tokens
+    per_unit = step_seconds(report) / (images * OPTS.steps * (32 * 16 + 935 * 256) / 2**20)
+    fixed = report.seconds - step_seconds(report)
+    assert runs[0] == zero_gpu.Pace(pytest.approx(per_unit), pytest.approx(fixed))
+
+    ask = DEFAULT_COMPARE
+    want = math.ceil(TASK_START_SECONDS + MARGIN * (fixed + 2 * 28 * (1 + 935 * 256 / 2**20) * per_unit))
+    assert gpu_seconds(None, manager, ask, 2, None) == min(MAX_SECONDS, want)
+    assert clock.seconds(ask, 2, ("bf16",)) == 83  # another format has not run: still the prior
+
+
+def test_a_faster_run_does_not_shrink_the_ask_below_the_slowest_recent_one(clock, manager, kit_lora):
+    report = compare(manager, dataclasses.replace(OPTS, seed=6), kit_lora, 0.8).report
+    clock.record(report)
+    before = clock.seconds(DEFAULT_COMPARE, 2, ("gguf",))
+    faster = [dataclasses.replace(s, seconds=s.seconds / 10) for s in report.timeline]
+    clock.record(dataclasses.replace(report, timeline=faster, seconds=report.seconds / 10))
+    assert clock.seconds(DEFAULT_COMPARE, 2, ("gguf",)) == before
+    for _ in range(zero_gpu.RUNS_KEPT):  # once the slow run is out of the last RUNS_KEPT, the ask follows
+        clock.record(dataclasses.replace(report, timeline=faster, seconds=report.seconds / 10))
+    assert clock.seconds(DEFAULT_COMPARE, 2, ("gguf",)) < before

@@ -34,6 +34,7 @@ from fluxdemo.pipeline.previews import preview_drawer
 
 # Before anything that may touch CUDA: on ZeroGPU the `spaces` package must patch torch first.
 from fluxdemo.studio import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_QUEUE_SIZE, STUDIO_CSS, build_studio, zero_gpu
+from fluxdemo.studio.launch_check import be_patient
 from fluxdemo.studio.upload_quota import UploadQuota
 
 logger = logging.getLogger("fluxdemo")
@@ -382,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     # How Spaces and container hosts stop an app: exit as on Ctrl+C, so the atexit clean-ups (run folders) run
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        be_patient()  # gradio's own page check gives up after 3 s, which a busy machine can take
         demo.launch(**launch_options(args, auth))
     except KeyboardInterrupt:  # a stop while the server was still starting: a stop all the same
         logger.info("Stopped.")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +34,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 def fluxdemo_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """FLUXDEMO_CACHE for the session, so code that builds kits or caches files on its own stays out of ~."""
     cache = tmp_path_factory.mktemp("fluxdemo-cache")
+    kits = _run_root(tmp_path_factory) / "kits"  # every xdist worker's kits/ is this one folder (_shared_kit)
+    kits.mkdir(exist_ok=True)
+    (cache / "kits").symlink_to(kits, target_is_directory=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLUXDEMO_CACHE", str(cache))
         yield cache
@@ -42,39 +44,41 @@ def fluxdemo_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session", autouse=True)
 def patient_launch() -> Iterator[None]:
-    """gradio's launch asks its own page up to five times with 3 s timeouts and then refuses to start ("When
-    localhost is not accessible..."); beside the model jobs of a test process on a busy machine the page can take
-    longer. Here it waits as a hang guard instead; the page must still answer."""
+    """The studios the tests launch in this process wait for their page as app.py's do (studio.launch_check)."""
     import gradio.networking
-    import httpx
 
-    def url_ok(url: str) -> bool:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.head(url, timeout=30, verify=False).status_code in (200, 401, 301, 302, 303, 307, 308):
-                    return True
-            time.sleep(0.5)
-        return False
+    from fluxdemo.studio.launch_check import patient_url_ok
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gradio.networking, "url_ok", url_ok)
+        mp.setattr(gradio.networking, "url_ok", patient_url_ok)
         yield
+
+
+def _run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This run's temp folder: with pytest-xdist, the one above the workers' own."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _shared_kit(kind: str, cache: Path) -> Path:
+    """A kit built once for the whole run: the first xdist worker to ask builds it while the others wait on the lock
+    (ensure_kit alone is safe across processes, but each would build its own copy first)."""
+    from fluxdemo.model.tiny import ensure_kit
+
+    with open(cache / "kits" / f".{kind}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return ensure_kit(kind, cache_dir=cache / "kits")
 
 
 @pytest.fixture(scope="session")
 def tiny_kit(fluxdemo_cache: Path) -> Path:
-    from fluxdemo.model.tiny import ensure_kit
-
-    return ensure_kit("tiny", cache_dir=fluxdemo_cache / "kits")
+    return _shared_kit("tiny", fluxdemo_cache)
 
 
 @pytest.fixture(scope="session")
 def tiny_wide_kit(fluxdemo_cache: Path) -> Path:
     """The real-width kit (0.7 GB, about 30 s to build on 2 CPU cores): built once, for the slow tests that need it."""
-    from fluxdemo.model.tiny import ensure_kit
-
-    return ensure_kit("tiny-wide", cache_dir=fluxdemo_cache / "kits")
+    return _shared_kit("tiny-wide", fluxdemo_cache)
 
 
 @pytest.fixture(scope="session")

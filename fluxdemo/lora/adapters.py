@@ -24,8 +24,9 @@ from peft.tuners.lora import LoraLayer
 
 from fluxdemo.errors import LoraError
 from fluxdemo.lora import lycoris
+from fluxdemo.lora.compile_options import CompileSettings, check_stack, check_strategy
 from fluxdemo.lora.convert import to_diffusers
-from fluxdemo.lora.hotswap import CompileSettings, Slots, check_strategy
+from fluxdemo.lora.hotswap import Slots
 from fluxdemo.lora.library import LoraLibrary
 from fluxdemo.lora.report import LoraReport
 from fluxdemo.lru import LRU
@@ -71,10 +72,9 @@ class Adapters:
     def max_loaded(self, count: int) -> None:  # takes effect at the next load
         self._loaded.maxsize = count
 
-    @property
-    def stack_limit(self) -> int | None:
-        """The most LoRAs a stack may hold here (the compiled slots), None: no limit of the adapters' own."""
-        return None if self.compile is None else self.compile.slots
+    def check_stack(self, count: int) -> None:
+        """A stack of `count` LoRAs fits here (under --compile, the compiled slots), else a sentence."""
+        check_stack(self.compile, count)
 
     # PEFT flips requires_grad on every adapter it holds; adapters made under inference mode (as runs make them)
     # can only be touched under it, so every method that calls PEFT runs there, whoever calls it.

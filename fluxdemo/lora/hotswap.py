@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig
@@ -23,48 +22,10 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.hotswap import hotswap_adapter_from_state_dict, prepare_model_for_compiled_hotswap
 
 from fluxdemo.errors import LoraError, OptionsError
+from fluxdemo.lora.compile_options import CompileSettings, check_stack
 from fluxdemo.model.weights import WeightsChoice
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_RANK = 64  # the usual FLUX LoRA ranks are 4-64; each slot costs its rank's matmuls at every step
-DEFAULT_SLOTS = 2  # LoRAs active at once; each slot computes at every step, even at strength 0
-MAX_RANK = 1024
-MAX_SLOTS = 4  # as many as a stack may hold (pipeline.options.MAX_STACK)
-COMPILED_STRATEGIES = ("resident", "model-offload")  # the transformer whole on the device while it runs
-
-
-@dataclass(frozen=True)
-class CompileSettings:
-    """How --compile compiles: slots x rank of LoRA capacity, and torch.compile's backend (tests use a cheap one)."""
-
-    slots: int = DEFAULT_SLOTS
-    rank: int = DEFAULT_RANK
-    backend: str = "inductor"
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.slots, int) and 1 <= self.slots <= MAX_SLOTS):
-            raise OptionsError(f"--compile-slots must be from 1 to {MAX_SLOTS}, but is {self.slots!r}.")
-        if not (isinstance(self.rank, int) and 1 <= self.rank <= MAX_RANK):
-            raise OptionsError(f"--compile-rank must be from 1 to {MAX_RANK}, but is {self.rank!r}.")
-
-    def describe(self) -> str:
-        """One sentence for the report and the run panel."""
-        slots = f"{self.slots} slot{'s' * (self.slots > 1)}"
-        return (
-            f"Compiled: the transformer's repeated blocks (torch.compile, {self.backend}), LoRAs hot-swapped into "
-            f"{slots} of rank {self.rank}, so a LoRA or strength change does not recompile."
-        )
-
-
-def check_strategy(settings: CompileSettings | None, strategy: str) -> None:
-    """Compiled blocks must see the whole transformer on the device; disk reads it back (a new module to compile)
-    every request and group-offload streams its blocks through hooks."""
-    if settings is not None and strategy not in COMPILED_STRATEGIES:
-        raise OptionsError(
-            f"--compile works with the resident and model-offload memory strategies, not {strategy}: start without "
-            "--compile, or with --strategy resident or model-offload if the model fits."
-        )
 
 
 def dense_weights(choice: WeightsChoice, requested: str, device_type: str) -> WeightsChoice:
@@ -136,11 +97,7 @@ class Slots:
     def activate(self, stack: Sequence[tuple[str, float]]) -> None:
         """Run the (adapter, strength) pairs of a stack, every other slot at 0: LoRAs not in a slot are swapped in
         (into a slot no LoRA of the stack holds)."""
-        if len(stack) > len(self.names):
-            raise OptionsError(
-                f"With --compile a stack holds at most {len(self.names)} LoRAs (the compiled slots), but this one has "
-                f"{len(stack)}: restart with --compile-slots {len(stack)}, or without --compile."
-            )
+        check_stack(self.settings, len(stack))
         wanted = dict(stack)
         free = [i for i, held in enumerate(self._held) if held not in wanted]
         strengths = [0.0] * len(self.names)

@@ -184,6 +184,7 @@ def _resolve(manager: Model, stack: Stack) -> _Resolved:
         raise OptionsError(
             f"The stack names the same LoRA twice ({', '.join(twice)}): give it once, with the strength you want."
         )
+    manager.adapters.check_stack(sum(s != 0.0 for _, s in named))  # under --compile, its slots
     return _Resolved(tuple((e, s) for e, s in named if s != 0.0), tuple(named))
 
 
@@ -325,6 +326,8 @@ def _report(manager, specs, resolved, embeddings, reused, todo, timeline, start,
             device=str(manager.device),
             weights=manager.weights_choice.format,
             weights_reason=manager.weights_choice.reason,
+            compiled=manager.compile is not None,
+            compile_setup=manager.compile.describe() if manager.compile else None,
         ),
         images=images,
         loras=[LoraSummary.of(e) for e in entries.values()],

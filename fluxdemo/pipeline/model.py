@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Protocol
 
 from fluxdemo.lora import Adapters, HubLoras, LoraLibrary
-from fluxdemo.lora.hotswap import CompileSettings, dense_weights
+from fluxdemo.lora.compile_options import CompileSettings
+from fluxdemo.lora.hotswap import dense_weights
 from fluxdemo.lru import LRU
 from fluxdemo.model import loading
 from fluxdemo.model.manager import ModelManager

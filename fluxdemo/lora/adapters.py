@@ -201,7 +201,8 @@ class Adapters:
 
     def _activate_slots(self, stack: Stack) -> None:
         self.manager.get("transformer")  # the slots come with it
-        check_strategy(self.compile, self.manager.strategy)
+        if stack:  # the base model needs no check: releasing the model after a fallback to disk sets it
+            check_strategy(self.compile, self.manager.strategy)
         mine = [(lora, strength) for lora, strength in stack if self._slots.holds(lora.adapter)]
         self._slots.activate([(lora.adapter, strength) for lora, strength in mine])
         self._active["transformer"] = tuple(mine)
@@ -274,12 +275,12 @@ class Adapters:
         if name == "transformer" and self.compile is not None:  # the slots, then the compile, on this module
             check_strategy(self.compile, self.manager.strategy)
             kept = self._slots.states if self._slots is not None else {}
-            self._slots = Slots(self.manager.get("transformer"), self.compile, kept)
+            self._slots = Slots(self.manager.get("transformer"), self.compile, self.manager.device, kept)
         elif name == "transformer" and self._loaded:  # read back from its file: the LoRAs it had are gone
             self.reattach()
 
     def component_dropping(self, name: str) -> None:
-        if name == "transformer":
+        if name == "transformer" and self.compile is None:  # compiled: the slots go with the module
             self.activate((), ("transformer",))  # so no LoRA state outlives the module it lived on
 
     def components_released(self, loaded: Sequence[str]) -> None:

@@ -48,9 +48,11 @@ class Slots:
         self,
         transformer: torch.nn.Module,
         settings: CompileSettings,
+        device: torch.device,
         states: Mapping[str, dict[str, torch.Tensor]] | None = None,
     ) -> None:
-        """Slots on a freshly loaded transformer, then compiled; `states`: the LoRAs kept for an earlier copy."""
+        """Slots on a freshly loaded transformer that runs on `device`, then compiled; `states`: the LoRAs kept for an
+        earlier copy of it."""
         self.settings = settings
         self.names = [f"slot{i}" for i in range(settings.slots)]
         self._transformer = transformer
@@ -66,6 +68,8 @@ class Slots:
         self._config = config
         for layer in self._layers:
             for name in self.names:
+                # where the blocks run: the manager moves parameters and buffers only, and a scaling is neither
+                layer.scaling[name] = layer.scaling[name].to(device)
                 layer.lora_B[name].weight.data.zero_()  # a zero LoRA, whatever PEFT's init drew
                 layer.lora_B[name].bias.data.zero_()
         self._strengths = [None] * settings.slots

@@ -42,7 +42,7 @@ def pixels(model, stacks, batch: int = 1, options: GenerateOptions = SMALL):
     return [np.asarray(result.images[s.label]).astype(int) for s in specs], result.report
 
 
-def test_lora_stack_and_strength_changes_never_recompile_and_draw_the_eager_pictures(tiny_kit: Path) -> None:
+def test_lora_stack_and_strength_changes_never_recompile_and_draw_the_eager_pictures(manager, tiny_kit: Path) -> None:
     loras = tiny_kit / "loras"
     stacks = [
         [("peft.safetensors", 1.0)],
@@ -52,7 +52,7 @@ def test_lora_stack_and_strength_changes_never_recompile_and_draw_the_eager_pict
         [("peft.safetensors", 1.5)],  # a third strength, the LoRA back from its kept weights, not the file
         [],  # the base model, every slot at 0, now holding LoRAs
     ]
-    eager, _ = pixels(tiny_model(loras), [[], *stacks, [("xlabs.safetensors", 1.0)]])
+    eager, _ = pixels(manager, [[], *stacks, [("xlabs.safetensors", 1.0)]])  # the session's eager model
     compiled = tiny_model(loras, compile=CHEAP)
     (first,), _ = pixels(compiled, [[]])  # compiles the two block graphs
     with torch._dynamo.config.patch(error_on_recompile=True):

@@ -61,11 +61,13 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         "--compile-rank",
         type=int,
         default=DEFAULT_RANK,
+        metavar="N",
         help="with --compile: the highest LoRA rank (default: %(default)s)",
     )
     g.add_argument(
         "--compile-slots",
         type=int,
+        metavar="N",
         default=DEFAULT_SLOTS,
         help="with --compile: the most LoRAs in one stack; each costs time at every step (default: %(default)s)",
     )

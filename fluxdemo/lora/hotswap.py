@@ -8,13 +8,14 @@ Their scalings are tensors (PEFT's prepare_model_for_compiled_hotswap) set in pl
 because our converter folds each module's alpha / rank into lora_B. A LoRA goes into a slot with PEFT's
 hotswap_adapter_from_state_dict (it zeroes the modules the LoRA lacks and pads smaller ranks); its converted weights
 stay in RAM while the adapters' LRU keeps it, so switching back is a copy, not a file read. The base model is every
-slot at strength 0: the same graph, and x + 0 * delta is x exactly.
+slot at strength 0: the same graph, and x + 0 * delta is x exactly. (A new image size still compiles once more;
+dynamo then makes the sizes dynamic.)
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from peft import LoraConfig
@@ -104,6 +105,7 @@ class Slots:
         check_stack(self.settings, len(stack))
         wanted = dict(stack)
         free = [i for i, held in enumerate(self._held) if held not in wanted]
+        free.sort(key=lambda i: self._held[i] is not None)  # empty slots first: a LoRA stays in its slot longest
         strengths = [0.0] * len(self.names)
         for adapter, strength in stack:
             if adapter not in self._held:
@@ -122,7 +124,7 @@ class Slots:
         hotswap_adapter_from_state_dict(self._transformer, states, name, self._config)
         self._held[slot] = adapter  # its scalings are 1 now (set again by the caller's _set)
 
-    def _set(self, strengths) -> None:
+    def _set(self, strengths: Iterable[float]) -> None:
         for slot, strength in enumerate(strengths):
             if self._strengths[slot] != strength:
                 for layer in self._layers:

@@ -23,6 +23,7 @@ from starlette.middleware import Middleware
 from fluxdemo.errors import FluxdemoError
 from fluxdemo.flags import add_model_flags, manager_from_args, quiet_libraries
 from fluxdemo.lora import HubLoras
+from fluxdemo.lora.compile_options import COMPILE_CHOICES, DEFAULT_RANK, DEFAULT_SLOTS
 from fluxdemo.lora.hub import HUB_LORA_QUOTA_BYTES
 from fluxdemo.model.manager import STRATEGIES
 from fluxdemo.model.prefetch import Prefetch
@@ -182,6 +183,9 @@ MODEL_VARIABLES = {
     "--lora-dir": "FLUXDEMO_LORA_DIR",
     "--strategy": "FLUXDEMO_STRATEGY",
     "--weights": "FLUXDEMO_WEIGHTS",
+    "--compile": "FLUXDEMO_COMPILE",
+    "--compile-rank": "FLUXDEMO_COMPILE_RANK",
+    "--compile-slots": "FLUXDEMO_COMPILE_SLOTS",
 }
 VARIABLES = {**MODEL_VARIABLES, **{f.flag: f.env for f in (*SERVER_FLAGS, *LIMIT_FLAGS) if f.env}}
 EXAMPLES = {f.env: f.example for f in (*SERVER_FLAGS, *LIMIT_FLAGS) if f.example}
@@ -231,6 +235,9 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
         model=env.get("FLUXDEMO_MODEL", DEFAULT_PRESET),
         strategy=env.get("FLUXDEMO_STRATEGY", "auto"),
         weights=env.get("FLUXDEMO_WEIGHTS", "auto"),
+        compile=env.get("FLUXDEMO_COMPILE", "off"),
+        compile_rank=env.get("FLUXDEMO_COMPILE_RANK", str(DEFAULT_RANK)),  # a string default goes through `type`
+        compile_slots=env.get("FLUXDEMO_COMPILE_SLOTS", str(DEFAULT_SLOTS)),
         lora=None,
     )
     if env.get("FLUXDEMO_LORA_DIR"):
@@ -259,6 +266,8 @@ def check_flags(args: argparse.Namespace) -> Limits:
     if args.weights not in WEIGHT_FORMATS:
         choices = ", ".join(WEIGHT_FORMATS)
         raise FluxdemoError(f"{named('--weights')} must be one of {choices}, but is {args.weights!r}.")
+    if args.compile not in COMPILE_CHOICES:
+        raise FluxdemoError(f"{named('--compile')} must be on or off, but is {args.compile!r}.")
     if args.cache_images < 0:
         raise FluxdemoError(f"{named('--cache-images')} must be 0 or more, but is {args.cache_images}.")
     if not 1 <= args.batch <= MAX_BATCH:
@@ -355,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         auth = parse_auth(args.auth)
         limits = check_flags(args)
         on_zero_gpu = zero_gpu.on_zero_gpu()
+        if on_zero_gpu and args.compile == "on":
+            raise FluxdemoError(
+                f"{named('--compile')} does not work on ZeroGPU: each task runs in a fresh process, which would "
+                "compile again; leave it off there."
+            )
         if on_zero_gpu:  # ZeroGPU's placement: everything on cuda from start-up, nothing moved in a task (zero_gpu.py)
             args.device, args.strategy = zero_gpu.ZERO_GPU_DEVICE, zero_gpu.ZERO_GPU_STRATEGY
         # a tiny model's steps take milliseconds: TAEF1's picture would cost more than the whole step

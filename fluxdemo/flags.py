@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fluxdemo.errors import OptionsError
+from fluxdemo.lora.compile_options import COMPILE_CHOICES, DEFAULT_RANK, DEFAULT_SLOTS, CompileSettings
 from fluxdemo.lora.names import LORA_SUFFIX, MAX_NAME_CHARS, parse_hub_lora
 from fluxdemo.model.kits import kit_cache_dir, kit_folder
 from fluxdemo.model.presets import CLI_FLAGS, DEFAULT_PRESET, ENV_OVERRIDES, PRESETS, Preset, get_preset
@@ -36,6 +37,11 @@ WEIGHTS_HELP = (
     "CPU), gguf, bf16, fp8 (needs torchao)"
 )
 
+COMPILE_HELP = (
+    "compile the transformer's repeated blocks once (torch.compile; minutes at start-up, then faster steps on a GPU), "
+    "LoRAs hot-swapped so that no LoRA or strength change recompiles; needs dense weights (default: off)"
+)
+
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """--model, the local-file overrides, --device, --strategy, --lora-dir: shared by the CLI and app.py."""
@@ -50,6 +56,21 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="execution device: cuda, cuda:1, mps, cpu (default: best found)")
     g.add_argument("--strategy", default="auto", help=STRATEGY_HELP)
     g.add_argument("--weights", default="auto", help=WEIGHTS_HELP)
+    g.add_argument("--compile", nargs="?", const="on", default="off", choices=COMPILE_CHOICES, help=COMPILE_HELP)
+    g.add_argument(
+        "--compile-rank",
+        type=int,
+        default=DEFAULT_RANK,
+        metavar="N",
+        help="with --compile: the highest LoRA rank (default: %(default)s)",
+    )
+    g.add_argument(
+        "--compile-slots",
+        type=int,
+        metavar="N",
+        default=DEFAULT_SLOTS,
+        help="with --compile: the most LoRAs in one stack; each costs time at every step (default: %(default)s)",
+    )
     g.add_argument("--lora-dir", type=Path, default=None, help="LoRA folder (default: loras/, or the tiny kit's)")
 
 
@@ -72,9 +93,22 @@ def manager_from_args(args: argparse.Namespace, hub_loras: HubLoras | None = Non
     if hub_loras is None:
         hub_loras = cli_hub_loras()
     manager = open_model(
-        preset, device=device, strategy=args.strategy, weights=args.weights, lora_dir=lora_dir, hub_loras=hub_loras
+        preset,
+        device=device,
+        strategy=args.strategy,
+        weights=args.weights,
+        lora_dir=lora_dir,
+        hub_loras=hub_loras,
+        compile=compile_settings(args),
     )
     return manager, stacks
+
+
+def compile_settings(args: argparse.Namespace) -> CompileSettings | None:
+    """--compile's settings from the flags, None when it is off."""
+    if args.compile not in COMPILE_CHOICES:  # a variable's value (app.py), which argparse's choices do not check
+        raise OptionsError(f"--compile must be on or off, but is {args.compile!r}.")
+    return CompileSettings(args.compile_slots, args.compile_rank) if args.compile == "on" else None
 
 
 def cli_hub_loras() -> HubLoras:

@@ -31,7 +31,9 @@ def test_a_compare_report_is_typed_and_writes_the_same_json_keys_in_order(manage
         "device",
         "weights",
         "weights_reason",
+        "compiled",
     ]
+    assert data["model"]["compiled"] is False  # --compile off: no compile_setup sentence
     assert data["options"] == {"prompt": "a report", "seed": 7, "steps": 1, "guidance": 3.5, "width": 16,
                                "height": 16, "max_sequence_length": 512}  # fmt: skip
     assert list(data["images"]) == ["baseline", "lora"]

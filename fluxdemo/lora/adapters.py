@@ -5,7 +5,8 @@ Files are read and converted by fluxdemo.lora.convert (our own converter: diffus
 hard-code width 3072 and load some wrong-model files as silent no-ops). The converted PEFT weights go onto the
 quantized transformer with diffusers' load_lora_adapter (pipe.load_lora_weights breaks on quanto's state dict);
 strength is PEFT's adapter weight, so nothing is ever fused into the quantized weights and "off" is bit-identical.
-A stack is several adapters active at once, each with its own weight (PEFT sums their deltas).
+A stack is several adapters active at once, each with its own weight (PEFT sums their deltas). Under --compile the
+transformer's part goes into compiled slots instead (fluxdemo.lora.hotswap); CLIP keeps this path.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from peft.tuners.lora import LoraLayer
 
 from fluxdemo.errors import LoraError
 from fluxdemo.lora import lycoris
+from fluxdemo.lora.compile_options import CompileSettings, check_stack, check_strategy
 from fluxdemo.lora.convert import to_diffusers
+from fluxdemo.lora.hotswap import Slots
 from fluxdemo.lora.library import LoraLibrary
 from fluxdemo.lora.report import LoraReport
 from fluxdemo.lru import LRU
@@ -51,9 +54,13 @@ class LoadedLora:
 class Adapters:
     """The LoRAs loaded onto the manager's transformer (and CLIP), at most max_loaded, least recently used out."""
 
-    def __init__(self, manager: ModelManager, library: LoraLibrary, max_loaded: int = 4) -> None:
+    def __init__(
+        self, manager: ModelManager, library: LoraLibrary, max_loaded: int = 4, compile: CompileSettings | None = None
+    ) -> None:
         self.manager = manager
         self.library = library
+        self.compile = compile  # None: eager, each LoRA its own PEFT adapter on the transformer
+        self._slots: Slots | None = None  # under --compile, once the transformer is loaded
         self._loaded = LRU(max_loaded)  # LoadedLora by sha256: renamed copies share one adapter
         self._active: dict[str, tuple[tuple[LoadedLora, float], ...]] = dict.fromkeys(COMPONENTS, ())
 
@@ -64,6 +71,10 @@ class Adapters:
     @max_loaded.setter
     def max_loaded(self, count: int) -> None:  # takes effect at the next load
         self._loaded.maxsize = count
+
+    def check_stack(self, count: int) -> None:
+        """A stack of `count` LoRAs fits here (under --compile, the compiled slots), else a sentence."""
+        check_stack(self.compile, count)
 
     # PEFT flips requires_grad on every adapter it holds; adapters made under inference mode (as runs make them)
     # can only be touched under it, so every method that calls PEFT runs there, whoever calls it.
@@ -94,7 +105,7 @@ class Adapters:
                 converted.report,
                 bool(converted.text_encoder),
                 time.perf_counter() - start,
-                not converted.factored.get("transformer"),
+                not converted.factored.get("transformer") and self.compile is None,  # compiled: one graph for all
             )
         spare = {loaded.sha256, *(lora.sha256 for _, lora in self._loaded.items() if lora.name in set(keep))}
         for old in self._loaded.put(loaded.sha256, loaded, spare):
@@ -111,7 +122,15 @@ class Adapters:
         from diffusers import FluxPipeline
 
         transformer = self.manager.get("transformer")
-        transformer.load_lora_adapter(converted.transformer, prefix="transformer", adapter_name=adapter)
+        if self.compile is None:
+            transformer.load_lora_adapter(converted.transformer, prefix="transformer", adapter_name=adapter)
+        elif converted.factored.get("transformer"):
+            raise LoraError(
+                f"{converted.report.name} is a LoKr/LoHa, which cannot be hot-swapped into the compiled transformer: "
+                "start without --compile to use it."
+            )
+        elif converted.transformer:
+            self._slots.keep(adapter, converted.report.name, converted.transformer)
         if converted.text_encoder:
             FluxPipeline.load_lora_into_text_encoder(
                 converted.text_encoder,
@@ -132,7 +151,10 @@ class Adapters:
                     f"The LoKr/LoHa part of the LoRA did not attach to {len(absent)} {component} modules (e.g. "
                     f"{absent[:3]}); nothing was changed. Check it with `python -m fluxdemo inspect-lora`."
                 )
-        for component, weights in (("transformer", converted.transformer), ("text_encoder", converted.text_encoder)):
+        pairs = {"transformer": converted.transformer, "text_encoder": converted.text_encoder}
+        for component, weights in pairs.items():
+            if component == "transformer" and self.compile is not None:
+                continue  # kept for the slots; hotswap checks every key when it swaps them in
             module = self.manager.get(component)
             targets = {k.removeprefix(f"{component}.").rsplit(".lora_", 1)[0] for k in weights}
             # transformers 5's CLIPTextModel has no text_model wrapper; the LoRA keys (diffusers' naming) still do
@@ -148,7 +170,9 @@ class Adapters:
     @torch.inference_mode()
     def _detach(self, adapter: str) -> None:
         transformer, clip = self.manager.get("transformer"), self.manager.get("text_encoder")
-        if adapter in (getattr(transformer, "peft_config", None) or {}):
+        if self._slots is not None:
+            self._slots.forget(adapter)
+        elif adapter in (getattr(transformer, "peft_config", None) or {}):
             transformer.delete_adapters(adapter)
         if adapter in (getattr(clip, "peft_config", None) or {}):
             delete_adapter_layers(clip, adapter)
@@ -158,6 +182,9 @@ class Adapters:
         """Make a stack of LoRAs active, each at its strength, on the given components; an empty stack runs the
         base model exactly. A component holding none of the stack's adapters runs as the base model."""
         for component in components:
+            if component == "transformer" and self.compile is not None:
+                self._activate_slots(stack)
+                continue
             module = self.manager.get(component)
             held = getattr(module, "peft_config", None) or {}
             mine = [(lora, strength) for lora, strength in stack if lora.adapter in held]
@@ -171,6 +198,14 @@ class Adapters:
                 else:
                     set_adapters_for_text_encoder(names, module, weights)
             self._active[component] = tuple(mine)
+
+    def _activate_slots(self, stack: Stack) -> None:
+        self.manager.get("transformer")  # the slots come with it
+        if stack:  # the base model needs no check: releasing the model after a fallback to disk sets it
+            check_strategy(self.compile, self.manager.strategy)
+        mine = [(lora, strength) for lora, strength in stack if self._slots.holds(lora.adapter)]
+        self._slots.activate([(lora.adapter, strength) for lora, strength in mine])
+        self._active["transformer"] = tuple(mine)
 
     @contextmanager
     def per_sample(self, stacks: Sequence[Stack]) -> Iterator[None]:
@@ -237,11 +272,15 @@ class Adapters:
 
     # -- what the manager tells its watchers (model.manager.ComponentWatcher) ---------------------------------------
     def component_loaded(self, name: str) -> None:
-        if name == "transformer" and self._loaded:  # read back from its file: the LoRAs it had are gone
+        if name == "transformer" and self.compile is not None:  # the slots, then the compile, on this module
+            check_strategy(self.compile, self.manager.strategy)
+            kept = self._slots.states if self._slots is not None else {}
+            self._slots = Slots(self.manager.get("transformer"), self.compile, self.manager.device, kept)
+        elif name == "transformer" and self._loaded:  # read back from its file: the LoRAs it had are gone
             self.reattach()
 
     def component_dropping(self, name: str) -> None:
-        if name == "transformer":
+        if name == "transformer" and self.compile is None:  # compiled: the slots go with the module
             self.activate((), ("transformer",))  # so no LoRA state outlives the module it lived on
 
     def components_released(self, loaded: Sequence[str]) -> None:

@@ -83,9 +83,9 @@ def run(
     batch > 1 sends up to that many images of one size, step count and guidance through the transformer together:
     images with the same stack (other seeds or prompts), and images whose stacks are the base model or one LoRA
     each, every sample with its own adapter (PEFT's mixed batches; each LoRA at one strength per batch, LoKr/LoHa
-    kept factored only with their own stack). About 1.3-2.6x faster on a CPU (bench/RESULTS.md), within 1/255 of
-    one at a time but not bit-identical, so batched images are cached apart from unbatched ones; the report lists
-    the batches."""
+    kept factored only with their own stack; not under --compile, where a mixed batch would be another graph). About
+    1.3-2.6x faster on a CPU (bench/RESULTS.md), within 1/255 of one at a time but not bit-identical, so batched
+    images are cached apart from unbatched ones; the report lists the batches."""
     if manager.runner is not None:  # made elsewhere, e.g. on Ray Serve replicas (fluxdemo.serve.front)
         return manager.runner.run(manager, specs, controls, cache, batch)
     # 1. Check every option and every stack, before anything is loaded or applied.
@@ -184,6 +184,7 @@ def _resolve(manager: Model, stack: Stack) -> _Resolved:
         raise OptionsError(
             f"The stack names the same LoRA twice ({', '.join(twice)}): give it once, with the strength you want."
         )
+    manager.adapters.check_stack(sum(s != 0.0 for _, s in named))  # under --compile, its slots
     return _Resolved(tuple((e, s) for e, s in named if s != 0.0), tuple(named))
 
 
@@ -325,6 +326,8 @@ def _report(manager, specs, resolved, embeddings, reused, todo, timeline, start,
             device=str(manager.device),
             weights=manager.weights_choice.format,
             weights_reason=manager.weights_choice.reason,
+            compiled=manager.compile is not None,
+            compile_setup=manager.compile.describe() if manager.compile else None,
         ),
         images=images,
         loras=[LoraSummary.of(e) for e in entries.values()],

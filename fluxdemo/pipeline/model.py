@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Protocol
 
 from fluxdemo.lora import Adapters, HubLoras, LoraLibrary
+from fluxdemo.lora.compile_options import CompileSettings
+from fluxdemo.lora.hotswap import dense_weights
 from fluxdemo.lru import LRU
 from fluxdemo.model import loading
 from fluxdemo.model.manager import ModelManager
@@ -35,14 +37,17 @@ class Model(ModelManager):
     lora_dir: Path = Path("loras")
     hub_loras: HubLoras = HubLoras()  # what LoRAs named by a Hub repo may be fetched, and how
     runner: Runner | None = None  # None: runs are made here; else where (the model then never loads here)
+    compile: CompileSettings | None = None  # --compile: regional compilation, LoRAs hot-swapped (lora.hotswap)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.compile is not None:
+            self.weights_choice = dense_weights(self.weights_choice, self.weights, self.device.type)
         self.embedding_cache = LRU(maxsize=EMBEDDINGS_KEPT)
         # LoRAs are judged against this preset's model (a tiny kit's LoRAs fit the tiny model, not FLUX.1-dev).
         dims, clip_config = loading.model_dims(self.config_dir())
         library = LoraLibrary(Path(self.lora_dir), dims, clip_config, **self.hub_loras.library_args())
-        self.adapters = Adapters(self, library)
+        self.adapters = Adapters(self, library, compile=self.compile)
         self.watchers.append(self.adapters)
 
 

@@ -28,6 +28,8 @@ class ModelInfo(Record):
     device: str  # "cuda:0", "cpu"
     weights: str | None = optional()  # the transformer's format: gguf, bf16 or fp8 (fluxdemo.model.weights)
     weights_reason: str | None = optional()  # why the planner chose it, one sentence
+    compiled: bool | None = optional()  # --compile: the transformer's blocks compiled, LoRAs hot-swapped
+    compile_setup: str | None = optional()  # how, one sentence (CompileSettings.describe)
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,15 @@ def deploy(model: Model, settings: ServeSettings) -> tuple[serve.handle.Deployme
     gpus = int(ray.cluster_resources().get("GPU", 0))
     replicas = settings.replicas or gpus or CPU_REPLICAS
     threads = settings.threads or (None if gpus else max(1, int(ray.cluster_resources()["CPU"]) // replicas))
-    spec = ModelSpec(model.preset, model.requested_strategy, str(model.lora_dir), model.hub_loras, threads)
+    spec = ModelSpec(
+        model.preset,
+        model.requested_strategy,
+        str(model.lora_dir),
+        model.hub_loras,
+        threads,
+        model.weights,
+        model.compile,
+    )
     where = f"{replicas} GPU replicas" if gpus else f"{replicas} CPU replicas of {threads} threads"
     logger.info("Ray Serve: deploying %s of %s", where, model.preset.name)
     handle = serve.run(deployment(spec, replicas, bool(gpus)), name=settings.app, route_prefix=None)

@@ -19,6 +19,7 @@ from PIL import Image
 from ray import serve
 
 from fluxdemo.lora import HubLoras
+from fluxdemo.lora.compile_options import CompileSettings
 from fluxdemo.model.presets import Preset
 from fluxdemo.pipeline.experiments import ImageSpec, run
 from fluxdemo.pipeline.model import open_model
@@ -39,6 +40,8 @@ class ModelSpec:
     lora_dir: str = "loras"
     hub_loras: HubLoras = HubLoras()
     threads: int | None = None  # torch threads on a CPU replica (None: torch's default)
+    weights: str = "auto"  # --weights
+    compile: CompileSettings | None = None  # --compile: each replica compiles its own transformer once
 
 
 @dataclass
@@ -59,7 +62,13 @@ class FluxReplica:
             torch.set_num_threads(spec.threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to its GPU
         self.model = open_model(
-            spec.preset, device=device, strategy=spec.strategy, lora_dir=spec.lora_dir, hub_loras=spec.hub_loras
+            spec.preset,
+            device=device,
+            strategy=spec.strategy,
+            lora_dir=spec.lora_dir,
+            hub_loras=spec.hub_loras,
+            weights=spec.weights,
+            compile=spec.compile,
         )
         replica_id = serve.get_replica_context().replica_id
         self.name = f"{replica_id.unique_id}@{platform.node()}:{os.getpid()}"

@@ -87,6 +87,8 @@ def run_summary(report: RunReport) -> str:
     ]
     if report.model.weights_reason:  # which weight format ran, and why (fluxdemo.model.weights)
         lines.append(report.model.weights_reason)
+    if report.model.compile_setup:  # --compile (fluxdemo.lora.hotswap)
+        lines.append(report.model.compile_setup)
     lines += [f"Note: {event}" for event in report.events]  # e.g. an out-of-memory fallback
     return "\n\n".join(lines)
 

@@ -14,4 +14,5 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install -q -r requirements-dev.txt -c constraints.txt  # the package (editable), exact pins
 .venv/bin/ruff check .
-.venv/bin/python -m pytest "$@"
+# Two workers, one torch thread each (tests/conftest.py): both cores busy, and a test file's fixtures built once.
+.venv/bin/python -m pytest -n 2 --dist loadfile "$@"

@@ -1,0 +1,89 @@
+"""--fast: one static step-skipping schedule for every image of a run, observed in the report, keyed in the cache,
+carried by the PNG; never the default."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from helpers import png_with
+from PIL import Image
+
+from fluxdemo.errors import CancelledError, OptionsError
+from fluxdemo.pipeline import Controls, GenerateOptions, ResultsCache, compare, generate, params_from_report
+from fluxdemo.pipeline.images import a1111_parameters, png_bytes
+from fluxdemo.pipeline.options import FastSchedule
+from fluxdemo.pipeline.png_settings import settings_from_png
+
+FAST = GenerateOptions("a lighthouse, fast", seed=3, steps=8, width=32, height=32, fast=True)
+PREDICTED_8 = [3, 5, 7]  # steps 1-2 run, then every other step (FastSchedule.of(8), counted from 1)
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_the_schedule_is_a_function_of_the_step_count_and_scales_with_it() -> None:
+    assert GenerateOptions("x").fast is False  # never the default
+    assert FastSchedule.of(50) == FastSchedule(50, disable_cache_before_step=10, cache_interval=5)  # research figure
+    assert FastSchedule.of(28) == FastSchedule(28, disable_cache_before_step=6, cache_interval=3)
+    assert FastSchedule.of(28).predicted() == [7, 9, 10, 12, 13, 15, 16, 18, 19, 21, 22, 24, 25, 27, 28]
+    assert FastSchedule.of(8).predicted() == PREDICTED_8 and FastSchedule.of(1).predicted() == []
+    with pytest.raises(OptionsError) as e:
+        replace(FAST, fast="yes").validate()
+    assert str(e.value) == "`fast` must be true or false, but is 'yes'."
+
+
+def test_a_fast_compare_skips_the_same_observed_steps_for_both_images(manager, kit_lora) -> None:
+    result = compare(manager, FAST, kit_lora, 0.8)
+    images = result.report.images
+    assert images["baseline"].skipped_steps == images["lora"].skipped_steps == PREDICTED_8
+    assert result.report.fast == FastSchedule.of(8) and images["lora"].options.fast is True
+    data = result.report.to_dict()
+    assert list(data)[-1] == "fast" and data["fast"]["cache_interval"] == 2
+    assert list(data["images"]["lora"]) == ["options", "loras", "reused", "skipped_steps"]
+    # one pass for both (PEFT's mixed batch): the cache counts the pass's steps, so both still skip the same ones
+    batched = compare(manager, FAST, kit_lora, 0.8, batch=2).report
+    assert batched.batches == [["baseline", "lora"]]
+    assert batched.images["baseline"].skipped_steps == batched.images["lora"].skipped_steps == PREDICTED_8
+    assert not manager.get("transformer").is_cache_enabled  # the hooks live for one pass only
+
+
+def test_strength_zero_in_fast_mode_is_the_fast_baseline_bit_for_bit(manager, kit_lora) -> None:
+    result = compare(manager, FAST, kit_lora, 0.0)
+    assert np.array_equal(pixels(result.images["lora"]), pixels(result.images["baseline"]))
+    alone = generate(manager, FAST).images["baseline"]
+    assert np.array_equal(pixels(alone), pixels(result.images["baseline"]))
+
+
+def test_fast_and_exact_differ_and_the_cache_never_serves_one_for_the_other(manager, kit_lora) -> None:
+    cache = ResultsCache()
+    exact = compare(manager, replace(FAST, fast=False), kit_lora, 0.8, cache=cache)
+    assert exact.report.fast is None and exact.report.images["baseline"].skipped_steps is None
+    fast = compare(manager, FAST, kit_lora, 0.5, cache=cache)
+    assert "baseline" not in fast.report.reused  # the exact baseline is not the fast one
+    assert np.abs(pixels(fast.images["baseline"]) - pixels(exact.images["baseline"])).max() > 0
+    again = compare(manager, FAST, kit_lora, 0.8, cache=cache)
+    assert "baseline" in again.report.reused and again.report.images["baseline"].skipped_steps == PREDICTED_8
+    assert np.array_equal(pixels(again.images["baseline"]), pixels(fast.images["baseline"]))
+
+
+def test_a_cancelled_fast_run_leaves_no_cache_behind(manager) -> None:
+    before = generate(manager, replace(FAST, fast=False)).images["baseline"]
+    with pytest.raises(CancelledError):
+        generate(manager, FAST, controls=Controls(cancelled=lambda: True))
+    assert not manager.get("transformer").is_cache_enabled
+    assert np.array_equal(pixels(generate(manager, replace(FAST, fast=False)).images["baseline"]), pixels(before))
+
+
+def test_the_png_says_fast_and_gives_it_back(manager) -> None:
+    report = generate(manager, FAST).report
+    params = params_from_report(report, "baseline")
+    assert params.fast is True
+    text = a1111_parameters(params)
+    assert text.endswith('Fast: "TaylorSeer, 3 of 8 steps predicted"')
+    image = Image.new("RGB", (16, 16))
+    assert settings_from_png(png_bytes(image, params)).params.fast is True
+    assert settings_from_png(png_bytes(image, replace(params, fast=False))).params.fast is False
+    assert settings_from_png(png_with({"parameters": text})).params.fast is True  # the A1111 text alone

@@ -62,7 +62,7 @@ class GenerateOptions:
                 f"`max_sequence_length` must be between 1 and {MAX_T5_TOKENS}, but is {self.max_sequence_length}."
             )
         if not isinstance(self.fast, bool):
-            raise OptionsError(f"`fast` must be true or false, but is {self.fast!r}.")
+            raise OptionsError(f"`fast` must be true or false, but is {self.fast!r:.40}.")
         return self
 
 

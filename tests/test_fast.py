@@ -15,6 +15,9 @@ from fluxdemo.pipeline import Controls, GenerateOptions, ResultsCache, compare, 
 from fluxdemo.pipeline.images import a1111_parameters, png_bytes
 from fluxdemo.pipeline.options import FastSchedule
 from fluxdemo.pipeline.png_settings import settings_from_png
+from fluxdemo.studio.forms import FIELDS, read_request
+from fluxdemo.studio.history import differences
+from fluxdemo.studio.render import run_summary
 
 FAST = GenerateOptions("a lighthouse, fast", seed=3, steps=8, width=32, height=32, fast=True)
 PREDICTED_8 = [3, 5, 7]  # steps 1-2 run, then every other step (FastSchedule.of(8), counted from 1)
@@ -48,6 +51,9 @@ def test_a_fast_compare_skips_the_same_observed_steps_for_both_images(manager, k
     assert batched.batches == [["baseline", "lora"]]
     assert batched.images["baseline"].skipped_steps == batched.images["lora"].skipped_steps == PREDICTED_8
     assert not manager.get("transformer").is_cache_enabled  # the hooks live for one pass only
+    assert "every image predicted steps 3, 5, 7 instead of running them (3 of 8)" in run_summary(result.report)
+    exact = params_from_report(compare(manager, replace(FAST, fast=False), kit_lora, 0.8).report, "lora")
+    assert differences(exact, params_from_report(result.report, "lora")) == ["steps: all run → fast (some predicted)"]
 
 
 def test_strength_zero_in_fast_mode_is_the_fast_baseline_bit_for_bit(manager, kit_lora) -> None:
@@ -87,3 +93,18 @@ def test_the_png_says_fast_and_gives_it_back(manager) -> None:
     assert settings_from_png(png_bytes(image, params)).params.fast is True
     assert settings_from_png(png_bytes(image, replace(params, fast=False))).params.fast is False
     assert settings_from_png(png_with({"parameters": text})).params.fast is True  # the A1111 text alone
+
+
+def test_a_visitor_chooses_fast_per_request_last_in_every_job() -> None:
+    assert all(fields[-1] == "fast" for fields in FIELDS.values())
+    values = ["a cat", "peft.safetensors", 0.8, 1, 8, 3.5, 32, 32, *("", 1.0) * 3]
+    assert read_request("compare", [*values, True]).options.fast is True
+    assert read_request("generate", [*values, False]).options.fast is False
+    assert read_request("compare", [*values, None]).options.fast is False  # an API caller who leaves it out
+    sweep = read_request("sweep", ["a cat", "peft.safetensors", "0, 1", *values[3:], 0.5, True])
+    assert sweep.options.fast is True and sweep.columns == (0.0, 1.0) and sweep.stacks[0][0].strength == 0.5
+    grid = read_request("grid", ["a cat", "", "peft:0.5", "0, 1", "1", 8, 3.5, 32, 32, None, 1.0, *values[8:], True])
+    assert grid.options.fast is True
+    with pytest.raises(OptionsError) as e:
+        read_request("compare", [*values, "yes" * 10**5])
+    assert str(e.value) == "`fast` must be true or false, but is text ('yesyesyesyesyesyesyesyesyesyesyesyesyesy')."

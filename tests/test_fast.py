@@ -3,6 +3,8 @@ carried by the PNG; never the default."""
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -10,14 +12,16 @@ import pytest
 from helpers import png_with
 from PIL import Image
 
+from fluxdemo.cli import main
 from fluxdemo.errors import CancelledError, OptionsError
 from fluxdemo.pipeline import Controls, GenerateOptions, ResultsCache, compare, generate, params_from_report
 from fluxdemo.pipeline.images import a1111_parameters, png_bytes
 from fluxdemo.pipeline.options import FastSchedule
-from fluxdemo.pipeline.png_settings import settings_from_png
+from fluxdemo.pipeline.png_settings import read_params, settings_from_png
 from fluxdemo.studio.forms import FIELDS, read_request
 from fluxdemo.studio.history import differences
 from fluxdemo.studio.render import run_summary
+from fluxdemo.studio.zero_gpu import gpu_seconds
 
 FAST = GenerateOptions("a lighthouse, fast", seed=3, steps=8, width=32, height=32, fast=True)
 PREDICTED_8 = [3, 5, 7]  # steps 1-2 run, then every other step (FastSchedule.of(8), counted from 1)
@@ -108,3 +112,23 @@ def test_a_visitor_chooses_fast_per_request_last_in_every_job() -> None:
     with pytest.raises(OptionsError) as e:
         read_request("compare", [*values, "yes" * 10**5])
     assert str(e.value) == "`fast` must be true or false, but is text ('yesyesyesyesyesyesyesyesyesyesyesyesyesy')."
+
+
+def test_the_cli_takes_fast_and_says_so_in_every_file(tmp_path, monkeypatch, kit_lora) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    levels = {name: logging.getLogger(name).level for name in ("diffusers", "transformers", "peft")}
+    size = ["--steps", "8", "--width", "32", "--height", "32"]
+    assert main(["compare", "--model", "tiny", "--prompt", "a cat", *size, "--lora", kit_lora, "--fast",
+                 "--out", str(tmp_path)]) == 0  # fmt: skip
+    for name, level in levels.items():  # the CLI quiets the libraries; the rest of the session had them as they were
+        logging.getLogger(name).setLevel(level)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["fast"]["steps"] == 8 and report["options"]["fast"] is True
+    assert [report["images"][label]["skipped_steps"] for label in ("baseline", "lora")] == [PREDICTED_8] * 2
+    assert all(read_params(tmp_path / f"{role}.png").fast for role in ("baseline", "lora", "side_by_side"))
+
+
+def test_a_zero_gpu_visitor_is_charged_for_the_steps_that_run() -> None:
+    compare_1024 = GenerateOptions("a cat")  # 28 steps, 1024x1024: 15 s + 2 images x steps x 1.2 s
+    assert gpu_seconds(None, None, compare_1024, 2, None) == round(15 + 2 * 28 * 1.2)
+    assert gpu_seconds(None, None, replace(compare_1024, fast=True), 2, None) == round(15 + 2 * 13 * 1.2)

@@ -112,9 +112,7 @@ def run(
                 cache.put(keys[spec.label], made[keys[spec.label]])
         # 4. Report.
         images = {spec.label: made[keys[spec.label]] for spec in specs}
-        # an image asked twice is made once, under its first label: its steps go to every label of its key
-        observed = {keys[label]: steps for label, steps in skipped.items()}
-        skipped = {spec.label: observed.get(keys[spec.label]) for spec in specs if spec.options.fast}
+        skipped = _observed(specs, keys, skipped)
         report = _report(manager, specs, resolved, embeddings, reused, todo, timeline, start, passes, skipped)
     return Result(images, report)
 
@@ -350,6 +348,13 @@ def _report(manager, specs, resolved, embeddings, reused, todo, timeline, start,
         batches=passes,
         fast=FastSchedule.of(specs[0].options.steps) if specs[0].options.fast else None,
     )
+
+
+def _observed(specs: list[ImageSpec], keys: dict, made: dict[str, list[int]]) -> dict[str, list[int] | None]:
+    """Each fast image's skipped steps by label, from those of the images made (`made`, by label): an image asked
+    twice is made once, under its first label, so its steps go to every label of its key; None for a cached one."""
+    observed = {keys[label]: steps for label, steps in made.items()}
+    return {spec.label: observed.get(keys[spec.label]) for spec in specs if spec.options.fast}
 
 
 def _skipped(spec: ImageSpec, skipped: dict[str, list[int] | None]) -> list[int] | None:

@@ -81,7 +81,7 @@ class FastSchedule:
 
     @classmethod
     def of(cls, steps: int) -> FastSchedule:
-        warmup = max(1, round(steps * FAST_WARMUP_FRACTION))
+        warmup = max(2, round(steps * FAST_WARMUP_FRACTION))  # two full steps at least: a slope to extrapolate along
         return cls(steps, warmup, max(2, round(steps * FAST_INTERVAL_FRACTION)))
 
     def runs(self, step: int) -> bool:
@@ -92,6 +92,11 @@ class FastSchedule:
     def predicted(self) -> list[int]:
         """The predicted steps, numbered from 1 as the timeline and the report number them."""
         return [step + 1 for step in range(self.steps) if not self.runs(step)]
+
+
+def steps_run(options: GenerateOptions) -> int:
+    """The steps whose transformer blocks run (a predicted step costs next to nothing): what a step budget counts."""
+    return options.steps - len(FastSchedule.of(options.steps).predicted()) if options.fast else options.steps
 
 
 @dataclass(frozen=True)

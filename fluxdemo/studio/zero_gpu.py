@@ -16,6 +16,7 @@ from typing import TypeVar
 from fluxdemo.model.manager import MODEL_COMPONENTS
 from fluxdemo.pipeline.api import Controls, GenerateOptions, Result
 from fluxdemo.pipeline.model import Model
+from fluxdemo.pipeline.options import steps_run
 from fluxdemo.pipeline.previews import DrawPreview, TinyDecoder, latent_preview
 
 try:  # preinstalled on Spaces; optional anywhere else
@@ -69,9 +70,10 @@ def gpu_seconds(
     images: int,
     controls: Controls,
 ) -> int:
-    """Seconds of GPU a task needs: one denoising loop per image, scaled by steps and image size."""
+    """Seconds of GPU a task needs: one denoising loop per image, scaled by the steps that run (--fast predicts some)
+    and the image size."""
     megapixels = options.width * options.height / 2**20
-    seconds = FIXED_SECONDS + images * options.steps * megapixels * SECONDS_PER_STEP_MEGAPIXEL
+    seconds = FIXED_SECONDS + images * steps_run(options) * megapixels * SECONDS_PER_STEP_MEGAPIXEL
     return min(MAX_SECONDS, round(seconds))
 
 

@@ -63,11 +63,11 @@ def _seconds(result: Result) -> tuple[float, float]:
 def fast_vs_exact(manager: Model, options: GenerateOptions, lora: str | None, repeat: int = 1) -> FastFigures:
     """A compare (a generate without a LoRA) made exact and fast `repeat` times, interleaved; no results cache."""
 
-    def made(fast: bool) -> Result:
-        o = replace(options, fast=fast)
+    def made(fast: bool, steps: int = options.steps) -> Result:
+        o = replace(options, fast=fast, steps=steps)
         return compare(manager, o, lora) if lora else generate(manager, o)
 
-    made(False)  # warm-up: loads, encodes (then cached), first-call costs
+    made(True, steps=3)  # warm-up: loads, encodes (then cached), the first calls of both ways
     runs = {False: [], True: []}
     for _ in range(repeat):
         for fast in (False, True):

@@ -6,8 +6,9 @@ Issue 19, item 4: "fast mode / exact reported with its mean pixel difference". O
 first LoRA at 1.0, one image at a time) is made exact and then fast, with the same prompt embeddings (cached after a
 warm-up) and the same noise, through fluxdemo.pipeline.compare; --repeat runs interleave the two. Printed: the
 denoising seconds per image of each (the report's "denoise ..." stages), fast / exact, the same for the whole image
-(denoise + decode), the steps fast predicted (FastSchedule.of(steps)), and the mean and largest pixel difference
-(0-255) between each fast image and its exact twin.
+(denoise + decode), the steps fast predicted (FastSchedule.of(steps)); the median seconds of an exact step and of
+fast's full and predicted steps, and the fast / exact ratio they give an image (steadier than whole runs on a shared
+machine); and the mean and largest pixel difference (0-255) between each fast image and its exact twin.
 
 The core is `fast_vs_exact(manager, options, lora)`, a function bench/gpu_speed.py can call on any model and size.
 """
@@ -47,8 +48,26 @@ class FastFigures:
     exact_image_s: float  # per image, denoise + decode
     fast_image_s: float
     image_ratio: float
+    # Per step (medians, robust to a burst of load on a shared machine): exact, and fast's full and predicted steps;
+    # step_ratio is what they make of an image, fast / exact: (run x full + predicted x predicted) / (steps x exact)
+    exact_step_s: float
+    full_step_s: float
+    predicted_step_s: float
+    step_ratio: float
     mean_pixel_diff: float  # 0-255, fast vs exact, over both images of the compare
     max_pixel_diff: int
+
+
+def _steps(result: Result, predicted: bool) -> list[float]:
+    """The seconds of each step of a run that was (or was not) predicted, from its report's timeline."""
+    out = []
+    for stage in result.report.timeline:
+        label, _, step = stage.name.rpartition(" step ")
+        if label in result.report.images and step:
+            skipped = result.report.images[label].skipped_steps or []
+            if (int(step.partition("/")[0]) in skipped) == predicted:
+                out.append(stage.seconds)
+    return out
 
 
 def _seconds(result: Result) -> tuple[float, float]:
@@ -75,6 +94,11 @@ def fast_vs_exact(manager: Model, options: GenerateOptions, lora: str | None, re
     exact, fast = ([_seconds(r) for r in runs[mode]] for mode in (False, True))
     e_denoise, e_image = (statistics.median(x) for x in zip(*exact, strict=True))
     f_denoise, f_image = (statistics.median(x) for x in zip(*fast, strict=True))
+    exact_step = statistics.median(s for r in runs[False] for s in _steps(r, False))
+    full_step = statistics.median(s for r in runs[True] for s in _steps(r, False))
+    predicted_step = statistics.median(s for r in runs[True] for s in _steps(r, True))
+    predicted = len(FastSchedule.of(options.steps).predicted())
+    per_image = (options.steps - predicted) * full_step + predicted * predicted_step
     diffs = [
         np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
         for label, a in runs[False][0].images.items()
@@ -82,13 +106,17 @@ def fast_vs_exact(manager: Model, options: GenerateOptions, lora: str | None, re
     ]
     return FastFigures(
         steps=options.steps,
-        predicted=len(FastSchedule.of(options.steps).predicted()),
+        predicted=predicted,
         exact_denoise_s=e_denoise,
         fast_denoise_s=f_denoise,
         denoise_ratio=f_denoise / e_denoise,
         exact_image_s=e_image,
         fast_image_s=f_image,
         image_ratio=f_image / e_image,
+        exact_step_s=exact_step,
+        full_step_s=full_step,
+        predicted_step_s=predicted_step,
+        step_ratio=per_image / (options.steps * exact_step),
         mean_pixel_diff=float(np.mean([d.mean() for d in diffs])),
         max_pixel_diff=int(max(d.max() for d in diffs)),
     )
@@ -121,6 +149,8 @@ def main() -> None:
         f"{f.denoise_ratio:.3f}\n"
         f"image (denoise + decode): exact {f.exact_image_s:.2f} s, fast {f.fast_image_s:.2f} s, fast / exact "
         f"{f.image_ratio:.3f}\n"
+        f"per step (medians): exact {f.exact_step_s:.3f} s; fast: full {f.full_step_s:.3f} s, predicted "
+        f"{f.predicted_step_s:.4f} s; what they make of an image, fast / exact {f.step_ratio:.3f}\n"
         f"fast vs exact pixels (0-255): mean {f.mean_pixel_diff:.2f}, max {f.max_pixel_diff}"
     )
     if args.json:

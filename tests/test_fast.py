@@ -105,6 +105,7 @@ def test_a_visitor_chooses_fast_per_request_last_in_every_job() -> None:
     assert read_request("compare", [*values, True]).options.fast is True
     assert read_request("generate", [*values, False]).options.fast is False
     assert read_request("compare", [*values, None]).options.fast is False  # an API caller who leaves it out
+    assert read_request("compare", values).options.fast is False  # values from before `fast`
     sweep = read_request("sweep", ["a cat", "peft.safetensors", "0, 1", *values[3:], 0.5, True])
     assert sweep.options.fast is True and sweep.columns == (0.0, 1.0) and sweep.stacks[0][0].strength == 0.5
     grid = read_request("grid", ["a cat", "", "peft:0.5", "0, 1", "1", 8, 3.5, 32, 32, None, 1.0, *values[8:], True])

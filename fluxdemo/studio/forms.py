@@ -154,7 +154,10 @@ class Ask:
 def read_request(kind: str, values: Sequence, limits: Limits = DEFAULT_LIMITS) -> Ask:
     """A model request from its handler's values, in the handler's order, with every check that needs no file and
     no network: numbers, strengths, the counts of LoRAs and images, the work budget. The admission runs it before a
-    request is queued (nothing is downloaded for a request it refuses), and the handler again before the model."""
+    request is queued (nothing is downloaded for a request it refuses), and the handler again before the model.
+    Values from before `fast` (one fewer) read as exact, as they always ran."""
+    if len(values) == len(FIELDS[kind]) - 1:
+        values = [*values, False]
     if kind == "grid":
         prompt, prompts, rows, strengths, seeds, steps, guidance, width, height, first, strength, *pickers, fast = (
             values

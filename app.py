@@ -168,6 +168,15 @@ LIMIT_FLAGS = (
         int,
     ),
     Flag(
+        "--fast",
+        "FLUXDEMO_FAST",
+        "off",
+        "start the page's Fast box ticked (--fast alone: on): a step-skipping cache on one schedule shared by every "
+        "image of a run, labelled on each result; a visitor may untick it for their own requests (default: "
+        "%(default)s)",
+        options={"nargs": "?", "const": "on", "choices": ("on", "off")},
+    ),
+    Flag(
         "--preview-decoder",
         "FLUXDEMO_PREVIEW_DECODER",
         None,
@@ -274,7 +283,7 @@ def check_flags(args: argparse.Namespace) -> Limits:
         raise FluxdemoError(f"{named('--batch')} must be from 1 to {MAX_BATCH}, but is {args.batch}.")
     if args.replicas is not None and args.ray is None:
         raise FluxdemoError("--replicas needs --ray: replicas are Ray Serve's.")
-    for f in SERVER_FLAGS:  # argparse checks a flag's choices, not a variable's
+    for f in (*SERVER_FLAGS, *LIMIT_FLAGS):  # argparse checks a flag's choices, not a variable's
         choices, value = (f.options or {}).get("choices"), getattr(args, f.flag[2:].replace("-", "_"))
         if choices and value not in choices:
             one_of = f"{', '.join(choices[:-1])} or {choices[-1]}"
@@ -393,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         batch=args.batch,
         draw_preview=draw,
         download=download.state if download else None,
+        fast=args.fast == "on",
     )
     # How Spaces and container hosts stop an app: exit as on Ctrl+C, so the atexit clean-ups (run folders) run
     signal.signal(signal.SIGTERM, signal.default_int_handler)

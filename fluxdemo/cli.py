@@ -18,6 +18,7 @@ from typing import NoReturn
 
 from fluxdemo.errors import FluxdemoError, HubError, LoraError, OptionsError
 from fluxdemo.flags import (
+    FAST_HELP,
     add_model_flags,
     check_lora_name,
     cli_hub_loras,
@@ -104,6 +105,7 @@ def _add_image_flags(p: argparse.ArgumentParser, *, lora_required: bool, grid: b
         help="a multiple of 16 (VAE x8, then 2x2 latent patches); default 1024, 256 with a tiny --model",
     )
     g.add_argument("--height", type=int, default=None, help="a multiple of 16; default 1024, 256 with a tiny --model")
+    g.add_argument("--fast", action="store_true", help=FAST_HELP)
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
@@ -191,6 +193,7 @@ def _options(args) -> GenerateOptions:
         guidance=args.guidance,
         width=args.width,
         height=args.height,
+        fast=args.fast,
     )
 
 

@@ -217,15 +217,16 @@ def test_settings_come_back_from_a_png(manager, tmp_path, kit_lora):
     result = compare(manager, GenerateOptions("a cat", seed=11, steps=2, width=32, height=48), kit_lora, 0.7)
     png = save_png(result.images["lora"], params_from_report(result.report, "lora"), tmp_path / "lora.png")
     *values, note = studio.settings_from_png(str(png))
-    assert values == ["a cat", 11, 2, 3.5, 32, 48, kit_lora, 0.7, *("", 1.0) * 3]
-    assert note == "**Set from the PNG:** seed 11, 2 steps, guidance 3.5, 32×48, LoRAs peft:0\\.7, and its prompt."
+    assert values == ["a cat", 11, 2, 3.5, 32, 48, kit_lora, 0.7, *("", 1.0) * 3, False]
+    said = "**Set from the PNG:** seed 11, 2 steps, guidance 3.5, 32×48, LoRAs peft:0\\.7, exact, and its prompt."
+    assert note == said
     info = PngInfo()
     info.add_text("parameters", "a fox <lora:peft:0.8> <lora:kohya:0.4>\nNegative prompt: blur\nSteps: 20, Sampler: "
                                 "Euler, Distilled CFG Scale: 3, Seed: 5, Size: 512x768, Model: flux1-dev")  # fmt: skip
     Image.new("RGB", (8, 8)).save(tmp_path / "forge.png", pnginfo=info)
     *values, note = studio.settings_from_png(str(tmp_path / "forge.png"))
     assert values == ["a fox", 5, 20, 3.0, 512, 768, "peft.safetensors", 0.8, "kohya.safetensors", 0.4,
-                      *("", 1.0) * 2]  # fmt: skip
+                      *("", 1.0) * 2, False]  # fmt: skip
     assert note.startswith(
         "**Set from the PNG:** seed 5, 20 steps, guidance 3, 512×768, LoRAs peft:0\\.8 \\+ kohya:0\\.4"
     )

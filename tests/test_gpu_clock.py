@@ -41,7 +41,7 @@ def test_after_a_run_its_path_asks_what_the_run_measured(clock, manager, kit_lor
     report = zero_gpu.run_measured(run, manager, OPTS, 2, Controls()).report
     clock.record(dataclasses.replace(report, batches=[]))  # a run whose images all came from the cache
     [(path, runs)] = clock._runs.items()
-    assert path == (manager.weights_choice.format,) == ("gguf",) and len(runs) == 1
+    assert path == (manager.weights_choice.format,) == ("gguf", "eager") and len(runs) == 1
     images = sum(len(batch) for batch in report.batches)
     assert images == 2 and report.reused == []
     # each step carries the image's 32x16 pixels and the prompt's 935 x 256 pixels' worth of tokens
@@ -52,16 +52,16 @@ def test_after_a_run_its_path_asks_what_the_run_measured(clock, manager, kit_lor
     ask = DEFAULT_COMPARE
     want = math.ceil(TASK_START_SECONDS + MARGIN * (fixed + 2 * 28 * (1 + 935 * 256 / 2**20) * per_unit))
     assert gpu_seconds(None, manager, ask, 2, None) == min(MAX_SECONDS, want)
-    assert clock.seconds(ask, 2, ("bf16",)) == 83  # another format has not run: still the prior
+    assert clock.seconds(ask, 2, ("bf16", "eager")) == 83  # another format has not run: still the prior
 
 
 def test_a_faster_run_does_not_shrink_the_ask_below_the_slowest_recent_one(clock, manager, kit_lora):
     report = compare(manager, dataclasses.replace(OPTS, seed=6), kit_lora, 0.8).report
     clock.record(report)
-    before = clock.seconds(DEFAULT_COMPARE, 2, ("gguf",))
+    before = clock.seconds(DEFAULT_COMPARE, 2, ("gguf", "eager"))
     faster = [dataclasses.replace(s, seconds=s.seconds / 10) for s in report.timeline]
     clock.record(dataclasses.replace(report, timeline=faster, seconds=report.seconds / 10))
-    assert clock.seconds(DEFAULT_COMPARE, 2, ("gguf",)) == before
+    assert clock.seconds(DEFAULT_COMPARE, 2, ("gguf", "eager")) == before
     for _ in range(zero_gpu.RUNS_KEPT):  # once the slow run is out of the last RUNS_KEPT, the ask follows
         clock.record(dataclasses.replace(report, timeline=faster, seconds=report.seconds / 10))
-    assert clock.seconds(DEFAULT_COMPARE, 2, ("gguf",)) < before
+    assert clock.seconds(DEFAULT_COMPARE, 2, ("gguf", "eager")) < before

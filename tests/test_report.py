@@ -35,7 +35,7 @@ def test_a_compare_report_is_typed_and_writes_the_same_json_keys_in_order(manage
     ]
     assert data["model"]["compiled"] is False  # --compile off: no compile_setup sentence
     assert data["options"] == {"prompt": "a report", "seed": 7, "steps": 1, "guidance": 3.5, "width": 16,
-                               "height": 16, "max_sequence_length": 512}  # fmt: skip
+                               "height": 16, "max_sequence_length": 512, "fast": False}  # fmt: skip
     assert list(data["images"]) == ["baseline", "lora"]
     assert list(data["images"]["lora"]) == ["options", "loras", "reused"]
     assert data["images"]["lora"]["loras"] == [{"name": kit_lora, "sha256": report.loras[0].sha256, "strength": 0.5}]
@@ -46,6 +46,7 @@ def test_a_compare_report_is_typed_and_writes_the_same_json_keys_in_order(manage
               "predicted_ram_bytes", "peak_rss_bytes", "peak_anon_rss_bytes", "peak_file_rss_bytes"]  # fmt: skip
     assert list(data["memory"]) == memory  # on a CPU under Linux: no device peaks
     assert data["batches"] == [["baseline"], ["lora"]]
+    assert "fast" not in data and "skipped_steps" not in data["images"]["lora"]  # exact: tests/test_fast.py has fast
 
 
 def test_a_report_without_a_lora_writes_null_and_a_visitor_sees_no_host_facts(manager) -> None:

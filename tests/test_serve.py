@@ -75,6 +75,14 @@ def test_a_compare_runs_on_two_replicas_and_equals_the_single_process_compare(fr
     assert np.array_equal(pixels(again.images["baseline"]), pixels(result.images["baseline"]))
 
 
+def test_a_fast_compare_fanned_out_skips_the_same_steps_on_both_replicas(front):
+    """--fast's schedule is static: the baseline and the LoRA image skip the same steps on different replicas."""
+    result = compare(front[0], replace(OPTS, steps=6, fast=True), LORA, 0.8).report
+    assert result.images["baseline"].replica != result.images["lora"].replica
+    assert result.images["baseline"].skipped_steps == result.images["lora"].skipped_steps == [3, 5]
+    assert result.fast.steps == 6
+
+
 def test_a_replica_killed_during_a_grid_costs_one_retry_and_the_next_request_works(front, one_thread):
     model, runner = front
     killed: list[str] = []

@@ -27,6 +27,7 @@ from fluxdemo.pipeline.options import (
     MAX_BATCH,
     MAX_LORAS_PER_RUN,
     MAX_STACK,
+    FastSchedule,
     GenerateOptions,
     Stack,
     check_lora_strength,
@@ -102,16 +103,17 @@ def run(
         keys = _keys(manager, specs, resolved, controls, batch)
         made, reused, todo = _reuse(specs, keys, cache, timeline)
         # 3. Make the rest: load, encode, denoise, decode.
-        embeddings, passes = {}, []
+        embeddings, passes, skipped = {}, [], {}
         if todo:
-            images, embeddings, passes = _make(manager, todo, resolved, controls, batch)
+            images, embeddings, passes, skipped = _make(manager, todo, resolved, controls, batch)
             made.update({keys[label]: image for label, image in images.items()})
         if cache is not None:
             for spec in todo:
                 cache.put(keys[spec.label], made[keys[spec.label]])
         # 4. Report.
         images = {spec.label: made[keys[spec.label]] for spec in specs}
-        report = _report(manager, specs, resolved, embeddings, reused, todo, timeline, start, passes)
+        skipped = _observed(specs, keys, skipped)
+        report = _report(manager, specs, resolved, embeddings, reused, todo, timeline, start, passes, skipped)
     return Result(images, report)
 
 
@@ -208,7 +210,7 @@ def _make(manager: Model, todo: list[ImageSpec], resolved: dict, controls: Contr
         "encode", lambda: _encode_all(manager, todo, resolved, loaded, controls), ("text_encoder", "text_encoder_2")
     )
     # 3. Denoise.
-    pairs, passes = manager.with_fallback(
+    pairs, passes, skipped = manager.with_fallback(
         "denoise", lambda: _denoise_all(manager, todo, resolved, loaded, embeddings, controls, batch), ("transformer",)
     )
     # 4. Decode.
@@ -216,7 +218,7 @@ def _make(manager: Model, todo: list[ImageSpec], resolved: dict, controls: Contr
         "decode", lambda: decode(manager, [x for _, x in pairs], [s.options for s, _ in pairs]), ("vae",)
     )
     images = {spec.label: image for (spec, _), image in zip(pairs, decoded, strict=True)}
-    return images, embeddings, passes
+    return images, embeddings, passes, skipped
 
 
 def _applied(
@@ -244,6 +246,7 @@ def _denoise_all(manager: Model, todo, resolved: dict, loaded: dict, embeddings:
     """(spec, packed latents) per image, stack by stack, in passes of up to `batch`; and each pass's labels."""
     adapters = manager.adapters
     made_latents: list[tuple[ImageSpec, torch.Tensor]] = []
+    skipped: dict[str, list[int]] = {}  # each fast image's predicted steps, as its pass observed them
     order = sorted(todo, key=lambda s: [r.key() for r in resolved.values()].index(resolved[s.stack].key()))
     chunks = _batches(order, resolved, batch, loaded)
     with manager.on_device("transformer") as transformer:
@@ -260,9 +263,11 @@ def _denoise_all(manager: Model, todo, resolved: dict, loaded: dict, embeddings:
             per_sample = adapters.per_sample(stacks) if mixed else nullcontext()
             with manager.timeline.stage(f"denoise {label}"), per_sample:
                 conds = [embeddings[s.label] for s in chunk]
-                latents = denoise(manager, transformer, conds, noises, o, label, controls)
+                observed: list[int] = []
+                latents = denoise(manager, transformer, conds, noises, o, label, controls, observed)
             made_latents += zip(chunk, latents.split(1), strict=True)
-    return made_latents, [[s.label for s in chunk] for chunk in chunks]
+            skipped.update({s.label: observed for s in chunk if o.fast})
+    return made_latents, [[s.label for s in chunk] for chunk in chunks], skipped
 
 
 def _batches(
@@ -280,11 +285,12 @@ def _batches(
 
 
 def _fits(chunk: list[ImageSpec], spec: ImageSpec, resolved: dict, loaded: dict[str, LoadedLora]) -> bool:
-    """Same size, steps, guidance and T5 length, and either one stack for all, or each stack the base model or one
-    per-sample LoRA at one strength across the pass (PEFT's mixed batches give a sample one adapter, not a sum)."""
+    """Same size, steps, guidance, T5 length and fast mode, and either one stack for all, or each stack the base model
+    or one per-sample LoRA at one strength across the pass (PEFT's mixed batches give a sample one adapter, not a
+    sum)."""
 
     def shape(o: GenerateOptions) -> tuple:
-        return o.width, o.height, o.steps, o.guidance, o.max_sequence_length
+        return o.width, o.height, o.steps, o.guidance, o.max_sequence_length, o.fast
 
     if shape(chunk[0].options) != shape(spec.options):  # every image of a pass has the first one's shape
         return False
@@ -298,13 +304,14 @@ def _fits(chunk: list[ImageSpec], spec: ImageSpec, resolved: dict, loaded: dict[
     )
 
 
-def _report(manager, specs, resolved, embeddings, reused, todo, timeline, start, passes) -> RunReport:
+def _report(manager, specs, resolved, embeddings, reused, todo, timeline, start, passes, skipped) -> RunReport:
     entries = {e.name: e for r in resolved.values() for e, _ in r.named}
     images = {
         spec.label: ImageReport(
             options=spec.options,
             loras=[LoraUse(e.name, e.sha256, s) for e, s in resolved[spec.stack].named],
             reused=spec.label in reused,
+            skipped_steps=_skipped(spec, skipped),
         )
         for spec in specs
     }
@@ -342,4 +349,21 @@ def _report(manager, specs, resolved, embeddings, reused, todo, timeline, start,
         seconds=time.perf_counter() - start,
         memory=manager.memory_report(),
         batches=passes,
+        fast=FastSchedule.of(specs[0].options.steps) if specs[0].options.fast else None,
     )
+
+
+def _observed(specs: list[ImageSpec], keys: dict, made: dict[str, list[int]]) -> dict[str, list[int] | None]:
+    """Each fast image's skipped steps by label, from those of the images made (`made`, by label): an image asked
+    twice is made once, under its first label, so its steps go to every label of its key; None for a cached one."""
+    observed = {keys[label]: steps for label, steps in made.items()}
+    return {spec.label: observed.get(keys[spec.label]) for spec in specs if spec.options.fast}
+
+
+def _skipped(spec: ImageSpec, skipped: dict[str, list[int] | None]) -> list[int] | None:
+    """A fast image's predicted steps: as observed when made now; from the cache, its schedule's, as the cache key
+    holds `fast` and the step count, which decide the schedule."""
+    if not spec.options.fast:
+        return None
+    observed = skipped[spec.label]
+    return FastSchedule.of(spec.options.steps).predicted() if observed is None else observed

@@ -24,6 +24,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFont, PngImagePlugin
 
 from fluxdemo.errors import FluxdemoError, OptionsError
 from fluxdemo.files import new_file_mode
+from fluxdemo.pipeline.options import FastSchedule
 from fluxdemo.pipeline.png_settings import PARAMS_CHUNK, ImageParams
 from fluxdemo.pipeline.report import RunReport
 
@@ -60,6 +61,9 @@ def a1111_parameters(params: ImageParams) -> str:
         items.append(("Lora hashes", ", ".join(hashes)))
     if len(params.loras) == 1:
         items.append(("Lora strength", params.loras[0][2]))
+    if params.fast:
+        predicted = len(FastSchedule.of(params.steps).predicted())
+        items.append(("Fast", f"TaylorSeer, {predicted} of {params.steps} steps predicted"))
     items.extend(params.extra)
     return prompt + "\n" + ", ".join(f"{k}: {_quote(_num(v))}" for k, v in items)
 
@@ -277,4 +281,5 @@ def params_from_report(report: RunReport, label: str, role: str | None = None) -
         quant=model.transformer_quant,
         role=role or ("lora" if loras else "baseline"),
         loras=loras,
+        fast=options.fast,
     )

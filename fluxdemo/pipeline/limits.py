@@ -129,6 +129,8 @@ def check_request(options, images: int, strengths: Iterable[object] = (), limits
     check_prompt(options.prompt, limits)
     for name in ("seed", "steps", "guidance", "width", "height"):
         check_number(name, getattr(options, name))
+    if not isinstance(getattr(options, "fast", False), bool):
+        raise OptionsError(f"`fast` must be true or false, but is {describe(options.fast)}.")
     check_strengths(strengths, limits)
     check_work(images, options.steps, options.width, options.height, limits)
 

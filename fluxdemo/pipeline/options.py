@@ -23,6 +23,11 @@ STRENGTH_MIN, STRENGTH_MAX = STRENGTH_RANGE
 MAX_STACK = 4  # LoRAs active at once in one image
 MAX_LORAS_PER_RUN = 8  # distinct LoRAs one experiment may load (each stays attached for the whole run)
 MAX_BATCH = 8  # images in one transformer pass: activations grow with it
+# --fast: the step-skipping schedule's shape as fractions of the step count, so it scales with it. At 50 steps they
+# give the research figure for TaylorSeer on FLUX (10 full steps first, then one full step in 5: 2.5x,
+# ../shared/research/gpu-speed.md section 2); at FLUX's 28 steps, 6 first and one in 3 (13 of 28 run).
+FAST_WARMUP_FRACTION = 0.2  # the first steps always run in full: the composition is decided there
+FAST_INTERVAL_FRACTION = 0.1  # then a full step every this fraction of the steps, at least every other step
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class GenerateOptions:
     width: int = 1024
     height: int = 1024
     max_sequence_length: int = MAX_T5_TOKENS
+    fast: bool = False  # skip steps on FastSchedule.of(steps): faster, not the same pixels; never the default
 
     def validate(self) -> GenerateOptions:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -55,7 +61,42 @@ class GenerateOptions:
             raise OptionsError(
                 f"`max_sequence_length` must be between 1 and {MAX_T5_TOKENS}, but is {self.max_sequence_length}."
             )
+        if not isinstance(self.fast, bool):
+            raise OptionsError(f"`fast` must be true or false, but is {self.fast!r:.40}.")
         return self
+
+
+@dataclass(frozen=True)
+class FastSchedule:
+    """--fast's static schedule, a pure function of the step count (FastSchedule.of), so that every image made at
+    that count, the baseline and the LoRA image of a compare alike, runs and predicts the same steps. It is diffusers'
+    TaylorSeer cache (fluxdemo.pipeline.fast): on a predicted step the transformer's blocks do not run, and its output
+    is extrapolated from the last full steps. Steps count from 0 here, as diffusers counts them."""
+
+    steps: int
+    disable_cache_before_step: int  # steps 0 .. this - 1 run in full
+    cache_interval: int  # then every this-th step runs in full
+    max_order: int = 1  # the Taylor expansion's order: 1 extrapolates along a line
+    method: str = "taylorseer"
+
+    @classmethod
+    def of(cls, steps: int) -> FastSchedule:
+        warmup = max(2, round(steps * FAST_WARMUP_FRACTION))  # two full steps at least: a slope to extrapolate along
+        return cls(steps, warmup, max(2, round(steps * FAST_INTERVAL_FRACTION)))
+
+    def runs(self, step: int) -> bool:
+        """Whether step `step` (from 0) runs in full: TaylorSeerCacheHook's rule, restated."""
+        after_warmup = step - self.disable_cache_before_step - 1
+        return step < self.disable_cache_before_step or after_warmup % self.cache_interval == 0
+
+    def predicted(self) -> list[int]:
+        """The predicted steps, numbered from 1 as the timeline and the report number them."""
+        return [step + 1 for step in range(self.steps) if not self.runs(step)]
+
+
+def steps_run(options: GenerateOptions) -> int:
+    """The steps whose transformer blocks run (a predicted step costs next to nothing): what a step budget counts."""
+    return options.steps - len(FastSchedule.of(options.steps).predicted()) if options.fast else options.steps
 
 
 @dataclass(frozen=True)

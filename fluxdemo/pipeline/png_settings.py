@@ -56,6 +56,7 @@ class ImageParams:
     role: str = "baseline"  # baseline | lora | side_by_side | grid
     extra: tuple[tuple[str, Any], ...] = ()
     loras: tuple[tuple[str, str | None, float], ...] = ()  # the stack: (name, sha256, strength) per LoRA
+    fast: bool = False  # made with --fast (GenerateOptions.fast): steps predicted, not the exact pixels
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -166,6 +167,7 @@ def _a1111_fields(text: str) -> tuple[dict[str, Any], list[str]]:
         model=items.get("Model", "unknown"),
         quant=items.get("Quant", ""),
         loras=loras,
+        fast="Fast" in items,  # written only for a fast image (images.a1111_parameters)
     )
     return fields, notes
 
@@ -276,6 +278,7 @@ def _checked(fields: dict[str, Any], notes: list[str], limits: Limits) -> PngSet
         role=role,
         extra=tuple(pairs),
         loras=loras,
+        fast=fields.get("fast") is True,
     )
     return PngSettings(params, tuple(notes))
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from fluxdemo.lora import LoraEntry
 from fluxdemo.model.memory import MemoryReport
 from fluxdemo.model.timeline import Stage
-from fluxdemo.pipeline.options import GenerateOptions, LoraChoice
+from fluxdemo.pipeline.options import FastSchedule, GenerateOptions, LoraChoice
 from fluxdemo.records import Record, optional
 
 
@@ -49,6 +49,8 @@ class ImageReport(Record):
     loras: list[LoraUse]
     reused: bool
     replica: str | None = optional()  # the Ray Serve replica that made it (fluxdemo.serve)
+    # with options.fast: the steps (from 1) whose transformer blocks did not run, as observed while it was made
+    skipped_steps: list[int] | None = optional()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,6 +140,7 @@ class RunReport(Record):
     seconds: float
     memory: MemoryReport
     batches: list[list[str]]  # the image labels of each transformer pass
+    fast: FastSchedule | None = optional()  # --fast's schedule, when the first image used it (each image says its own)
     cells: list[GridCell] | None = optional()
     grid: GridLayout | None = optional()
     replicas: dict[str, ReplicaReport] | None = optional()

@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 from fluxdemo.errors import CancelledError
+from fluxdemo.pipeline.fast import step_cache
 from fluxdemo.pipeline.model import Model
-from fluxdemo.pipeline.options import MAX_T5_TOKENS, SIDE_MULTIPLE, GenerateOptions
+from fluxdemo.pipeline.options import MAX_T5_TOKENS, SIDE_MULTIPLE, FastSchedule, GenerateOptions
 from fluxdemo.pipeline.previews import PREVIEW_BUDGET, DrawPreview, cost, latent_preview
 
 logger = logging.getLogger(__name__)
@@ -120,10 +121,12 @@ def denoise(
     options: GenerateOptions,
     label: str,
     controls: Controls,
+    skipped: list[int] | None = None,
 ) -> torch.Tensor:
     """The flow-matching loop, with the transformer already on the device. Returns packed latents: for one image, or
     for a batch (lists of embeddings and noises, one per image, that share options but for prompt and seed) in one
-    pass through the transformer per step, batch first."""
+    pass through the transformer per step, batch first. options.fast predicts the steps of FastSchedule.of(steps)
+    (fluxdemo.pipeline.fast); `skipped` receives those the pass skipped (from 1), as observed."""
     if isinstance(embeddings, list):  # a batch: one transformer pass per step for all of its images
         embeddings = Embeddings(
             torch.cat([e.prompt_embeds for e in embeddings]), torch.cat([e.pooled for e in embeddings]), 0
@@ -153,20 +156,21 @@ def denoise(
         last = time.perf_counter()  # a preview's cost is its own, not the next step's
         return kwargs
 
-    dtype = manager.dtype
-    (latents,) = view(
-        prompt_embeds=embeddings.prompt_embeds.to(manager.device, dtype),
-        pooled_prompt_embeds=embeddings.pooled.to(manager.device, dtype),
-        latents=noise.to(manager.device, dtype),
-        num_inference_steps=options.steps,
-        guidance_scale=options.guidance,
-        height=options.height,
-        width=options.width,
-        max_sequence_length=options.max_sequence_length,
-        output_type="latent",
-        return_dict=False,
-        callback_on_step_end=on_step,
-    )
+    device, dtype = manager.device, manager.dtype
+    with step_cache(transformer, FastSchedule.of(options.steps) if options.fast else None, skipped):
+        (latents,) = view(
+            prompt_embeds=embeddings.prompt_embeds.to(device, dtype),
+            pooled_prompt_embeds=embeddings.pooled.to(device, dtype),
+            latents=noise.to(device, dtype),
+            num_inference_steps=options.steps,
+            guidance_scale=options.guidance,
+            height=options.height,
+            width=options.width,
+            max_sequence_length=options.max_sequence_length,
+            output_type="latent",
+            return_dict=False,
+            callback_on_step_end=on_step,
+        )
     return latents
 
 

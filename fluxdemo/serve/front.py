@@ -23,7 +23,7 @@ from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
 from fluxdemo.errors import CancelledError, FluxdemoError, LoraError
 from fluxdemo.model.timeline import Timeline
 from fluxdemo.pipeline.cache import ResultsCache
-from fluxdemo.pipeline.experiments import ImageSpec, Result, _check, _keys, _report, _reuse
+from fluxdemo.pipeline.experiments import ImageSpec, Result, _check, _keys, _observed, _report, _reuse
 from fluxdemo.pipeline.model import Model
 from fluxdemo.pipeline.stages import Controls
 from fluxdemo.serve.plan import Job, merge, split
@@ -65,7 +65,9 @@ class RayFront:
         with self._lock:
             for spec in todo if cache is not None else ():
                 cache.put(keys[spec.label], made[keys[spec.label]])
-        report = _report(manager, specs, resolved, {}, reused, todo, timeline, start, [])
+        made_skipped = {label: part.report.images[label].skipped_steps for part in parts for label in part.images}
+        skipped = _observed(specs, keys, {label: steps for label, steps in made_skipped.items() if steps is not None})
+        report = _report(manager, specs, resolved, {}, reused, todo, timeline, start, [], skipped)
         if parts:
             replica_of = {s.label: by_key[keys[s.label]][1] for s in specs if s.label not in reused}
             report = merge(report, parts, replica_of, time.perf_counter() - start)

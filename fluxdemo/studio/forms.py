@@ -30,14 +30,16 @@ MAX_GRID_SEEDS = 4
 EXTRA_ROWS = (2, 3, 4)  # the LoRA rows below the first: a stack holds up to four LoRAs
 _ROWS = tuple(f"{key}_{n}" for n in EXTRA_ROWS for key in ("lora", "strength"))
 # Each model job's parameters in gradio's API order: gradio_client callers pass them by position (a sweep's first
-# LoRA strength comes last, so that callers who leave it out keep the order they had)
+# LoRA strength, then `fast`, come last, so that callers who leave them out keep the order they had)
 FIELDS = {
-    "compare": ("prompt", "lora", "strength", "seed", "steps", "guidance", "width", "height", *_ROWS),
-    "generate": ("prompt", "lora", "strength", "seed", "steps", "guidance", "width", "height", *_ROWS),
-    "sweep": ("prompt", "lora", "strengths", "seed", "steps", "guidance", "width", "height", *_ROWS, "strength"),
+    "compare": ("prompt", "lora", "strength", "seed", "steps", "guidance", "width", "height", *_ROWS, "fast"),
+    "generate": ("prompt", "lora", "strength", "seed", "steps", "guidance", "width", "height", *_ROWS, "fast"),
+    "sweep": (
+        "prompt", "lora", "strengths", "seed", "steps", "guidance", "width", "height", *_ROWS, "strength", "fast",
+    ),
     "grid": (
         "prompt", "prompts", "rows", "strengths", "seeds", "steps", "guidance", "width", "height", "lora", "strength",
-        *_ROWS,
+        *_ROWS, "fast",
     ),
 }  # fmt: skip
 SIZE_PRESETS = {
@@ -66,8 +68,10 @@ def to_options(
     guidance: float | None,
     width: float | None,
     height: float | None,
+    fast: bool | None = False,
 ) -> GenerateOptions:
-    """The page's values as the library's options; GenerateOptions.validate() then checks their ranges."""
+    """The page's values as the library's options; GenerateOptions.validate() then checks their ranges (and that
+    `fast`, the per-request step-skipping choice, is true or false; an API caller who leaves it out gets false)."""
     whole = {"seed": seed, "steps": steps, "width": width, "height": height}
     for name, value in {**whole, "guidance": guidance}.items():
         if value is None:
@@ -75,9 +79,8 @@ def to_options(
     for name, value in whole.items():
         if float(value) != int(value):
             raise OptionsError(f"`{name}` must be a whole number, but is {value}.")
-    return GenerateOptions(
-        prompt or "", seed=int(seed), steps=int(steps), guidance=float(guidance), width=int(width), height=int(height)
-    )
+    whole = {name: int(value) for name, value in whole.items()}
+    return GenerateOptions(prompt or "", guidance=float(guidance), fast=False if fast is None else fast, **whole)
 
 
 def parse_strengths(text: str | None, limits: Limits = DEFAULT_LIMITS) -> list[float]:
@@ -151,9 +154,14 @@ class Ask:
 def read_request(kind: str, values: Sequence, limits: Limits = DEFAULT_LIMITS) -> Ask:
     """A model request from its handler's values, in the handler's order, with every check that needs no file and
     no network: numbers, strengths, the counts of LoRAs and images, the work budget. The admission runs it before a
-    request is queued (nothing is downloaded for a request it refuses), and the handler again before the model."""
+    request is queued (nothing is downloaded for a request it refuses), and the handler again before the model.
+    Values from before `fast` (one fewer) read as exact, as they always ran."""
+    if len(values) == len(FIELDS[kind]) - 1:
+        values = [*values, False]
     if kind == "grid":
-        prompt, prompts, rows, strengths, seeds, steps, guidance, width, height, first, strength, *pickers = values
+        prompt, prompts, rows, strengths, seeds, steps, guidance, width, height, first, strength, *pickers, fast = (
+            values
+        )
         prompt_list = tuple(line for line in (prompts or "").splitlines() if line.strip()) or (prompt or "",)
         stacks = tuple(as_stack(line) for line in (rows or "").splitlines() if line.strip())
         stacks = stacks or (tuple(ui_stack(first, strength, *pickers)),)
@@ -162,13 +170,15 @@ def read_request(kind: str, values: Sequence, limits: Limits = DEFAULT_LIMITS) -
                 "A grid needs a LoRA row (one stack per line, e.g. style:0.8+detail:0.5), or a LoRA picked above."
             )
         seed_list = tuple(parse_seeds(seeds))
-        options = to_options(prompt_list[0], seed_list[0], steps, guidance, width, height)
+        options = to_options(prompt_list[0], seed_list[0], steps, guidance, width, height, fast)
         ask = Ask(kind, options, stacks, tuple(parse_strengths(strengths, limits)), prompt_list, seed_list)
         for text in prompt_list[1:]:
             check_prompt(text, limits)
     else:
         strength = values[2]  # a sweep's is its strengths' text; each multiplies the LoRAs' own
-        options, stack = read_controls([*values[:2], values[-1], *values[3:-1]] if kind == "sweep" else values)
+        options, stack = read_controls(
+            [*values[:2], values[-2], *values[3:-2], values[-1]] if kind == "sweep" else values
+        )
         if kind != "generate" and not stack:
             goal = "sweep its strength" if kind == "sweep" else "compare with the base model"
             raise OptionsError(f"Pick a LoRA to {goal}, or upload one.")
@@ -205,11 +215,11 @@ def unfetched_hub_loras(library: LoraLibrary, ask: Ask, scan: bool = True) -> li
 
 
 def read_controls(values: Sequence) -> tuple[GenerateOptions, Stack]:
-    """The controls in compare's order (prompt, LoRA, strength, seed, steps, guidance, width, height, then the
-    further rows' name and strength) as options and a stack: the one reading of compare, generate and sweep."""
-    prompt, lora, strength, seed, steps, guidance, width, height, *rows = values
+    """The controls in compare's order (prompt, LoRA, strength, seed, steps, guidance, width, height, the further
+    rows' name and strength, fast) as options and a stack: the one reading of compare, generate and sweep."""
+    prompt, lora, strength, seed, steps, guidance, width, height, *rows, fast = values
     stack = tuple(ui_stack(lora, strength, *rows))
-    return to_options(prompt, seed, steps, guidance, width, height), stack
+    return to_options(prompt, seed, steps, guidance, width, height, fast), stack
 
 
 def shown_params(manager: Model, options: GenerateOptions, stack: Stack) -> ImageParams:
@@ -218,8 +228,9 @@ def shown_params(manager: Model, options: GenerateOptions, stack: Stack) -> Imag
     loras = tuple((c.name, None, c.strength) for c in stack)
     preset = manager.preset
     return ImageParams(
-        o.prompt, o.seed, o.steps, o.guidance, o.width, o.height, preset.name, preset.transformer_quant, loras=loras
-    )
+        o.prompt, o.seed, o.steps, o.guidance, o.width, o.height, preset.name, preset.transformer_quant, loras=loras,
+        fast=o.fast,
+    )  # fmt: skip
 
 
 def controls_params(manager: Model, *values) -> ImageParams | None:

@@ -406,7 +406,7 @@ class Studio:
         """The controls set from a PNG's parameters (fluxdemo's own, or A1111/Forge infotext), each value checked
         like the controls' own; then a note of what was set, of what was changed, and of LoRAs this app lacks."""
         if not file:
-            return (gr.skip(),) * (9 + 2 * len(EXTRA_ROWS))
+            return (gr.skip(),) * (10 + 2 * len(EXTRA_ROWS))
         settings = settings_from_png(Path(file), self.limits)
         p = settings.params
         most = 1 + len(EXTRA_ROWS)
@@ -421,7 +421,7 @@ class Studio:
             gr.Warning(note)
         said = [
             f"**Set from the PNG:** seed {p.seed}, {p.steps} steps, guidance {p.guidance:g}, {p.width}×{p.height}, "
-            f"LoRAs {markdown_text(stack, MAX_SENTENCE_CHARS)}, and its prompt.",
+            f"LoRAs {markdown_text(stack, MAX_SENTENCE_CHARS)}, {'fast' if p.fast else 'exact'}, and its prompt.",
             *(f"Note: {markdown_text(note, MAX_SENTENCE_CHARS)}" for note in settings.notes),
         ]
         if missing:
@@ -430,9 +430,8 @@ class Studio:
                 "They are left out of the stack: upload them (or fetch them from the Hub), then pick them to "
                 "reproduce the picture."
             )
-        rows = [value for name, _, s in loras[1:] for value in (name, s)]
-        note = "\n\n".join(said)
-        return (p.prompt, p.seed, p.steps, p.guidance, p.width, p.height, loras[0][0], loras[0][2], *rows, note)
+        first = [p.prompt, p.seed, p.steps, p.guidance, p.width, p.height, loras[0][0], loras[0][2]]
+        return (*first, *[value for name, _, s in loras[1:] for value in (name, s)], p.fast, "\n\n".join(said))
 
     def _listed(self, name: str) -> bool:
         return any(entry.name == name and entry.usable for entry in self.library.entries)

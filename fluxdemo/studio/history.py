@@ -26,8 +26,9 @@ class Entry:
 
     @property
     def title(self) -> str:
-        """How the history strip and the A/B pickers name it: "#4 · run 2 · peft:0.8 · seed 5"."""
-        return f"#{self.number} · run {self.run} · {describe_loras(self.params)} · seed {self.params.seed}"
+        """How the history strip and the A/B pickers name it: "#4 · run 2 · peft:0.8 · seed 5" (then " · fast")."""
+        fast = " · fast" if self.params.fast else ""
+        return f"#{self.number} · run {self.run} · {describe_loras(self.params)} · seed {self.params.seed}{fast}"
 
 
 def describe_loras(params: ImageParams) -> str:
@@ -58,7 +59,7 @@ def entry_of(history: list[Entry], params: ImageParams) -> Entry | None:
 def _image_key(p: ImageParams) -> tuple:
     """What decides the pixels: a LoRA at strength 0 adds nothing (a grid's strength-0 cells are the base image)."""
     loras = tuple((name, strength) for name, _, strength in p.loras if strength != 0)
-    return (p.prompt, p.seed, p.steps, p.guidance, p.width, p.height, p.model, p.quant, loras)
+    return (p.prompt, p.seed, p.steps, p.guidance, p.width, p.height, p.model, p.quant, loras, p.fast)
 
 
 def find(history: list[Entry], title: str | None) -> Entry | None:
@@ -79,7 +80,13 @@ def differences(a: ImageParams, b: ImageParams) -> list[str]:
         out.append(f"prompt: {_short(a.prompt)} → {_short(b.prompt)}")
     if (a.model, a.quant) != (b.model, b.quant):
         out.append(f"model: {a.model} {a.quant} → {b.model} {b.quant}")
+    if a.fast != b.fast:  # --fast predicts steps: part of such a difference is the cache's
+        out.append(f"steps: {_mode(a)} → {_mode(b)}")
     return out
+
+
+def _mode(params: ImageParams) -> str:
+    return "fast (some predicted)" if params.fast else "all run"
 
 
 def slider_label(a: Entry, b: Entry) -> str:

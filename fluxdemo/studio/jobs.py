@@ -48,9 +48,9 @@ def inputs_of(p: SimpleNamespace, kind: str) -> list:
     named = {
         "prompt": p.prompt, "lora": p.lora, "strength": p.strength, "strengths": p.strengths, "seed": p.seed,
         "steps": p.steps, "guidance": p.guidance, "width": p.width, "height": p.height, "prompts": p.prompts,
-        "rows": p.rows_text, "seeds": p.seeds,
+        "rows": p.rows_text, "seeds": p.seeds, "fast": p.fast,
     }  # fmt: skip
-    extra = dict(zip(FIELDS["compare"][-len(p.extra) :], p.extra, strict=True))
+    extra = dict(zip(FIELDS["compare"][-len(p.extra) - 1 : -1], p.extra, strict=True))
     if kind == "grid":
         named["strengths"] = p.grid_strengths
     return [{**named, **extra}[name] for name in FIELDS[kind]]

@@ -8,6 +8,7 @@ on reach the page as gr.Error carrying the library's sentence; anything else is 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import gradio as gr
@@ -62,6 +63,10 @@ STUDIO_CSS = """
 #preview { position: absolute; top: 84px; right: 8px; width: 232px; z-index: 20; box-shadow: 0 2px 12px #0006; }
 @media (max-width: 640px) { #preview { width: 168px; } }
 """
+FAST_INFO = (
+    "a step-skipping cache (TaylorSeer) on one fixed schedule, so a compare's two images skip the same steps; "
+    "faster, not the exact picture; the run panel and the PNGs say so"
+)
 STRATEGY_HELP = (
     "auto: planned from free memory for each image size. resident: all on the GPU; model-offload: one large part "
     "at a time; group-offload: the transformer a few blocks at a time; disk: the least RAM"
@@ -80,12 +85,14 @@ def build_studio(
     batch: int = 1,
     draw_preview: DrawPreview = latent_preview,
     download: DownloadState | None = None,
+    fast: bool = False,
 ) -> gr.Blocks:
     """The whole app over one model manager; the model loads on the first run, so building and launching are quick.
 
     `limits` bound each request (pipeline.limits); a `public` app shows no facts about its host; `cache_images` bounds
     the results cache that lets a run reuse what an earlier one made; `batch` is how many images may share a
-    transformer pass; `draw_preview` draws the live previews; `download` tells how far the start-up download is."""
+    transformer pass; `draw_preview` draws the live previews; `download` tells how far the start-up download is;
+    `fast` is where the Fast box starts (app.py --fast): each request still says for itself whether it skips steps."""
     studio = Studio(manager, max_upload_bytes, limits, public, cache_images, batch, draw_preview)
     files = LoraFiles(studio.library, max_upload_bytes, studio.cancel_flags)
     manager.adapters.library.refresh()
@@ -100,7 +107,7 @@ def build_studio(
         download_line(demo, download)
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320):
-                _controls_column(page, defaults or default_options(manager.preset), public)
+                _controls_column(page, replace(defaults or default_options(manager.preset), fast=fast), public)
             with gr.Column(scale=3, min_width=320, elem_id="results"):
                 _results_column(page)
         page.last_run, page.history, page.shown = gr.State(), gr.State([]), gr.State()
@@ -214,6 +221,7 @@ def _numbers(p: SimpleNamespace, d: GenerateOptions) -> None:
     with gr.Row():
         p.width = gr.Slider(value=d.width, label="Width", **side)
         p.height = gr.Slider(value=d.height, label="Height", **side)
+    p.fast = gr.Checkbox(d.fast, label="Fast (skips steps, same steps for every image)", info=FAST_INFO)
 
 
 def _axes(p: SimpleNamespace) -> None:
@@ -354,7 +362,7 @@ def _stack_events(p: SimpleNamespace) -> None:
     loaded = p.png_drop.upload(
         p.studio.settings_from_png,
         p.png_drop,
-        [p.prompt, *numbers, p.lora, p.strength, *p.extra, p.png_note],
+        [p.prompt, *numbers, p.lora, p.strength, *p.extra, p.fast, p.png_note],
         concurrency_limit=2,
         concurrency_id="png",
         api_visibility="private",

@@ -89,8 +89,29 @@ def run_summary(report: RunReport) -> str:
         lines.append(report.model.weights_reason)
     if report.model.compile_setup:  # --compile (fluxdemo.lora.hotswap)
         lines.append(report.model.compile_setup)
+    lines += fast_lines(report)
     lines += [f"Note: {event}" for event in report.events]  # e.g. an out-of-memory fallback
     return "\n\n".join(lines)
+
+
+def fast_lines(report: RunReport) -> list[str]:
+    """--fast's label: the steps each image skipped, as observed; one line when they all skipped the same."""
+    skipped = {label: image.skipped_steps for label, image in report.images.items() if image.options.fast}
+    if not skipped:
+        return []
+    kinds = {tuple(steps) for steps in skipped.values()}
+    steps = next(iter(skipped.values()))
+    if len(kinds) == 1:
+        return [
+            f"**Fast** (TaylorSeer cache): every image predicted steps {_steps(steps)} instead of running them "
+            f"({len(steps)} of {report.options.steps}); not the exact pictures."
+        ]
+    each = "; ".join(f"{STAGE_LABELS.get(k, k)}: {_steps(v)}" for k, v in skipped.items())
+    return [f"**Fast** (TaylorSeer cache), predicted steps: {markdown_text(each, MAX_SENTENCE_CHARS)}."]
+
+
+def _steps(steps: list[int]) -> str:
+    return ", ".join(map(str, steps)) or "none"
 
 
 def model_summary(manager: Model, host_facts: bool = True) -> str:

@@ -22,6 +22,7 @@ from fluxdemo.model.manager import MODEL_COMPONENTS
 from fluxdemo.pipeline.api import Controls, GenerateOptions, Result
 from fluxdemo.pipeline.limits import MEGAPIXEL, STEP_FIXED_PIXELS
 from fluxdemo.pipeline.model import Model
+from fluxdemo.pipeline.options import steps_run
 from fluxdemo.pipeline.previews import DrawPreview, TinyDecoder, latent_preview
 from fluxdemo.pipeline.report import RunReport
 
@@ -71,8 +72,9 @@ class Pace:
 
 
 def step_units(options: GenerateOptions, images: int) -> float:
-    """The denoising work of `images` images: each step carries the image's tokens and the prompt's."""
-    return images * options.steps * (options.width * options.height + STEP_FIXED_PIXELS) / MEGAPIXEL
+    """The denoising work of `images` images: each step that runs (--fast predicts some) carries the image's tokens
+    and the prompt's."""
+    return images * steps_run(options) * (options.width * options.height + STEP_FIXED_PIXELS) / MEGAPIXEL
 
 
 # the derivation above is for a 1024x1024 step, prompt tokens included
@@ -82,9 +84,9 @@ PRIOR = Pace(
 )
 
 
-def path_of(weights: str | None) -> tuple[str, ...]:
-    """What sets a run's pace besides its size: the transformer's weight format."""
-    return (weights or "gguf",)
+def path_of(weights: str | None, compiled: bool) -> tuple[str, ...]:
+    """What sets a run's pace besides its size and steps: the transformer's weight format, and --compile."""
+    return (weights or "gguf", "compiled" if compiled else "eager")
 
 
 def pace_of(report: RunReport) -> Pace | None:
@@ -112,9 +114,10 @@ class StepClock:
     def record(self, report: RunReport) -> None:
         if (pace := pace_of(report)) is not None:
             with self._lock:
-                runs = self._runs.get(path_of(report.model.weights)) or deque(maxlen=RUNS_KEPT)
+                path = path_of(report.model.weights, bool(report.model.compiled))
+                runs = self._runs.get(path) or deque(maxlen=RUNS_KEPT)
                 runs.append(pace)
-                self._runs.put(path_of(report.model.weights), runs)
+                self._runs.put(path, runs)
 
     def pace(self, path: tuple[str, ...]) -> tuple[Pace, float]:
         """The pace to plan with and its margin: the slowest recent run of the path, or the prior."""
@@ -155,9 +158,10 @@ def gpu_seconds(
     images: int,
     controls: Controls,
 ) -> int:
-    """Seconds of GPU a task needs: one denoising loop per image, scaled by steps and image size, at the pace its
-    path last ran (StepClock)."""
-    return CLOCK.seconds(options, images, path_of(manager.weights_choice.format if manager else None))
+    """Seconds of GPU a task needs: one denoising loop per image, scaled by the steps that run (--fast predicts some)
+    and the image size, at the pace its path last ran (StepClock)."""
+    path = path_of(manager.weights_choice.format, manager.compile is not None) if manager else path_of(None, False)
+    return CLOCK.seconds(options, images, path)
 
 
 @gpu(duration=gpu_seconds)

@@ -147,3 +147,15 @@ def test_the_flag_and_the_variable(tiny_kit: Path, tmp_path: Path, capsys, caplo
     loras = ["--lora", "peft.safetensors+comfy.safetensors", "--out", str(tmp_path / "x.png")]
     assert main([*argv, *loras, "--compile", "--compile-slots", "1"]) == 2
     assert "With --compile a stack holds at most 1 LoRAs" in capsys.readouterr().err
+
+
+def test_fast_on_a_compiled_model_is_a_sentence(tiny_kit: Path) -> None:
+    """diffusers' TaylorSeer hooks sit inside the compiled blocks, where fullgraph cannot trace them."""
+    model = tiny_model(tiny_kit / "loras", compile=CHEAP)
+    fast = GenerateOptions(
+        "a lighthouse at dusk", seed=7, steps=4, width=32, height=32, max_sequence_length=8, fast=True
+    )
+    with pytest.raises(OptionsError) as e:
+        pixels(model, [[]], options=fast)
+    assert str(e.value) == "Fast mode does not work on a compiled model yet: untick Fast, or start without --compile."
+    assert not model.loaded()  # refused before anything was loaded or compiled

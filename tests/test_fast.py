@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -18,6 +19,7 @@ from fluxdemo.pipeline import Controls, GenerateOptions, ResultsCache, compare, 
 from fluxdemo.pipeline.images import a1111_parameters, png_bytes
 from fluxdemo.pipeline.options import FastSchedule
 from fluxdemo.pipeline.png_settings import read_params, settings_from_png
+from fluxdemo.studio import zero_gpu
 from fluxdemo.studio.forms import FIELDS, read_request
 from fluxdemo.studio.history import differences
 from fluxdemo.studio.render import run_summary
@@ -129,7 +131,8 @@ def test_the_cli_takes_fast_and_says_so_in_every_file(tmp_path, monkeypatch, kit
     assert all(read_params(tmp_path / f"{role}.png").fast for role in ("baseline", "lora", "side_by_side"))
 
 
-def test_a_zero_gpu_visitor_is_charged_for_the_steps_that_run() -> None:
+def test_a_zero_gpu_visitor_is_charged_for_the_steps_that_run(monkeypatch) -> None:
+    monkeypatch.setattr(zero_gpu, "CLOCK", zero_gpu.StepClock())  # the derived prior: no run measured yet
     compare_1024 = GenerateOptions("a cat")  # 28 steps, 1024x1024: 15 s + 2 images x steps x 1.2 s
-    assert gpu_seconds(None, None, compare_1024, 2, None) == round(15 + 2 * 28 * 1.2)
-    assert gpu_seconds(None, None, replace(compare_1024, fast=True), 2, None) == round(15 + 2 * 13 * 1.2)
+    assert gpu_seconds(None, None, compare_1024, 2, None) == math.ceil(15 + 2 * 28 * 1.2)
+    assert gpu_seconds(None, None, replace(compare_1024, fast=True), 2, None) == math.ceil(15 + 2 * 13 * 1.2)

@@ -41,7 +41,7 @@ def test_after_a_run_its_path_asks_what_the_run_measured(clock, manager, kit_lor
     report = zero_gpu.run_measured(run, manager, OPTS, 2, Controls()).report
     clock.record(dataclasses.replace(report, batches=[]))  # a run whose images all came from the cache
     [(path, runs)] = clock._runs.items()
-    assert path == (manager.weights_choice.format,) == ("gguf", "eager") and len(runs) == 1
+    assert path == (manager.weights_choice.format, "eager") == ("gguf", "eager") and len(runs) == 1
     images = sum(len(batch) for batch in report.batches)
     assert images == 2 and report.reused == []
     # each step carries the image's 32x16 pixels and the prompt's 935 x 256 pixels' worth of tokens

@@ -101,11 +101,11 @@ def measure_model(model: Model, options: GenerateOptions, lora: str, fasts: list
     generate(model, dataclasses.replace(options, steps=2, seed=100), lora, 1.0)  # loads, swaps and compiles
     warmup = time.perf_counter() - start
     rows = []
-    for seed, fast in enumerate(fasts):
-        o = dataclasses.replace(options, seed=seed, fast=fast)
+    for fast in fasts:  # the same seeds each way, so fast and exact pictures can be compared
+        o = dataclasses.replace(options, fast=fast)
         base = generate(model, o)
-        with_lora = generate(model, dataclasses.replace(o, seed=seed + 10), lora, 1.0)
-        both = compare(model, dataclasses.replace(o, seed=seed + 20), lora, 1.0)
+        with_lora = generate(model, dataclasses.replace(o, seed=10), lora, 1.0)
+        both = compare(model, dataclasses.replace(o, seed=20), lora, 1.0)
         rows.append(
             Row(
                 weights=model.weights_choice.format,
@@ -142,10 +142,12 @@ def run_all(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
         try:
             model = Model(preset, device=device, strategy="resident", weights=weights, compile=settings,
                           lora_dir=lora_dir)  # fmt: skip
-            rows += measure_model(model, options, lora, fasts)
+            rows += measure_model(model, options, lora, [f for f in fasts if not (compiled and f)])
         except Exception as e:  # one configuration that cannot run (memory, fp8 units, torchao) is a line, not the end
             skipped.append(f"{name}: {type(e).__name__}: {str(e)[:200]}")
         model = None
+        if compiled and True in fasts:
+            skipped.append(f"{name} fast: fast mode does not work on a compiled model yet")
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -156,8 +158,8 @@ def _find(rows: list[Row], weights: str, compiled: bool, fast: bool) -> Row | No
     return next((r for r in rows if (r.weights, r.compiled, r.fast) == (weights, compiled, fast)), None)
 
 
-def verdicts(rows: list[Row]) -> list[str]:
-    """The ratios the issue asks for, where both sides ran."""
+def verdicts(rows: list[Row], gpu: bool) -> list[str]:
+    """The ratios the issue asks for, where both sides ran; the floor on a GPU only."""
     out = []
     for r in rows:
         if r.compiled and (eager := _find(rows, r.weights, False, r.fast)):
@@ -174,6 +176,7 @@ def verdicts(rows: list[Row]) -> list[str]:
     if rows:
         worst = max(rows, key=lambda r: r.compare_ratio)
         out.append(f"target a compare <= 2.0x one image: at most {worst.compare_ratio:.2f}x")
+    if rows and gpu:
         best = min(r.step_s for r in rows)
         out.append(f"fastest step {best:.3f} s: {best / FLOOR_S_PER_STEP:.1f}x the {FLOOR_S_PER_STEP} s floor")
     return out
@@ -209,11 +212,12 @@ def main() -> None:
     where = torch.cuda.get_device_name() if gpu and args.kind == "dev" else platform.processor() or "CPU"
     print(f"{args.kind} at {args.size}x{args.size}, {args.steps} steps, on {where}, torch {torch.__version__}")
     print(table(rows))
-    for line in [*verdicts(rows), *(f"not run: {s}" for s in skipped)]:
+    on_gpu = gpu and args.kind == "dev"
+    for line in [*verdicts(rows, on_gpu), *(f"not run: {s}" for s in skipped)]:
         print(f"- {line}")
     if args.json:
         print(json.dumps({"rows": [{k: v for k, v in dataclasses.asdict(r).items() if k != "pixels"} for r in rows],
-                          "verdicts": verdicts(rows), "skipped": skipped}))  # fmt: skip
+                          "verdicts": verdicts(rows, on_gpu), "skipped": skipped}))  # fmt: skip
 
 
 if __name__ == "__main__":

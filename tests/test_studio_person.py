@@ -91,7 +91,7 @@ def test_a_png_naming_a_lora_the_app_lacks_sets_the_rest_and_warns(studio, tmp_p
     )
     Image.new("RGB", (8, 8)).save(tmp_path / "forge.png", pnginfo=info)
     *values, note = studio.settings_from_png(str(tmp_path / "forge.png"))
-    assert values[6:] == ["peft.safetensors", 0.8, *("", 1.0) * 3]
+    assert values[6:] == ["peft.safetensors", 0.8, *("", 1.0) * 3, False]  # the last: fast, not set by the PNG
     assert note.endswith(
         r"**Warning:** not in the LoRA folder: gone\.safetensors. They are left out of the stack: upload them (or "
         "fetch them from the Hub), then pick them to reproduce the picture."

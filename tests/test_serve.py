@@ -24,6 +24,9 @@ from fluxdemo.pipeline import Controls, GenerateOptions, Model, ResultsCache, co
 
 OPTS = GenerateOptions("a lighthouse at dusk", seed=7, steps=3, width=32, height=32)
 LORA = "peft.safetensors"
+# A hang guard, not a limit: the first test waits for Ray and two replicas to import torch and load the model, which
+# took over 300 s beside two busy loops and the other test worker on 2 cores.
+pytestmark = pytest.mark.timeout(1200)
 
 
 def pixels(image) -> np.ndarray:

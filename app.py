@@ -35,6 +35,7 @@ from fluxdemo.pipeline.previews import preview_drawer
 
 # Before anything that may touch CUDA: on ZeroGPU the `spaces` package must patch torch first.
 from fluxdemo.studio import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_QUEUE_SIZE, STUDIO_CSS, build_studio, zero_gpu
+from fluxdemo.studio.forms import default_options
 from fluxdemo.studio.launch_check import be_patient
 from fluxdemo.studio.upload_quota import UploadQuota
 
@@ -276,7 +277,7 @@ def check_flags(args: argparse.Namespace) -> Limits:
         choices = ", ".join(WEIGHT_FORMATS)
         raise FluxdemoError(f"{named('--weights')} must be one of {choices}, but is {args.weights!r}.")
     if args.compile not in COMPILE_CHOICES:
-        raise FluxdemoError(f"{named('--compile')} must be on or off, but is {args.compile!r}.")
+        raise FluxdemoError(f"{named('--compile')} must be on, off or aot, but is {args.compile!r}.")
     if args.cache_images < 0:
         raise FluxdemoError(f"{named('--cache-images')} must be 0 or more, but is {args.cache_images}.")
     if not 1 <= args.batch <= MAX_BATCH:
@@ -374,10 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         limits = check_flags(args)
         on_zero_gpu = zero_gpu.on_zero_gpu()
         if on_zero_gpu and args.compile == "on":
-            raise FluxdemoError(
-                f"{named('--compile')} does not work on ZeroGPU: each task runs in a fresh process, which would "
-                "compile again; leave it off there."
-            )
+            args.compile = "aot"  # torch.compile does not run on ZeroGPU, ahead-of-time programs do
         if on_zero_gpu:  # ZeroGPU's placement: everything on cuda from start-up, nothing moved in a task (zero_gpu.py)
             args.device, args.strategy = zero_gpu.ZERO_GPU_DEVICE, zero_gpu.ZERO_GPU_STRATEGY
         # a tiny model's steps take milliseconds: TAEF1's picture would cost more than the whole step
@@ -386,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         manager, _ = manager_from_args(args, hub_loras(args))
         if on_zero_gpu:
             zero_gpu.preload_for_zero_gpu(manager, draw)
+            zero_gpu.compile_ahead(manager, default_options(manager.preset))
         download = None if on_zero_gpu or args.ray is not None else start_download(args, manager.preset, os.environ)
         if args.ray is not None:
             scale_out(manager, args)

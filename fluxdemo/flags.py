@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fluxdemo.errors import OptionsError
-from fluxdemo.lora.compile_options import COMPILE_CHOICES, DEFAULT_RANK, DEFAULT_SLOTS, CompileSettings
+from fluxdemo.lora.compile_options import BACKENDS, COMPILE_CHOICES, DEFAULT_RANK, DEFAULT_SLOTS, CompileSettings
 from fluxdemo.lora.names import LORA_SUFFIX, MAX_NAME_CHARS, parse_hub_lora
 from fluxdemo.model.kits import kit_cache_dir, kit_folder
 from fluxdemo.model.presets import CLI_FLAGS, DEFAULT_PRESET, ENV_OVERRIDES, PRESETS, Preset, get_preset
@@ -38,8 +38,9 @@ WEIGHTS_HELP = (
 )
 
 COMPILE_HELP = (
-    "compile the transformer's repeated blocks once (torch.compile; minutes at start-up, then faster steps on a GPU), "
-    "LoRAs hot-swapped so that no LoRA or strength change recompiles; needs dense weights (default: off)"
+    "compile the transformer's repeated blocks once (on: torch.compile; aot: ahead of time, torch.export + "
+    "AOTInductor, as on ZeroGPU; minutes at start-up, then faster steps on a GPU), LoRAs hot-swapped so that no LoRA "
+    "or strength change recompiles; needs dense weights (default: off)"
 )
 FAST_HELP = (
     "skip steps: diffusers' TaylorSeer cache on one static schedule that every image of a run shares (at 28 steps "
@@ -112,8 +113,10 @@ def manager_from_args(args: argparse.Namespace, hub_loras: HubLoras | None = Non
 def compile_settings(args: argparse.Namespace) -> CompileSettings | None:
     """--compile's settings from the flags, None when it is off."""
     if args.compile not in COMPILE_CHOICES:  # a variable's value (app.py), which argparse's choices do not check
-        raise OptionsError(f"--compile must be on or off, but is {args.compile!r}.")
-    return CompileSettings(args.compile_slots, args.compile_rank) if args.compile == "on" else None
+        raise OptionsError(f"--compile must be on, off or aot, but is {args.compile!r}.")
+    if args.compile == "off":
+        return None
+    return CompileSettings(args.compile_slots, args.compile_rank, BACKENDS[args.compile])
 
 
 def cli_hub_loras() -> HubLoras:

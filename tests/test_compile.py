@@ -124,7 +124,7 @@ def test_compile_needs_dense_weights() -> None:
         assert str(e.value) == f"--compile needs dense weights (bf16 or fp8), but {why}: start without --compile."
 
 
-def test_the_flag_and_the_variable(tiny_kit: Path, tmp_path: Path, capsys, caplog, monkeypatch) -> None:
+def test_the_flag_and_the_variable(tiny_kit: Path, tmp_path: Path, capsys) -> None:
     spec = importlib.util.spec_from_file_location("app", Path(__file__).parents[1] / "app.py")
     app = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(app)
@@ -135,13 +135,8 @@ def test_the_flag_and_the_variable(tiny_kit: Path, tmp_path: Path, capsys, caplo
     assert app.build_parser(env).parse_args(["--compile", "off"]).compile == "off"
     with pytest.raises(FluxdemoError) as e:
         app.check_flags(app.build_parser({"FLUXDEMO_COMPILE": "yes"}).parse_args([]))
-    assert str(e.value) == "--compile (or FLUXDEMO_COMPILE) must be on or off, but is 'yes'."
-    monkeypatch.setattr(app.zero_gpu, "on_zero_gpu", lambda: True)
-    assert app.main(["--model", "tiny", "--compile"]) == 2
-    assert caplog.messages[-1] == (
-        "--compile (or FLUXDEMO_COMPILE) does not work on ZeroGPU: each task runs in a fresh process, which would "
-        "compile again; leave it off there."
-    )
+    assert str(e.value) == "--compile (or FLUXDEMO_COMPILE) must be on, off or aot, but is 'yes'."
+    assert app.build_parser({"FLUXDEMO_COMPILE": "aot"}).parse_args([]).compile == "aot"
     # The CLI: a stack over the slots is refused before anything loads
     argv = ["generate", "--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "16", "--height", "16"]
     loras = ["--lora", "peft.safetensors+comfy.safetensors", "--out", str(tmp_path / "x.png")]

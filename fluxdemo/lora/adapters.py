@@ -24,6 +24,7 @@ from peft.tuners.lora import LoraLayer
 
 from fluxdemo.errors import LoraError
 from fluxdemo.lora import lycoris
+from fluxdemo.lora.aot import AheadOfTime
 from fluxdemo.lora.compile_options import CompileSettings, check_stack, check_strategy
 from fluxdemo.lora.convert import to_diffusers
 from fluxdemo.lora.hotswap import Slots
@@ -71,6 +72,11 @@ class Adapters:
     @max_loaded.setter
     def max_loaded(self, count: int) -> None:  # takes effect at the next load
         self._loaded.maxsize = count
+
+    @property
+    def ahead_of_time(self) -> AheadOfTime | None:
+        """Under --compile aot, the transformer's compiled block programs (None before it loads, or otherwise)."""
+        return self._slots.ahead if self._slots is not None else None
 
     def check_stack(self, count: int) -> None:
         """A stack of `count` LoRAs fits here (under --compile, the compiled slots), else a sentence."""

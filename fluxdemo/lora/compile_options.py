@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from fluxdemo.errors import OptionsError
 
-COMPILE_CHOICES = ("on", "off")
+COMPILE_CHOICES = ("on", "off", "aot")
+AHEAD_OF_TIME = "aoti"  # the backend of --compile aot: torch.export + AOTInductor (fluxdemo.lora.aot)
+BACKENDS = {"on": "inductor", "aot": AHEAD_OF_TIME}
 DEFAULT_RANK = 64  # the usual FLUX LoRA ranks are 4-64; each slot costs its rank's matmuls at every step
 DEFAULT_SLOTS = 2  # LoRAs active at once; each slot computes at every step, even at strength 0
 MAX_RANK = 1024
@@ -24,6 +26,8 @@ class CompileSettings:
     backend: str = "inductor"
 
     def __post_init__(self) -> None:
+        if self.backend not in (*BACKENDS.values(), "aot_eager"):  # aot_eager: tests, no C++ compiler
+            raise OptionsError(f"--compile has no backend {self.backend!r}; use one of {sorted(BACKENDS.values())}.")
         if not (isinstance(self.slots, int) and 1 <= self.slots <= MAX_SLOTS):
             raise OptionsError(f"--compile-slots must be from 1 to {MAX_SLOTS}, but is {self.slots!r}.")
         if not (isinstance(self.rank, int) and 1 <= self.rank <= MAX_RANK):
@@ -32,10 +36,19 @@ class CompileSettings:
     def describe(self) -> str:
         """One sentence for the report and the run panel."""
         slots = f"{self.slots} slot{'s' * (self.slots > 1)}"
-        return (
-            f"Compiled: the transformer's repeated blocks (torch.compile, {self.backend}), LoRAs hot-swapped into "
-            f"{slots} of rank {self.rank}, so a LoRA or strength change does not recompile."
+        how = (
+            "ahead of time (torch.export + AOTInductor, once per image size)"
+            if self.backend == AHEAD_OF_TIME
+            else f"(torch.compile, {self.backend})"
         )
+        return (
+            f"Compiled: the transformer's repeated blocks {how}, LoRAs hot-swapped into {slots} of rank "
+            f"{self.rank}, so a LoRA or strength change does not recompile."
+        )
+
+    @property
+    def ahead_of_time(self) -> bool:
+        return self.backend == AHEAD_OF_TIME
 
 
 def check_strategy(settings: CompileSettings | None, strategy: str) -> None:

@@ -10,6 +10,10 @@ hotswap_adapter_from_state_dict (it zeroes the modules the LoRA lacks and pads s
 stay in RAM while the adapters' LRU keeps it, so switching back is a copy, not a file read. The base model is every
 slot at strength 0: the same graph, and x + 0 * delta is x exactly. (A new image size still compiles once more;
 dynamo then makes the sizes dynamic.)
+
+Ahead of time (--compile aot, fluxdemo.lora.aot) the scalings stay PEFT's floats, all 1: an exported program keeps a
+scaling tensor as a constant of its own, out of the module's reach. A strength is folded into the slot's lora_B
+instead (a copy from the kept weights, scaled), and a slot at strength 0 is emptied: lora_B zero, the base exactly.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.hotswap import hotswap_adapter_from_state_dict, prepare_model_for_compiled_hotswap
 
 from fluxdemo.errors import LoraError, OptionsError
+from fluxdemo.lora.aot import AheadOfTime
 from fluxdemo.lora.compile_options import CompileSettings, check_stack
 from fluxdemo.model.weights import WeightsChoice
 
@@ -64,18 +69,22 @@ class Slots:
         for name in self.names:
             transformer.add_adapter(config, adapter_name=name)
         transformer.set_adapters(self.names, [1.0] * settings.slots)  # all active for good: alpha / r = 1
-        prepare_model_for_compiled_hotswap(transformer)  # PEFT's float scalings -> tensors, set in place from now on
+        self._folded = settings.ahead_of_time
+        if not self._folded:
+            prepare_model_for_compiled_hotswap(transformer)  # PEFT's float scalings -> tensors, set in place
         self._layers = [m for m in transformer.modules() if isinstance(m, LoraLayer)]
         self._config = config
         for layer in self._layers:
             for name in self.names:
-                # where the blocks run: the manager moves parameters and buffers only, and a scaling is neither
-                layer.scaling[name] = layer.scaling[name].to(device)
-                layer.lora_B[name].weight.data.zero_()  # a zero LoRA, whatever PEFT's init drew
-                layer.lora_B[name].bias.data.zero_()
-        self._strengths = [None] * settings.slots
+                if not self._folded:  # where the blocks run: the manager moves parameters and buffers only
+                    layer.scaling[name] = layer.scaling[name].to(device)
+        self._strengths: list[float | None] = [None] * settings.slots
+        for slot in range(settings.slots):
+            self._empty(slot)  # a zero LoRA, whatever PEFT's init drew
         self._set(0.0 for _ in self.names)
-        transformer.compile_repeated_blocks(fullgraph=True, backend=settings.backend)
+        self.ahead = AheadOfTime(transformer) if self._folded else None
+        if self.ahead is None:
+            transformer.compile_repeated_blocks(fullgraph=True, backend=settings.backend)
         logger.info(settings.describe())
 
     def keep(self, adapter: str, name: str, weights: Mapping[str, torch.Tensor]) -> None:
@@ -110,23 +119,40 @@ class Slots:
         for adapter, strength in stack:
             if adapter not in self._held:
                 slot = free.pop(0)
-                self._swap(slot, adapter)
+                self._swap(slot, adapter, float(strength) if self._folded else 1.0)
             strengths[self._held.index(adapter)] = float(strength)
         self._set(strengths)
 
-    def _swap(self, slot: int, adapter: str) -> None:
-        name = self.names[slot]
+    def _swap(self, slot: int, adapter: str, strength: float = 1.0) -> None:
+        name, fold = self.names[slot], self._folded and strength != 1.0
         states = {
-            k.replace(".lora_A.", f".lora_A.{name}.").replace(".lora_B.", f".lora_B.{name}."): v
+            k.replace(".lora_A.", f".lora_A.{name}.").replace(".lora_B.", f".lora_B.{name}."): (
+                v * strength if fold and ".lora_B." in k else v
+            )
             for k, v in self.states[adapter].items()
         }
         self._held[slot], self._strengths[slot] = None, None  # half-swapped until the copy is done
         hotswap_adapter_from_state_dict(self._transformer, states, name, self._config)
-        self._held[slot] = adapter  # its scalings are 1 now (set again by the caller's _set)
+        self._held[slot] = adapter  # its scalings are 1 now (set again by the caller's _set unless folded)
+        if self._folded:
+            self._strengths[slot] = strength
+
+    def _empty(self, slot: int) -> None:
+        """A slot with nothing in it: lora_B zero, so the slot adds exactly 0 at any strength."""
+        for layer in self._layers:
+            layer.lora_B[self.names[slot]].weight.data.zero_()
+            layer.lora_B[self.names[slot]].bias.data.zero_()
+        self._held[slot] = None
 
     def _set(self, strengths: Iterable[float]) -> None:
         for slot, strength in enumerate(strengths):
-            if self._strengths[slot] != strength:
+            if self._strengths[slot] == strength:
+                continue
+            if self._folded and strength == 0.0:
+                self._empty(slot)  # cheaper than a copy scaled by 0, and the LoRA's kept weights may be gone
+            elif self._folded and self._held[slot] is not None:
+                self._swap(slot, self._held[slot], strength)
+            elif not self._folded:
                 for layer in self._layers:
                     layer.scaling[self.names[slot]].fill_(strength)
-                self._strengths[slot] = strength
+            self._strengths[slot] = strength

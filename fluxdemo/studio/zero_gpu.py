@@ -13,13 +13,13 @@ import math
 import os
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from threading import Lock
 from typing import TypeVar
 
 from fluxdemo.lru import LRU
 from fluxdemo.model.manager import MODEL_COMPONENTS
-from fluxdemo.pipeline.api import Controls, GenerateOptions, Result
+from fluxdemo.pipeline.api import Controls, GenerateOptions, Result, generate
 from fluxdemo.pipeline.limits import MEGAPIXEL, STEP_FIXED_PIXELS
 from fluxdemo.pipeline.model import Model
 from fluxdemo.pipeline.options import steps_run
@@ -59,6 +59,9 @@ MAX_SECONDS = 300  # ZeroGPU weighs each ask against the visitor's daily quota (
 RUNS_KEPT = 5
 MARGIN = 1.25
 TASK_START_SECONDS = 5
+# --compile on a Space: the ZeroGPU AoT guide asks 1500 s for its start-up compile of FLUX; the two block programs
+# take minutes, once per Space start, and no visitor's quota pays for them.
+AOT_COMPILE_SECONDS = 1500
 PATHS_KEPT = 16  # paths are few (formats x speed settings); a bound all the same
 
 
@@ -202,3 +205,21 @@ def preload_for_zero_gpu(manager: Model, draw: DrawPreview = latent_preview) -> 
         manager.get(name)
     if isinstance(draw, TinyDecoder):
         draw.vae.to(manager.device)
+
+
+@gpu(duration=lambda manager, options: AOT_COMPILE_SECONDS)
+def _compile_in_task(manager: Model, options: GenerateOptions) -> dict:
+    generate(manager, replace(options, steps=1))  # one step meets every block class at this size
+    return manager.adapters.ahead_of_time.programs()
+
+
+def compile_ahead(manager: Model, options: GenerateOptions) -> None:
+    """--compile on a ZeroGPU Space (where torch.compile does not run): the block programs for `options`' size,
+    compiled ahead of time in one GPU task at start-up and handed back to this process, which the later tasks fork
+    from; other sizes then run eager rather than compile inside a visitor's task. Elsewhere the same, in-process."""
+    ahead = manager.adapters.ahead_of_time
+    if ahead is None:
+        return
+    logger.info("ZeroGPU: compiling the transformer's blocks ahead of time for %dx%d", options.width, options.height)
+    ahead.adopt(_compile_in_task(manager, options))
+    ahead.frozen = True

@@ -1,0 +1,81 @@
+"""--compile aot (fluxdemo.lora.aot): the transformer's repeated blocks compiled ahead of time by torch.export and
+AOTInductor, ZeroGPU's way (there spaces.aoti_compile makes the archive), with LoRAs hot-swapped into slots whose
+tensors the compiled programs read in place. The module's fixture compiles the two block programs once, through the
+ZeroGPU start-up path (zero_gpu.compile_ahead; `spaces` is absent here, so its task runs in-process): about half a
+minute of C++ on a CPU, shared by every test."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import tiny_model
+
+from fluxdemo.lora.compile_options import AHEAD_OF_TIME, CompileSettings
+from fluxdemo.pipeline.experiments import ImageSpec, run
+from fluxdemo.pipeline.options import GenerateOptions, LoraChoice
+from fluxdemo.studio import zero_gpu
+
+AOT = CompileSettings(slots=2, rank=8, backend=AHEAD_OF_TIME)
+SMALL = GenerateOptions("a lighthouse at dusk", seed=7, steps=1, width=32, height=32, max_sequence_length=8)
+BLOCKS = ["FluxSingleTransformerBlock", "FluxTransformerBlock"]  # the FLUX transformer's _repeated_blocks
+STACKS = [
+    [("peft.safetensors", 1.0)],
+    [("peft.safetensors", 0.5)],
+    [("comfy.safetensors", 1.0)],  # a second LoRA, of another rank, swapped in
+    [("comfy.safetensors", 0.8), ("kohya.safetensors", 0.6)],  # a stack; kohya also adapts CLIP
+    [("peft.safetensors", 1.5)],  # a third strength, the LoRA back from its kept weights
+    [],  # the base model: every slot emptied
+]
+
+
+def pixels(model, stacks, options: GenerateOptions = SMALL):
+    specs = [ImageSpec(f"image {i}", options, tuple(LoraChoice(n, s) for n, s in st)) for i, st in enumerate(stacks)]
+    result = run(model, specs, batch=2)
+    return [np.asarray(result.images[s.label]).astype(int) for s in specs], result.report
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_kit: Path):
+    """A model compiled ahead of time for SMALL's size at start-up, as on a Space, and its first picture."""
+    model = tiny_model(tiny_kit / "loras", compile=AOT)
+    model.get("transformer")  # the slots, and the blocks set to run compiled programs
+    zero_gpu.compile_ahead(model, SMALL)
+    (first,), _ = pixels(model, [[]])
+    return model, first
+
+
+def test_lora_and_strength_changes_reuse_the_two_programs_and_draw_the_eager_pictures(manager, compiled) -> None:
+    model, first = compiled
+    ahead = model.adapters.ahead_of_time
+    eager, _ = pixels(manager, [[], *STACKS])
+    swapped, report = pixels(model, STACKS)
+    assert ahead.compiled == 2 and sorted(name for name, _ in ahead.programs()) == BLOCKS
+    for got, want in zip([first, *swapped], eager, strict=True):
+        assert np.abs(got - want).max() <= 1
+    # the base model after LoRAs ran is the base model before, bit for bit: an emptied slot adds exactly 0
+    assert np.array_equal(swapped[-1], first)
+    assert report.model.compiled is True and report.model.weights == "bf16"
+    assert report.model.compile_setup == (
+        "Compiled: the transformer's repeated blocks ahead of time (torch.export + AOTInductor, once per image size), "
+        "LoRAs hot-swapped into 2 slots of rank 8, so a LoRA or strength change does not recompile."
+    )
+
+
+def test_programs_cross_to_a_fresh_model_and_a_frozen_one_runs_other_sizes_eager(manager, tiny_kit, compiled) -> None:
+    """A ZeroGPU task hands the archives back as bytes; the processes it forks later run them without compiling."""
+    archives = compiled[0].adapters.ahead_of_time.programs()
+    assert all(isinstance(archive, bytes) for archive in archives.values())
+    fresh = tiny_model(tiny_kit / "loras", compile=AOT)
+    fresh.get("transformer")
+    ahead = fresh.adapters.ahead_of_time
+    ahead.adopt(dict(archives))
+    ahead.frozen = True
+    stacks, wider = [[("peft.safetensors", 0.7)], []], replace(SMALL, width=48)
+    for options in (SMALL, wider):  # the compiled size, then one with no program: eager, not a compile
+        got, _ = pixels(fresh, stacks, options)
+        want, _ = pixels(manager, stacks, options)
+        assert [np.abs(g - w).max() <= 1 for g, w in zip(got, want, strict=True)] == [True, True]
+    assert ahead.compiled == 0 and len(ahead.programs()) == 2

@@ -14,6 +14,7 @@ import pytest
 from helpers import tiny_model
 
 from fluxdemo.lora.compile_options import AHEAD_OF_TIME, CompileSettings
+from fluxdemo.pipeline import compare
 from fluxdemo.pipeline.experiments import ImageSpec, run
 from fluxdemo.pipeline.options import GenerateOptions, LoraChoice
 from fluxdemo.studio import zero_gpu
@@ -79,3 +80,23 @@ def test_programs_cross_to_a_fresh_model_and_a_frozen_one_runs_other_sizes_eager
         want, _ = pixels(manager, stacks, options)
         assert [np.abs(g - w).max() <= 1 for g, w in zip(got, want, strict=True)] == [True, True]
     assert ahead.compiled == 0 and len(ahead.programs()) == 2
+
+
+def test_fast_mode_wraps_the_compiled_blocks_and_skips_the_same_steps_as_eager(manager, compiled) -> None:
+    """The step cache's hooks sit around the programs: a fast compare on the compiled model predicts the same steps
+    for both images as on the eager one, draws its pictures, and strength 0 is the fast baseline bit for bit."""
+    model, _ = compiled
+    fast = replace(SMALL, steps=8, fast=True)
+    for strength in (0.8, 0.0):
+        got = compare(model, fast, "peft.safetensors", strength)
+        want = compare(manager, fast, "peft.safetensors", strength)
+        for label in ("baseline", "lora"):
+            assert got.report.images[label].skipped_steps == want.report.images[label].skipped_steps == [3, 5, 7]
+            assert np.abs(image(got, label) - image(want, label)).max() <= 1
+    assert np.array_equal(image(got, "lora"), image(got, "baseline"))
+    assert model.adapters.ahead_of_time.compiled == 2  # nothing compiled for the hooks
+    assert "forward" not in vars(manager.get("transformer").transformer_blocks[0])  # eager: the class's own again
+
+
+def image(result, label: str) -> np.ndarray:
+    return np.asarray(result.images[label]).astype(int)

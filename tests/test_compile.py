@@ -145,12 +145,14 @@ def test_the_flag_and_the_variable(tiny_kit: Path, tmp_path: Path, capsys) -> No
 
 
 def test_fast_on_a_compiled_model_is_a_sentence(tiny_kit: Path) -> None:
-    """diffusers' TaylorSeer hooks sit inside the compiled blocks, where fullgraph cannot trace them."""
+    """diffusers' TaylorSeer hooks sit inside the blocks torch.compile compiled whole (fullgraph)."""
     model = tiny_model(tiny_kit / "loras", compile=CHEAP)
     fast = GenerateOptions(
         "a lighthouse at dusk", seed=7, steps=4, width=32, height=32, max_sequence_length=8, fast=True
     )
     with pytest.raises(OptionsError) as e:
         pixels(model, [[]], options=fast)
-    assert str(e.value) == "Fast mode does not work on a compiled model yet: untick Fast, or start without --compile."
+    assert str(e.value) == (
+        "Fast mode does not work with torch.compile: untick Fast, or start with --compile aot (or without it)."
+    )
     assert not model.loaded()  # refused before anything was loaded or compiled

@@ -125,9 +125,11 @@ def _check(manager: Model, specs: Sequence[ImageSpec], batch: int) -> tuple[list
     labels = [spec.label for spec in specs]
     if not specs or len(set(labels)) != len(labels):
         raise OptionsError(f"An experiment needs images with distinct labels, got {labels}.")
-    if manager.compile is not None and any(spec.options.fast for spec in specs):
-        # diffusers' step cache hooks into the very blocks that are compiled whole (fullgraph): one or the other
-        raise OptionsError("Fast mode does not work on a compiled model yet: untick Fast, or start without --compile.")
+    if manager.compile is not None and not manager.compile.ahead_of_time and any(s.options.fast for s in specs):
+        # diffusers' step cache hooks into the very blocks torch.compile compiled whole; ahead of time it wraps them
+        raise OptionsError(
+            "Fast mode does not work with torch.compile: untick Fast, or start with --compile aot (or without it)."
+        )
     resolved = {spec.stack: _resolve(manager, spec.stack) for spec in specs}
     names = {entry.name for r in resolved.values() for entry, _ in r.active}
     if len(names) > MAX_LORAS_PER_RUN:

@@ -38,10 +38,18 @@ def step_cache(transformer: torch.nn.Module, schedule: FastSchedule | None, skip
         use_lite_mode=True,
     )
     calls, ran = [], set()
-    # Observed from outside the cache: the transformer's calls (one per step) and the calls that reached the first
-    # block's query projection, which runs only when the block computes.
+    # Observed from outside the cache: the transformer's calls (one per step), and the calls in which the first
+    # block's own forward ran (the cache's hook wraps it and calls it only on a computed step; compiled ahead of time,
+    # that forward is a program whose inner modules call no hooks).
     watch_calls = transformer.register_forward_pre_hook(lambda *_: calls.append(len(calls) + 1))
-    watch_block = transformer.transformer_blocks[0].attn.to_q.register_forward_pre_hook(lambda *_: ran.add(len(calls)))
+    block = transformer.transformer_blocks[0]
+    own, forward = block.__dict__.get("forward"), block.forward
+
+    def watched(*args, **kwargs):
+        ran.add(len(calls))
+        return forward(*args, **kwargs)
+
+    block.forward = watched
     transformer.enable_cache(config)
     try:
         yield
@@ -50,4 +58,7 @@ def step_cache(transformer: torch.nn.Module, schedule: FastSchedule | None, skip
     finally:
         transformer.disable_cache()
         watch_calls.remove()
-        watch_block.remove()
+        if own is None:
+            del block.forward  # the class's forward again
+        else:
+            block.forward = own

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from helpers import tiny_model
 
+from fluxdemo.lora import aot
 from fluxdemo.lora.compile_options import AHEAD_OF_TIME, CompileSettings
 from fluxdemo.pipeline import compare
 from fluxdemo.pipeline.experiments import ImageSpec, run
@@ -65,17 +66,23 @@ def test_lora_and_strength_changes_reuse_the_two_programs_and_draw_the_eager_pic
     )
 
 
-def test_programs_cross_to_a_fresh_model_and_a_frozen_one_runs_other_sizes_eager(manager, tiny_kit, compiled) -> None:
-    """A ZeroGPU task hands the archives back as bytes; the processes it forks later run them without compiling."""
+def test_programs_cross_to_a_fresh_model_and_new_sizes_run_eager_when_frozen_or_full(
+    manager, tiny_kit, compiled, monkeypatch
+) -> None:
+    """A ZeroGPU task hands the archives back as bytes; the processes it forks later run them without compiling. A
+    size without a program runs eager on frozen blocks (ZeroGPU) and once MAX_PROGRAMS are compiled (anywhere)."""
     archives = compiled[0].adapters.ahead_of_time.programs()
     assert all(isinstance(archive, bytes) for archive in archives.values())
     fresh = tiny_model(tiny_kit / "loras", compile=AOT)
     fresh.get("transformer")
     ahead = fresh.adapters.ahead_of_time
     ahead.adopt(dict(archives))
-    ahead.frozen = True
     stacks, wider = [[("peft.safetensors", 0.7)], []], replace(SMALL, width=48)
-    for options in (SMALL, wider):  # the compiled size, then one with no program: eager, not a compile
+    monkeypatch.setattr(aot, "MAX_PROGRAMS", len(archives))  # full: the two adopted programs
+    for options, frozen in ((SMALL, False), (wider, False), (wider, True)):
+        ahead.frozen = frozen
+        if frozen:
+            monkeypatch.undo()
         got, _ = pixels(fresh, stacks, options)
         want, _ = pixels(manager, stacks, options)
         assert [np.abs(g - w).max() <= 1 for g, w in zip(got, want, strict=True)] == [True, True]

@@ -5,8 +5,8 @@ One program per block class and input signature serves every block of that class
 weights, and each call hands it the calling block's own tensors (its state_dict) as user-managed constants, the way
 `spaces.aoti_blocks_load` does. Those are the live tensors, so LoRAs hot-swapped into the adapter slots in place
 (fluxdemo.lora.hotswap) reach the compiled code without a recompile, and so does a transformer moved between
-devices. A new image size is a new signature: compiled once more (at most MAX_PROGRAMS kept), or, once `frozen`
-(ZeroGPU, where compiling inside a visitor's task would spend their quota), run eager.
+devices. A new image size is a new signature: compiled once more, or run eager once MAX_PROGRAMS are compiled or the
+blocks are `frozen` (ZeroGPU, where compiling inside a visitor's task would spend their quota).
 
 Programs are plain bytes (a .pt2 archive), so they cross processes: ZeroGPU compiles in a GPU task and hands them
 back to the main process (`programs()` / `adopt()`); each process loads an archive the first time it runs it.
@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from fluxdemo.lru import LRU
-
 logger = logging.getLogger(__name__)
 
-MAX_PROGRAMS = 8  # (block class, signature) pairs kept: two block classes x a few image sizes
+# Programs compiled per process at most (two block classes x a few image sizes): past it, a new size runs eager, so
+# that visitors choosing sizes cannot keep the server compiling.
+MAX_PROGRAMS = 8
 # Weights stay outside the archive (handed in at each call), and tensor constants stay named, as spaces.aoti_compile
 # sets them.
 INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
@@ -81,7 +81,7 @@ class AheadOfTime:
     def __init__(self, transformer: torch.nn.Module) -> None:
         self.frozen = False  # True: a signature without a program runs eager instead of compiling
         self.compiled = 0  # programs compiled in this process (the rest were adopted)
-        self._programs = LRU(MAX_PROGRAMS)
+        self._programs: dict[Key, Program] = {}
         transformer.requires_grad_(False)  # export refuses inference tensors that ask for gradients
         classes = set(getattr(transformer, "_repeated_blocks", ()))
         for block in transformer.modules():
@@ -94,17 +94,15 @@ class AheadOfTime:
 
     def adopt(self, archives: Mapping[Key, bytes]) -> None:
         """Programs compiled elsewhere (another process, same model and device kind), run from now on."""
-        for key, archive in archives.items():
-            self._programs.put(key, Program(archive))
+        self._programs.update((key, Program(archive)) for key, archive in archives.items())
 
     def run(self, block: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> Any:
         key = (type(block).__name__, signature(args, kwargs))
         program = self._programs.get(key)
-        if program is None and self.frozen:
+        if program is None and (self.frozen or len(self._programs) >= MAX_PROGRAMS):
             return type(block).forward(block, *args, **kwargs)
         if program is None:
-            program = Program(self._compile(block, args, kwargs))
-            self._programs.put(key, program)
+            program = self._programs[key] = Program(self._compile(block, args, kwargs))
             self.compiled += 1
         return program(block, args, kwargs)
 

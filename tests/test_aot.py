@@ -55,6 +55,9 @@ def test_lora_and_strength_changes_reuse_the_two_programs_and_draw_the_eager_pic
     eager, _ = pixels(manager, [[], *STACKS])
     swapped, report = pixels(model, STACKS)
     assert ahead.compiled == 2 and sorted(name for name, _ in ahead.programs()) == BLOCKS
+    # ZeroGPU's ask: the compiled pace for the size compiled at start-up, eager's for any other
+    assert ahead.sizes == {(32, 32)} and zero_gpu.job_path(model, SMALL) == ("bf16", "compiled")
+    assert zero_gpu.job_path(model, replace(SMALL, width=48)) == ("bf16", "eager")
     for got, want in zip([first, *swapped], eager, strict=True):
         assert np.abs(got - want).max() <= 1
     # the base model after LoRAs ran is the base model before, bit for bit: an emptied slot adds exactly 0

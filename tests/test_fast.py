@@ -23,7 +23,7 @@ from fluxdemo.studio import zero_gpu
 from fluxdemo.studio.forms import FIELDS, read_request
 from fluxdemo.studio.history import differences
 from fluxdemo.studio.render import run_summary
-from fluxdemo.studio.zero_gpu import gpu_seconds
+from fluxdemo.studio.zero_gpu import ask_seconds
 
 FAST = GenerateOptions("a lighthouse, fast", seed=3, steps=8, width=32, height=32, fast=True)
 PREDICTED_8 = [3, 5, 7]  # steps 1-2 run, then every other step (FastSchedule.of(8), counted from 1)
@@ -134,5 +134,5 @@ def test_the_cli_takes_fast_and_says_so_in_every_file(tmp_path, monkeypatch, kit
 def test_a_zero_gpu_visitor_is_charged_for_the_steps_that_run(monkeypatch) -> None:
     monkeypatch.setattr(zero_gpu, "CLOCK", zero_gpu.StepClock())  # the derived prior: no run measured yet
     compare_1024 = GenerateOptions("a cat")  # 28 steps, 1024x1024: 15 s + 2 images x steps x 1.2 s
-    assert gpu_seconds(None, None, compare_1024, 2, None) == math.ceil(15 + 2 * 28 * 1.2)
-    assert gpu_seconds(None, None, replace(compare_1024, fast=True), 2, None) == math.ceil(15 + 2 * 13 * 1.2)
+    assert ask_seconds(None, compare_1024, 2) == math.ceil(15 + 2 * 28 * 1.2)
+    assert ask_seconds(None, replace(compare_1024, fast=True), 2) == math.ceil(15 + 2 * 13 * 1.2)

@@ -80,6 +80,7 @@ class AheadOfTime:
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         self.frozen = False  # True: a signature without a program runs eager instead of compiling
+        self.sizes: set[tuple[int, int]] = set()  # (width, height) compiled for when frozen (zero_gpu.compile_ahead)
         self.compiled = 0  # programs compiled in this process (the rest were adopted)
         self._programs: dict[Key, Program] = {}
         transformer.requires_grad_(False)  # export refuses inference tensors that ask for gradients

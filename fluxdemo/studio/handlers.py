@@ -30,14 +30,10 @@ from fluxdemo.pipeline import (
 from fluxdemo.pipeline.api import (
     Controls,
     Result,
-    compare,
-    generate,
-    grid,
     grid_cells,
     grid_pictures,
     scaled_label,
     stack_label,
-    sweep,
     sweep_label,
 )
 from fluxdemo.pipeline.limits import DEFAULT_LIMITS, Limits, for_visitor
@@ -48,7 +44,8 @@ from fluxdemo.studio.forms import EXTRA_ROWS, FIELDS, Ask, read_request, shown_p
 from fluxdemo.studio.guard import for_people
 from fluxdemo.studio.history import add, entry_of, slider_label
 from fluxdemo.studio.render import STAGE_LABELS
-from fluxdemo.studio.zero_gpu import run_measured
+from fluxdemo.studio.work import StepProgress
+from fluxdemo.studio.zero_gpu import hold, run_measured
 from fluxdemo.untrusted import MAX_SENTENCE_CHARS, markdown_text, names_list
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 2**20
@@ -187,17 +184,14 @@ class Studio:
         self.draw_preview = draw_preview  # fluxdemo.pipeline.previews: the latent projection or TAEF1
         self.previews: dict[str, tuple[str, Image.Image]] = {}  # session -> newest live preview of its job
         self.refusals = LRU(MAX_NOTES)  # session -> (title, sentence) of its last failed request, for the note
+        self.key = hold(self)  # how a ZeroGPU worker finds this studio (zero_gpu.run_measured)
 
     # -- model work: gradio_client calls these by position, so their parameters keep their order and names ----------
     @model_job("compare")
     def compare(self, ask: Ask, history: list | None, request: gr.Request, progress: gr.Progress) -> tuple:
         """Baseline and the LoRA stack's image from one seed -> ((baseline.png, lora.png), report)."""
         (stack,) = ask.stacks
-
-        def task(m: Model, c: Controls) -> Result:
-            return compare(m, ask.options, stack, controls=c, cache=self.cache, batch=self.batch)
-
-        result = self._run(task, ask, request, progress)
+        result = self._run(ask, request, progress)
         folder = self.runs.new()
         base, adapted = result.images["baseline"], result.images["lora"]
         both = side_by_side(base, adapted, ("base model", stack_label(stack)))
@@ -217,11 +211,7 @@ class Studio:
     def generate(self, ask: Ask, history: list | None, request: gr.Request, progress: gr.Progress) -> tuple:
         """One image, with the LoRA stack (none: the base model) -> (image.png, report)."""
         (stack,) = ask.stacks
-
-        def task(m: Model, c: Controls) -> Result:
-            return generate(m, ask.options, stack, controls=c, cache=self.cache)
-
-        result = self._run(task, ask, request, progress)
+        result = self._run(ask, request, progress)
         ((label, image),) = result.images.items()
         path = self._png(self.runs.new() / f"{label}.png", image, result, label)
         history = self._remember(history, "generate", result, {label: path})
@@ -234,11 +224,7 @@ class Studio:
         """One image per strength (multiplying each LoRA's own), same seed -> ([(png, "a:0.4 + b:0.25 (× 0.5)"), ...],
         report)."""
         (stack,) = ask.stacks
-
-        def task(m: Model, c: Controls) -> Result:
-            return sweep(m, ask.options, stack, ask.columns, controls=c, cache=self.cache, batch=self.batch)
-
-        result = self._run(task, ask, request, progress)
+        result = self._run(ask, request, progress)
         folder = self.runs.new()
         files = {
             label: self._png(folder / f"{label.replace(' ', '-')}.png", image, result, label)
@@ -253,12 +239,7 @@ class Studio:
     def grid(self, ask: Ask, history: list | None, request: gr.Request, progress: gr.Progress) -> tuple:
         """LoRA rows (one stack per line; none: the stack of the LoRA pickers) x strength columns, for each prompt
         (one per line; none: `prompt`) and seed -> (grid pictures, cells, report)."""
-
-        def task(m: Model, c: Controls) -> Result:
-            axes = (ask.prompts, ask.seeds, ask.stacks, ask.columns)
-            return grid(m, ask.options, *axes, controls=c, cache=self.cache, batch=self.batch)
-
-        result = self._run(task, ask, request, progress)
+        result = self._run(ask, request, progress)
         folder = self.runs.new()
         cells = grid_cells(result.report)  # the base model's cell once per prompt and seed, as the pictures draw it
         files = {
@@ -332,7 +313,7 @@ class Studio:
         head = "" if title == "Cancelled" else "**Not run:** "  # a Cancel's sentence starts with "Cancelled"
         return f"{head}{markdown_text(message, MAX_SENTENCE_CHARS)} The result on screen stays as it was."
 
-    def _run(self, task: Callable[[Model, Controls], Result], ask: Ask, request: gr.Request, progress) -> Result:
+    def _run(self, ask: Ask, request: gr.Request, progress) -> Result:
         """A library task on the GPU, with progress (image i of n, step x of y), previews, Cancel and the budget."""
         session = session_of(request)
         with self.cancel_flags.watch(request) as cancelled:
@@ -340,7 +321,7 @@ class Studio:
             if self.manager.runner is None and not set(MODEL_COMPONENTS) <= set(self.manager.loaded()):
                 progress(0, desc="Loading the model")
             try:
-                result = run_measured(task, self.manager, ask.options, ask.images, controls)
+                result = run_measured(self, self.key, ask, controls, progress)
             finally:
                 self.previews.pop(session, None)
         if self.public:
@@ -349,15 +330,7 @@ class Studio:
 
     def _controls(self, session: str, cancelled: threading.Event, progress) -> Controls:
         """The run's hooks: progress, live previews, and a stop on Cancel or when the client has gone."""
-        at = {"image": (1, 1)}
-
-        def on_image(i: int, n: int, label: str) -> None:
-            at["image"] = (i, n)
-
-        def on_step(stage: str, done: int, total: int) -> None:
-            i, n = at["image"]
-            desc = f"image {i} of {n} · {STAGE_LABELS.get(stage, stage)} · step {done}/{total}"
-            progress(((i - 1) * total + done, n * total), desc=desc)
+        steps = StepProgress(progress)
 
         def on_preview(stage: str, step: int, image: Image.Image) -> None:
             self.previews[session] = (f"{STAGE_LABELS.get(stage, stage)} · step {step}", image)
@@ -367,12 +340,12 @@ class Studio:
 
         scope = session if self.public else ""  # a public app's caches are each visitor's own
         return Controls(
-            progress=on_step,
+            progress=steps.on_step,
             cancelled=stop,
             preview=on_preview,
             preview_every=PREVIEW_EVERY,
             draw=self.draw_preview,
-            on_image=on_image,
+            on_image=steps.on_image,
             cache_scope=scope,
         )
 

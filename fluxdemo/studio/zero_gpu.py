@@ -8,6 +8,7 @@ the `spaces` package must patch torch first.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -15,16 +16,20 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from threading import Lock
-from typing import TypeVar
+from typing import Protocol, TypeVar
+from weakref import WeakValueDictionary
 
 from fluxdemo.lru import LRU
 from fluxdemo.model.manager import MODEL_COMPONENTS
+from fluxdemo.pipeline import ResultsCache
 from fluxdemo.pipeline.api import Controls, GenerateOptions, Result, generate
 from fluxdemo.pipeline.limits import MEGAPIXEL, STEP_FIXED_PIXELS
 from fluxdemo.pipeline.model import Model
 from fluxdemo.pipeline.options import steps_run
 from fluxdemo.pipeline.previews import DrawPreview, TinyDecoder, latent_preview
 from fluxdemo.pipeline.report import RunReport
+from fluxdemo.studio.forms import Ask
+from fluxdemo.studio.work import StepProgress, perform
 
 try:  # preinstalled on Spaces; optional anywhere else
     import spaces
@@ -154,41 +159,65 @@ def gpu(duration: Callable[..., float]) -> Callable[[F], F]:
     return spaces.GPU(duration=duration)
 
 
-def gpu_seconds(
-    task: Callable[[Model, Controls], Result],
-    manager: Model,
-    options: GenerateOptions,
-    images: int,
-    controls: Controls,
-) -> int:
-    """Seconds of GPU a task needs: one denoising loop per image, scaled by the steps that run (--fast predicts some)
+class Host(Protocol):
+    """What a model job runs on: a Studio (fluxdemo.studio.handlers)."""
+
+    manager: Model
+    cache: ResultsCache
+    batch: int
+
+
+def hold(host: Host | Model) -> int:
+    """A key by which a ZeroGPU worker, forked from this process, finds `host`: spaces pickles a GPU function's
+    arguments to send them to the worker, and a model (its locks, its modules on the GPU) cannot be pickled."""
+    key = next(_KEYS)
+    _HELD[key] = host
+    return key
+
+
+_HELD: WeakValueDictionary[int, Host | Model] = WeakValueDictionary()  # a closed studio is not kept alive here
+_KEYS = itertools.count()
+
+
+def ask_seconds(manager: Model | None, options: GenerateOptions, images: int) -> int:
+    """Seconds of GPU a job needs: one denoising loop per image, scaled by the steps that run (--fast predicts some)
     and the image size, at the pace its path last ran (StepClock)."""
-    path = path_of(manager.weights_choice.format, manager.compile is not None) if manager else path_of(None, False)
-    return CLOCK.seconds(options, images, path)
+    return CLOCK.seconds(options, images, job_path(manager, options))
+
+
+def job_path(manager: Model | None, options: GenerateOptions) -> tuple[str, ...]:
+    """The path a job of `options` runs on: compiled ahead of time and frozen (compile_ahead), only the size compiled
+    at start-up runs its programs, any other eager."""
+    if manager is None:
+        return path_of(None, False)
+    ahead = manager.adapters.ahead_of_time
+    covered = ahead is None or not ahead.frozen or (options.width, options.height) in ahead.sizes
+    return path_of(manager.weights_choice.format, manager.compile is not None and covered)
+
+
+def gpu_seconds(key: int, ask: Ask, scope: str, progress: Callable) -> int:
+    """ask_seconds of a job, with _run_in_task's arguments (spaces calls it so)."""
+    return ask_seconds(_HELD[key].manager, ask.options, ask.images)
 
 
 @gpu(duration=gpu_seconds)
-def run_on_gpu(
-    task: Callable[[Model, Controls], Result],
-    manager: Model,
-    options: GenerateOptions,
-    images: int,
-    controls: Controls,
-) -> Result:
-    """Run a library task (a pipeline call with its arguments bound) with the GPU held for it on ZeroGPU, for as long
-    as `images` images of `options`' steps and size need."""
-    return task(manager, controls)
+def _run_in_task(key: int, ask: Ask, scope: str, progress: Callable) -> Result:
+    """A job in the ZeroGPU worker, from picklable arguments: the studio's key, the request, whose caches (a public
+    app's scope) and gradio's progress, which spaces relays to the page. The worker sees no Cancel (the page's flag
+    lives in the main process) and draws no live preview."""
+    host = _HELD[key]
+    steps = StepProgress(progress)
+    controls = Controls(progress=steps.on_step, on_image=steps.on_image, cache_scope=scope)
+    return perform(ask, host.manager, controls, host.cache, host.batch)
 
 
-def run_measured(
-    task: Callable[[Model, Controls], Result],
-    manager: Model,
-    options: GenerateOptions,
-    images: int,
-    controls: Controls,
-) -> Result:
-    """run_on_gpu, and its pace recorded here: on ZeroGPU the task runs in a fork, whose memory is gone after it."""
-    result = run_on_gpu(task, manager, options, images, controls)
+def run_measured(host: Host, key: int, ask: Ask, controls: Controls, progress: Callable) -> Result:
+    """A model job on the GPU and its pace recorded here: on ZeroGPU in its worker (`key`: hold(host)), for as long as
+    its images need; anywhere else in this process, with `controls` (Cancel, previews, progress)."""
+    if on_zero_gpu():
+        result = _run_in_task(key, ask, controls.cache_scope, progress)
+    else:
+        result = perform(ask, host.manager, controls, host.cache, host.batch)
     CLOCK.record(result.report)
     return result
 
@@ -207,19 +236,21 @@ def preload_for_zero_gpu(manager: Model, draw: DrawPreview = latent_preview) -> 
         draw.vae.to(manager.device)
 
 
-@gpu(duration=lambda manager, options: AOT_COMPILE_SECONDS)
-def _compile_in_task(manager: Model, options: GenerateOptions) -> dict:
+@gpu(duration=lambda key, options: AOT_COMPILE_SECONDS)
+def _compile_in_task(key: int, options: GenerateOptions) -> dict:
+    manager = _HELD[key]
     generate(manager, replace(options, steps=1))  # one step meets every block class at this size
     return manager.adapters.ahead_of_time.programs()
 
 
 def compile_ahead(manager: Model, options: GenerateOptions) -> None:
     """--compile on a ZeroGPU Space (where torch.compile does not run): the block programs for `options`' size,
-    compiled ahead of time in one GPU task at start-up and handed back to this process, which the later tasks fork
+    compiled ahead of time in one GPU task at start-up and handed back to this process, which the job workers fork
     from; other sizes then run eager rather than compile inside a visitor's task. Elsewhere the same, in-process."""
     ahead = manager.adapters.ahead_of_time
     if ahead is None:
         return
     logger.info("ZeroGPU: compiling the transformer's blocks ahead of time for %dx%d", options.width, options.height)
-    ahead.adopt(_compile_in_task(manager, options))
+    ahead.adopt(_compile_in_task(hold(manager), options))
+    ahead.sizes.add((options.width, options.height))
     ahead.frozen = True

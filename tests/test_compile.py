@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import lora_factory as lf
@@ -19,6 +20,7 @@ from fluxdemo.cli import main
 from fluxdemo.errors import FluxdemoError, LoraError, OptionsError
 from fluxdemo.lora.compile_options import CompileSettings
 from fluxdemo.lora.hotswap import dense_weights
+from fluxdemo.model import placement
 from fluxdemo.model.weights import WeightsChoice
 from fluxdemo.pipeline.experiments import ImageSpec, run
 from fluxdemo.pipeline.options import GenerateOptions, LoraChoice
@@ -156,3 +158,26 @@ def test_fast_on_a_compiled_model_is_a_sentence(tiny_kit: Path) -> None:
         "Fast mode does not work with torch.compile: untick Fast, or start with --compile aot (or without it)."
     )
     assert not model.loaded()  # refused before anything was loaded or compiled
+
+
+def test_under_model_offload_a_lora_swapped_in_on_the_device_survives_the_trip_to_ram(
+    manager, tiny_kit: Path, monkeypatch
+) -> None:
+    """model-offload copies RAM to the device before a request and puts the RAM copy back after it, so a LoRA swapped
+    into a slot on the device is gone by the next request. On the CPU the copy to the device is the same tensor,
+    which would hide that: here it is a real copy, as on a GPU."""
+    copy_in = placement.onload
+
+    def real_copy(state, device, *, keep: bool, pin: bool) -> None:
+        copy_in(state, device, keep=keep, pin=pin)
+        for _, tensor in placement.tensors(state.module):
+            tensor.data = tensor.data.clone()
+
+    monkeypatch.setattr(placement, "onload", real_copy)
+    model = tiny_model(tiny_kit / "loras", compile=CHEAP, strategy="model-offload")
+    stacks = [[("peft.safetensors", 1.0)], [("peft.safetensors", 1.0)], [("peft.safetensors", 0.5)]]
+    for seed, stack in enumerate(stacks):  # one request each: the second finds peft "in its slot" already
+        options = replace(SMALL, seed=seed)
+        (got,), _ = pixels(model, [stack], options=options)
+        (want,), _ = pixels(manager, [stack], options=options)
+        assert np.abs(got - want).max() <= 1

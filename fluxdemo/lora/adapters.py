@@ -292,3 +292,5 @@ class Adapters:
     def components_released(self, loaded: Sequence[str]) -> None:
         # a dropped transformer took its adapter state with it; CLIP keeps its adapters under every strategy
         self.deactivate([c for c in ("transformer", "text_encoder") if c in loaded])
+        if self._slots is not None and "transformer" in loaded and self.manager.strategy != "resident":
+            self._slots.lose_track()  # swapped in on the device, lost when the RAM copy goes back

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch._inductor.cpu_vec_isa import valid_vec_isa_list
 from torch.utils import _pytree as pytree
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,11 @@ logger = logging.getLogger(__name__)
 MAX_PROGRAMS = 8
 # Weights stay outside the archive (handed in at each call), and tensor constants stay named, as spaces.aoti_compile
 # sets them.
-INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
+INDUCTOR_CONFIGS = {
+    "aot_inductor.package_constants_in_so": False,
+    "always_keep_tensor_constants": True,
+    "joint_graph_constant_folding": False,
+}
 
 Signature = tuple[str, tuple]
 Key = tuple[str, Signature]  # (block class, signature)
@@ -50,7 +55,7 @@ def package(exported: torch.export.ExportedProgram) -> bytes:
 
 def signature(args: tuple, kwargs: Mapping[str, Any]) -> Signature:
     """What a compiled program is specialised on: the call's structure, each tensor's shape, dtype and device, and
-    every other value as it is."""
+    every other value as it is (tensors reach it contiguous: AheadOfTime.run)."""
     leaves, spec = pytree.tree_flatten((args, dict(kwargs)))
     return str(spec), tuple(
         (tuple(x.shape), str(x.dtype), str(x.device)) if isinstance(x, torch.Tensor) else repr(x) for x in leaves
@@ -83,6 +88,7 @@ class AheadOfTime:
         self.sizes: set[tuple[int, int]] = set()  # (width, height) compiled for when frozen (zero_gpu.compile_ahead)
         self.compiled = 0  # programs compiled in this process (the rest were adopted)
         self._programs: dict[Key, Program] = {}
+        self._failed: set[Key] = set()  # signatures export or AOTInductor refused: eager, never tried again
         transformer.requires_grad_(False)  # export refuses inference tensors that ask for gradients
         classes = set(getattr(transformer, "_repeated_blocks", ()))
         for block in transformer.modules():
@@ -96,26 +102,35 @@ class AheadOfTime:
     def adopt(self, archives: Mapping[Key, bytes]) -> None:
         """Programs compiled elsewhere (another process, same model and device kind), run from now on."""
         self._programs.update((key, Program(archive)) for key, archive in archives.items())
+        valid_vec_isa_list()  # its C++ probes take seconds: once here, not in each ZeroGPU worker (as spaces does)
 
     def run(self, block: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> Any:
+        # a program assumes the strides it was compiled for: contiguous ones, always (a no-op for most inputs)
+        args, kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.contiguous, (args, dict(kwargs)))
         key = (type(block).__name__, signature(args, kwargs))
         program = self._programs.get(key)
-        if program is None and (self.frozen or len(self._programs) >= MAX_PROGRAMS):
-            return type(block).forward(block, *args, **kwargs)
+        if program is None and not (self.frozen or len(self._programs) >= MAX_PROGRAMS or key in self._failed):
+            program = self._compile(block, args, kwargs, key)
         if program is None:
-            program = self._programs[key] = Program(self._compile(block, args, kwargs))
-            self.compiled += 1
+            return type(block).forward(block, *args, **kwargs)
         return program(block, args, kwargs)
 
-    def _compile(self, block: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> bytes:
+    def _compile(self, block: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any], key: Key) -> Program | None:
+        """The block's program for this signature, kept; None (and a warning, once) when it cannot be compiled."""
         logger.info("Compiling %s ahead of time; every block of its class runs the program.", type(block).__name__)
         compiled = block.__dict__.pop("forward")  # export traces the class's own forward
         try:
             with torch.inference_mode(False):  # export's fake tensors need autograd's bookkeeping
                 exported = torch.export.export(block, tuple(args), dict(kwargs))
+            program = self._programs[key] = Program(package(exported))
+        except Exception as e:  # noqa: BLE001 - any compiler failure: the eager block draws the same picture
+            logger.warning("%s could not be compiled ahead of time (%s); it runs eager at this size.", key[0], e)
+            self._failed.add(key)
+            return None
         finally:
             block.forward = compiled
-        return package(exported)
+        self.compiled += 1
+        return program
 
 
 class _Compiled:

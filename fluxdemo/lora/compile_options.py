@@ -26,8 +26,6 @@ class CompileSettings:
     backend: str = "inductor"
 
     def __post_init__(self) -> None:
-        if self.backend not in (*BACKENDS.values(), "aot_eager"):  # aot_eager: tests, no C++ compiler
-            raise OptionsError(f"--compile has no backend {self.backend!r}; use one of {sorted(BACKENDS.values())}.")
         if not (isinstance(self.slots, int) and 1 <= self.slots <= MAX_SLOTS):
             raise OptionsError(f"--compile-slots must be from 1 to {MAX_SLOTS}, but is {self.slots!r}.")
         if not (isinstance(self.rank, int) and 1 <= self.rank <= MAX_RANK):

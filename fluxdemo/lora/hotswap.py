@@ -123,7 +123,13 @@ class Slots:
             strengths[self._held.index(adapter)] = float(strength)
         self._set(strengths)
 
-    def _swap(self, slot: int, adapter: str, strength: float = 1.0) -> None:
+    def lose_track(self) -> None:
+        """The slots' tensors were replaced behind their back (model-offload puts the RAM copy back at the end of a
+        request): nothing is known held or set, so the next activate swaps its LoRAs in and sets every slot."""
+        self._held = [None] * len(self.names)
+        self._strengths = [None] * len(self.names)
+
+    def _swap(self, slot: int, adapter: str, strength: float) -> None:
         name, fold = self.names[slot], self._folded and strength != 1.0
         states = {
             k.replace(".lora_A.", f".lora_A.{name}.").replace(".lora_B.", f".lora_B.{name}."): (

@@ -41,7 +41,6 @@ def step_cache(transformer: torch.nn.Module, schedule: FastSchedule | None, skip
     # Observed from outside the cache: the transformer's calls (one per step), and the calls in which the first
     # block's own forward ran (the cache's hook wraps it and calls it only on a computed step; compiled ahead of time,
     # that forward is a program whose inner modules call no hooks).
-    watch_calls = transformer.register_forward_pre_hook(lambda *_: calls.append(len(calls) + 1))
     block = transformer.transformer_blocks[0]
     own, forward = block.__dict__.get("forward"), block.forward
 
@@ -49,14 +48,16 @@ def step_cache(transformer: torch.nn.Module, schedule: FastSchedule | None, skip
         ran.add(len(calls))
         return forward(*args, **kwargs)
 
-    block.forward = watched
-    transformer.enable_cache(config)
+    watch_calls = transformer.register_forward_pre_hook(lambda *_: calls.append(len(calls) + 1))
     try:
+        block.forward = watched
+        transformer.enable_cache(config)
         yield
         if skipped is not None:
             skipped.extend(step for step in calls if step not in ran)
     finally:
-        transformer.disable_cache()
+        if transformer.is_cache_enabled:
+            transformer.disable_cache()
         watch_calls.remove()
         if own is None:
             del block.forward  # the class's forward again

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from fluxdemo.errors import OptionsError
 from fluxdemo.lora import Adapters, HubLoras, LoraLibrary
 from fluxdemo.lora.compile_options import CompileSettings
 from fluxdemo.lora.hotswap import dense_weights
@@ -43,6 +44,11 @@ class Model(ModelManager):
         super().__post_init__()
         if self.compile is not None:
             self.weights_choice = dense_weights(self.weights_choice, self.weights, self.device.type)
+        if self.compile is not None and self.compile.ahead_of_time and self.weights_choice.format == "fp8":
+            # the programs take each block's state_dict, where torchao's fp8 weights are tensor subclasses
+            raise OptionsError(
+                "--compile aot does not take fp8 weights yet: start with --weights bf16, or with --compile on."
+            )
         self.embedding_cache = LRU(maxsize=EMBEDDINGS_KEPT)
         # LoRAs are judged against this preset's model (a tiny kit's LoRAs fit the tiny model, not FLUX.1-dev).
         dims, clip_config = loading.model_dims(self.config_dir())

@@ -1,6 +1,7 @@
-"""Issue 18's CLI: a mistake answered before torch is imported, the real LoRA folder named, Hub names wherever a LoRA
-is named (against the loopback fake Hub of test_hub), no huggingface_hub retries when the Hub is unreachable, and a
-tiny kit that says how to use it."""
+"""Issue 18's CLI: a mistake answered before torch is imported (in a process of its own, where the imports are the
+point), the real LoRA folder named, Hub names wherever a LoRA is named (against tests/fake_hub.py's loopback Hub), no
+huggingface_hub retries when the Hub is unreachable, and a tiny kit that says how to use it. The rest run the CLI's
+main() in this process (conftest's `cli`)."""
 
 from __future__ import annotations
 

@@ -113,6 +113,30 @@ def clean(lora_dir: Path):
     return tiny_model(lora_dir)
 
 
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """The CLI's main(argv) in this process, offline: a function of the arguments giving Done(exit code, stdout,
+    stderr). A test that wants the Hub undoes the offline setting after this fixture (fake_hub.no_hub_setup)."""
+    from helpers import Done, library_log_levels_kept
+
+    from fluxdemo.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", os.environ.get("TRANSFORMERS_VERBOSITY", "warning"))
+
+    def call(*args: str) -> Done:
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's own exit
+            code = e.code
+        out, err = capsys.readouterr()
+        return Done(code, out, err)
+
+    with library_log_levels_kept():
+        yield call
+
+
 @pytest.fixture(scope="session")
 def kit_lora() -> str:
     """A sample LoRA of the kit, by its name in the LoRA library."""

@@ -1,14 +1,17 @@
-"""Builders the tests share: the one way a test opens a model, a studio launched on loopback and the request mix sent
-to it, and hand-made PNGs. LoRA files and their references are in tests/lora_factory.py, the fake Hub in
-tests/fake_hub.py, hostile files in tests/hostile.py. Test modules import these, never each other."""
+"""Builders the tests share: the one way a test opens a model, the CLI run in this process, a studio launched on
+loopback and the request mix sent to it, and hand-made PNGs. LoRA files and their references are in
+tests/lora_factory.py, the fake Hub in tests/fake_hub.py, hostile files in tests/hostile.py. Test modules import
+these, never each other."""
 
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,31 @@ def tiny_model(lora_dir: Path | None = None, preset: str | Preset = "tiny", **kw
     if lora_dir is not None:
         kwargs["lora_dir"] = lora_dir
     return Model(preset, **{"device": "cpu", **kwargs})
+
+
+# --- the CLI in this process ----------------------------------------------------------------------------------------
+
+LIBRARIES = ("diffusers", "transformers", "httpx", "huggingface_hub", "gguf", "peft")  # the CLI quiets them
+
+
+@dataclass
+class Done:
+    """A CLI run: its exit code and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@contextmanager
+def library_log_levels_kept() -> Iterator[None]:
+    """The log levels the CLI sets on LIBRARIES put back afterwards, as the rest of the session had them."""
+    levels = {name: logging.getLogger(name).level for name in LIBRARIES}
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 # --- the studio on loopback, and the mix of requests strangers send it ----------------------------------------------

@@ -238,7 +238,9 @@ def soak(
         try:
             n = 0
             while (requests_each is None or n < requests_each) and (deadline is None or time.monotonic() < deadline):
-                outcome = me.send(mix[(k + n) % len(mix)], k * 7 + n)
+                # Numbered k * 4 + n: visitors sending one kind send different values (LoRA, strength, prompt, seed),
+                # so a mix-up shows (k * 7 + n gave every visitor the same values for a kind until the mix wrapped).
+                outcome = me.send(mix[(k + n) % len(mix)], k * 4 + n)
                 with lock:
                     outcomes.append(outcome)
                     if on_progress:

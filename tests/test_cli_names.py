@@ -1,11 +1,13 @@
-"""Issue 18's CLI: a mistake answered before torch is imported, the real LoRA folder named, Hub names wherever a LoRA
-is named (against the loopback fake Hub of test_hub), no huggingface_hub retries when the Hub is unreachable, and a
-tiny kit that says how to use it."""
+"""Issue 18's CLI: a mistake answered before torch is imported (in a process of its own, where the imports are the
+point), the real LoRA folder named, Hub names wherever a LoRA is named (against tests/fake_hub.py's loopback Hub), no
+huggingface_hub retries when the Hub is unreachable, and a tiny kit that says how to use it. The rest run the CLI's
+main() in this process (conftest's `cli`)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shlex
 import socket
@@ -17,6 +19,7 @@ from pathlib import Path
 import fake_hub as th
 import pytest
 import torch
+from huggingface_hub import constants
 from safetensors.torch import save_file
 
 from fluxdemo.errors import HubError
@@ -43,14 +46,9 @@ print(json.dumps({"results": results, "heavy": sorted({"torch", "diffusers", "hu
 """
 
 
-def env_for(cache: Path, **extra: str) -> dict[str, str]:
+def env_for(cache: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE"))}
-    return {**env, "FLUXDEMO_CACHE": str(cache), "HF_HOME": str(cache / "hf"), **extra}
-
-
-def fluxdemo(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fluxdemo", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)  # fmt: skip
+    return {**env, "FLUXDEMO_CACHE": str(cache), "HF_HOME": str(cache / "hf")}
 
 
 def test_mistakes_are_answered_before_torch_is_imported(tmp_path, fluxdemo_cache, tiny_kit):
@@ -134,14 +132,27 @@ def test_the_studio_takes_the_cli_range_unless_public(flags, limits, why):
     assert STRENGTH_RANGE[0] <= PUBLIC_STRENGTH_RANGE[0] <= PUBLIC_STRENGTH_RANGE[1] <= STRENGTH_RANGE[1]
 
 
-# -- Hub names: the loopback fake Hub, the real huggingface_hub client in a real CLI process --------------------
+# -- Hub names: the loopback fake Hub, the real huggingface_hub client, the CLI's main() in this process ----------
+
+
+def use_endpoint(monkeypatch, endpoint: str) -> None:
+    """Where huggingface_hub sends requests with no endpoint given (HF_ENDPOINT, which it reads at import)."""
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
 
 
 @pytest.fixture
-def fake_hub(monkeypatch, tiny_kit):
+def fake_hub(cli, monkeypatch, tmp_path, tiny_kit):
+    """The fake Hub with REPO in it, where the CLI (run by `cli`, whose offline setting this undoes) looks."""
     lora = (tiny_kit / "loras" / "peft.safetensors").read_bytes()
     monkeypatch.setitem(th.FILES, REPO, {"style.safetensors": lora, "README.md": b"---\ninstance_prompt: zkz\n---\n"})
+    th.no_hub_setup(monkeypatch, tmp_path)
+    monkeypatch.setenv("FLUXDEMO_CACHE", str(tmp_path / "cache"))  # the Hub LoRA cache: this test's own
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "kits").symlink_to(tiny_kit.parent, target_is_directory=True)  # the session's kit
     hub = th.FakeHub()
+    use_endpoint(monkeypatch, hub.endpoint)
     yield hub
     hub.stop()
 
@@ -150,17 +161,15 @@ def fake_hub(monkeypatch, tiny_kit):
     "name",
     [REPO, f"{REPO}/style.safetensors@{th.COMMIT}", f"https://huggingface.co/{REPO}/blob/main/style.safetensors"],
 )
-def test_generate_with_a_hub_lora(name, fake_hub, tmp_path, fluxdemo_cache):
-    env = env_for(fluxdemo_cache, HF_ENDPOINT=fake_hub.endpoint, HF_HUB_DISABLE_PROGRESS_BARS="1")
-    done = fluxdemo("generate", *TINY, "--lora", f"{name}:0.8", "--out", str(tmp_path / "a.png"), env=env)
+def test_generate_with_a_hub_lora(name, cli, fake_hub, tmp_path):
+    done = cli("generate", *TINY, "--lora", f"{name}:0.8", "--out", str(tmp_path / "a.png"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(tmp_path / "a.png") and (tmp_path / "a.png").is_file()
     assert ("GET", f"/api/models/{REPO}/revision/{th.COMMIT if '@' in name else 'main'}") in fake_hub.requests
 
 
-def test_inspect_lora_takes_a_hub_name(fake_hub, fluxdemo_cache):
-    env = env_for(fluxdemo_cache, HF_ENDPOINT=fake_hub.endpoint, HF_HUB_DISABLE_PROGRESS_BARS="1")
-    done = fluxdemo("inspect-lora", "--model", "tiny", "--json", REPO, env=env)
+def test_inspect_lora_takes_a_hub_name(cli, fake_hub):
+    done = cli("inspect-lora", "--model", "tiny", "--json", REPO)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert (report["format"], report["compatible"]) == ("peft", True)
@@ -204,25 +213,30 @@ def test_an_unreachable_hub_costs_one_request(slammed_door, tmp_path, monkeypatc
     assert len(seen) == 1
 
 
-def test_generate_without_network_is_one_sentence(tmp_path, fluxdemo_cache):
+def test_generate_without_network_is_one_sentence(cli, tmp_path, monkeypatch, caplog):
+    """What the terminal would show: the one error line (stderr), and no log line from huggingface_hub, whose retries
+    were 27 lines over 44 s (caplog sees every record the CLI's log handler would print)."""
     with socket.socket() as s:  # a port nothing listens on: connections are refused
         s.bind(("127.0.0.1", 0))
         endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
-    env = env_for(fluxdemo_cache, HF_ENDPOINT=endpoint)
-    done = fluxdemo("generate", "--prompt", "a cat", "--device", "cpu", "--out", str(tmp_path / "a.png"), env=env)
+    th.no_hub_setup(monkeypatch, tmp_path)
+    use_endpoint(monkeypatch, endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty Hugging Face cache
+    with caplog.at_level(logging.INFO):  # the CLI's level
+        done = cli("generate", "--prompt", "a cat", "--device", "cpu", "--out", str(tmp_path / "a.png"))
     assert done.returncode == 2
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0] == done.stderr.strip().splitlines()[-1]
-    assert "could not be reached. Run `python -m fluxdemo download --model dev-q8`" in errors[0]
-    assert "Retry" not in done.stderr and "Traceback" not in done.stderr
+    (error,) = done.stderr.splitlines()
+    assert error.startswith("error: ") and "Traceback" not in done.stderr
+    assert "could not be reached. Run `python -m fluxdemo download --model dev-q8`" in error
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("huggingface_hub")] == []
+    assert not any("Retry" in r.getMessage() for r in caplog.records)
 
 
 # -- tiny --out: the kit says how to use it, and what it says works ---------------------------------------------------
 
 
-def test_tiny_kit_prints_commands_that_work(tmp_path, fluxdemo_cache):
-    env = env_for(fluxdemo_cache)
-    built = fluxdemo("tiny", "--out", str(tmp_path / "my kit"), env=env)
+def test_tiny_kit_prints_commands_that_work(cli, tmp_path, monkeypatch):
+    built = cli("tiny", "--out", str(tmp_path / "my kit"))
     assert built.returncode == 0, built.stderr
     lines = built.stdout.splitlines()
     assert lines[0] == str(tmp_path / "my kit")
@@ -231,8 +245,11 @@ def test_tiny_kit_prints_commands_that_work(tmp_path, fluxdemo_cache):
     assert any(line.strip().startswith("python app.py --model tiny --lora-dir ") for line in lines)
     files = dict(item.split("=", 1) for item in shlex.split(export)[1:])
     assert all(Path(path).exists() and Path(path).is_relative_to(tmp_path / "my kit") for path in files.values())
-    args = shlex.split(compare)[3:] + ["--steps", "2", "--width", "64", "--height", "64"]
-    used = fluxdemo(*args, env={**env, **files, "FLUXDEMO_CACHE": str(tmp_path / "empty")}, cwd=tmp_path)
+    for variable, path in files.items():  # the export, in this process
+        monkeypatch.setenv(variable, path)
+    monkeypatch.setenv("FLUXDEMO_CACHE", str(tmp_path / "empty"))
+    monkeypatch.chdir(tmp_path)
+    used = cli(*shlex.split(compare)[3:], "--steps", "2", "--width", "64", "--height", "64")
     assert used.returncode == 0, used.stderr
     assert sorted(p.name for p in (tmp_path / "compare").iterdir()) == [
         "baseline.png", "lora.png", "report.json", "side_by_side.png",

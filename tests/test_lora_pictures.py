@@ -112,11 +112,12 @@ SLOW = pytest.mark.slow  # the real-width kit: about 30 s to build, 5 s a step o
         ("tiny", torch.float16),
         ("tiny", E4M3),
         ("tiny", E5M2),
-        # f16 stays on the tiny kit: its .diff_b and .diff are the fp8 files' own, and a real-width step is dear
+        # f16 and e5m2 stay on the tiny kit: a real-width step is dear, and the width changes what is split (the
+        # fused qkv and linear1), not how a dtype is read. e4m3 goes wide: the narrower range, which a real-width
+        # delta of size 1/width would fall below (lora_factory.comfy_save)
         pytest.param("wide", E4M3, marks=SLOW),
-        pytest.param("wide", E5M2, marks=SLOW),
     ],
-    ids=["tiny-f16", "tiny-e4m3", "tiny-e5m2", "wide-e4m3", "wide-e5m2"],
+    ids=["tiny-f16", "tiny-e4m3", "tiny-e5m2", "wide-e4m3"],
     indirect=["bench"],
 )
 def test_comfy_bias_and_full_deltas(bench, dtype):

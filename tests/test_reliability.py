@@ -41,7 +41,10 @@ from fluxdemo.pipeline import Controls, GenerateOptions, Model, compare, generat
 OPTS = GenerateOptions("a red fox in the snow", seed=7, steps=2, width=16, height=16)
 STRENGTH = 0.8
 FUZZ_SEED = 1234
-FUZZ_RANDOM_CASES = 400  # plus about 110 named attacks
+# Random mutations beside about 110 named attacks (where the known dangers are). 150 keep every kind of mutation in
+# its share (about 60 bit flips, 30 splats, 30 edge numbers, ...) and reach every outcome (seed 1234: 39 of 256 files
+# load, 217 are refused); 400 cost 9 s more per run for the same outcomes. bench/hostile_files.py runs 400.
+FUZZ_RANDOM_CASES = 150
 RSS_GROWTH_BOUND = 200 * 2**20
 PYTHON_ALLOC_BOUND = 64 * 2**20  # per file, what tracemalloc sees (Python objects and numpy arrays)
 OOM = "CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test)"
@@ -121,7 +124,7 @@ def attempt(case: str, fn: Callable, *args, **kwargs) -> object:
         raise AssertionError(f"{case}: {type(e).__name__} instead of a LoraError: {e}") from e
 
 
-@pytest.mark.timeout(900)  # a hang guard: 500 files through three parsers on a busy machine
+@pytest.mark.timeout(900)  # a hang guard: 260 files through three parsers on a busy machine
 def test_fuzz_lora_files(tiny_kit: Path, tiny_sizes: tuple, tmp_path: Path) -> None:
     """Hundreds of mutated safetensors files through the inspector, the converter and the live loader: each gets a
     result or a LoraError in bounded memory, nothing is unpickled, and the model is unharmed. The time each file

@@ -357,7 +357,7 @@ def test_public_launch_posture(monkeypatch, app_manager, caplog, flags, public) 
 
 def test_public_app_serves_no_monitoring_no_error_details_and_asks_for_a_login(monkeypatch, app_manager, lora_dir):
     """The app as app.py builds it for `--share --auth`, launched on loopback (no tunnel) and driven from outside."""
-    import fluxdemo.studio.handlers
+    import fluxdemo.studio.work
 
     demo, kwargs = run_app(monkeypatch, app_manager, ("--share", "--auth", "me:secret"))
     local = {"share": False, "server_name": "127.0.0.1", "server_port": None}
@@ -374,7 +374,7 @@ def test_public_app_serves_no_monitoring_no_error_details_and_asks_for_a_login(m
         def broken(*args, **kwargs):
             raise RuntimeError(secret)
 
-        monkeypatch.setattr(fluxdemo.studio.handlers, "generate", broken)
+        monkeypatch.setattr(fluxdemo.studio.work, "generate", broken)
         client = open_client(demo.local_url, auth=("me", "secret"))
         with pytest.raises(AppError) as error:
             client.predict(*api_args(options(5), None, 1.0), api_name="/generate")
@@ -486,12 +486,14 @@ def test_cancel_inspect_and_upload_work_while_the_model_queue_is_full(app_manage
 
         wait_for_step(job, 3)
         victim.predict(api_name="/cancel")  # back once the flag is set; a 512x512 step takes longer than that
-        seen = wait_for_step(job, 3)
+        progress = job.status().progress_data  # none once the job has ended: it stopped before this read
+        seen = progress[0].index if progress and progress[0].index is not None else None
         with pytest.raises(AppError, match=r"^Cancelled during the baseline image, after step \d+ of 100\.") as error:
             job.result(timeout=HANG_S)
         stopped_at = int(str(error.value).split("after step ")[1].split(" ")[0])
         # the step it was in when Cancel answered, plus one: the progress this client reads lags by up to a step
-        assert stopped_at <= seen + 2, f"step {seen} when Cancel answered; it stopped after step {stopped_at}"
+        assert seen is None or stopped_at <= seen + 2, f"step {seen} when Cancel answered; it stopped at {stopped_at}"
+        assert 3 <= stopped_at < 100
         for filler in fillers:  # the others' jobs were not touched: they run once the slot is free
             assert Path(filler.result(timeout=HANG_S)[0]).is_file()
 

@@ -216,3 +216,5 @@ def quiet_libraries() -> None:
     for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub", "gguf", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+    treespec = r"`isinstance\(treespec, LeafSpec\)` is deprecated"  # torch.export's own, per --compile aot program
+    warnings.filterwarnings("ignore", message=treespec, category=FutureWarning)

@@ -68,14 +68,17 @@ class Program:
     def __init__(self, archive: bytes) -> None:
         self.archive = archive
         self._runner = None
-        self._constants: frozenset[str] = frozenset()
+        self._weights: dict[int, dict[str, torch.Tensor]] = {}  # by block: its parameters and buffers, by name
 
     def __call__(self, block: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> Any:
         if self._runner is None:
             self._runner = torch._inductor.aoti_load_package(io.BytesIO(self.archive))
-            self._constants = frozenset(self._runner.get_constant_fqns())
-        weights = {k: v for k, v in block.state_dict().items() if k in self._constants}
-        # user-managed: the program reads these very tensors, so in-place LoRA swaps need no new load
+        weights = self._weights.get(id(block))
+        if weights is None:  # the Parameter objects themselves: a device move or a LoRA swap changes their data only
+            names = set(self._runner.get_constant_fqns())
+            weights = {k: v for k, v in block.state_dict(keep_vars=True).items() if k in names}
+            self._weights[id(block)] = weights
+        # user-managed: the program reads these very tensors where they are now, so in-place LoRA swaps need no load
         self._runner.load_constants(weights, check_full_update=True, user_managed=True)
         return self._runner(*args, **kwargs)
 

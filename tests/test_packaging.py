@@ -1,4 +1,4 @@
-"""The package as pip builds it: the wheel carries `fluxdemo`, its model configs and its grid font, nothing else,
+"""The package as pip builds it: the wheel carries `fluxdemo`, its model configs and its label fonts, nothing else,
 and the `fluxdemo` console command. Built offline (no build isolation: the venv's setuptools) from a copy of the
 checkout, so the build's own folders never land in the working tree."""
 
@@ -43,7 +43,16 @@ def test_wheel_carries_the_package_and_its_configs_only(wheel):
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "fluxdemo").rglob("*.py")}  # the four wings too
     configs = {p.relative_to(ROOT).as_posix() for p in (ROOT / "fluxdemo" / "configs").rglob("*.json")}
     assert len(configs) == 5  # scheduler, text_encoder, text_encoder_2, transformer, vae of FLUX.1-dev
-    fonts = {f"fluxdemo/pipeline/fonts/{name}" for name in ("NotoSans-Regular-Latin.ttf", "OFL.txt", "README.md")}
+    fonts = {
+        f"fluxdemo/pipeline/fonts/{name}"
+        for name in (
+            "NotoSans-Regular-Latin.ttf",
+            "NotoSans-Regular-Extended.ttf",
+            "NotoSansCJK-Regular-Subset.otf",
+            "OFL.txt",
+            "README.md",
+        )
+    }
     assert names - meta == modules | configs | fonts
     assert {n.split("/")[0] for n in names - meta} == {"fluxdemo"}  # no bench/, loras/, tests/, app.py
 

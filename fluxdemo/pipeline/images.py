@@ -20,10 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageChops, ImageDraw, ImageFont, PngImagePlugin
+from PIL import Image, ImageChops, ImageDraw, PngImagePlugin
 
 from fluxdemo.errors import FluxdemoError, OptionsError
 from fluxdemo.files import new_file_mode
+from fluxdemo.pipeline.labels import draw_label, fit, text_length
 from fluxdemo.pipeline.options import FastSchedule
 from fluxdemo.pipeline.png_settings import PARAMS_CHUNK, ImageParams
 from fluxdemo.pipeline.report import RunReport
@@ -31,9 +32,7 @@ from fluxdemo.pipeline.report import RunReport
 SCHEMA = 1  # of the "fluxdemo" chunk; bump when a field changes meaning
 
 LABEL_BAND = 24  # pixels under the images of side_by_side() for their labels
-LABEL_FONT_SIZE = 14
 MAX_DIFFERENCE_GAIN = 32.0  # difference() never stretches by more than this
-GRID_FONT = Path(__file__).with_name("fonts") / "NotoSans-Regular-Latin.ttf"  # Noto Sans, OFL, cut to Latin
 MAX_ROW_LABEL = 320  # pixels for a grid's row labels; a longer label is cut with an ellipsis
 BACKGROUND, LABEL_COLOUR, AXIS_COLOUR = (24, 24, 24), (235, 235, 235), (150, 170, 200)
 
@@ -146,9 +145,8 @@ def side_by_side(
     canvas.paste(right.convert("RGB"), (left.width + gap, 0))
     if labels is not None:
         draw = ImageDraw.Draw(canvas)
-        font = ImageFont.load_default(size=LABEL_FONT_SIZE)  # ASCII labels: Pillow's own font has them
         for text, x0, w in ((labels[0], 0, left.width), (labels[1], left.width + gap, right.width)):
-            draw.text((x0 + w / 2, height + band / 2), text, fill=LABEL_COLOUR, font=font, anchor="mm")
+            draw_label(draw, (x0 + w / 2, height + band / 2), fit(text, w), LABEL_COLOUR, "mm")
     return canvas
 
 
@@ -200,18 +198,16 @@ def grid_image(rows: list[list[Image.Image | None]], text: GridText, gap: int = 
     (left + sum(column width + gap), LABEL_BAND * (1 + titles) + len(rows) * (cell height + gap)), where left fits
     the widest row label or the rows' title (at most MAX_ROW_LABEL) and titles counts the title and the columns'.
     """
-    font = label_font()
     cell_w, cell_h = next(cell for row in rows for cell in row if cell is not None).size
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    left = min(max(_width(draw, t, font) for t in [*text.rows, text.row_axis]) + 2 * gap, MAX_ROW_LABEL)
-    widths = [max(cell_w, _width(draw, label, font) + gap) for label in text.columns]
+    left = min(max(_width(t) for t in [*text.rows, text.row_axis]) + 2 * gap, MAX_ROW_LABEL)
+    widths = [max(cell_w, _width(label) + gap) for label in text.columns]
     xs = list(itertools.accumulate([left, *(w + gap for w in widths)]))  # each column's left edge, then the end
     top = LABEL_BAND * (1 + bool(text.title) + bool(text.column_axis))
     canvas = Image.new("RGB", (xs[-1], top + len(rows) * (cell_h + gap)), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
 
     def put(label: str, xy: tuple[float, float], room: float, anchor: str, fill=LABEL_COLOUR) -> None:
-        draw.text(xy, _fit(draw, label, room, font), fill=fill, font=font, anchor=anchor)
+        draw_label(draw, xy, fit(label, room), fill, anchor)
 
     if text.title:
         put(text.title, (gap, LABEL_BAND / 2), canvas.width - 2 * gap, "lm")
@@ -230,22 +226,8 @@ def grid_image(rows: list[list[Image.Image | None]], text: GridText, gap: int = 
     return canvas
 
 
-def label_font(size: int = LABEL_FONT_SIZE) -> ImageFont.FreeTypeFont:
-    """The grid pictures' font, shipped with the package (fonts/README.md): Pillow's own has no "×" and no "é"."""
-    return ImageFont.truetype(GRID_FONT, size)
-
-
-def _width(draw: ImageDraw.ImageDraw, text: str, font) -> int:
-    return math.ceil(draw.textlength(text, font=font))
-
-
-def _fit(draw: ImageDraw.ImageDraw, text: str, width: float, font) -> str:
-    """The text, cut with an ellipsis to fit `width` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
+def _width(text: str) -> int:
+    return math.ceil(text_length(text))
 
 
 def _num(value: Any) -> Any:

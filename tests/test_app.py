@@ -156,6 +156,26 @@ def test_cancel_stops_after_a_step_and_the_app_stays_ready(client, expected, kit
     assert np.array_equal(pixels(adapted), np.asarray(expected["lora"]))
 
 
+def test_every_pick_of_what_the_slider_shows_runs_even_while_the_last_is_on_its_way(app):
+    """gradio's default trigger_mode "once" drops an event fired while its last run is still going: a second click on
+    the history strip, or a second pick of A, on a slow server would never reach the slider."""
+    config = app[0].config
+    labels = {c["id"]: c["props"].get("label") or "" for c in config["components"]}
+    picks = {"Left (A)", "Right (B)", "Show where they differ"}
+    modes = {
+        (labels[target], event): dependency["trigger_mode"]
+        for dependency in config["dependencies"]
+        for target, event in dependency["targets"]
+        if labels.get(target) in picks or labels.get(target, "").startswith("History")
+    }
+    assert modes == {
+        ("Left (A)", "input"): "always_last",
+        ("Right (B)", "input"): "always_last",
+        ("Show where they differ", "input"): "always_last",
+        (next(label for label in labels.values() if label.startswith("History")), "select"): "always_last",
+    }
+
+
 def test_ui_values_become_options():
     assert to_options("a cat", 7.0, 4.0, 3.5, 64.0, 48.0) == GenerateOptions("a cat", 7, 4, 3.5, 64, 48)
     with pytest.raises(ValueError, match="`seed` is empty"):

@@ -325,7 +325,7 @@ def _result_events(p: SimpleNamespace) -> None:
     # always_last: a pick made while the last one is still on its way (a slow server) runs after it, not dropped
     gr.on([p.pick_a.input, p.pick_b.input, p.show_diff.input], **pair, **CHEAP, trigger_mode="always_last")
     p.swap_button.click(swap, [p.pick_a, p.pick_b], [p.pick_a, p.pick_b], **CHEAP).then(**pair, **CHEAP)
-    p.strip.select(pick_from_strip, p.history, p.pick_b, **CHEAP).then(**pair, **CHEAP)
+    p.strip.select(pick_from_strip, p.history, p.pick_b, **CHEAP, trigger_mode="always_last").then(**pair, **CHEAP)
     controls = inputs_of(p, "generate")
     gr.on(
         [c.change for c in controls],

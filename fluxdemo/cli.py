@@ -290,9 +290,9 @@ def cmd_inspect_lora(args) -> int:
             folder = lora_folder(args, preset, build=True)
             library = LoraLibrary(folder, dims, clip_config, **cli_hub_loras().library_args())
             report = library.get(args.name).report
-    except LoraError as e:
+    except LoraError as e:  # a missing, unreadable or unreachable LoRA: the user's to fix, as everywhere else
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0 if report.compatible else 2
 

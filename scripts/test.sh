@@ -5,10 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v chromium >/dev/null; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  as_root=""
+  [ "$(id -u)" = 0 ] || as_root="sudo -n"  # sudo only without a password prompt: the command must not wait
+  if command -v apt-get >/dev/null && { [ -z "$as_root" ] || sudo -n true 2>/dev/null; }; then
+    $as_root apt-get update -qq && $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
   else
-    echo "note: the browser test needs chromium: sudo apt-get install -y chromium" >&2
+    echo "note: the browser tests need chromium and will fail without it: install it first" \
+      "(Debian: sudo apt-get install -y chromium; Ubuntu: sudo snap install chromium)" >&2
   fi
 fi
 python3 -m venv .venv

@@ -127,7 +127,7 @@ def test_inspect_lora_json_schema_and_exit_codes(tmp_path, cli, tiny_kit):
     pickle = tmp_path / "style.safetensors"
     pickle.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
     unreadable = cli("inspect-lora", str(pickle))
-    assert unreadable.returncode == 1
+    assert unreadable.returncode == 2  # a file the user can replace
     assert "pickle" in unreadable.stderr and "not opened" in unreadable.stderr
 
 

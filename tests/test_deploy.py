@@ -149,7 +149,7 @@ def test_the_create_command_asks_for_the_hardware_the_front_matter_suggests():
     assert create[create.index("--sdk") + 1] == "gradio" and create[create.index("--type") + 1] == "space"
 
 
-def test_the_upload_sends_the_app_and_leaves_out_docs_tests_and_bench():
+def test_the_upload_sends_the_app_and_the_readmes_pictures_and_leaves_out_tests_and_bench():
     (upload,) = [c for c in commands(deploy_section()) if c[1] == "upload"]
     excluded = [upload[i + 1] for i, w in enumerate(upload) if w == "--exclude"]
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
@@ -157,7 +157,9 @@ def test_the_upload_sends_the_app_and_leaves_out_docs_tests_and_bench():
     sent = set(filter_repo_objects(tracked, ignore_patterns=[*excluded, *DEFAULT_IGNORE_PATTERNS]))
     assert {"app.py", "README.md", "requirements.txt", "pyproject.toml"} <= sent
     assert {f for f in tracked if f.startswith("fluxdemo/")} <= sent
-    assert not {f for f in sent if f.split("/")[0] in ("docs", "tests", "bench")}
+    pictures = set(re.findall(r'(?:\]\(|src=")(docs/[^)"]+)', (ROOT / "README.md").read_text()))
+    assert len(pictures) == 3 and pictures <= sent  # the Space's page shows the README with them
+    assert not {f for f in sent if f.split("/")[0] in ("tests", "bench")}
 
 
 def test_the_lora_folder_and_cache_the_commands_set_live_on_the_mounted_bucket():

@@ -198,10 +198,20 @@ def test_too_big_and_offline_from_this_apps_own_cache(fake, library, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     fake.requests.clear()
     assert library.get("bob/two-loras/a.safetensors").path == cached.path  # from the cache, named exactly
-    with pytest.raises(LoraError, match=r"^bob/style-lora is not among the Hub LoRAs this app downloaded before, "
-                                        r"and offline mode is on \(HF_HUB_OFFLINE=1\)\. Restart the app with "
-                                        r"HF_HUB_OFFLINE=0 to fetch it \(a LoRA named with its file"):  # fmt: skip
+    with pytest.raises(LoraError) as offline:
         library.get("bob/style-lora")
+    assert str(offline.value) == (
+        "bob/style-lora is not among the Hub LoRAs this app downloaded before, and offline mode is on "
+        "(HF_HUB_OFFLINE=1). Run it again with HF_HUB_OFFLINE=0 to fetch it (a LoRA named with its file, "
+        "user/repo/file.safetensors, is then kept for offline use), or, on a machine that reaches the Hub, put the "
+        "file in the LoRA folder: hf download bob/style-lora --include '*.safetensors' --local-dir LORA_FOLDER"
+    )
+    with pytest.raises(LoraError) as pinned:
+        library.get("bob/style-lora/my style.safetensors@v1.0")
+    assert str(pinned.value).endswith(
+        "put the file in the LoRA folder: hf download bob/style-lora 'my style.safetensors' --revision v1.0 "
+        "--local-dir LORA_FOLDER"
+    )
     assert fake.requests == []
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import stat
 import tempfile
 import threading
@@ -378,6 +379,13 @@ def _shown(text: object) -> str:
     return capped(str(text), MAX_FIELD_CHARS)
 
 
+def download_command(ref: HubLoraRef) -> str:
+    """The huggingface_hub command that fetches the LoRA into a folder: what to run when this app cannot."""
+    what = shlex.quote(ref.filename) if ref.filename else "--include '*.safetensors'"
+    revision = f" --revision {shlex.quote(ref.revision)}" if ref.revision else ""
+    return _shown(f"hf download {shlex.quote(ref.repo_id)} {what}{revision} --local-dir LORA_FOLDER")
+
+
 def _lora_hub_error(error: Exception, ref: HubLoraRef) -> HubError:
     """The sentence for a failed Hub LoRA; it never says whether this server holds a token."""
     page = f"https://huggingface.co/{_shown(ref.repo_id)}"
@@ -403,14 +411,14 @@ def _lora_hub_error(error: Exception, ref: HubLoraRef) -> HubError:
         )
     if kind == "unreachable":
         why, fix = (
-            ("offline mode is on (HF_HUB_OFFLINE=1)", "Restart the app with HF_HUB_OFFLINE=0 to fetch it")
+            ("offline mode is on (HF_HUB_OFFLINE=1)", "Run it again with HF_HUB_OFFLINE=0 to fetch it")
             if offline_mode()
             else ("the Hub could not be reached", "Try again once the Hub can be reached")
         )
         return HubError(
             f"{_shown(ref)} is not among the Hub LoRAs this app downloaded before, and {why}. {fix} (a LoRA named "
-            "with its file, user/repo/file.safetensors, is then kept for offline use), or put the .safetensors file "
-            "in the LoRA folder."
+            "with its file, user/repo/file.safetensors, is then kept for offline use), or, on a machine that reaches "
+            f"the Hub, put the file in the LoRA folder: {download_command(ref)}"
         )
     if kind == "disk-full":
         return HubError(

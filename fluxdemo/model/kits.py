@@ -34,5 +34,5 @@ def kit_usage(kit: Path, kind: str) -> str:
         f"{kit}\nThe {kind} kit is ready. Point the model's files at it, then use it as --model {kind}:\n"
         f"  export {files}\n"
         f"  python -m fluxdemo compare --model {kind} {lora} --lora peft --prompt 'a red fox' --out compare/\n"
-        f"  python app.py --model {kind} {lora}"
+        f"  python app.py --model {kind} {lora}    # the studio: app.py is in a clone of the repository, not the wheel"
     )

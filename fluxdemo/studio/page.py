@@ -203,8 +203,9 @@ def _lora_rows(p: SimpleNamespace) -> None:
     p.hub_button = gr.Button("Use a LoRA from the Hub", size="sm")
     if offline_mode() and p.files.library.hub:
         gr.Markdown(
-            "This app runs offline (`HF_HUB_OFFLINE=1`): only Hub LoRAs downloaded before are found. Restart it with "
-            "`HF_HUB_OFFLINE=0` to fetch others."
+            "This app runs offline (`HF_HUB_OFFLINE=1`): only Hub LoRAs downloaded before are found. To fetch others, "
+            "restart it online (`HF_HUB_OFFLINE=0 python app.py`), or put the file in the LoRA folder from a machine "
+            "that reaches the Hub: `hf download user/repo file.safetensors --local-dir LORA_FOLDER`."
         )
     p.picked = gr.Textbox(visible=False)  # an upload's or download's result; its errors show as toasts
 

@@ -26,6 +26,15 @@ from fluxdemo.studio import build_studio
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# --- hang guards: how long a test waits before it calls something hung -----------------------------------------------
+# Never speed limits (timings belong in bench/): each sits far above what a 2-core machine running two busy loops
+# beside the suite needs, so load never trips one, while a real hang still ends its test with a sentence saying what
+# it waited for. pyproject.toml's pytest-timeout (1200 s a test, its fixtures' set-up included) is above them all.
+HANG_S = 300  # one answer: a request to an app, a job's first step, a download, a thread's end, an app's exit
+START_S = 600  # a process that imports torch and the app (app.py up, a CLI or script in a subprocess)
+WAIT_MS = HANG_S * 1000  # HANG_S for Playwright, which counts in milliseconds: a page's answer to a click
+LONG_TEST_S = 1800  # pytest-timeout for a module whose tests each start an app and make several runs (browsers)
+
 
 def tiny_model(lora_dir: Path | None = None, preset: str | Preset = "tiny", **kwargs) -> Model:
     """A Model on the CPU over a kit preset (the environment's overrides ignored), as the app opens one."""
@@ -65,9 +74,6 @@ def library_log_levels_kept() -> Iterator[None]:
 
 SIZE = dict(steps=2, width=16, height=16)
 MAX_UPLOAD = 2**20
-# How long a test waits for an answer before it calls the app hung: a guard for a busy machine, never a speed limit
-# (gradio_client's and httpx's own default, 5 s, is less than an in-process server takes beside a running model).
-HANG_S = 240
 
 # (endpoint, LoRA or None, strength): every LoRA of the kit, strengths from off to over-driven, and plain images
 MIX = [
@@ -118,7 +124,8 @@ def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 
 
 def open_client(url: str, **kwargs) -> Client:
-    """A gradio_client Client (one session, as one browser has) that waits up to HANG_S for each answer."""
+    """A gradio_client Client (one session, as one browser has) that waits up to HANG_S for each answer (its own
+    default, httpx's 5 s, is less than an in-process server takes beside a running model)."""
     return Client(url, verbose=False, httpx_kwargs={"timeout": HANG_S}, **kwargs)
 
 

@@ -40,7 +40,7 @@ FLAGS_AT = {"compile": 1, "match": 2, "search": 2, "fullmatch": 2, "findall": 2,
 GROWTH = 16  # the long input is GROWTH times the short one
 MAX_RATIO = 96  # t(16L) / t(L): about 16 for a linear pattern, about 256 for a quadratic one (see the docstring)
 CPU_LIMIT_S = 60  # CPU seconds per pattern, every input and call included; a linear pattern needs a second or two
-HANG_S = 1200  # wall seconds: only a hang guard, since a busy machine gives the child a small share of a core
+CHILD_WALL_S = 1200  # wall seconds: only a hang guard, since a busy machine gives the child a small share of a core
 # Hostile inputs, as repeating units: runs of whitespace, of each character class, and of nested separators. The
 # characters a pattern spells literally are added to its own list (see _inputs).
 UNITS = (" ", "\t", "\n", "a", "0", "_", ".", "-", "/", "a/", "\\", "a\\", ":", "a:", "a: ", "<lora:", '"', '\\"',
@@ -167,7 +167,7 @@ def measure(pattern: str, flags: int, calls: tuple[str, ...]) -> list[dict]:
         "growth": GROWTH,
     }
     out = subprocess.run([sys.executable, "-c", CHILD], input=json.dumps(spec), capture_output=True, text=True,
-                         timeout=HANG_S, preexec_fn=_cpu_limit)  # fmt: skip
+                         timeout=CHILD_WALL_S, preexec_fn=_cpu_limit)  # fmt: skip
     if out.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
         pytest.fail(f"{pattern!r} did not finish its hostile inputs in {CPU_LIMIT_S} CPU seconds: it backtracks "
                     "without bound.")  # fmt: skip
@@ -201,7 +201,7 @@ def test_every_pattern_is_found():
     assert by_where[("upload.py", r"[^A-Za-z0-9._-]+")] == ("findall",)  # re.sub
 
 
-@pytest.mark.timeout(HANG_S + 60)
+@pytest.mark.timeout(CHILD_WALL_S + 60)
 @pytest.mark.parametrize("found", [pytest.param(f, id=f.where) for f in PATTERNS])
 def test_pattern_is_linear_on_hostile_input(found: Found):
     slow = _slow(measure(found.pattern, found.flags, found.calls))

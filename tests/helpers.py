@@ -9,7 +9,7 @@ import io
 import logging
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +138,36 @@ def launched(manager: Model, queue_size: int, limits: Limits = DEFAULT_LIMITS, p
         yield demo.local_url
     finally:
         demo.close()
+
+
+# --- a real browser (Playwright, imported only by the tests that drive one) ----------------------------------------
+
+PLAYWRIGHT_DEFAULT_MS = 5_000  # Playwright's own wait, put back for the modules after
+
+
+@contextmanager
+def patient_browser(launch: Callable) -> Iterator:
+    """The chromium `launch(playwright)` starts; while it is open every expectation waits up to WAIT_MS, since a busy
+    machine answers late, never wrongly."""
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=WAIT_MS)
+    try:
+        with sync_playwright() as p:
+            chromium = launch(p)
+            yield chromium
+            chromium.close()
+    finally:
+        expect.set_options(timeout=PLAYWRIGHT_DEFAULT_MS)
+
+
+def open_page(browser, url: str, viewport: dict):
+    """The app's page in a fresh browser context (a new visitor's), whose clicks and fills wait as long as the
+    expectations."""
+    page = browser.new_page(viewport=viewport)
+    page.set_default_timeout(WAIT_MS)
+    page.goto(url)
+    return page
 
 
 # --- PNGs a visitor drops ------------------------------------------------------------------------------------------

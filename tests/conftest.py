@@ -172,12 +172,14 @@ def kit_lora() -> str:
 def tiny_disk(tmp_path: Path) -> tuple[Path, list[str]]:
     """A real full disk: (folder, command prefix) where the prefix runs a command with a 64 kB tmpfs mounted at the
     folder, in a private mount namespace that the kernel drops when the command ends. Skips where impossible."""
+    from helpers import HANG_S
+
     disk = tmp_path / "disk"
     disk.mkdir()
     mount = 'mount -t tmpfs -o size=64k tmpfs "$1" && shift && exec "$@"'
     unshare = shutil.which("unshare")
     for flags in (["--user", "--map-root-user", "--mount"], ["--mount"]):
         prefix = [unshare, *flags, "sh", "-c", mount, "sh", str(disk)] if unshare else []
-        if prefix and subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0:
+        if prefix and subprocess.run([*prefix, "true"], capture_output=True, timeout=HANG_S).returncode == 0:
             return disk, prefix
     pytest.skip("cannot mount a tmpfs in a private mount namespace here (needs unshare and user namespaces or root)")

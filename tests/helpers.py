@@ -9,7 +9,7 @@ import io
 import logging
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,15 @@ from fluxdemo.pipeline.limits import DEFAULT_LIMITS, Limits
 from fluxdemo.studio import build_studio
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# --- hang guards: how long a test waits before it calls something hung -----------------------------------------------
+# Never speed limits (timings belong in bench/): each sits far above what a 2-core machine running two busy loops
+# beside the suite needs, so load never trips one, while a real hang still ends its test with a sentence saying what
+# it waited for. pyproject.toml's pytest-timeout (1200 s a test, its fixtures' set-up included) is above them all.
+HANG_S = 300  # one answer: a request to an app, a job's first step, a download, a thread's end, an app's exit
+START_S = 600  # a process that imports torch and the app (app.py up, a CLI or script in a subprocess)
+WAIT_MS = HANG_S * 1000  # HANG_S for Playwright, which counts in milliseconds: a page's answer to a click
+LONG_TEST_S = 1800  # pytest-timeout for a module whose tests each start an app and make several runs (browsers)
 
 
 def tiny_model(lora_dir: Path | None = None, preset: str | Preset = "tiny", **kwargs) -> Model:
@@ -65,9 +74,6 @@ def library_log_levels_kept() -> Iterator[None]:
 
 SIZE = dict(steps=2, width=16, height=16)
 MAX_UPLOAD = 2**20
-# How long a test waits for an answer before it calls the app hung: a guard for a busy machine, never a speed limit
-# (gradio_client's and httpx's own default, 5 s, is less than an in-process server takes beside a running model).
-HANG_S = 240
 
 # (endpoint, LoRA or None, strength): every LoRA of the kit, strengths from off to over-driven, and plain images
 MIX = [
@@ -118,7 +124,8 @@ def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 
 
 def open_client(url: str, **kwargs) -> Client:
-    """A gradio_client Client (one session, as one browser has) that waits up to HANG_S for each answer."""
+    """A gradio_client Client (one session, as one browser has) that waits up to HANG_S for each answer (its own
+    default, httpx's 5 s, is less than an in-process server takes beside a running model)."""
     return Client(url, verbose=False, httpx_kwargs={"timeout": HANG_S}, **kwargs)
 
 
@@ -131,6 +138,36 @@ def launched(manager: Model, queue_size: int, limits: Limits = DEFAULT_LIMITS, p
         yield demo.local_url
     finally:
         demo.close()
+
+
+# --- a real browser (Playwright, imported only by the tests that drive one) ----------------------------------------
+
+PLAYWRIGHT_DEFAULT_MS = 5_000  # Playwright's own wait, put back for the modules after
+
+
+@contextmanager
+def patient_browser(launch: Callable) -> Iterator:
+    """The chromium `launch(playwright)` starts; while it is open every expectation waits up to WAIT_MS, since a busy
+    machine answers late, never wrongly."""
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=WAIT_MS)
+    try:
+        with sync_playwright() as p:
+            chromium = launch(p)
+            yield chromium
+            chromium.close()
+    finally:
+        expect.set_options(timeout=PLAYWRIGHT_DEFAULT_MS)
+
+
+def open_page(browser, url: str, viewport: dict):
+    """The app's page in a fresh browser context (a new visitor's), whose clicks and fills wait as long as the
+    expectations."""
+    page = browser.new_page(viewport=viewport)
+    page.set_default_timeout(WAIT_MS)
+    page.goto(url)
+    return page
 
 
 # --- PNGs a visitor drops ------------------------------------------------------------------------------------------

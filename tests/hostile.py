@@ -25,6 +25,7 @@ from pathlib import Path
 import gguf
 import httpx
 import torch
+from helpers import HANG_S
 
 # Numbers that break size arithmetic: signed/unsigned 32- and 64-bit edges, past float64's exact integers, huge.
 EDGE_INTS = (0, 1, -1, 2, 2**31 - 1, 2**31, 2**32, 2**53 + 1, 2**62, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 10**30)
@@ -460,7 +461,7 @@ def check_consistent(manager) -> None:
 
 def fn_index(base_url: str, api_name: str) -> int:
     """The index of the event with this API name, as the page's /config lists it (what a browser reads)."""
-    config = httpx.get(f"{base_url.rstrip('/')}/config", timeout=240).json()  # a hang guard
+    config = httpx.get(f"{base_url.rstrip('/')}/config", timeout=HANG_S).json()  # a hang guard
     return next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name)
 
 

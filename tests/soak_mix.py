@@ -146,7 +146,7 @@ class Visitor:
     def __init__(self, url: str, downloads: Path, pngs: dict[str, Path], kit_lora: Path) -> None:
         self.url = url.rstrip("/")
         self.client = helpers.open_client(url, download_files=str(downloads))
-        self.http = httpx.Client(base_url=self.url, timeout=300)
+        self.http = httpx.Client(base_url=self.url, timeout=helpers.HANG_S)
         self.session = uuid.uuid4().hex[:12]
         self.pngs, self.kit_lora = pngs, kit_lora
         config = self.http.get("/config").json()
@@ -327,7 +327,7 @@ class Pinger(threading.Thread):
         self._halt = threading.Event()
 
     def run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=60) as http:
+        with httpx.Client(base_url=self.url, timeout=helpers.HANG_S) as http:
             while not self._halt.is_set():
                 start = time.perf_counter()
                 try:
@@ -340,7 +340,7 @@ class Pinger(threading.Thread):
 
     def stop(self) -> None:
         self._halt.set()
-        self.join(timeout=120)
+        self.join(timeout=helpers.HANG_S)
 
     def summary(self) -> dict:
         lat = self.latencies

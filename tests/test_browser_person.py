@@ -13,15 +13,14 @@ from pathlib import Path
 
 import lora_factory as lf
 import pytest
+from helpers import LONG_TEST_S, WAIT_MS, open_page, patient_browser  # WAIT_MS: generous, never a timing
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("screenshots", ROOT / "scripts" / "screenshots.py")
 screenshots = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(screenshots)
 
-WAIT_MS = 300_000  # a generous wait for a run on a busy machine; nothing here is a timing
-pytestmark = pytest.mark.timeout(1800)  # several runs a test, each on a loaded machine
-PLAYWRIGHT_DEFAULT_MS = 5_000
+pytestmark = pytest.mark.timeout(LONG_TEST_S)  # several runs a test, each on a loaded machine
 PHONE = {"width": 390, "height": 844}
 LAPTOP = {"width": 1280, "height": 800}
 
@@ -38,21 +37,8 @@ def url(tiny_kit, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(url):
-    from playwright.sync_api import expect, sync_playwright
-
-    expect.set_options(timeout=WAIT_MS)  # every wait generous: a busy machine answers late, never wrongly
-    with sync_playwright() as p:
-        chromium = screenshots.launch(p)
+    with patient_browser(screenshots.launch) as chromium:
         yield chromium
-        chromium.close()
-    expect.set_options(timeout=PLAYWRIGHT_DEFAULT_MS)
-
-
-def open_page(browser, url: str, viewport: dict):
-    page = browser.new_page(viewport=viewport)
-    page.set_default_timeout(WAIT_MS)  # clicks and fills wait as long as the expectations
-    page.goto(url)
-    return page
 
 
 def slider_images(page) -> list[str]:

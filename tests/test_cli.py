@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import Done, library_log_levels_kept
+from helpers import START_S, Done, library_log_levels_kept
 from huggingface_hub import constants
 from PIL import Image
 
@@ -24,7 +24,7 @@ def run(*args: str, cache: Path) -> subprocess.CompletedProcess:
     """`python -m fluxdemo ...` in a process of its own, offline."""
     env = {**os.environ, "FLUXDEMO_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "fluxdemo", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)  # timeout: a hang guard
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=START_S)  # timeout: a hang guard
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -63,13 +63,18 @@ def test_baseline_equals_generate_without_lora(compared, tmp_path, cli):
     assert np.array_equal(pixels(out), pixels(compared[0] / "baseline.png"))
 
 
-def test_report_and_png_parameters(compared, kit_lora):
+def test_the_report_lists_each_step_the_lora_and_the_seed(compared, kit_lora):
     out, _ = compared
     report = json.loads((out / "report.json").read_text())
     steps = [s["name"] for s in report["timeline"] if " step " in s["name"]]
     assert steps == [f"{role} step {i}/3" for role in ("baseline", "lora") for i in (1, 2, 3)]
     assert report["lora"]["name"] == kit_lora and report["strategy"] == "resident"
     assert report["options"]["seed"] == 42
+
+
+def test_the_pngs_carry_their_settings_and_the_loras_hash(compared, kit_lora):
+    out, _ = compared
+    report = json.loads((out / "report.json").read_text())
     params = read_params(out / "lora.png")
     assert (params.prompt, params.seed, params.steps, params.model) == ("a cat", 42, 3, "tiny")
     assert params.lora_name == kit_lora and params.strength == 1.0
@@ -110,9 +115,8 @@ def test_bad_option_is_one_line_and_exit_2_from_the_process(tmp_path, fluxdemo_c
     assert not (tmp_path / "x.png").exists()
 
 
-def test_inspect_lora_json_schema_and_exit_codes(tmp_path, cli, tiny_kit):
-    lora = tiny_kit / "loras" / "kohya.safetensors"
-    fits = cli("inspect-lora", str(lora), "--json", "--model", "tiny")
+def test_inspect_lora_json_of_a_fitting_lora_has_the_schema_and_exit_0(cli, tiny_kit):
+    fits = cli("inspect-lora", str(tiny_kit / "loras" / "kohya.safetensors"), "--json", "--model", "tiny")
     assert fits.returncode == 0, fits.stderr
     report = json.loads(fits.stdout)
     schema = {"format", "rank", "alpha", "targets", "matched", "unmatched", "text_encoder", "base_model_hint",
@@ -121,9 +125,15 @@ def test_inspect_lora_json_schema_and_exit_codes(tmp_path, cli, tiny_kit):
     assert (report["format"], report["compatible"], report["unmatched"], report["text_encoder"]) == (
         "kohya", True, [], True,
     )  # fmt: skip
-    wrong_model = cli("inspect-lora", str(lora), "--json")  # judged against FLUX.1-dev
+
+
+def test_inspect_lora_against_a_model_it_does_not_fit_names_the_width_and_exits_2(cli, tiny_kit):
+    wrong_model = cli("inspect-lora", str(tiny_kit / "loras" / "kohya.safetensors"), "--json")  # against FLUX.1-dev
     assert wrong_model.returncode == 2
     assert json.loads(wrong_model.stdout)["problems"][0].startswith("made for a model of width 32")
+
+
+def test_inspect_lora_on_a_pickle_does_not_open_it_and_exits_1(tmp_path, cli):
     pickle = tmp_path / "style.safetensors"
     pickle.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
     unreadable = cli("inspect-lora", str(pickle))
@@ -182,13 +192,14 @@ def test_bad_value_on_the_command_line(args, sentence, tmp_path, cli):
     assert "usage:" not in done.stderr
 
 
-def test_verbose_after_the_verb_shows_the_traceback(tmp_path, cli):
+@pytest.mark.parametrize("before", [False, True], ids=["-v after the verb", "-v before the verb"])
+def test_verbose_shows_the_traceback_then_the_sentence(before, tmp_path, cli):
     (tmp_path / "notes.txt").write_text("mine")
-    for line in (["tiny", "--out", str(tmp_path), "-v"], ["-v", "tiny", "--out", str(tmp_path)]):
-        done = cli(*line)
-        assert done.returncode == 2
-        assert "Traceback" in done.stderr and "OptionsError" in done.stderr
-        assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path} is not an empty folder")
+    line = ["tiny", "--out", str(tmp_path)]
+    done = cli(*(["-v", *line] if before else [*line, "-v"]))
+    assert done.returncode == 2
+    assert "Traceback" in done.stderr and "OptionsError" in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path} is not an empty folder")
 
 
 def test_download_offline_says_how_to_get_the_files(cli, monkeypatch):
@@ -205,7 +216,7 @@ def test_download_without_network_says_how_to_get_the_files(tmp_path, fluxdemo_c
     env = {**os.environ, "FLUXDEMO_CACHE": str(fluxdemo_cache), "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path),
            "HF_ENDPOINT": "http://127.0.0.1:9"}  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "fluxdemo", "download", "--model", "dev-q4"], capture_output=True,
-                          text=True, env=env, timeout=120)  # fmt: skip
+                          text=True, env=env, timeout=START_S)  # fmt: skip
     assert user_error(done) == (
         "error: download could not reach the Hugging Face Hub: check this machine's network (and HTTPS_PROXY if it "
         "needs one), or run download on a machine with network and copy its Hugging Face cache (HF_HOME) here."
@@ -221,21 +232,23 @@ def test_tiny_model_defaults_are_small(tmp_path, cli):
     assert done.returncode == 0, done.stderr
     params = read_params(out)
     assert (Image.open(out).size, params.steps) == ((256, 256), 12)
+
+
+def test_generate_help_gives_the_tiny_models_default_steps(cli):
     help_text = cli("generate", "--help").stdout
     assert "default 28, what FLUX.1-dev is tuned for; 12 with a tiny --model" in " ".join(help_text.split())
 
 
-def test_pngs_follow_the_umask(tmp_path, cli, kit_lora):
-    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
-        out = tmp_path / f"umask-{umask:o}"
-        previous = os.umask(umask)
-        try:
-            done = cli("compare", *ARGS, "--lora", kit_lora, "--out", str(out))
-        finally:
-            os.umask(previous)
-        assert done.returncode == 0, done.stderr
-        modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
-        assert modes == dict.fromkeys(COMPARE_FILES, mode)
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)], ids=["umask 022", "umask 027"])
+def test_pngs_follow_the_umask(umask, mode, tmp_path, cli, kit_lora):
+    out = tmp_path / "out"
+    previous = os.umask(umask)
+    try:
+        done = cli("compare", *ARGS, "--lora", kit_lora, "--out", str(out))
+    finally:
+        os.umask(previous)
+    assert done.returncode == 0, done.stderr
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(COMPARE_FILES, mode)
 
 
 def test_uploaded_lora_follows_the_umask(tmp_path, tiny_kit):

@@ -19,6 +19,7 @@ from pathlib import Path
 import fake_hub as th
 import pytest
 import torch
+from helpers import START_S
 from huggingface_hub import constants
 from safetensors.torch import save_file
 
@@ -96,7 +97,7 @@ def test_mistakes_are_answered_before_torch_is_imported(tmp_path, fluxdemo_cache
     }
     argvs = json.dumps([list(argv) for argv in cases])
     done = subprocess.run([sys.executable, "-c", CHECKS, argvs], capture_output=True, text=True,
-                          env=env_for(fluxdemo_cache), timeout=120)  # fmt: skip
+                          env=env_for(fluxdemo_cache), timeout=START_S)  # fmt: skip
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
     assert answer["results"] == [[2, f"error: {sentence}\n"] for sentence in cases.values()]

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fake_hub import no_hub_setup
+from helpers import HANG_S
 from huggingface_hub import SpaceHardware, hf_hub_download
 from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
@@ -215,7 +216,7 @@ class LoopbackHub:
                 if body and hub.hold and self.path.endswith(hub.hold):  # the first half, then a pause
                     self.wfile.write(data[: len(data) // 2])
                     self.wfile.flush()
-                    hub.release.wait(timeout=30)
+                    hub.release.wait(timeout=HANG_S)  # a hang guard: the test releases it, or stop() does
                     data = data[len(data) // 2 :]
                 if body:
                     self.wfile.write(data)
@@ -258,16 +259,23 @@ def hub():
 
 def wait_for(condition, what: str) -> None:
     """Poll until `condition()`; the deadline only keeps a broken download from hanging the suite."""
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + HANG_S
     while not condition():
-        assert time.monotonic() < deadline, f"still waiting for {what}"
+        assert time.monotonic() < deadline, f"still waiting for {what} after {HANG_S} s"
         time.sleep(0.01)
+
+
+def ended(prefetch: Prefetch) -> PrefetchState:
+    """The download's state once its thread has ended; HANG_S only keeps a broken download from hanging the suite."""
+    prefetch.join(timeout=HANG_S)
+    state = prefetch.state()
+    assert state.finished or state.error is not None, f"the download had not ended after {HANG_S} s: {state}"
+    return state
 
 
 def test_the_start_up_download_fetches_the_presets_hub_files_smallest_first(hub_preset, hub, tmp_path):
     prefetch = Prefetch(hub_preset, cache_dir=tmp_path, endpoint=hub.endpoint).start()
-    prefetch.join(timeout=60)
-    assert prefetch.state() == PrefetchState(17_928_000_000, 17_928_000_000, None, finished=True, error=None)
+    assert ended(prefetch) == PrefetchState(17_928_000_000, 17_928_000_000, None, finished=True, error=None)
     assert [path.rsplit("/", 1)[1] for path in hub.gets] == ["vae.safetensors", "t5.gguf", "flux.gguf"]
     for source in HUB_FILES.values():  # in the cache: the first run finds them without the Hub
         cached = hf_hub_download(source.repo_id, source.path, cache_dir=tmp_path, local_files_only=True)
@@ -290,7 +298,7 @@ def test_the_page_says_how_far_the_download_is(hub_preset, tmp_path):
             "Downloading the model files: **5.2 of 17.9 GB** (now: transformer). A run started now waits for them."
         )
         hub.release.set()
-        prefetch.join(timeout=60)
+        ended(prefetch)
     finally:
         hub.stop()
     assert prefetch.state().done_bytes == prefetch.state().total_bytes
@@ -300,10 +308,9 @@ def test_a_failed_download_is_one_sentence_on_the_page_without_the_machines_path
     hub = LoopbackHub(CONTENTS, gated=frozenset({"bfl/flux"}))
     try:
         prefetch = Prefetch(hub_preset, cache_dir=tmp_path, endpoint=hub.endpoint).start()
-        prefetch.join(timeout=60)
+        state = ended(prefetch)
     finally:
         hub.stop()
-    state = prefetch.state()
     assert (state.finished, state.current, state.done_bytes) == (False, "vae", 0)
     assert download_note(state) == (
         "The model files (17.9 GB) could not be downloaded at start-up: vae (bfl/flux/vae.safetensors) is in the "
@@ -316,8 +323,7 @@ def test_a_failed_download_is_one_sentence_on_the_page_without_the_machines_path
 def test_an_offline_failure_on_the_page_names_no_folder_of_the_machine(hub_preset, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     prefetch = Prefetch(hub_preset, cache_dir=tmp_path / "hf-cache").start()
-    prefetch.join(timeout=60)
-    note = download_note(prefetch.state())
+    note = download_note(ended(prefetch))
     assert "is not in the Hugging Face cache (.../hf-cache) and offline mode is on" in note
     assert str(tmp_path) not in note
 
@@ -341,8 +347,7 @@ def test_the_download_starts_at_launch_on_a_space_or_when_asked(
     prefetch = app.start_download(args, hub_preset, env)
     assert (prefetch is not None) == started
     if prefetch is not None:
-        prefetch.join(timeout=60)
-        assert prefetch.state().finished and len(hub.gets) == 3
+        assert ended(prefetch).finished and len(hub.gets) == 3
     assert app.start_download(args, PRESETS["tiny"], {"SPACE_ID": "x"}) is None  # a kit has nothing to fetch
 
 

@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
-from gradio_client import Client
+from helpers import open_client, tiny_model
 from PIL import Image, ImageDraw, ImageFont
 
 from fluxdemo.pipeline import GenerateOptions, LoraChoice, sweep
@@ -205,14 +205,11 @@ def test_a_library_sweep_over_a_stack_runs_each_loras_own_strength_times_the_col
 @pytest.fixture(scope="module")
 def client(tmp_path_factory, tiny_kit):
     """The studio over its own manager, launched, driven as an API caller drives it."""
-    from fluxdemo.model.presets import get_preset
-    from fluxdemo.pipeline import Model
-
     loras = tmp_path_factory.mktemp("grid-app") / "loras"
     shutil.copytree(tiny_kit / "loras", loras)
-    demo = build_studio(Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=loras))
+    demo = build_studio(tiny_model(loras))
     demo.launch(prevent_thread_lock=True, quiet=True)
-    yield Client(demo.local_url, verbose=False)
+    yield open_client(demo.local_url)
     demo.close()
 
 

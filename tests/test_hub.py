@@ -23,6 +23,7 @@ from fake_hub import (
     no_hub_setup,
     sha256,
 )
+from helpers import START_S
 
 from fluxdemo.errors import HubError, ModelFileError
 from fluxdemo.model.files import download_preset, resolve
@@ -283,7 +284,7 @@ def test_disk_full_while_downloading(hub, tmp_path, tiny_disk):
         [*on_tiny_disk, sys.executable, "-c", TINY_DISK_SCRIPT, str(disk), GGUF_REPO, hub.endpoint],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=START_S,
         env=env,
         cwd=REPO_ROOT,
     )

@@ -11,7 +11,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from helpers import png_bomb, png_with
+from helpers import START_S, png_bomb, png_with
 from PIL import Image, PngImagePlugin
 
 from fluxdemo.errors import FluxdemoError, OptionsError
@@ -150,7 +150,7 @@ def test_disk_full_leaves_no_partial_file(tiny_disk):
         [*on_tiny_disk, sys.executable, "-c", TINY_DISK_SCRIPT, str(disk)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=START_S,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         cwd=REPO_ROOT,
     )

@@ -11,6 +11,7 @@ import threading
 import lora_factory as lf
 import pytest
 import torch
+from helpers import HANG_S
 from lora_factory import CLIP, TINY, pairs_for
 
 from fluxdemo.errors import LoraError
@@ -68,7 +69,7 @@ def test_a_fifo_in_the_folder_is_skipped_without_being_opened(tmp_path):
     result = []
     scan = threading.Thread(target=lambda: result.append(LoraLibrary(folder, TINY, CLIP).refresh()), daemon=True)
     scan.start()
-    scan.join(20)
+    scan.join(HANG_S)  # a hang guard: a scan that blocks on the FIFO never ends
     assert result, "the folder scan blocked on the FIFO"
     assert [e.name for e in result[0]] == ["a.safetensors"]
     with pytest.raises(LoraError, match=r"pipe.safetensors is not a regular file \(a pipe, device or folder\)"):

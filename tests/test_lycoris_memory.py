@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lora_factory as lf
 import torch
+from helpers import START_S
 from lora_factory import WIDE
 
 from fluxdemo.model.names import bfl_linear_shapes
@@ -55,7 +56,7 @@ def test_a_lokr_with_a_dense_form_over_1_gb_loads_within_3x_its_file_size(tmp_pa
     assert dense_bytes > 2**30 and size < dense_bytes / 10
     fields = dict(WIDE.__dict__)
     run = subprocess.run([sys.executable, "-c", CHILD, str(path), json.dumps(fields)], capture_output=True, text=True,
-                         cwd=Path(__file__).parent.parent, timeout=300)  # fmt: skip
+                         cwd=Path(__file__).parent.parent, timeout=START_S)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"LoKr file {size / 2**20:.0f} MiB, dense form {dense_bytes / 2**30:.2f} GiB, load peak "

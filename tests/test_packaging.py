@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("needs a git checkout to know which files are the project's")
+    from helpers import START_S  # here, not at the top: the other tests of this light module need no torch
+
     src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
                             check=True).stdout.decode().split("\0")  # fmt: skip
@@ -30,7 +32,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "--no-index",
          "-w", str(out), "-q"],
-        capture_output=True, text=True, timeout=240,
+        capture_output=True, text=True, timeout=START_S,
     )  # fmt: skip
     assert built.returncode == 0, built.stderr
     (path,) = out.glob("fluxdemo-*.whl")

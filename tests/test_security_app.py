@@ -31,7 +31,20 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError, ValidationError
 from gradio_client.utils import QueueError
-from helpers import HANG_S, MAX_UPLOAD, MIX, ROOT, alone, api_args, launched, open_client, options, same, served
+from helpers import (
+    HANG_S,
+    MAX_UPLOAD,
+    MIX,
+    ROOT,
+    START_S,
+    alone,
+    api_args,
+    launched,
+    open_client,
+    options,
+    same,
+    served,
+)
 
 from fluxdemo.pipeline import STRENGTH_RANGE, Model
 from fluxdemo.pipeline.limits import Limits
@@ -124,8 +137,8 @@ CLIENT_SCRIPT = textwrap.dedent(
     """
     import sys, time
     from gradio_client import Client
-    url, steps, want, side = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    job = Client(url, verbose=False, httpx_kwargs={"timeout": 240}).submit(
+    url, steps, want, side, hang_s = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    job = Client(url, verbose=False, httpx_kwargs={"timeout": hang_s}).submit(
         "a client that leaves", None, 1.0, 3, steps, 3.5, side, side, api_name="/generate"
     )
     while job.status().code.name not in want.split(","):
@@ -139,7 +152,7 @@ CLIENT_SCRIPT = textwrap.dedent(
 def start_leaving_client(url: str, steps: int, until: str, side: int = 16) -> subprocess.Popen:
     """A client in its own process that submits a job, says when it has reached `until`, and then waits (killed)."""
     process = subprocess.Popen(
-        [sys.executable, "-c", CLIENT_SCRIPT, url, str(steps), until, str(side)],
+        [sys.executable, "-c", CLIENT_SCRIPT, url, str(steps), until, str(side), str(HANG_S)],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
@@ -626,13 +639,13 @@ def test_sigterm_removes_the_run_folders_as_ctrl_c_does(tmp_path) -> None:
     app = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--port", str(port)], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        deadline = time.monotonic() + 300  # a hang guard for imports on a busy machine, not a speed limit
+        deadline = time.monotonic() + START_S  # a hang guard for imports on a busy machine, not a speed limit
         while not _answers(f"http://127.0.0.1:{port}/gradio_api/info"):
             assert app.poll() is None and time.monotonic() < deadline, "the app never came up"
             time.sleep(0.5)
         assert list(tmp_path.glob("fluxdemo-studio-*"))
         app.send_signal(signal.SIGTERM)
-        assert app.wait(timeout=120) == 0
+        assert app.wait(timeout=HANG_S) == 0
     finally:
         app.kill()
     assert list(tmp_path.glob("fluxdemo-studio-*")) == []

@@ -14,19 +14,16 @@ import numpy as np
 import pytest
 import ray  # the extra fluxdemo[ray]: requirements-dev.txt installs it
 import torch
+from helpers import START_S, open_client, tiny_model
 from PIL import Image
 
 import app
 import fluxdemo.cli
 from fluxdemo.errors import CancelledError, FluxdemoError
-from fluxdemo.model.presets import get_preset
-from fluxdemo.pipeline import Controls, GenerateOptions, Model, ResultsCache, compare, generate, grid
+from fluxdemo.pipeline import Controls, GenerateOptions, ResultsCache, compare, generate, grid
 
 OPTS = GenerateOptions("a lighthouse at dusk", seed=7, steps=3, width=32, height=32)
 LORA = "peft.safetensors"
-# A hang guard, not a limit: the first test waits for Ray and two replicas to import torch and load the model, which
-# took over 300 s beside two busy loops and the other test worker on 2 cores.
-pytestmark = pytest.mark.timeout(1200)
 
 
 def pixels(image) -> np.ndarray:
@@ -39,7 +36,7 @@ def front(tiny_kit: Path):
     from fluxdemo.serve import ServeSettings, serve_model
 
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    model = Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=tiny_kit / "loras")
+    model = tiny_model(tiny_kit / "loras")
     runner = serve_model(model, ServeSettings(replicas=2, threads=1))
     yield model, runner
     # The module's own cluster ends, Serve's actors with it: serve.shutdown() first waited out each replica's
@@ -64,9 +61,7 @@ def test_a_compare_runs_on_two_replicas_and_equals_the_single_process_compare(fr
     assert made_by["baseline"] != made_by["lora"]  # the two images at once, on the two replicas
     assert set(result.report.replicas) == set(made_by.values())
     assert result.report.model.preset == "tiny" and result.report.batches == [["baseline"], ["lora"]]
-    here = compare(
-        Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=tiny_kit / "loras"), OPTS, LORA, 0.8
-    )
+    here = compare(tiny_model(tiny_kit / "loras"), OPTS, LORA, 0.8)
     for label in ("baseline", "lora"):
         assert np.array_equal(pixels(result.images[label]), pixels(here.images[label])), label
     assert result.report.images["lora"].loras == here.report.images["lora"].loras
@@ -106,11 +101,7 @@ def test_a_replica_killed_during_a_grid_costs_one_retry_and_the_next_request_wor
         assert killed[0] not in {entry.replica for entry in result.report.images.values()}
         for cell in result.report.cells:  # every cell is the picture a single process makes
             stack = [(x.name, x.strength) for x in cell.loras]
-            one = generate(
-                Model(model.preset, device="cpu", lora_dir=model.lora_dir),
-                replace(options, prompt="a fox", seed=1),
-                stack,
-            )
+            one = generate(tiny_model(model.lora_dir, model.preset), replace(options, prompt="a fox", seed=1), stack)
             assert np.array_equal(pixels(result.images[cell.label]), pixels(next(iter(one.images.values()))))
     after = generate(model, OPTS, LORA)
     assert after.report.images["lora"].replica != killed[0]
@@ -128,8 +119,6 @@ def test_cancel_stops_the_job_on_its_replica(front):
 
 
 def test_the_studio_on_replicas_lets_one_job_in_per_replica_and_shows_who_made_what(front, tiny_kit, one_thread):
-    from gradio_client import Client
-
     from fluxdemo.studio import build_studio
 
     model, _ = front
@@ -138,7 +127,7 @@ def test_the_studio_on_replicas_lets_one_job_in_per_replica_and_shows_who_made_w
     assert limits == {"compare": 2, "generate": 2, "sweep": 2, "grid": 2}
     demo.launch(prevent_thread_lock=True, quiet=True)
     try:
-        client = Client(demo.local_url, verbose=False)
+        client = open_client(demo.local_url)
         o = replace(OPTS, seed=11)
         (baseline, adapted), report = client.predict(
             o.prompt, LORA, 0.5, o.seed, o.steps, o.guidance, o.width, o.height, api_name="/compare"
@@ -146,7 +135,7 @@ def test_the_studio_on_replicas_lets_one_job_in_per_replica_and_shows_who_made_w
     finally:
         demo.close()
     assert {report["images"][label]["replica"] for label in ("baseline", "lora")} == set(report["replicas"])
-    here = compare(Model(model.preset, device="cpu", lora_dir=tiny_kit / "loras"), o, LORA, 0.5)
+    here = compare(tiny_model(tiny_kit / "loras", model.preset), o, LORA, 0.5)
     assert np.array_equal(np.asarray(Image.open(adapted).convert("RGB")), pixels(here.images["lora"]))
     assert np.array_equal(np.asarray(Image.open(baseline).convert("RGB")), pixels(here.images["baseline"]))
 
@@ -159,7 +148,7 @@ def test_without_ray_a_run_imports_no_ray(tiny_kit, tmp_path):
         "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n"
     )
     root = Path(app.__file__).parent
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=240)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=START_S)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
 

@@ -8,10 +8,8 @@ import shutil
 import gradio as gr
 import lora_factory as lf
 import pytest
-from helpers import card_report
+from helpers import card_report, tiny_model
 
-from fluxdemo.model.presets import get_preset
-from fluxdemo.pipeline import Model
 from fluxdemo.studio import Studio
 from fluxdemo.studio.lora_files import NONE, NONE_LABEL, LoraFiles
 from fluxdemo.studio.render import lora_card
@@ -24,7 +22,7 @@ def studio(tiny_kit, tmp_path) -> Studio:
     """A Studio over a copy of the kit's LoRAs and an SDXL LoRA (readable, but not for FLUX)."""
     shutil.copytree(tiny_kit / "loras", tmp_path / "loras")
     lf.sdxl_kohya(tmp_path / "loras" / "sdxl.safetensors")
-    studio = Studio(Model(get_preset("tiny", use_env=False), device="cpu", lora_dir=tmp_path / "loras"))
+    studio = Studio(tiny_model(tmp_path / "loras"))
     studio.library.refresh()  # as build_studio does: the folder listed once before the page is up
     return studio
 

@@ -16,6 +16,7 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel, GGUFQuantizationConfig
 from diffusers.models.model_loading_utils import load_gguf_checkpoint
 from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+from helpers import START_S
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
@@ -100,7 +101,7 @@ def test_build_is_identical_in_a_fresh_process_and_tokenizers_reload_there(tiny_
     )
     out = tmp_path / "again"
     cmd = [sys.executable, "-c", script, str(tiny_kit), str(out), json.dumps(TEXTS)]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=START_S)
     ids = json.loads(result.stdout.strip().splitlines()[-1])
 
     assert (out / "kit.json").read_bytes() == (tiny_kit / "kit.json").read_bytes()

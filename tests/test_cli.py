@@ -133,11 +133,11 @@ def test_inspect_lora_against_a_model_it_does_not_fit_names_the_width_and_exits_
     assert json.loads(wrong_model.stdout)["problems"][0].startswith("made for a model of width 32")
 
 
-def test_inspect_lora_on_a_pickle_does_not_open_it_and_exits_1(tmp_path, cli):
+def test_inspect_lora_on_a_pickle_does_not_open_it_and_exits_2(tmp_path, cli):
     pickle = tmp_path / "style.safetensors"
     pickle.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
     unreadable = cli("inspect-lora", str(pickle))
-    assert unreadable.returncode == 2  # a file the user can replace
+    assert unreadable.returncode == 2  # a file the user can replace: exit 2, as every user error
     assert "pickle" in unreadable.stderr and "not opened" in unreadable.stderr
 
 

@@ -533,7 +533,12 @@ def test_a_job_whose_client_has_gone_stops_early(url, app_manager, caplog) -> No
         leaving.kill()
         with app_manager.session():  # free once the job has stopped; the whole job would take 100 steps
             pass
-    (stopped,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Cancelled")]
+        # the handler logs after the job has let go of the model: wait for its line (a hang guard, not a limit)
+        deadline = time.monotonic() + HANG_S
+        while not (stopped := [r.getMessage() for r in caplog.records if r.getMessage().startswith("Cancelled")]):
+            assert time.monotonic() < deadline, "the stopped job never said so"
+            time.sleep(0.05)
+    (stopped,) = stopped
     assert stopped.startswith("Cancelled during the baseline image, after step ") and stopped.endswith(" of 100.")
     assert int(stopped.split("after step ")[1].split(" ")[0]) < 100, stopped  # it did not run to its end
 

@@ -24,6 +24,7 @@ FONTS = Path(__file__).with_name("fonts")
 FONT_FILES = tuple(FONTS / name for name in (
     "NotoSans-Regular-Latin.ttf", "NotoSans-Regular-Extended.ttf", "NotoSansCJK-Regular-Subset.otf"))  # fmt: skip
 ELLIPSIS = "…"
+MAX_LOGGED = 8  # characters without a glyph logged per label: a visitor's prompt must not flood the log
 
 
 @functools.cache
@@ -46,16 +47,12 @@ def _fonts_at(size: int) -> tuple[ImageFont.FreeTypeFont, ...]:
 def runs(text: str, size: int = LABEL_FONT_SIZE) -> list[tuple[str, ImageFont.FreeTypeFont]]:
     """The text cut into runs of one font each: every character goes to the first font that has it.
 
-    A character no font has stays in the first font (it draws as that font's box) and is logged once.
+    A character no font has stays in the first font: it draws as that font's box (draw_label logs it).
     """
     fonts = label_fonts(size)
-    covers = [_coverage(path) for path in FONT_FILES]
 
     def pick(character: str) -> int:
-        found = next((i for i, cover in enumerate(covers) if ord(character) in cover), None)
-        if found is None:
-            _warn_missing(character)
-        return found or 0
+        return next((i for i, path in enumerate(FONT_FILES) if ord(character) in _coverage(path)), 0)
 
     return [("".join(c for c, _ in group), fonts[i]) for i, group in itertools.groupby(
         ((c, pick(c)) for c in text), key=lambda pair: pair[1])]  # fmt: skip
@@ -75,6 +72,9 @@ def draw_label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fi
     """
     if anchor not in ("lm", "mm"):
         raise ValueError(f"draw_label takes the anchors 'lm' and 'mm', not {anchor!r}")
+    missing = sorted({c for c in text if not any(ord(c) in _coverage(path) for path in FONT_FILES)})
+    for character in missing[:MAX_LOGGED]:
+        _warn_missing(character)
     parts, first = runs(text, size), label_fonts(size)[0]
     if all(font is first for _, font in parts):
         draw.text(xy, text, fill=fill, font=first, anchor=anchor)

@@ -50,12 +50,13 @@ def runs(text: str, size: int = LABEL_FONT_SIZE) -> list[tuple[str, ImageFont.Fr
     A character no font has stays in the first font: it draws as that font's box (draw_label logs it).
     """
     fonts = label_fonts(size)
-
-    def pick(character: str) -> int:
-        return next((i for i, path in enumerate(FONT_FILES) if ord(character) in _coverage(path)), 0)
-
     return [("".join(c for c, _ in group), fonts[i]) for i, group in itertools.groupby(
-        ((c, pick(c)) for c in text), key=lambda pair: pair[1])]  # fmt: skip
+        ((c, _font_of(c)) for c in text), key=lambda pair: pair[1] or 0)]  # fmt: skip
+
+
+def _font_of(character: str) -> int | None:
+    """The index in FONT_FILES of the first font that has the character, None when none has it."""
+    return next((i for i, path in enumerate(FONT_FILES) if ord(character) in _coverage(path)), None)
 
 
 def text_length(text: str, size: int = LABEL_FONT_SIZE) -> float:
@@ -72,7 +73,7 @@ def draw_label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fi
     """
     if anchor not in ("lm", "mm"):
         raise ValueError(f"draw_label takes the anchors 'lm' and 'mm', not {anchor!r}")
-    missing = sorted({c for c in text if not any(ord(c) in _coverage(path) for path in FONT_FILES)})
+    missing = sorted({c for c in text if _font_of(c) is None})
     for character in missing[:MAX_LOGGED]:
         _warn_missing(character)
     parts, first = runs(text, size), label_fonts(size)[0]
